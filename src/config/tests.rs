@@ -1,0 +1,198 @@
+use super::*;
+
+fn parse_with(text: &str, vars: &[(&str, &str)]) -> Result<Config, Vec<ConfigError>> {
+    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env = move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    Config::parse(text, Path::new("mailhook.toml"), Path::new("/etc/mailhook"), &env)
+}
+
+fn messages(r: Result<Config, Vec<ConfigError>>) -> Vec<String> {
+    r.expect_err("config should be refused").iter().map(ToString::to_string).collect()
+}
+
+const FULL: &str = r#"
+[spool]
+dir = "./spool"
+
+[rules]
+dir = "./rules"
+unmatched = "dead"
+
+[smtp]
+listen = ["127.0.0.1:2525"]
+hostname = "mailhook.example.com"
+max_size = "25MB"
+allow = ["127.0.0.0/8", "10.0.0.0/8"]
+recipients = ['(?i)@hooks\.example\.com$']
+
+[lmtp]
+listen = ["127.0.0.1:2424"]
+
+[[imap]]
+name = "alerts"
+host = "imap.example.com"
+port = 993
+tls = "implicit"
+user = "alerts@example.com"
+password = "${IMAP_PASSWORD}"
+folders = ["INBOX"]
+after = "move:Processed"
+idle = true
+poll = "60s"
+
+[destination.kustomer-orders]
+type = "kustomer-web-hook"
+url = "https://acme.api.kustomerapp.com/v1/hooks/web/HASH"
+token = "${KUSTOMER_HOOK_TOKEN}"
+
+[destination.kustomer-form]
+type = "kustomer-form-hook"
+url = "https://acme.api.kustomerapp.com/v1/hooks/form/ORG/HASH"
+
+[destination.kustomer-email]
+type = "kustomer-email-hook"
+address = "HASH@hooks.kustomerapp.com"
+key = "${KUSTOMER_EMAIL_HOOK_KEY}"
+relay = "smtp://smtp.example.com:587"
+from = "mailhook@example.com"
+
+[destination.ops]
+type = "webhook"
+url = "https://ops.example.com/hook"
+headers = { "X-Api-Key" = "${OPS_KEY}" }
+
+[destination.audit]
+type = "file"
+path = "./out/events.jsonl"
+
+[delivery]
+timeout = "10s"
+retry_for = "3d"
+backoff = { initial = "5s", max = "15m" }
+max_body = "400KB"
+rate = "1000/min"
+concurrency = 8
+
+[admin]
+listen = "127.0.0.1:9025"
+"#;
+
+const VARS: &[(&str, &str)] = &[
+    ("IMAP_PASSWORD", "imap-secret"),
+    ("KUSTOMER_HOOK_TOKEN", "tok-secret"),
+    ("KUSTOMER_EMAIL_HOOK_KEY", "key-secret"),
+    ("OPS_KEY", "ops-secret"),
+];
+
+#[test]
+fn the_design_example_parses() {
+    let c = parse_with(FULL, VARS).unwrap();
+    assert_eq!(c.smtp.as_ref().unwrap().max_size, bytesize::ByteSize::mb(25));
+    assert_eq!(c.imap[0].after, After::Move("Processed".into()));
+    assert_eq!(c.imap[0].password.as_ref().unwrap().expose(), "imap-secret");
+    assert_eq!(c.destination["kustomer-orders"].token.as_ref().unwrap().expose(), "tok-secret");
+    assert_eq!(c.destination["ops"].headers["X-Api-Key"].expose(), "ops-secret");
+    assert_eq!(c.delivery.retry_for, Duration::from_secs(3 * 86400));
+    assert_eq!(c.delivery.max_body, bytesize::ByteSize::kb(400));
+    assert_eq!(c.delivery.rate.per_second(), Some(1000.0 / 60.0));
+    assert_eq!(c.resolve(&c.spool.dir), PathBuf::from("/etc/mailhook/./spool"));
+}
+
+#[test]
+fn secrets_do_not_show_in_debug() {
+    let c = parse_with(FULL, VARS).unwrap();
+    let dump = format!("{c:?}");
+    for (_, secret) in VARS {
+        assert!(!dump.contains(secret), "{secret} leaked in Debug output");
+    }
+}
+
+#[test]
+fn every_unset_variable_is_named() {
+    let errs = messages(parse_with(FULL, &[("OPS_KEY", "x")]));
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("imap[0].password") && e.contains("IMAP_PASSWORD is not set")));
+    assert!(errs.iter().any(|e| e.contains("destination.kustomer-orders.token") && e.contains("KUSTOMER_HOOK_TOKEN")));
+    assert!(errs.iter().any(|e| e.contains("destination.kustomer-email.key")));
+}
+
+#[test]
+fn empty_variable_is_kept_and_dollar_escapes() {
+    assert_eq!(expand_env("a${X}b", &|_| Some(String::new())).unwrap(), "ab");
+    assert_eq!(expand_env("$${X} costs $5", &|_| None).unwrap(), "${X} costs $5");
+    assert!(expand_env("${X", &|_| None).is_err());
+    assert!(expand_env("${}", &|_| None).is_err());
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let errs = messages(parse_with("[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_sise = \"1MB\"\n", &[]));
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].contains("smtp") && errs[0].contains("max_sise"), "{}", errs[0]);
+}
+
+#[test]
+fn bad_value_names_its_key() {
+    let errs = messages(parse_with("[delivery]\ntimeout = \"ten seconds\"\n", &[]));
+    assert!(errs[0].contains("delivery.timeout"), "{}", errs[0]);
+    let errs = messages(parse_with("[delivery]\nrate = \"10/fortnight\"\n", &[]));
+    assert!(errs[0].contains("delivery.rate") && errs[0].contains("fortnight"), "{}", errs[0]);
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    let errs = messages(parse_with("[spool]\ndir = \"unclosed\n", &[]));
+    assert!(errs[0].contains("line 2"), "{}", errs[0]);
+}
+
+#[test]
+fn semantic_errors_are_all_reported() {
+    let text = r#"
+[rules]
+unmatched = "nowhere"
+[smtp]
+listen = ["not-an-address", "0.0.0.0:25"]
+recipients = ['(unclosed']
+auth = { users = { legacy = "pw" } }
+[[imap]]
+name = "a"
+host = "imap.example.com"
+tls = "none"
+user = "u"
+[destination.hook]
+type = "kustomer-web-hook"
+url = "https://x.example/hook"
+path = "./x"
+[destination.mail]
+type = "kustomer-email-hook"
+address = "not-an-address"
+key = "k"
+relay = "http://relay"
+from = "a@b.example"
+"#;
+    let errs = messages(parse_with(text, &[]));
+    let expect = [
+        "rules.unmatched",
+        "smtp.listen[0]",
+        "smtp.recipients[0]: invalid regex",
+        "smtp.auth: AUTH is only offered over TLS",
+        "imap[0].tls",
+        "imap[0].password",
+        "destination.hook.token: is required",
+        "destination.hook.path: is not used",
+        "destination.mail.relay",
+        "destination.mail.address",
+    ];
+    for e in expect {
+        assert!(errs.iter().any(|m| m.contains(e)), "missing {e:?} in {errs:#?}");
+    }
+    assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+}
+
+#[test]
+fn empty_config_has_defaults() {
+    let c = parse_with("", &[]).unwrap();
+    assert_eq!(c.rules.unmatched, "dead");
+    assert_eq!(c.delivery.concurrency, 8);
+    assert!(c.smtp.is_none());
+}

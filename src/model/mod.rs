@@ -1,0 +1,215 @@
+//! Stage-boundary types: plain data that flows from one stage to the next.
+//!
+//! ```text
+//! ingest ─► Envelope + raw bytes ─► parse ─► Email ─► rules ─► Outcome ─► deliver
+//! ```
+//!
+//! Nothing here does I/O or knows about a particular crate's representation: the parse stage
+//! converts `mail-parser`'s message into [`Email`], the rules stage turns an [`Email`] and its
+//! [`Envelope`] into an [`Outcome`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where a message came from. Rules match it with `when.source`
+/// (`smtp`, `lmtp`, `stdin`, or `imap:<account>/<folder>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Source {
+    Smtp,
+    Lmtp,
+    Stdin,
+    Imap { account: String, folder: String },
+}
+
+impl Source {
+    /// The short protocol name used in the default payload's `source` key.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Source::Smtp => "smtp",
+            Source::Lmtp => "lmtp",
+            Source::Stdin => "stdin",
+            Source::Imap { .. } => "imap",
+        }
+    }
+
+    /// Parses the textual form printed by [`fmt::Display`] (`imap:acct/folder` included).
+    pub fn parse(s: &str) -> Option<Source> {
+        match s {
+            "smtp" => Some(Source::Smtp),
+            "lmtp" => Some(Source::Lmtp),
+            "stdin" => Some(Source::Stdin),
+            _ => {
+                let rest = s.strip_prefix("imap:")?;
+                let (account, folder) = rest.split_once('/')?;
+                Some(Source::Imap { account: account.to_string(), folder: folder.to_string() })
+            }
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Imap { account, folder } => write!(f, "imap:{account}/{folder}"),
+            other => f.write_str(other.protocol()),
+        }
+    }
+}
+
+/// What the transport knew about a message besides its bytes: who handed it over, for whom,
+/// and when. Stored with the message in the spool so that rules see the same envelope on every
+/// replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Spool id; stable across retries and replays. It becomes the payload's `id`.
+    pub id: String,
+    pub source: Source,
+    /// SMTP `MAIL FROM` (empty for the null reverse-path `<>`), `--from` for stdin.
+    pub mail_from: Option<String>,
+    /// SMTP/LMTP `RCPT TO`, `--to` for stdin, the account address for IMAP.
+    pub recipients: Vec<String>,
+    /// When the message was accepted, RFC 3339 (UTC).
+    pub received_at: String,
+    /// Client IP address for SMTP/LMTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// HELO/EHLO/LHLO name given by the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo: Option<String>,
+    /// Whether the SMTP session used TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// The user that authenticated with SMTP AUTH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+}
+
+impl Envelope {
+    /// An envelope for a message that arrived on `source` just now, with a fresh spool id.
+    pub fn new(source: Source) -> Envelope {
+        Envelope {
+            id: ulid::Ulid::generate().to_string(),
+            source,
+            mail_from: None,
+            recipients: Vec::new(),
+            received_at: now_rfc3339(),
+            client: None,
+            helo: None,
+            tls: false,
+            auth_user: None,
+        }
+    }
+}
+
+/// The current time as RFC 3339 in UTC, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// A mailbox: the bare address (`a@b.example`) and its decoded display name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Address {
+    pub address: String,
+    pub name: String,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+/// One header field, its value decoded (RFC 2047 encoded words, charsets) and unfolded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// An attachment (any part that is not the message body): metadata only, never the content,
+/// except that a nested `message/rfc822` is parsed and kept as `message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Decoded file name (RFC 2231 and RFC 2047 both handled); empty when the part has none.
+    pub name: String,
+    /// `type/subtype`, lower case.
+    pub content_type: String,
+    /// Decoded size in bytes.
+    pub size: usize,
+    /// The parsed message, for `message/rfc822` (forwarded mail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Box<Email>>,
+}
+
+/// A parsed email: what the rules see. Built by [`crate::parse::parse`] from raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Email {
+    /// `Message-ID` without angle brackets; empty when missing.
+    pub message_id: String,
+    /// Decoded subject; empty when missing.
+    pub subject: String,
+    /// `Date` as RFC 3339; empty when missing or unparseable.
+    pub date: String,
+    pub from: Vec<Address>,
+    pub to: Vec<Address>,
+    pub cc: Vec<Address>,
+    pub reply_to: Vec<Address>,
+    /// Every header in message order, decoded.
+    pub headers: Vec<Header>,
+    /// The plain-text body, or the HTML body rendered as text when there is no text part.
+    pub text: String,
+    /// The HTML body; empty when the message has none (never invented from the text part).
+    pub html: String,
+    pub attachments: Vec<Attachment>,
+    /// What could not be read cleanly (bad charset, broken encoding, no headers, …).
+    /// Parsing never fails; it says what it skipped here.
+    pub problems: Vec<String>,
+}
+
+impl Email {
+    /// The first value of header `name` (case-insensitive), if any.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
+    }
+
+    /// Every value of header `name` (case-insensitive), in message order.
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+}
+
+/// What the rules decided for one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    /// The rule that matched, `None` when no rule did.
+    pub rule: Option<String>,
+    pub action: Action,
+    /// The JSON object to deliver (the rule's `[rule.payload]`, or the default payload).
+    pub payload: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What to do with a message once judged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "action")]
+pub enum Action {
+    /// Send the payload to each named destination.
+    Deliver { to: Vec<String> },
+    /// Keep it as a dead letter (for replay after a rules change), with the reason.
+    Dead { reason: String },
+    /// Discard it (`[rules] unmatched = "drop"`).
+    Drop,
+}
+
+impl Outcome {
+    /// Destination names, empty unless the action is `Deliver`.
+    pub fn destinations(&self) -> &[String] {
+        match &self.action {
+            Action::Deliver { to } => to,
+            _ => &[],
+        }
+    }
+}
