@@ -67,14 +67,17 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
 
     for (index, part) in message.parts.iter().enumerate() {
         if part.is_encoding_problem {
-            email.problems.push(format!("part {index}: content could not be decoded cleanly"));
+            email
+                .problems
+                .push(format!("part {index}: content could not be decoded cleanly"));
         }
-        if let Some(charset) = part.content_type().and_then(|ct| ct.attribute("charset")) {
-            if charset_decoder(charset.as_bytes()).is_none() && !is_utf8_alias(charset) {
-                email
-                    .problems
-                    .push(format!("part {index}: unknown charset {charset:?}, read as UTF-8"));
-            }
+        if let Some(charset) = part.content_type().and_then(|ct| ct.attribute("charset"))
+            && charset_decoder(charset.as_bytes()).is_none()
+            && !is_utf8_alias(charset)
+        {
+            email
+                .problems
+                .push(format!("part {index}: unknown charset {charset:?}, read as UTF-8"));
         }
     }
 
@@ -117,7 +120,10 @@ fn headers(message: &Message<'_>) -> Vec<Header> {
                 HeaderValue::TextList(list) => list.join(" ").trim().to_string(),
                 _ => String::new(),
             };
-            Header { name: h.name.as_str().to_string(), value }
+            Header {
+                name: h.name.as_str().to_string(),
+                value,
+            }
         })
         .collect()
 }
@@ -125,7 +131,9 @@ fn headers(message: &Message<'_>) -> Vec<Header> {
 fn text_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
     let mut text = String::new();
     for id in &message.text_body {
-        let Some(part) = message.parts.get(*id as usize) else { continue };
+        let Some(part) = message.parts.get(*id as usize) else {
+            continue;
+        };
         let piece = match &part.body {
             PartType::Text(t) => t.to_string(),
             PartType::Html(h) => html_to_text(h, problems),
@@ -142,7 +150,11 @@ fn text_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
 fn html_body(message: &Message<'_>) -> String {
     let mut html = String::new();
     for id in &message.html_body {
-        if let Some(MessagePart { body: PartType::Html(h), .. }) = message.parts.get(*id as usize) {
+        if let Some(MessagePart {
+            body: PartType::Html(h),
+            ..
+        }) = message.parts.get(*id as usize)
+        {
             if !html.is_empty() {
                 html.push('\n');
             }
@@ -223,7 +235,12 @@ fn attachment(part: &MessagePart<'_>, depth: usize, problems: &mut Vec<String>) 
         }
         PartType::Multipart(_) => (0, None),
     };
-    Attachment { name, content_type, size, message }
+    Attachment {
+        name,
+        content_type,
+        size,
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -250,7 +267,13 @@ mod tests {
         );
         let email = parse(&raw);
         assert_eq!(email.subject, "Disk full on db1");
-        assert_eq!(email.from, vec![Address { address: "ops@example.com".into(), name: "Ops Team".into() }]);
+        assert_eq!(
+            email.from,
+            vec![Address {
+                address: "ops@example.com".into(),
+                name: "Ops Team".into()
+            }]
+        );
         assert_eq!(email.to.len(), 2);
         assert_eq!(email.to[1].name, "B");
         assert_eq!(email.to[1].address, "b@example.net");
@@ -318,12 +341,23 @@ mod tests {
         );
         let email = parse(&raw);
         assert!(email.text.contains("still readable"));
-        assert!(email.problems.iter().any(|p| p.contains("x-no-such-charset")), "{:?}", email.problems);
+        assert!(
+            email.problems.iter().any(|p| p.contains("x-no-such-charset")),
+            "{:?}",
+            email.problems
+        );
     }
 
     #[test]
     fn empty_and_garbage_input_do_not_panic() {
-        for input in [&b""[..], b"\r\n", b"\x00\xff\xfe", b"Subject", b":\r\n\r\n", b"--\r\n--"] {
+        for input in [
+            &b""[..],
+            b"\r\n",
+            b"\x00\xff\xfe",
+            b"Subject",
+            b":\r\n\r\n",
+            b"--\r\n--",
+        ] {
             let _ = parse(input);
         }
     }

@@ -1,0 +1,381 @@
+//! rules: `rules/*.toml` → a compiled [`RuleSet`]; `(&Email, &Envelope) → Outcome`.
+//!
+//! ```text
+//! parse ─► Email + Envelope ─► rules ─► Outcome { rule, action, payload } ─► deliver
+//! ```
+//!
+//! Loading ([`RuleSet::load_dir`]) reads every `*.toml` file of a directory in name order and
+//! compiles every regex and template once. It reports *all* errors of all files together, each
+//! naming the file, the line, the rule and the key. Evaluation ([`RuleSet::evaluate`]) is pure:
+//!
+//! 1. rules run in file order, then in order within a file; the first whose every `when` key
+//!    matches (regex search; multi-valued keys such as `to` hold when any value matches) wins;
+//! 2. `[rule.extract]` regexes run in order; named groups become fields, the first value found
+//!    for a name wins;
+//! 3. required fields that extraction alone provides are checked; then `[rule.fields]` are
+//!    computed in order (each sees the ones before it, and may replace an extracted field);
+//!    then the remaining required fields are checked. A missing field (absent, null or empty)
+//!    or a failing template makes the message a dead letter with the reason;
+//! 4. the payload is `[rule.payload]` if the rule has one, else the default payload.
+//!
+//! Templates are minijinja, sandboxed: no loader (no file access), no network, a fuel limit
+//! on every evaluation.
+
+mod context;
+mod load;
+mod payload;
+
+use crate::model::{Action, Email, Envelope, Outcome};
+use regex::Regex;
+use serde_json::{Map, Value as Json};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use load::RULE_FILE_EXTENSION;
+pub use payload::default_payload;
+
+/// What happens to a message that no rule matches (`[rules] unmatched`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Keep it as a dead letter, for replay once a rule exists.
+    Dead,
+    /// Discard it.
+    Drop,
+    /// Deliver the default payload (with `"rule": null`) to this destination.
+    Deliver(String),
+}
+
+impl Unmatched {
+    /// Parses the config value: `dead`, `drop`, or a destination name.
+    pub fn from_config(value: &str) -> Unmatched {
+        match value {
+            "dead" => Unmatched::Dead,
+            "drop" => Unmatched::Drop,
+            other => Unmatched::Deliver(other.to_string()),
+        }
+    }
+}
+
+/// One problem found while loading rules: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The rule's name, or `#N` (1-based position in its file) when it has no valid name.
+    pub rule: Option<String>,
+    /// The key inside the rule (`when.subject`, `extract.body[1]`, `fields.total`).
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(rule) = &self.rule {
+            if rule.starts_with('#') {
+                write!(f, ": rule {rule}")?;
+            } else {
+                write!(f, ": rule {rule:?}")?;
+            }
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What a `when` or `extract` key looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    From,
+    To,
+    Cc,
+    Recipient,
+    Source,
+    Subject,
+    Body,
+    Html,
+    Attachment,
+    Header(String),
+}
+
+impl Target {
+    pub(crate) fn parse(key: &str) -> Option<Target> {
+        Some(match key {
+            "from" => Target::From,
+            "to" => Target::To,
+            "cc" => Target::Cc,
+            "recipient" => Target::Recipient,
+            "source" => Target::Source,
+            "subject" => Target::Subject,
+            "body" => Target::Body,
+            "html" => Target::Html,
+            "attachment" => Target::Attachment,
+            _ => {
+                let name = key.strip_prefix("header.")?;
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+                    return None;
+                }
+                Target::Header(name.to_string())
+            }
+        })
+    }
+
+    /// Calls `f` on each value of this target until it returns true; true if one did.
+    fn any(&self, input: &Input<'_>, mut f: impl FnMut(&str) -> bool) -> bool {
+        let email = input.email;
+        match self {
+            Target::From => email.from.iter().any(|a| f(&a.address)),
+            Target::To => email.to.iter().any(|a| f(&a.address)),
+            Target::Cc => email.cc.iter().any(|a| f(&a.address)),
+            Target::Recipient => input.envelope.recipients.iter().any(|r| f(r)),
+            Target::Source => f(&input.source),
+            Target::Subject => f(&email.subject),
+            Target::Body => f(&email.text),
+            Target::Html => f(&email.html),
+            Target::Attachment => email.attachments.iter().any(|a| f(&a.name)),
+            Target::Header(name) => email.headers_named(name).any(f),
+        }
+    }
+}
+
+/// The message under evaluation, with values derived once.
+struct Input<'a> {
+    email: &'a Email,
+    envelope: &'a Envelope,
+    source: String,
+}
+
+#[derive(Debug)]
+struct Matcher {
+    target: Target,
+    regex: Regex,
+}
+
+#[derive(Debug)]
+struct Extractor {
+    target: Target,
+    regexes: Vec<Regex>,
+}
+
+/// A computed value: `[rule.fields]` and `[rule.payload]` entries.
+#[derive(Debug)]
+pub(crate) enum Spec {
+    /// Name of a compiled template in the environment; renders to a string.
+    Template(String),
+    /// Name of a compiled `{% set %}` template holding an expression; a typed result.
+    Expr(String),
+    Literal(Json),
+    Array(Vec<Spec>),
+    Object(Vec<(String, Spec)>),
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    pub file: PathBuf,
+    pub line: usize,
+    /// Destination names; empty means matching mail is dropped.
+    pub to: Vec<String>,
+    pub require: Vec<String>,
+    when: Vec<Matcher>,
+    extract: Vec<Extractor>,
+    fields: Vec<(String, Spec)>,
+    payload: Option<Vec<(String, Spec)>>,
+}
+
+/// Every rule of a rules directory, compiled, plus what to do with unmatched mail.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    unmatched: Unmatched,
+    templates: context::Templates,
+    files: Vec<PathBuf>,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules.len())
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// Loads and compiles every `*.toml` file in `dir` (name order; hidden files skipped).
+    pub fn load_dir(dir: &Path, unmatched: Unmatched) -> Result<RuleSet, Vec<RuleError>> {
+        let sources = load::read_dir(dir)?;
+        RuleSet::from_sources(&sources, unmatched)
+    }
+
+    /// Compiles rules from `(file name, TOML text)` pairs, in the given order.
+    pub fn from_sources(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Result<RuleSet, Vec<RuleError>> {
+        load::compile(sources, unmatched)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn unmatched(&self) -> &Unmatched {
+        &self.unmatched
+    }
+
+    /// Every destination name a rule sends to, with an error for each that `exists` rejects.
+    pub fn check_destinations(&self, exists: impl Fn(&str) -> bool) -> Vec<RuleError> {
+        let mut errors = Vec::new();
+        for rule in &self.rules {
+            for (i, dest) in rule.to.iter().enumerate() {
+                if !exists(dest) {
+                    errors.push(RuleError {
+                        file: rule.file.clone(),
+                        line: Some(rule.line),
+                        rule: Some(rule.name.clone()),
+                        key: Some(format!("to[{i}]")),
+                        message: format!("unknown destination {dest:?} (not a [destination.*] in the config)"),
+                    });
+                }
+            }
+        }
+        errors
+    }
+
+    /// Judges one message. Pure: the same inputs give the same outcome.
+    pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
+        let input = Input {
+            email,
+            envelope,
+            source: envelope.source.to_string(),
+        };
+        for rule in &self.rules {
+            let matched = rule.when.iter().all(|m| m.target.any(&input, |v| m.regex.is_match(v)));
+            if matched {
+                return self.apply(rule, &input);
+            }
+        }
+        let payload = default_payload(email, envelope, None, Map::new());
+        let action = match &self.unmatched {
+            Unmatched::Dead => Action::Dead {
+                reason: "no rule matched".to_string(),
+            },
+            Unmatched::Drop => Action::Drop,
+            Unmatched::Deliver(dest) => Action::Deliver { to: vec![dest.clone()] },
+        };
+        Outcome {
+            rule: None,
+            action,
+            payload,
+        }
+    }
+
+    fn apply(&self, rule: &Rule, input: &Input<'_>) -> Outcome {
+        let mut fields = Map::new();
+        for ex in &rule.extract {
+            for re in &ex.regexes {
+                ex.target.any(input, |value| {
+                    if let Some(caps) = re.captures(value) {
+                        for name in re.capture_names().flatten() {
+                            if let Some(m) = caps.name(name) {
+                                fields.entry(name.to_string()).or_insert_with(|| Json::from(m.as_str()));
+                            }
+                        }
+                    }
+                    false // keep looking: a later value may hold other groups
+                });
+            }
+        }
+
+        let dead = |reason: String, fields: Map<String, Json>| Outcome {
+            rule: Some(rule.name.clone()),
+            action: Action::Dead { reason },
+            payload: default_payload(input.email, input.envelope, Some(&rule.name), fields),
+        };
+
+        let computed = |name: &str| rule.fields.iter().any(|(k, _)| k == name);
+        let missing: Vec<&str> = rule
+            .require
+            .iter()
+            .filter(|name| !computed(name) && is_missing(fields.get(name.as_str())))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return dead(missing_reason(&rule.name, &missing), fields);
+        }
+
+        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name);
+        for (key, spec) in &rule.fields {
+            ctx.set_fields(&fields);
+            match self.templates.eval(spec, &ctx) {
+                Ok(value) => {
+                    fields.insert(key.clone(), value);
+                }
+                Err(e) => return dead(format!("rule {:?}: fields.{key}: {e}", rule.name), fields),
+            }
+        }
+        let missing: Vec<&str> = rule
+            .require
+            .iter()
+            .filter(|name| is_missing(fields.get(name.as_str())))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return dead(missing_reason(&rule.name, &missing), fields);
+        }
+
+        let payload = match &rule.payload {
+            None => default_payload(input.email, input.envelope, Some(&rule.name), fields),
+            Some(specs) => {
+                ctx.set_fields(&fields);
+                let mut payload = Map::new();
+                for (key, spec) in specs {
+                    match self.templates.eval(spec, &ctx) {
+                        Ok(value) => {
+                            payload.insert(key.clone(), value);
+                        }
+                        Err(e) => return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), fields),
+                    }
+                }
+                payload
+            }
+        };
+        let action = if rule.to.is_empty() {
+            Action::Drop
+        } else {
+            Action::Deliver { to: rule.to.clone() }
+        };
+        Outcome {
+            rule: Some(rule.name.clone()),
+            action,
+            payload,
+        }
+    }
+}
+
+fn is_missing(value: Option<&Json>) -> bool {
+    match value {
+        None | Some(Json::Null) => true,
+        Some(Json::String(s)) => s.trim().is_empty(),
+        Some(_) => false,
+    }
+}
+
+fn missing_reason(rule: &str, missing: &[&str]) -> String {
+    format!(
+        "rule {rule:?}: missing required field{} {}",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests;
