@@ -32,14 +32,105 @@ const MAX_HTML_TO_TEXT: usize = 4 * 1024 * 1024;
 
 /// Parses raw RFC 5322 bytes into an [`Email`].
 pub fn parse(raw: &[u8]) -> Email {
+    let raw = skip_mbox_separator(raw);
+    if !starts_with_header_field(raw) {
+        return body_only(raw);
+    }
+    let repaired = repair_8bit_headers(raw);
+    let bytes = repaired.as_deref().unwrap_or(raw);
     let parser = MessageParser::new().default_header_text();
-    match parser.parse(raw) {
+    let mut email = match parser.parse(bytes) {
         Some(message) => convert(&message, 0),
-        None => Email {
-            problems: vec!["no message could be read from the input".to_string()],
-            ..Email::default()
+        None => return body_only(raw),
+    };
+    if repaired.is_some() {
+        email
+            .problems
+            .push("header bytes that are not UTF-8 were read as Windows-1252".to_string());
+    }
+    email
+}
+
+/// Skips an mbox `From sender date` line, which a pipe from an MTA may put before the headers.
+fn skip_mbox_separator(raw: &[u8]) -> &[u8] {
+    if raw.starts_with(b"From ") {
+        match raw.iter().position(|&b| b == b'\n') {
+            Some(end) => &raw[end + 1..],
+            None => &[],
+        }
+    } else {
+        raw
+    }
+}
+
+/// Whether the input opens with a header field (`Name:`, name made of printable ASCII).
+fn starts_with_header_field(raw: &[u8]) -> bool {
+    let line_end = raw.iter().position(|&b| b == b'\n').unwrap_or(raw.len());
+    let line = &raw[..line_end];
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
+        _ => false,
+    }
+}
+
+/// An input without a header block: all of it is the plain-text body.
+fn body_only(raw: &[u8]) -> Email {
+    let body = raw
+        .strip_prefix(b"\r\n")
+        .or_else(|| raw.strip_prefix(b"\n"))
+        .unwrap_or(raw);
+    let problem = if raw.is_empty() {
+        "the input is empty"
+    } else {
+        "no header block: the whole input was read as a plain-text body"
+    };
+    Email {
+        text: decode_lossy(body),
+        problems: vec![problem.to_string()],
+        ..Email::default()
+    }
+}
+
+/// UTF-8 if it is, else Windows-1252 (the usual charset of unlabelled 8-bit mail).
+fn decode_lossy(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => match charset_decoder(b"windows-1252") {
+            Some(decode) => decode(bytes),
+            None => String::from_utf8_lossy(bytes).into_owned(),
         },
     }
+}
+
+/// Raw 8-bit bytes in headers are not allowed but common: UTF-8 ones are read as they are;
+/// a header line that is not valid UTF-8 is re-encoded from Windows-1252. Returns the repaired
+/// message, or `None` when the header block is already valid UTF-8 (the usual case: no copy).
+fn repair_8bit_headers(raw: &[u8]) -> Option<Vec<u8>> {
+    let end = header_block_end(raw);
+    if std::str::from_utf8(&raw[..end]).is_ok() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len() + 64);
+    for line in raw[..end].split_inclusive(|&b| b == b'\n') {
+        match std::str::from_utf8(line) {
+            Ok(_) => out.extend_from_slice(line),
+            Err(_) => out.extend_from_slice(decode_lossy(line).as_bytes()),
+        }
+    }
+    out.extend_from_slice(&raw[end..]);
+    Some(out)
+}
+
+/// Offset just past the header block (the empty line included), or the input's length.
+fn header_block_end(raw: &[u8]) -> usize {
+    let mut start = 0;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        start += line.len();
+        if line == b"\n" || line == b"\r\n" {
+            return start;
+        }
+    }
+    raw.len()
 }
 
 fn convert(message: &Message<'_>, depth: usize) -> Email {
@@ -81,11 +172,34 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
         }
     }
 
-    email.attachments = message
-        .attachments()
-        .map(|part| attachment(part, depth, &mut email.problems))
-        .collect();
+    for part in message.attachments() {
+        if let Some(body) = unterminated_multipart(part) {
+            // The boundary never appears: the "multipart" is really one plain body.
+            email
+                .problems
+                .push("multipart boundary never found: body read as plain text".to_string());
+            if !email.text.is_empty() && !email.text.ends_with('\n') {
+                email.text.push('\n');
+            }
+            email.text.push_str(&decode_lossy(body));
+            continue;
+        }
+        let attachment = attachment(part, depth, &mut email.problems);
+        email.attachments.push(attachment);
+    }
     email
+}
+
+/// The raw content of a part declared `multipart/*` whose parts could not be found.
+fn unterminated_multipart<'a>(part: &'a MessagePart<'_>) -> Option<&'a [u8]> {
+    let is_multipart = part
+        .content_type()
+        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart"));
+    match &part.body {
+        PartType::Binary(b) | PartType::InlineBinary(b) if is_multipart => Some(b),
+        PartType::Text(t) if is_multipart => Some(t.as_bytes()),
+        _ => None,
+    }
 }
 
 fn is_utf8_alias(charset: &str) -> bool {
@@ -188,7 +302,9 @@ pub fn html_to_text(html: &str, problems: &mut Vec<String>) -> String {
     }
 }
 
-/// Strips the padding html2text puts at the end of lines and collapses runs of blank lines.
+/// Tidies html2text's output: the padding at the end of lines goes, runs of three or more
+/// spaces (the gaps of a laid-out table stretched to the render width) fold to two, so cells
+/// stay apart without pages of blanks, and runs of blank lines collapse to one.
 fn tidy_rendered_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut blank_run = 0;
@@ -202,7 +318,18 @@ fn tidy_rendered_text(text: &str) -> String {
         } else {
             blank_run = 0;
         }
-        out.push_str(line);
+        let mut spaces = 0;
+        for c in line.chars() {
+            if c == ' ' {
+                spaces += 1;
+                if spaces <= 2 {
+                    out.push(' ');
+                }
+            } else {
+                spaces = 0;
+                out.push(c);
+            }
+        }
         out.push('\n');
     }
     while out.ends_with("\n\n") {
@@ -321,6 +448,11 @@ mod tests {
         assert!(!email.text.contains("secret"));
         // The cells stay apart: no "Widget29.99".
         assert!(!email.text.contains("Widget2"), "{}", email.text);
+        assert!(
+            !email.text.contains("   "),
+            "runs of spaces are folded: {:?}",
+            email.text
+        );
         assert!(email.html.contains("<table>"));
     }
 
@@ -389,5 +521,39 @@ mod tests {
         assert_eq!(inner.subject, "Original alert");
         assert_eq!(inner.from[0].address, "inner@example.org");
         assert!(inner.text.contains("inner body"));
+    }
+
+    #[test]
+    fn input_without_headers_is_all_body() {
+        let email = parse(b"disk is full\nplease clean up: now\n");
+        assert_eq!(email.text, "disk is full\nplease clean up: now\n");
+        assert_eq!(email.subject, "");
+        assert_eq!(
+            email.problems,
+            vec!["no header block: the whole input was read as a plain-text body"]
+        );
+        let email = parse(b"\r\nbody after an empty header block\r\n");
+        assert_eq!(email.text, "body after an empty header block\r\n");
+    }
+
+    #[test]
+    fn mbox_separator_line_is_skipped() {
+        let email = parse(b"From MAILER-DAEMON Tue Dec  1 09:30:00 2026\nSubject: hi\n\nbody\n");
+        assert_eq!(email.subject, "hi");
+        assert_eq!(email.text, "body\n");
+    }
+
+    #[test]
+    fn latin1_header_bytes_are_repaired_and_utf8_kept() {
+        let mut raw = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\nFrom: J\xf6rg <j@example.de>\r\n\r\nbody \xc3\xa9\r\n".to_vec();
+        let email = parse(&raw);
+        assert_eq!(email.subject, "Grüße");
+        assert_eq!(email.from[0].name, "Jörg");
+        assert_eq!(email.text, "body é\r\n");
+        // Valid UTF-8 headers are parsed in place, with no problem reported.
+        raw = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nx".to_vec();
+        let email = parse(&raw);
+        assert_eq!(email.subject, "Grüße");
+        assert!(email.problems.is_empty(), "{:?}", email.problems);
     }
 }

@@ -8,8 +8,8 @@
 
 use super::Spec;
 use crate::model::{Address, Email, Envelope};
-use minijinja::value::{Enumerator, Object, Value};
-use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use minijinja::value::{Enumerator, Kwargs, Object, Value};
+use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
 use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,6 +52,30 @@ impl Templates {
         env.set_fuel(Some(FUEL));
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.set_auto_escape_callback(|_| AutoEscape::None);
+        // A field that was not extracted converts to none (JSON null), not to 0: an absent
+        // value must not look like a real zero in the payload.
+        env.add_filter(
+            "int",
+            |state: &State, value: &Value, default: Option<Value>, base: Option<u32>, kwargs: Kwargs| {
+                if value.is_undefined() || value.is_none() {
+                    return Ok(default
+                        .or(kwargs.get::<Option<Value>>("default")?)
+                        .unwrap_or(Value::from(())));
+                }
+                minijinja::filters::int(state, value, default, base, kwargs)
+            },
+        );
+        env.add_filter(
+            "float",
+            |state: &State, value: &Value, default: Option<Value>, kwargs: Kwargs| {
+                if value.is_undefined() || value.is_none() {
+                    return Ok(default
+                        .or(kwargs.get::<Option<Value>>("default")?)
+                        .unwrap_or(Value::from(())));
+                }
+                minijinja::filters::float(state, value, default, kwargs)
+            },
+        );
         Templates { env }
     }
 

@@ -254,6 +254,9 @@ order = { expr = "order | int" }
 heavy = { expr = "weight > 2" }
 label = { expr = "'order-' ~ order" }
 nothing = { expr = "none" }
+absent_int = { expr = "not_extracted | int" }
+absent_float = { expr = "not_extracted | float" }
+absent_default = { expr = "not_extracted | int(default=-1)" }
 recipients = { expr = "to | length" }
 literal_int = 7
 literal_bool = false
@@ -266,6 +269,7 @@ nested = { carrier = "UPS", id = { expr = "order + 1" } }
         out.payload["fields"],
         json!({
             "weight": 2.5, "order": 4711, "heavy": true, "label": "order-4711", "nothing": null,
+            "absent_int": null, "absent_float": null, "absent_default": -1,
             "recipients": 2, "literal_int": 7, "literal_bool": false, "literal_list": ["a", "4711"],
             "nested": {"carrier": "UPS", "id": 4712}
         })
