@@ -357,6 +357,11 @@ fn malformed_truncated_base64_keeps_what_decodes() {
     );
     assert_contains(&email.text, "The archive cont");
     assert_not_contains(&email.text, "README");
+    assert!(
+        email.problems.iter().any(|p| p.contains("truncated")),
+        "{:?}",
+        email.problems
+    );
 }
 
 #[test]

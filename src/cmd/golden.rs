@@ -121,7 +121,7 @@ pub fn run_case(rules: &crate::rules::RuleSet, eml: &Path, golden: &Path, update
         Ok(env) => env,
         Err(e) => return CaseResult::Unreadable(e),
     };
-    let actual = stable(outcome_json(&rules.evaluate(&email, &envelope)));
+    let actual = stable(outcome_json(&email, &rules.evaluate(&email, &envelope)));
 
     if update {
         let mut text = serde_json::to_string_pretty(&Json::Object(actual)).expect("JSON serialises");

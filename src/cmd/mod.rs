@@ -143,9 +143,10 @@ impl EnvelopeSpec {
     }
 }
 
-/// The JSON object `try` prints and `test` compares: `rule`, `to`, `payload`, and `dead`
-/// (the reason) or `dropped` when the message would not be delivered.
-pub fn outcome_json(outcome: &Outcome) -> Map<String, Json> {
+/// The JSON object `try` prints and `test` compares: `rule`, `to`, `payload`, `dead` (the
+/// reason) or `dropped` when the message would not be delivered, and `problems` when the
+/// parser had to skip or repair something.
+pub fn outcome_json(email: &Email, outcome: &Outcome) -> Map<String, Json> {
     let mut m = Map::new();
     m.insert("rule".into(), outcome.rule.clone().map_or(Json::Null, Json::String));
     m.insert("to".into(), Json::from(outcome.destinations().to_vec()));
@@ -157,6 +158,9 @@ pub fn outcome_json(outcome: &Outcome) -> Map<String, Json> {
             m.insert("dropped".into(), Json::Bool(true));
         }
         Action::Deliver { .. } => {}
+    }
+    if !email.problems.is_empty() {
+        m.insert("problems".into(), Json::from(email.problems.clone()));
     }
     m.insert("payload".into(), Json::Object(outcome.payload.clone()));
     m

@@ -54,7 +54,7 @@ pub fn run(opts: &TryOptions) -> Exit {
         let outcome = rules.evaluate(&email, &envelope);
         let mut line = serde_json::Map::new();
         line.insert("file".into(), Json::String(file.display().to_string()));
-        line.extend(outcome_json(&outcome));
+        line.extend(outcome_json(&email, &outcome));
         let line = Json::Object(line);
         let text = if opts.pretty {
             serde_json::to_string_pretty(&line)

@@ -469,24 +469,35 @@ impl Config {
             .map_err(|e: toml::de::Error| vec![error(String::new(), e.to_string().trim_end().to_string())])?;
 
         let mut errors = Vec::new();
+        // Values taken from the environment may be secrets: they are masked in any message.
+        let expanded = std::cell::RefCell::new(Vec::<String>::new());
+        let lookup = |name: &str| {
+            let value = env(name);
+            if let Some(v) = &value {
+                expanded.borrow_mut().push(v.clone());
+            }
+            value
+        };
         for (key, value) in table.iter_mut() {
-            expand_value(value, key.clone(), env, &mut |k, m| errors.push(error(k, m)));
+            expand_value(value, key.clone(), &lookup, &mut |k, m| errors.push(error(k, m)));
         }
         if !errors.is_empty() {
             return Err(errors);
         }
+        let expanded = expanded.into_inner();
+        let mask = |message: String| mask_values(message, &expanded);
 
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
-            vec![error(key, e.into_inner().to_string())]
+            vec![error(key, mask(e.into_inner().to_string()))]
         })?;
         config.base_dir = base_dir.to_path_buf();
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(problems.into_iter().map(|(k, m)| error(k, m)).collect())
+            Err(problems.into_iter().map(|(k, m)| error(k, mask(m))).collect())
         }
     }
 
@@ -705,6 +716,17 @@ fn is_loopback_host(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Replaces every occurrence of the given values (those long enough to be secrets rather than
+/// common words or digits) with `***`.
+fn mask_values(mut message: String, values: &[String]) -> String {
+    for v in values {
+        if v.len() >= 4 && message.contains(v.as_str()) {
+            message = message.replace(v.as_str(), "***");
+        }
+    }
+    message
 }
 
 /// Joins a multi-line error message into one line.

@@ -215,3 +215,23 @@ fn empty_config_has_defaults() {
     assert_eq!(c.delivery.concurrency, 8);
     assert!(c.smtp.is_none());
 }
+
+#[test]
+fn values_from_the_environment_are_masked_in_errors() {
+    let errs = messages(parse_with(
+        "[delivery]\nconcurrency = \"${SECRET}\"\n[admin]\nlisten = \"${SECRET2}\"\n",
+        &[("SECRET", "hunter2-secret"), ("SECRET2", "pw-9876")],
+    ));
+    assert!(errs[0].contains("delivery.concurrency"), "{errs:?}");
+    for e in &errs {
+        assert!(
+            !e.contains("hunter2-secret") && !e.contains("pw-9876"),
+            "secret leaked: {e}"
+        );
+    }
+    let errs = messages(parse_with(
+        "[admin]\nlisten = \"${SECRET2}\"\n",
+        &[("SECRET2", "pw-9876")],
+    ));
+    assert!(errs[0].contains("admin.listen") && errs[0].contains("***"), "{errs:?}");
+}

@@ -18,7 +18,7 @@
 use crate::model::{Address, Attachment, Email, Header};
 use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::parsers::MessageStream;
-use mail_parser::{HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use mail_parser::{Encoding, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 /// How deep nested `message/rfc822` parts are followed.
 const MAX_NESTING: usize = 8;
@@ -28,7 +28,7 @@ const MAX_NESTING: usize = 8;
 const HTML_TEXT_WIDTH: usize = 400;
 
 /// HTML larger than this is not rendered to text (it is still kept in `html`).
-const MAX_HTML_TO_TEXT: usize = 4 * 1024 * 1024;
+const MAX_HTML_TO_TEXT: usize = 2 * 1024 * 1024;
 
 /// Parses raw RFC 5322 bytes into an [`Email`].
 pub fn parse(raw: &[u8]) -> Email {
@@ -161,6 +161,10 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
             email
                 .problems
                 .push(format!("part {index}: content could not be decoded cleanly"));
+        } else if part.encoding == Encoding::Base64 && base64_is_truncated(message.raw_message(), part) {
+            email.problems.push(format!(
+                "part {index}: base64 content is truncated; decoded what was there"
+            ));
         }
         if let Some(charset) = part.content_type().and_then(|ct| ct.attribute("charset"))
             && charset_decoder(charset.as_bytes()).is_none()
@@ -200,6 +204,17 @@ fn unterminated_multipart<'a>(part: &'a MessagePart<'_>) -> Option<&'a [u8]> {
         PartType::Text(t) if is_multipart => Some(t.as_bytes()),
         _ => None,
     }
+}
+
+/// Whether a base64 part's encoded text stops in the middle of a 4-character group.
+fn base64_is_truncated(raw: &[u8], part: &MessagePart<'_>) -> bool {
+    let start = (part.offset_body as usize).min(raw.len());
+    let end = (part.offset_end as usize).clamp(start, raw.len());
+    let symbols = raw[start..end]
+        .iter()
+        .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+        .count();
+    symbols % 4 != 0
 }
 
 fn is_utf8_alias(charset: &str) -> bool {
