@@ -80,28 +80,32 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut templates = Templates::new();
     let mut rules = Vec::new();
     let mut errors = Vec::new();
+    let mut names = Vec::new();
     for (file, text) in sources {
         let mut c = FileCompiler {
             file,
             text,
             templates: &mut templates,
             errors: &mut errors,
+            names: &mut names,
             rule: None,
         };
         c.compile_file(&mut rules);
     }
-    let mut seen: HashMap<&str, &Rule> = HashMap::new();
-    for rule in &rules {
-        if let Some(first) = seen.insert(rule.name.as_str(), rule) {
+    // Names are checked over every rule, including those with other errors.
+    let mut seen: HashMap<&str, &(String, PathBuf, usize)> = HashMap::new();
+    for entry in &names {
+        let (name, file, line) = entry;
+        if let Some((_, first_file, first_line)) = seen.insert(name.as_str(), entry) {
             errors.push(RuleError {
-                file: rule.file.clone(),
-                line: Some(rule.line),
-                rule: Some(rule.name.clone()),
+                file: file.clone(),
+                line: Some(*line),
+                rule: Some(name.clone()),
                 key: Some("name".into()),
                 message: format!(
                     "duplicate rule name, first defined at {}:{}",
-                    first.file.display(),
-                    first.line
+                    first_file.display(),
+                    first_line
                 ),
             });
         }
@@ -125,6 +129,8 @@ struct FileCompiler<'a> {
     text: &'a str,
     templates: &'a mut Templates,
     errors: &'a mut Vec<RuleError>,
+    /// `(name, file, line)` of every named rule, for the duplicate check.
+    names: &'a mut Vec<(String, PathBuf, usize)>,
     /// Label of the rule being compiled.
     rule: Option<String>,
 }
@@ -198,6 +204,7 @@ impl FileCompiler<'_> {
                     );
                 } else {
                     self.rule = Some(s.clone());
+                    self.names.push((s.clone(), self.file.to_path_buf(), self.line(offset)));
                 }
                 s
             }

@@ -451,6 +451,7 @@ to = ["x"]
         "a.toml:16: rule \"one\": fields.e: invalid expression",
         "a.toml:17: rule \"one\": fields.f: an { expr = \"...\" } table takes no other keys",
         "a.toml:19: rule #2: name: is required",
+        "b.toml:1: rule \"one\": name: duplicate rule name, first defined at a.toml:2",
         "b.toml:5: rule \"two\": to: is required",
         "c.toml:1: TOML syntax",
     ];
