@@ -18,12 +18,21 @@
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
-//! | [`cmd`] | the operator commands `try`, `test`, `check` |
+//! | [`spool`] | the durable queue on disk; the only owner of message state |
+//! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
+//! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
+//! | [`app`] | builds every stage from the config, runs `serve`, owns shutdown |
+//! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
 //!
 //! No stage imports a later one: `parse` knows nothing of rules, `rules` nothing of delivery.
 
+pub mod app;
 pub mod cmd;
 pub mod config;
+pub mod deliver;
+pub mod logging;
 pub mod model;
 pub mod parse;
+pub mod pipeline;
 pub mod rules;
+pub mod spool;

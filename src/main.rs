@@ -3,6 +3,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use mailhook::cmd::{self, EnvelopeSpec, Exit, RulesSource};
+use mailhook::config::Config;
+use mailhook::logging::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -19,12 +21,70 @@ use std::process::ExitCode;
                   Start here:\n  mailhook try --rules rules fixtures/*.eml\n  mailhook test --rules rules fixtures\n  mailhook check --config mailhook.toml"
 )]
 struct Cli {
+    /// Log format: text on a terminal, JSON lines otherwise (auto)
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the delivery workers (and every configured listener) until SIGTERM or SIGINT
+    #[command(
+        after_help = "Checks the config and the rules first and refuses to start, listing every problem,\n\
+        when anything is wrong. Then it locks and recovers the spool and delivers what is in it;\n\
+        mail spooled by `mailhook ingest` is picked up within a second. SIGTERM/SIGINT stop\n\
+        claiming work and let deliveries in flight finish.\n\n\
+        Example:\n  mailhook serve --config /etc/mailhook/mailhook.toml"
+    )]
+    Serve {
+        /// The config file
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Spool one message read from standard input (for a Postfix pipe or a sendmail alias)
+    #[command(
+        after_help = "Exits 0 only once the message is on disk (fsync'd); 75 (EX_TEMPFAIL) when the spool\n\
+        cannot take it (missing or read-only directory, disk full), so the caller keeps the\n\
+        message and retries; 78 when the config is bad. Prints the spool id on success.\n\n\
+        Examples:\n  mailhook ingest --config /etc/mailhook/mailhook.toml --from \"$SENDER\" --to \"$RECIPIENT\" < message.eml\n  \
+        Postfix master.cf:  mailhook unix - n n - - pipe\n    \
+        flags=Rq user=mailhook argv=/usr/local/bin/mailhook ingest --config /etc/mailhook/mailhook.toml --from ${sender} --to ${recipient}"
+    )]
+    Ingest {
+        /// The config file
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// Envelope sender
+        #[arg(long, value_name = "ADDR")]
+        from: Option<String>,
+        /// Envelope recipient; repeat for several
+        #[arg(long = "to", value_name = "ADDR")]
+        to: Vec<String>,
+    },
+    /// Inspect the spool and act on it: list, show, retry, drop
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Run stored messages through the current rules again and queue them accordingly
+    #[command(
+        after_help = "The fix-a-rule-then-replay loop: a message that was a dead letter because no rule\n\
+        matched (or a field was missing) is judged again by the rules as they are now; the new\n\
+        decision replaces the old one and every destination of it gets the message. Prints, per\n\
+        message, the rule and destinations, or why it is still dead.\n\n\
+        Examples:\n  mailhook replay --config mailhook.toml --dead\n  mailhook replay --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X"
+    )]
+    Replay {
+        /// The config file
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// Replay every dead letter
+        #[arg(long)]
+        dead: bool,
+        /// Spool ids
+        #[arg(value_name = "ID", required_unless_present = "dead")]
+        ids: Vec<String>,
+    },
     /// Show, per email file, the rule that matches and the payload it would send (sends nothing)
     #[command(after_help = "Prints one JSON object per file on stdout:\n  \
         {\"file\": \"...\", \"rule\": \"name\" | null, \"to\": [\"dest\", ...], \"payload\": {...}}\n\
@@ -89,6 +149,52 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List every message: state, age, attempts, rule, destinations, last error
+    #[command(
+        after_help = "Examples:\n  mailhook queue list --config mailhook.toml\n  mailhook queue list --json | jq '.[] | select(.state == \"dead\")'"
+    )]
+    List {
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: metadata, the payload that would be sent, its headers
+    #[command(after_help = "Example:\n  mailhook queue show --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X")]
+    Show {
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Queue a dead or deferred message for delivery now (destinations that took it are skipped)
+    #[command(
+        after_help = "Examples:\n  mailhook queue retry --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X\n  mailhook queue retry --config mailhook.toml --all-dead"
+    )]
+    Retry {
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// Every dead letter
+        #[arg(long)]
+        all_dead: bool,
+        #[arg(value_name = "ID", required_unless_present = "all_dead")]
+        ids: Vec<String>,
+    },
+    /// Delete messages from the spool for good
+    #[command(after_help = "Example:\n  mailhook queue drop --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X")]
+    Drop {
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "ID", required = true)]
+        ids: Vec<String>,
+    },
+}
+
 #[derive(Args)]
 struct RulesArgs {
     /// Rules directory [default: the config's rules.dir, else ./rules]
@@ -108,7 +214,46 @@ impl RulesArgs {
     }
 }
 
+fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
+    mailhook::logging::init(log_format);
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("mailhook serve: not starting: {} error(s) in config", errors.len());
+            return Exit::Config;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailhook serve: cannot start the runtime: {e}");
+            return Exit::TempFail;
+        }
+    };
+    match runtime.block_on(mailhook::app::serve(config)) {
+        Ok(()) => Exit::Ok,
+        Err(mailhook::app::AppError::Rules(errors)) => {
+            cmd::print_rule_errors(&errors);
+            eprintln!("mailhook serve: not starting");
+            Exit::Config
+        }
+        Err(mailhook::app::AppError::Destination(e)) => {
+            eprintln!("mailhook serve: not starting: {e}");
+            Exit::Config
+        }
+        Err(e) => {
+            eprintln!("mailhook serve: {e}");
+            Exit::TempFail
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // One TLS crypto provider for every client (reqwest, lettre): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -141,6 +286,20 @@ fn main() -> ExitCode {
             update,
         }),
         Command::Check { config } => cmd::check::run(&config),
+        Command::Serve { config } => serve(&config, cli.log_format),
+        Command::Ingest { config, from, to } => cmd::ingest::run(
+            &cmd::ingest::IngestOptions {
+                config: &config,
+                mail_from: from,
+                recipients: to,
+            },
+            &mut std::io::stdin().lock(),
+        ),
+        Command::Queue(QueueCommand::List { config, json }) => cmd::queue::list(&config, json),
+        Command::Queue(QueueCommand::Show { config, json, id }) => cmd::queue::show(&config, &id, json),
+        Command::Queue(QueueCommand::Retry { config, all_dead, ids }) => cmd::queue::retry(&config, &ids, all_dead),
+        Command::Queue(QueueCommand::Drop { config, ids }) => cmd::queue::drop(&config, &ids),
+        Command::Replay { config, dead, ids } => cmd::queue::replay(&config, &ids, dead),
     };
     ExitCode::from(exit as u8)
 }

@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod golden;
+pub mod ingest;
+pub mod queue;
 pub mod try_rules;
 
 use crate::config::Config;
@@ -85,7 +87,7 @@ impl RulesSource {
     }
 }
 
-pub(crate) fn print_rule_errors(errors: &[RuleError]) {
+pub fn print_rule_errors(errors: &[RuleError]) {
     for e in errors {
         eprintln!("{e}");
     }

@@ -74,12 +74,16 @@ pub struct Config {
 pub struct SpoolConfig {
     #[serde(default = "default_spool_dir")]
     pub dir: PathBuf,
+    /// Flush every write to stable storage before acknowledging. Turn off only to measure.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             dir: default_spool_dir(),
+            fsync: true,
         }
     }
 }

@@ -1,0 +1,89 @@
+//! app: builds every stage from the config, runs them under one tokio runtime, and owns
+//! shutdown. The only module that knows all the others.
+//!
+//! Start-up order: rules and destinations are built first (any error refuses to start), then
+//! the spool is locked and recovered, and only then does work begin. SIGTERM or SIGINT stops
+//! claiming new work and lets rounds in flight finish within a grace period.
+
+use crate::config::Config;
+use crate::pipeline::{Pipeline, SharedRules};
+use crate::rules::{RuleError, RuleSet, Unmatched};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{} error(s) in rules", .0.len())]
+    Rules(Vec<RuleError>),
+    #[error(transparent)]
+    Destination(#[from] crate::deliver::BuildError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads and checks the rules of `config` (destinations included).
+pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
+    let rules = RuleSet::load_dir(
+        &config.resolve(&config.rules.dir),
+        Unmatched::from_config(&config.rules.unmatched),
+    )?;
+    let errors = rules.check_destinations(|d| config.destination.contains_key(d));
+    if errors.is_empty() { Ok(rules) } else { Err(errors) }
+}
+
+/// Runs `mailhook serve` until SIGTERM/SIGINT.
+pub async fn serve(config: Config) -> Result<(), AppError> {
+    let rules = load_rules(&config).map_err(AppError::Rules)?;
+    info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
+    let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
+
+    let spool_dir = config.resolve(&config.spool.dir);
+    let spool = Spool::open(
+        &spool_dir,
+        SpoolOptions {
+            fsync: config.spool.fsync,
+        },
+    )?;
+    let _lock = spool.lock()?;
+    let spool_for_recovery = spool.clone();
+    let recovery = tokio::task::spawn_blocking(move || spool_for_recovery.recover())
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    for item in &recovery.corrupt {
+        warn!(entry = %item, "moved to corrupt/");
+    }
+    info!(
+        spool = %spool_dir.display(),
+        requeued = recovery.requeued,
+        tmp_removed = recovery.tmp_removed,
+        corrupt = recovery.corrupt.len(),
+        "spool recovered"
+    );
+
+    let pipeline = Arc::new(Pipeline::new(&config, spool, rules)?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = tokio::spawn(pipeline.clone().run(stop_rx));
+    info!(destinations = config.destination.len(), "mailhook serving");
+
+    wait_for_signal().await?;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = workers.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

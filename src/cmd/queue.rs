@@ -1,0 +1,433 @@
+//! `mailhook queue` and `mailhook replay`: look at the spool and act on it. They work on the
+//! files directly, so they can be used while `serve` runs (which picks changes up within a
+//! second) or while it is stopped.
+
+use super::Exit;
+use crate::app::load_rules;
+use crate::config::Config;
+use crate::model::Action;
+use crate::parse::parse;
+use crate::rules::RuleSet;
+use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, SpoolOptions, State, format_time};
+use serde_json::{Value as Json, json};
+use std::path::Path;
+use std::time::SystemTime;
+
+fn open(config_path: &Path) -> Result<(Config, Spool), Exit> {
+    let config = Config::load(config_path).map_err(|errors| {
+        for e in errors {
+            eprintln!("{e}");
+        }
+        Exit::Config
+    })?;
+    let dir = config.resolve(&config.spool.dir);
+    if !dir.is_dir() {
+        eprintln!("spool directory {} does not exist", dir.display());
+        return Err(Exit::TempFail);
+    }
+    let spool = Spool::open(
+        &dir,
+        SpoolOptions {
+            fsync: config.spool.fsync,
+        },
+    )
+    .map_err(|e| {
+        eprintln!("{e}");
+        Exit::TempFail
+    })?;
+    Ok((config, spool))
+}
+
+fn rules(config: &Config) -> Result<RuleSet, Exit> {
+    load_rules(config).map_err(|errors| {
+        super::print_rule_errors(&errors);
+        Exit::Config
+    })
+}
+
+/// One line of `queue list`.
+fn summary(state: State, meta: &Meta, now: SystemTime) -> Json {
+    let (rule, destinations) = match &meta.decision {
+        Some(d) => (
+            d.rule.clone(),
+            d.destinations
+                .iter()
+                .map(|(n, s)| format!("{n}:{}", format!("{:?}", s.state).to_lowercase()))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        None => (None, String::new()),
+    };
+    json!({
+        "id": meta.id,
+        "state": state.dir_name(),
+        "age_seconds": meta.age(now).as_secs(),
+        "received_at": meta.envelope.received_at,
+        "source": meta.envelope.source.to_string(),
+        "attempts": meta.attempts,
+        "rule": rule,
+        "destinations": destinations,
+        "next_attempt": meta.next_attempt,
+        "last_error": meta.dead_reason.clone().or(meta.last_error.clone()),
+    })
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+pub fn list(config_path: &Path, as_json: bool) -> Exit {
+    let (_, spool) = match open(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let now = SystemTime::now();
+    let mut rows = Vec::new();
+    for state in State::ALL {
+        let ids = match spool.list(state) {
+            Ok(ids) => ids,
+            Err(e) => {
+                eprintln!("{e}");
+                return Exit::TempFail;
+            }
+        };
+        for id in ids {
+            match spool.read_meta(state, &id) {
+                Ok(meta) => rows.push(summary(state, &meta, now)),
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => eprintln!("{id}: {e}"),
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("JSON serialises"));
+        return Exit::Ok;
+    }
+    if rows.is_empty() {
+        println!("the spool is empty");
+        return Exit::Ok;
+    }
+    println!(
+        "{:<26}  {:<8}  {:>6}  {:>3}  {:<24}  {:<28}  LAST ERROR",
+        "ID", "STATE", "AGE", "TRY", "RULE", "DESTINATIONS"
+    );
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        let mut err = s("last_error");
+        if err.chars().count() > 80 {
+            err = err.chars().take(79).collect::<String>() + "…";
+        }
+        println!(
+            "{:<26}  {:<8}  {:>6}  {:>3}  {:<24}  {:<28}  {}",
+            s("id"),
+            s("state"),
+            age(r["age_seconds"].as_u64().unwrap_or(0)),
+            r["attempts"],
+            s("rule"),
+            if s("destinations").is_empty() {
+                "-".into()
+            } else {
+                s("destinations")
+            },
+            err
+        );
+    }
+    println!("{} message{}", rows.len(), if rows.len() == 1 { "" } else { "s" });
+    Exit::Ok
+}
+
+fn find(spool: &Spool, id: &str) -> Result<(State, Meta), Exit> {
+    let Some(state) = spool.find(id) else {
+        eprintln!("{id}: not in the spool");
+        return Err(Exit::DataErr);
+    };
+    spool.read_meta(state, id).map(|m| (state, m)).map_err(|e| {
+        eprintln!("{id}: {e}");
+        Exit::DataErr
+    })
+}
+
+pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
+    let (config, spool) = match open(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let (state, meta) = match find(&spool, id) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let raw = spool.read_raw(id).unwrap_or_default();
+    let header_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n"));
+    let headers = String::from_utf8_lossy(&raw[..header_end.unwrap_or(raw.len())]).replace("\r\n", "\n");
+
+    // The payload that would be sent: the stored decision's, or what the current rules say.
+    let (payload, judged_now) = match &meta.decision {
+        Some(d) => (Some(d.payload.clone()), false),
+        None => match rules(&config) {
+            Ok(rules) => (Some(rules.evaluate(&parse(&raw), &meta.envelope).payload), true),
+            Err(_) => (None, true),
+        },
+    };
+    if as_json {
+        let out = json!({"state": state.dir_name(), "meta": meta, "payload": payload, "headers": headers});
+        println!("{}", serde_json::to_string_pretty(&out).expect("JSON serialises"));
+        return Exit::Ok;
+    }
+    let now = SystemTime::now();
+    println!("id:          {id}");
+    println!("state:       {state}");
+    println!(
+        "received:    {} ({} ago) via {}",
+        meta.envelope.received_at,
+        age(meta.age(now).as_secs()),
+        meta.envelope.source
+    );
+    println!(
+        "envelope:    from <{}> to {}",
+        meta.envelope.mail_from.as_deref().unwrap_or(""),
+        meta.envelope.recipients.join(", ")
+    );
+    println!("size:        {} bytes", meta.size);
+    println!("attempts:    {}", meta.attempts);
+    if let Some(next) = &meta.next_attempt {
+        println!("next try:    {next}");
+    }
+    if let Some(d) = &meta.decision {
+        println!(
+            "rule:        {} (decided {})",
+            d.rule.as_deref().unwrap_or("(none: unmatched)"),
+            d.decided_at
+        );
+        for (name, s) in &d.destinations {
+            println!(
+                "  {name}: {}, {} attempt{}{}",
+                format!("{:?}", s.state).to_lowercase(),
+                s.attempts,
+                if s.attempts == 1 { "" } else { "s" },
+                s.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(e) = &meta.last_error {
+        println!("last error:  {e}");
+    }
+    if let Some(r) = &meta.dead_reason {
+        println!("dead:        {r}");
+    }
+    if let Some(p) = payload {
+        println!(
+            "\npayload ({}):\n{}",
+            if judged_now {
+                "as the current rules would build it"
+            } else {
+                "as decided"
+            },
+            serde_json::to_string_pretty(&p).expect("JSON serialises")
+        );
+    }
+    println!("\nheaders:\n{}", headers.trim_end());
+    Exit::Ok
+}
+
+/// `queue retry`: a dead letter goes back in line (destinations that failed are tried again;
+/// one never judged is judged again); a deferred message becomes due now.
+pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
+    let (_, spool) = match open(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let ids = match targets(&spool, ids, all_dead) {
+        Ok(ids) => ids,
+        Err(code) => return code,
+    };
+    let mut exit = Exit::Ok;
+    for id in ids {
+        let (state, mut meta) = match find(&spool, &id) {
+            Ok(x) => x,
+            Err(code) => {
+                exit = exit.max(code);
+                continue;
+            }
+        };
+        let to = match state {
+            State::Active => {
+                eprintln!("{id}: being delivered right now; nothing to retry");
+                exit = exit.max(Exit::Failed);
+                continue;
+            }
+            State::Incoming => {
+                println!("{id}: already waiting to be judged");
+                continue;
+            }
+            State::Deferred | State::Dead => {
+                meta.next_attempt = None;
+                meta.dead_reason = None;
+                match &mut meta.decision {
+                    Some(d) => {
+                        for s in d.destinations.values_mut() {
+                            if s.state != DestState::Done {
+                                s.state = DestState::Pending;
+                                s.next_attempt = None;
+                            }
+                        }
+                        State::Deferred
+                    }
+                    None => State::Incoming,
+                }
+            }
+        };
+        match spool.transition_blocking(&id, state, to, Some(&meta)) {
+            Ok(()) => println!("{id}: queued for delivery now"),
+            Err(e) => {
+                eprintln!("{id}: {e}");
+                exit = exit.max(Exit::TempFail);
+            }
+        }
+    }
+    exit
+}
+
+pub fn drop(config_path: &Path, ids: &[String]) -> Exit {
+    let (_, spool) = match open(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut exit = Exit::Ok;
+    for id in ids {
+        let state = match spool.find(id) {
+            Some(State::Active) => {
+                eprintln!("{id}: being delivered right now; try again in a moment");
+                exit = exit.max(Exit::Failed);
+                continue;
+            }
+            Some(s) => s,
+            None => {
+                eprintln!("{id}: not in the spool");
+                exit = exit.max(Exit::DataErr);
+                continue;
+            }
+        };
+        match spool.remove_blocking(id, state) {
+            Ok(()) => println!("{id}: dropped from {state}"),
+            Err(e) => {
+                eprintln!("{id}: {e}");
+                exit = exit.max(Exit::TempFail);
+            }
+        }
+    }
+    exit
+}
+
+fn targets(spool: &Spool, ids: &[String], all_dead: bool) -> Result<Vec<String>, Exit> {
+    if all_dead {
+        spool.list(State::Dead).map_err(|e| {
+            eprintln!("{e}");
+            Exit::TempFail
+        })
+    } else if ids.is_empty() {
+        eprintln!("name message ids, or --all-dead / --dead");
+        Err(Exit::Usage)
+    } else {
+        Ok(ids.to_vec())
+    }
+}
+
+/// `replay`: judge stored messages again with the current rules, and queue them accordingly:
+/// the new decision replaces the old one (every destination of it is pending again).
+pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
+    let (config, spool) = match open(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let rules = match rules(&config) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let ids = match targets(&spool, ids, dead) {
+        Ok(ids) => ids,
+        Err(code) => return code,
+    };
+    let mut exit = Exit::Ok;
+    for id in ids {
+        let (state, mut meta) = match find(&spool, &id) {
+            Ok(x) => x,
+            Err(code) => {
+                exit = exit.max(code);
+                continue;
+            }
+        };
+        if state == State::Active {
+            eprintln!("{id}: being delivered right now; try again in a moment");
+            exit = exit.max(Exit::Failed);
+            continue;
+        }
+        let raw = match spool.read_raw(&id) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{id}: {e}");
+                exit = exit.max(Exit::DataErr);
+                continue;
+            }
+        };
+        let outcome = rules.evaluate(&parse(&raw), &meta.envelope);
+        let rule = outcome.rule.clone().unwrap_or_else(|| "(no rule)".into());
+        meta.next_attempt = None;
+        meta.last_error = None;
+        let (to, line) = match outcome.action {
+            Action::Deliver { to } => {
+                let line = format!("{id}: rule {rule} → {}", to.join(", "));
+                meta.dead_reason = None;
+                meta.decision = Some(Decision {
+                    rule: outcome.rule,
+                    decided_at: format_time(SystemTime::now()),
+                    payload: outcome.payload,
+                    destinations: to
+                        .into_iter()
+                        .map(|d| {
+                            (
+                                d,
+                                DestStatus {
+                                    state: DestState::Pending,
+                                    attempts: 0,
+                                    next_attempt: None,
+                                    last_error: None,
+                                },
+                            )
+                        })
+                        .collect(),
+                });
+                (Some(State::Deferred), line)
+            }
+            Action::Dead { reason } => {
+                let line = format!("{id}: still a dead letter: {reason}");
+                meta.decision = None;
+                meta.dead_reason = Some(reason);
+                (Some(State::Dead), line)
+            }
+            Action::Drop => (None, format!("{id}: rule {rule} drops it; removed")),
+        };
+        let result = match to {
+            Some(to) => spool.transition_blocking(&id, state, to, Some(&meta)),
+            None => spool.remove_blocking(&id, state),
+        };
+        match result {
+            Ok(()) => println!("{line}"),
+            Err(e) => {
+                eprintln!("{id}: {e}");
+                exit = exit.max(Exit::TempFail);
+            }
+        }
+    }
+    exit
+}

@@ -1,0 +1,178 @@
+//! The `kustomer-email-hook` destination: Kustomer email hooks read only JSON-LD from a
+//! `<script type="application/ld+json" data-kustomer-key="KEY">` tag in the HTML body, so the
+//! payload is sent as such an email, through the configured relay, with `lettre`.
+//!
+//! `smtp://host[:port]` (default port 25) uses STARTTLS when the relay offers it;
+//! `smtps://host[:port]` (default 465) is TLS from the first byte. `username`/`password`
+//! authenticate; `ca_file` adds a trusted CA. The Message-ID is derived from the spool id, so
+//! every retry of a message is recognisably the same mail.
+
+use super::Attempt;
+use crate::config::DestinationConfig;
+use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, Message};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct EmailHook {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    to: Mailbox,
+    key: String,
+}
+
+/// `(implicit TLS, host, port)` of a relay URL.
+pub fn parse_relay(relay: &str) -> Result<(bool, String, u16), String> {
+    let (implicit, rest) = if let Some(r) = relay.strip_prefix("smtps://") {
+        (true, r)
+    } else if let Some(r) = relay.strip_prefix("smtp://") {
+        (false, r)
+    } else {
+        return Err(format!("relay {relay:?} must start with smtp:// or smtps://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if implicit { 465 } else { 25 };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("relay {relay:?}: bad port {p:?}"))?,
+        ),
+        _ => (rest, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') || host.contains('@') {
+        return Err(format!("relay {relay:?}: expected smtp://host:port"));
+    }
+    Ok((implicit, host.to_string(), port))
+}
+
+impl EmailHook {
+    pub fn new(d: &DestinationConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<EmailHook, String> {
+        let relay = d.relay.as_deref().ok_or("relay is missing")?;
+        let (implicit, host, port) = parse_relay(relay)?;
+        let mut tls = TlsParameters::builder(host.clone());
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            let cert = Certificate::from_pem(&pem).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            tls = tls.add_root_certificate(cert);
+        }
+        let tls = tls.build_rustls().map_err(|e| format!("TLS setup for {host}: {e}"))?;
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+            .port(port)
+            .timeout(Some(timeout))
+            .tls(if implicit {
+                Tls::Wrapper(tls)
+            } else {
+                Tls::Opportunistic(tls)
+            });
+        if let (Some(user), Some(pass)) = (&d.username, &d.password) {
+            builder = builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
+        }
+        let from: Mailbox = d
+            .from
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("from: {e}"))?;
+        let to: Mailbox = d
+            .address
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("address: {e}"))?;
+        let key = d.key.as_ref().ok_or("key is missing")?.expose().to_string();
+        Ok(EmailHook {
+            transport: builder.build(),
+            from,
+            to,
+            key,
+        })
+    }
+
+    pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
+        let json = String::from_utf8_lossy(body);
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(self.to.clone())
+            .subject(format!("mailhook event {id}"))
+            .message_id(Some(format!("<{id}@mailhook>")))
+            .header(ContentType::TEXT_HTML)
+            .body(html_body(&self.key, &json));
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                return Attempt::Fail {
+                    reason: format!("cannot build the email: {e}"),
+                };
+            }
+        };
+        match self.transport.send(message).await {
+            Ok(_) => Attempt::Done,
+            Err(e) if e.is_permanent() => Attempt::Fail {
+                reason: format!("relay refused: {e}"),
+            },
+            Err(e) => Attempt::Retry {
+                after: None,
+                reason: format!("relay: {e}"),
+            },
+        }
+    }
+}
+
+/// The HTML body: the JSON inside a JSON-LD script tag. `</` is written `<\/` (the same JSON
+/// string) so the payload can never close the tag; the key is attribute-escaped.
+pub fn html_body(key: &str, json: &str) -> String {
+    let key = key.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    let json = json.replace("</", "<\\/");
+    format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n\
+         <script type=\"application/ld+json\" data-kustomer-key=\"{key}\">{json}</script>\n\
+         </body></html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls() {
+        assert_eq!(
+            parse_relay("smtp://smtp.example.com:587").unwrap(),
+            (false, "smtp.example.com".into(), 587)
+        );
+        assert_eq!(
+            parse_relay("smtps://smtp.example.com").unwrap(),
+            (true, "smtp.example.com".into(), 465)
+        );
+        assert_eq!(
+            parse_relay("smtp://127.0.0.1:2525/").unwrap(),
+            (false, "127.0.0.1".into(), 2525)
+        );
+        assert_eq!(parse_relay("smtp://[::1]:25").unwrap(), (false, "::1".into(), 25));
+        assert!(parse_relay("http://x").is_err());
+        assert!(parse_relay("smtp://host:port").is_err());
+        assert!(parse_relay("smtp://user@host").is_err());
+    }
+
+    #[test]
+    fn payload_cannot_escape_the_script_tag() {
+        let json = r#"{"text":"</script><script>alert(1)</script>"}"#;
+        let html = html_body("k\"ey", json);
+        assert_eq!(html.matches("</script>").count(), 1, "{html}");
+        assert!(html.contains("data-kustomer-key=\"k&quot;ey\""));
+        let inner = html
+            .split_once("data-kustomer-key=\"k&quot;ey\">")
+            .unwrap()
+            .1
+            .split_once("</script>")
+            .unwrap()
+            .0;
+        let back: serde_json::Value = serde_json::from_str(inner).unwrap();
+        assert_eq!(back["text"], "</script><script>alert(1)</script>");
+    }
+}

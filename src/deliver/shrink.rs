@@ -1,0 +1,108 @@
+//! Payload shrinking: a payload over `max_body` is made to fit (drop `html`, then cut `text`,
+//! say so with `"truncated": true`) rather than sent to fail with 413. Pure.
+
+use serde_json::{Map, Value as Json};
+
+/// Serialises `payload` to at most `max_body` bytes, shrinking it if needed.
+/// Fails when it cannot fit even without `html` and with an empty `text`.
+pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, String> {
+    let body = serde_json::to_vec(payload).expect("JSON serialises");
+    if body.len() <= max_body {
+        return Ok(body);
+    }
+    let original = body.len();
+    let mut p = payload.clone();
+    p.insert("truncated".into(), Json::Bool(true));
+    p.shift_remove("html");
+    let body = serde_json::to_vec(&p).expect("JSON serialises");
+    if body.len() <= max_body {
+        return Ok(body);
+    }
+    let text = match p.get("text") {
+        Some(Json::String(t)) => t.clone(),
+        _ => return Err(too_large(original, max_body)),
+    };
+    p.insert("text".into(), Json::String(String::new()));
+    let without_text = serde_json::to_vec(&p).expect("JSON serialises").len();
+    if without_text > max_body {
+        return Err(too_large(original, max_body));
+    }
+    // Keep the longest prefix of `text` (on a char boundary) whose escaped form fits: the
+    // escaped length grows with the prefix, so a binary search finds it.
+    let budget = max_body - without_text;
+    let escaped_len = |n: usize| serde_json::to_string(&text[..n]).expect("JSON serialises").len() - 2;
+    let (mut lo, mut hi) = (0usize, text.len());
+    while lo < hi {
+        let mut mid = lo + (hi - lo).div_ceil(2);
+        while !text.is_char_boundary(mid) {
+            mid -= 1;
+        }
+        if mid <= lo {
+            // No char boundary strictly between lo and hi: lo is the answer.
+            break;
+        }
+        if escaped_len(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let keep = lo;
+    p.insert("text".into(), Json::String(text[..keep].to_string()));
+    let body = serde_json::to_vec(&p).expect("JSON serialises");
+    debug_assert!(body.len() <= max_body);
+    Ok(body)
+}
+
+fn too_large(size: usize, max: usize) -> String {
+    format!(
+        "payload of {size} bytes cannot be shrunk under max_body ({max} bytes): fields other than html and text are too large"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Json) -> Map<String, Json> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn small_payload_is_sent_as_is() {
+        let p = obj(json!({"id": "1", "text": "hello", "html": "<p>hello</p>"}));
+        assert_eq!(encode(&p, 1000).unwrap(), serde_json::to_vec(&p).unwrap());
+    }
+
+    #[test]
+    fn html_goes_first() {
+        let p = obj(json!({"id": "1", "text": "hello", "html": "x".repeat(5000)}));
+        let out: Json = serde_json::from_slice(&encode(&p, 1000).unwrap()).unwrap();
+        assert_eq!(out, json!({"id": "1", "text": "hello", "truncated": true}));
+    }
+
+    #[test]
+    fn then_text_is_cut_to_fit_exactly() {
+        let text = "äöü \"quoted\" \n".repeat(2000);
+        let p = obj(json!({"id": "1", "subject": "s", "text": text, "html": "<p>x</p>"}));
+        for max in [200usize, 1000, 4096, 400_000] {
+            let body = encode(&p, max).unwrap();
+            assert!(body.len() <= max, "{} > {max}", body.len());
+            let out: Json = serde_json::from_slice(&body).unwrap();
+            if serde_json::to_vec(&p).unwrap().len() > max {
+                assert_eq!(out["truncated"], true);
+                let kept = out["text"].as_str().unwrap();
+                assert!(text.starts_with(kept));
+                // Close to the limit: within one escaped character of it.
+                assert!(max - body.len() <= 6, "{max} - {} too much slack", body.len());
+            }
+        }
+    }
+
+    #[test]
+    fn impossible_shrink_is_an_error() {
+        let p = obj(json!({"id": "1", "fields": {"blob": "x".repeat(5000)}, "text": "t"}));
+        assert!(encode(&p, 1000).unwrap_err().contains("cannot be shrunk"));
+    }
+}

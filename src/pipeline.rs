@@ -1,0 +1,481 @@
+//! pipeline: the delivery workers of `mailhook serve`.
+//!
+//! ```text
+//! spool incoming/ ─claim─► active/ ─► parse ─► rules ─► decision (stored) ─► deliver each destination
+//!        deferred/ (due) ─┘                                   │
+//!                         ◄── deferred/ (some destination to retry at next_attempt) ◄──┤
+//!                             dead/ (failed for good, or no rule, or a required field missing)
+//!                             removed (every destination took it, or a rule dropped it)
+//! ```
+//!
+//! The rules' decision is made once, on the first claim, and stored in the message's metadata
+//! before anything is sent; every later round reads it back and tries only the destinations
+//! still pending, each with its own attempts, backoff and last error. A destination has a
+//! token bucket (`rate`), a concurrency cap, and is paused as a whole when a receiver asks for
+//! a delay (429 with `Retry-After`).
+
+use crate::config::{BackoffConfig, Config};
+use crate::deliver::throttle::{Bucket, backoff};
+use crate::deliver::{Attempt, BuildError, Destination, shrink};
+use crate::model::Action;
+use crate::parse::parse;
+use crate::rules::RuleSet;
+use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+/// How often the spool directories are re-read for messages put there by other processes
+/// (`mailhook ingest`, `queue retry`, `replay`).
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Messages being worked on at once (bounds memory).
+const MAX_IN_FLIGHT: usize = 256;
+
+/// How long shutdown waits for rounds in flight.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// A destination with its pacing and limits.
+pub struct Target {
+    pub name: String,
+    destination: Destination,
+    bucket: Bucket,
+    permits: Semaphore,
+    timeout: Duration,
+    retry_for: Duration,
+    backoff: BackoffConfig,
+    max_body: usize,
+}
+
+/// Shared, swappable rules: a message is always judged by one consistent set.
+pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
+
+pub struct Pipeline {
+    spool: Spool,
+    rules: SharedRules,
+    targets: HashMap<String, Arc<Target>>,
+    wake: Arc<Notify>,
+}
+
+/// How a round left a message.
+#[derive(Debug)]
+enum Finished {
+    Removed,
+    Deferred(SystemTime),
+    Dead,
+    /// Gone or not ours (dropped by an operator meanwhile), or a spool error (logged).
+    Released,
+}
+
+impl Pipeline {
+    pub fn new(config: &Config, spool: Spool, rules: SharedRules) -> Result<Pipeline, BuildError> {
+        let mut targets = HashMap::new();
+        for (name, d) in &config.destination {
+            let destination = Destination::build(name, d, config)?;
+            let delivery = &config.delivery;
+            targets.insert(
+                name.clone(),
+                Arc::new(Target {
+                    name: name.clone(),
+                    destination,
+                    bucket: Bucket::new(d.rate.unwrap_or(delivery.rate)),
+                    permits: Semaphore::new(d.concurrency.unwrap_or(delivery.concurrency)),
+                    timeout: d.timeout.unwrap_or(delivery.timeout),
+                    retry_for: d.retry_for.unwrap_or(delivery.retry_for),
+                    backoff: d.backoff.unwrap_or(delivery.backoff),
+                    max_body: d.max_body.unwrap_or(delivery.max_body).as_u64() as usize,
+                }),
+            );
+        }
+        Ok(Pipeline {
+            spool,
+            rules,
+            targets,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Notified after a listener commits a message, so it is picked up at once.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Works the spool until `shutdown` turns true, then lets rounds in flight finish (up to
+    /// [`SHUTDOWN_GRACE`]); what is still unfinished stays in `active/` for the next start.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tasks: JoinSet<(String, Finished)> = JoinSet::new();
+        let mut in_flight: HashSet<String> = HashSet::new();
+        // Deferred messages by due time, and what we know of each.
+        let mut schedule: BTreeSet<(SystemTime, String)> = BTreeSet::new();
+        let mut due_of: HashMap<String, SystemTime> = HashMap::new();
+        let mut last_scan: Option<tokio::time::Instant> = None;
+        let mut woken = true;
+
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let scan = woken || last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
+            if scan {
+                last_scan = Some(tokio::time::Instant::now());
+                self.scan_incoming(&mut tasks, &mut in_flight);
+                self.scan_deferred(&mut schedule, &mut due_of, &in_flight);
+            }
+            woken = false;
+            let now = SystemTime::now();
+            while in_flight.len() < MAX_IN_FLIGHT {
+                let Some((due, id)) = schedule.first().cloned() else {
+                    break;
+                };
+                if due > now {
+                    break;
+                }
+                schedule.remove(&(due, id.clone()));
+                due_of.remove(&id);
+                self.start(&mut tasks, &mut in_flight, id, State::Deferred);
+            }
+
+            let next_due = schedule
+                .first()
+                .map(|(due, _)| due.duration_since(now).unwrap_or_default());
+            let wait = next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL);
+            tokio::select! {
+                _ = self.wake.notified() => woken = true,
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok((id, finished)) = done {
+                        in_flight.remove(&id);
+                        if let Finished::Deferred(due) = finished {
+                            schedule.insert((due, id.clone()));
+                            due_of.insert(id, due);
+                        }
+                    }
+                    woken = in_flight.len() + 1 >= MAX_IN_FLIGHT; // room again: look for more
+                }
+            }
+        }
+
+        info!(
+            in_flight = tasks.len(),
+            "stopping delivery; letting rounds in flight finish"
+        );
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            warn!(
+                left = tasks.len(),
+                "grace period over; unfinished messages stay in active/ for the next start"
+            );
+            tasks.abort_all();
+        }
+    }
+
+    fn scan_incoming(&self, tasks: &mut JoinSet<(String, Finished)>, in_flight: &mut HashSet<String>) {
+        let ids = match self.spool.list(State::Incoming) {
+            Ok(ids) => ids,
+            Err(e) => {
+                error!(error = %e, "cannot read the spool's incoming/");
+                return;
+            }
+        };
+        for id in ids {
+            if in_flight.len() >= MAX_IN_FLIGHT {
+                break;
+            }
+            if !in_flight.contains(&id) {
+                self.start(tasks, in_flight, id, State::Incoming);
+            }
+        }
+    }
+
+    fn scan_deferred(
+        &self,
+        schedule: &mut BTreeSet<(SystemTime, String)>,
+        due_of: &mut HashMap<String, SystemTime>,
+        in_flight: &HashSet<String>,
+    ) {
+        let ids = match self.spool.list(State::Deferred) {
+            Ok(ids) => ids,
+            Err(e) => {
+                error!(error = %e, "cannot read the spool's deferred/");
+                return;
+            }
+        };
+        let present: HashSet<&String> = ids.iter().collect();
+        // Forget what left deferred/ behind our back (queue drop, replay, retry).
+        let gone: Vec<String> = due_of.keys().filter(|id| !present.contains(id)).cloned().collect();
+        for id in gone {
+            if let Some(due) = due_of.remove(&id) {
+                schedule.remove(&(due, id));
+            }
+        }
+        for id in ids {
+            if due_of.contains_key(&id) || in_flight.contains(&id) {
+                continue;
+            }
+            match self.spool.read_meta(State::Deferred, &id) {
+                Ok(meta) => {
+                    let due = meta.due();
+                    schedule.insert((due, id.clone()));
+                    due_of.insert(id, due);
+                }
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => warn!(id = %id, error = %e, "cannot read deferred message; it stays where it is"),
+            }
+        }
+    }
+
+    fn start(&self, tasks: &mut JoinSet<(String, Finished)>, in_flight: &mut HashSet<String>, id: String, from: State) {
+        in_flight.insert(id.clone());
+        let spool = self.spool.clone();
+        let rules = self.rules.read().expect("rules lock").clone();
+        let targets = self.targets.clone();
+        tasks.spawn(async move {
+            let finished = process(&spool, &rules, &targets, &id, from).await;
+            (id, finished)
+        });
+    }
+}
+
+async fn process(
+    spool: &Spool,
+    rules: &Arc<RuleSet>,
+    targets: &HashMap<String, Arc<Target>>,
+    id: &str,
+    from: State,
+) -> Finished {
+    match spool.transition(id, from, State::Active, None).await {
+        Ok(()) => {}
+        Err(SpoolError::NotFound(_)) => return Finished::Released,
+        Err(e) => {
+            error!(id, error = %e, "cannot claim message");
+            return Finished::Released;
+        }
+    }
+    match round(spool, rules, targets, id).await {
+        Ok(f) => f,
+        Err(SpoolError::NotFound(_)) => Finished::Released,
+        Err(e) => {
+            error!(id, error = %e, "spool error; the message stays in active/ until the next start");
+            Finished::Released
+        }
+    }
+}
+
+/// One round: judge if not yet judged, try every due destination, file the message.
+async fn round(
+    spool: &Spool,
+    rules: &Arc<RuleSet>,
+    targets: &HashMap<String, Arc<Target>>,
+    id: &str,
+) -> Result<Finished, SpoolError> {
+    let mut meta = read_meta(spool, id).await?;
+
+    if meta.decision.is_none() {
+        let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
+        let envelope = meta.envelope.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            raw_spool
+                .read_raw(&raw_id)
+                .map(|raw| rules.evaluate(&parse(&raw), &envelope))
+        })
+        .await
+        .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
+        let rule = outcome.rule.clone();
+        match outcome.action {
+            Action::Drop => {
+                info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
+                spool.remove(id, State::Active).await?;
+                return Ok(Finished::Removed);
+            }
+            Action::Dead { reason } => {
+                warn!(id, rule = rule.as_deref().unwrap_or("-"), reason = %reason, "dead letter");
+                meta.dead_reason = Some(reason);
+                spool.transition(id, State::Active, State::Dead, Some(&meta)).await?;
+                return Ok(Finished::Dead);
+            }
+            Action::Deliver { to } => {
+                info!(id, rule = rule.as_deref().unwrap_or("-"), to = %to.join(","), "matched");
+                let destinations = to
+                    .into_iter()
+                    .map(|d| {
+                        (
+                            d,
+                            DestStatus {
+                                state: DestState::Pending,
+                                attempts: 0,
+                                next_attempt: None,
+                                last_error: None,
+                            },
+                        )
+                    })
+                    .collect();
+                meta.decision = Some(Decision {
+                    rule,
+                    decided_at: format_time(SystemTime::now()),
+                    payload: outcome.payload,
+                    destinations,
+                });
+                // The decision is durable before anything is sent.
+                spool.put(State::Active, &meta).await?;
+            }
+        }
+    }
+
+    let decision = meta.decision.as_ref().expect("decided above");
+    let mut payload = decision.payload.clone();
+    if !payload.contains_key("id") {
+        payload.insert("id".into(), Json::String(id.to_string()));
+    }
+    let now = SystemTime::now();
+    let due: Vec<String> = decision
+        .destinations
+        .iter()
+        .filter(|(_, s)| s.state == DestState::Pending)
+        .filter(|(_, s)| s.next_attempt.as_deref().and_then(parse_time).is_none_or(|t| t <= now))
+        .map(|(name, _)| name.clone())
+        .collect();
+
+    let age = meta.age(now);
+    let attempts = due.iter().map(|name| {
+        let target = targets.get(name).cloned();
+        let payload = &payload;
+        let name = name.clone();
+        async move {
+            let attempt = match target {
+                None => Attempt::Fail {
+                    reason: format!("destination {name:?} is no longer configured"),
+                },
+                Some(t) => send(&t, id, payload).await,
+            };
+            (name, attempt)
+        }
+    });
+    let results: Vec<(String, Attempt)> = futures_util::future::join_all(attempts).await;
+
+    let decision = meta.decision.as_mut().expect("decided above");
+    let mut errors = Vec::new();
+    for (name, attempt) in results {
+        let status = decision
+            .destinations
+            .get_mut(&name)
+            .expect("due destinations come from the decision");
+        status.attempts += 1;
+        match attempt {
+            Attempt::Done => {
+                info!(id, destination = %name, attempts = status.attempts, "delivered");
+                status.state = DestState::Done;
+                status.last_error = None;
+                status.next_attempt = None;
+            }
+            Attempt::Fail { reason } => {
+                warn!(id, destination = %name, reason = %reason, "delivery failed for good");
+                status.state = DestState::Dead;
+                status.last_error = Some(reason.clone());
+                status.next_attempt = None;
+                errors.push(format!("{name}: {reason}"));
+            }
+            Attempt::Retry { after, reason } => {
+                let target = targets.get(&name).expect("retry comes from a configured target");
+                let delay = after.unwrap_or_else(|| backoff(&target.backoff, status.attempts));
+                if age + delay > target.retry_for {
+                    let why = format!(
+                        "gave up after {}: {reason}",
+                        humantime::format_duration(target.retry_for)
+                    );
+                    warn!(id, destination = %name, reason = %why, "delivery failed for good");
+                    status.state = DestState::Dead;
+                    status.last_error = Some(why.clone());
+                    status.next_attempt = None;
+                    errors.push(format!("{name}: {why}"));
+                } else {
+                    info!(id, destination = %name, attempt = status.attempts, retry_in = %humantime::format_duration(round_secs(delay)), reason = %reason, "deferred");
+                    status.last_error = Some(reason.clone());
+                    status.next_attempt = Some(format_time(now + delay));
+                    errors.push(format!("{name}: {reason}"));
+                }
+            }
+        }
+    }
+    meta.attempts += 1;
+    if !errors.is_empty() {
+        meta.last_error = Some(errors.join("; "));
+    }
+
+    let statuses: Vec<&DestStatus> = decision.destinations.values().collect();
+    if statuses.iter().all(|s| s.state == DestState::Done) {
+        spool.remove(id, State::Active).await?;
+        return Ok(Finished::Removed);
+    }
+    let next = statuses
+        .iter()
+        .filter(|s| s.state == DestState::Pending)
+        .map(|s| s.next_attempt.as_deref().and_then(parse_time).unwrap_or(now))
+        .min();
+    if let Some(next) = next {
+        meta.next_attempt = Some(format_time(next));
+        spool
+            .transition(id, State::Active, State::Deferred, Some(&meta))
+            .await?;
+        return Ok(Finished::Deferred(next));
+    }
+    let dead: BTreeMap<&String, &DestStatus> = decision
+        .destinations
+        .iter()
+        .filter(|(_, s)| s.state == DestState::Dead)
+        .collect();
+    meta.dead_reason = Some(
+        dead.iter()
+            .map(|(n, s)| format!("{n}: {}", s.last_error.as_deref().unwrap_or("failed")))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    meta.next_attempt = None;
+    spool.transition(id, State::Active, State::Dead, Some(&meta)).await?;
+    Ok(Finished::Dead)
+}
+
+async fn read_meta(spool: &Spool, id: &str) -> Result<Meta, SpoolError> {
+    let (spool, id) = (spool.clone(), id.to_string());
+    tokio::task::spawn_blocking(move || spool.read_meta(State::Active, &id))
+        .await
+        .map_err(|e| SpoolError::io("read", std::io::Error::other(e.to_string())))?
+}
+
+/// One attempt to one destination: shrink, wait for a permit and a token, send.
+async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>) -> Attempt {
+    let body = match shrink::encode(payload, target.max_body) {
+        Ok(b) => b,
+        Err(reason) => return Attempt::Fail { reason },
+    };
+    let Ok(_permit) = target.permits.acquire().await else {
+        return Attempt::Retry {
+            after: None,
+            reason: "shutting down".into(),
+        };
+    };
+    target.bucket.acquire().await;
+    debug!(id, destination = %target.name, bytes = body.len(), "sending");
+    // The destination's own timeout applies; this one only guards against a hang past it.
+    let guard = target.timeout + Duration::from_secs(30);
+    let attempt = match tokio::time::timeout(guard, target.destination.send(id, &body)).await {
+        Ok(a) => a,
+        Err(_) => Attempt::Retry {
+            after: None,
+            reason: format!("no answer within {}", humantime::format_duration(guard)),
+        },
+    };
+    if let Attempt::Retry { after: Some(after), .. } = &attempt {
+        // The receiver asked everyone to slow down: pause the whole destination.
+        target.bucket.pause(*after);
+    }
+    attempt
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs().max(1))
+}

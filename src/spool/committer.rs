@@ -1,0 +1,237 @@
+//! The spool's single writer thread: group commit of every mutation (invariant 4).
+
+use super::SpoolError;
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// Most requests applied in one batch.
+const MAX_BATCH: usize = 512;
+
+/// One mutation of the spool.
+pub(super) enum Op {
+    /// A new message: `draft` (already written) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
+    Commit {
+        draft: PathBuf,
+        raw: PathBuf,
+        meta_tmp: PathBuf,
+        meta_dest: PathBuf,
+        meta: Vec<u8>,
+    },
+    /// Replace a metadata file.
+    Put { tmp: PathBuf, dest: PathBuf, meta: Vec<u8> },
+    /// Rename a metadata file to another state, after writing new content in place if given.
+    Move {
+        write: Option<(PathBuf, Vec<u8>)>,
+        from: PathBuf,
+        to: PathBuf,
+    },
+    /// Delete a message.
+    Remove { meta: PathBuf, raw: PathBuf },
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+pub(super) struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    pub(super) fn start(dir: PathBuf, fsync: bool) -> io::Result<Committer> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let root = File::open(&dir)?;
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || run(rx, root, fsync))?;
+        Ok(Committer { tx })
+    }
+
+    fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { op, reply }).map_err(|_| SpoolError::Stopped)?;
+        Ok(rx)
+    }
+
+    pub(super) async fn submit(&self, op: Op) -> Result<(), SpoolError> {
+        self.send(op)?.await.map_err(|_| SpoolError::Stopped)?
+    }
+
+    pub(super) fn submit_blocking(&self, op: Op) -> Result<(), SpoolError> {
+        self.send(op)?.blocking_recv().map_err(|_| SpoolError::Stopped)?
+    }
+}
+
+fn run(rx: mpsc::Receiver<Job>, root: File, fsync: bool) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        apply(batch, &root, fsync);
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)
+}
+
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent(p: &Path) -> PathBuf {
+    p.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
+    let mut results: Vec<Result<(), SpoolError>> = Vec::with_capacity(batch.len());
+
+    // Phase 1: file contents.
+    for job in &batch {
+        let r = match &job.op {
+            Op::Commit { meta_tmp, meta, .. } => write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)),
+            Op::Put { tmp, meta, .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
+            Op::Move {
+                write: Some((tmp, meta)),
+                ..
+            } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
+            Op::Move { write: None, .. } | Op::Remove { .. } => Ok(()),
+        };
+        results.push(r);
+    }
+
+    // One flush for every file of the batch (drafts written by their producers included).
+    if fsync && let Err(e) = rustix::fs::syncfs(root) {
+        let e: io::Error = e.into();
+        for (job, r) in batch.iter().zip(results.iter_mut()) {
+            if r.is_ok() {
+                *r = Err(SpoolError::io("syncfs", io::Error::new(e.kind(), e.to_string())));
+            }
+            cleanup_tmp(&job.op);
+        }
+        finish(batch, results);
+        return;
+    }
+
+    // Phase 2: names. Each op's renames are ordered so that a crash never leaves metadata
+    // without its raw message (invariant 2).
+    let mut dirs = BTreeSet::new();
+    for (job, r) in batch.iter().zip(results.iter_mut()) {
+        if r.is_err() {
+            cleanup_tmp(&job.op);
+            continue;
+        }
+        *r = match &job.op {
+            Op::Commit {
+                draft,
+                raw,
+                meta_tmp,
+                meta_dest,
+                ..
+            } => fs::rename(draft, raw)
+                .map_err(|e| SpoolError::io(draft, e))
+                .and_then(|()| fs::rename(meta_tmp, meta_dest).map_err(|e| SpoolError::io(meta_dest, e)))
+                .map(|()| {
+                    dirs.insert(parent(raw));
+                    dirs.insert(parent(meta_dest));
+                }),
+            Op::Put { tmp, dest, .. } => {
+                if dest.exists() {
+                    fs::rename(tmp, dest).map_err(|e| SpoolError::io(dest, e)).map(|()| {
+                        dirs.insert(parent(dest));
+                    })
+                } else {
+                    let _ = fs::remove_file(tmp);
+                    Err(SpoolError::NotFound(file_id(dest)))
+                }
+            }
+            Op::Move { write, from, to } => {
+                let written = match write {
+                    Some((tmp, _)) if from.exists() => fs::rename(tmp, from).map_err(|e| SpoolError::io(from, e)),
+                    Some((tmp, _)) => {
+                        let _ = fs::remove_file(tmp);
+                        Err(SpoolError::NotFound(file_id(from)))
+                    }
+                    None => Ok(()),
+                };
+                written
+                    .and_then(|()| {
+                        fs::rename(from, to).map_err(|e| match e.kind() {
+                            io::ErrorKind::NotFound => SpoolError::NotFound(file_id(from)),
+                            _ => SpoolError::io(to, e),
+                        })
+                    })
+                    .map(|()| {
+                        dirs.insert(parent(from));
+                        dirs.insert(parent(to));
+                    })
+            }
+            Op::Remove { meta, raw } => match fs::remove_file(meta) {
+                Ok(()) => {
+                    dirs.insert(parent(meta));
+                    match fs::remove_file(raw) {
+                        Ok(()) => {
+                            dirs.insert(parent(raw));
+                            Ok(())
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(SpoolError::io(raw, e)),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SpoolError::NotFound(file_id(meta))),
+                Err(e) => Err(SpoolError::io(meta, e)),
+            },
+        };
+    }
+
+    if fsync {
+        for dir in &dirs {
+            if let Err(e) = sync_dir(dir) {
+                for r in results.iter_mut() {
+                    if r.is_ok() {
+                        *r = Err(SpoolError::io(dir, io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    finish(batch, results);
+}
+
+fn cleanup_tmp(op: &Op) {
+    match op {
+        Op::Commit { meta_tmp, .. } => {
+            let _ = fs::remove_file(meta_tmp);
+        }
+        Op::Put { tmp, .. }
+        | Op::Move {
+            write: Some((tmp, _)), ..
+        } => {
+            let _ = fs::remove_file(tmp);
+        }
+        _ => {}
+    }
+}
+
+fn file_id(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn finish(batch: Vec<Job>, results: Vec<Result<(), SpoolError>>) {
+    for (job, r) in batch.into_iter().zip(results) {
+        let _ = job.reply.send(r);
+    }
+}

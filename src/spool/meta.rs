@@ -1,0 +1,104 @@
+//! `ID.json`: what the spool knows about a message besides its bytes.
+
+use crate::model::Envelope;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+/// Current metadata format.
+pub const META_VERSION: u32 = 1;
+
+/// The metadata of one spooled message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub version: u32,
+    pub id: String,
+    pub envelope: Envelope,
+    /// Size of the raw message in bytes.
+    pub size: u64,
+    /// Delivery attempts made so far (each try of any destination counts once per round).
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the next round of delivery is due (RFC 3339); `None`: as soon as possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    /// The rules' decision, made once and kept for every retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Why the message is a dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<String>,
+}
+
+/// What the rules decided: the rule, the payload, and where it goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub rule: Option<String>,
+    pub decided_at: String,
+    pub payload: Map<String, Json>,
+    /// Each destination with its own delivery state.
+    pub destinations: BTreeMap<String, DestStatus>,
+}
+
+/// The state of one destination of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestStatus {
+    pub state: DestState,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestState {
+    Pending,
+    Done,
+    Dead,
+}
+
+impl Meta {
+    pub fn new(envelope: Envelope, size: u64) -> Meta {
+        Meta {
+            version: META_VERSION,
+            id: envelope.id.clone(),
+            envelope,
+            size,
+            attempts: 0,
+            next_attempt: None,
+            decision: None,
+            last_error: None,
+            dead_reason: None,
+        }
+    }
+
+    /// When the message is due; `UNIX_EPOCH` (always due) when unset or unreadable.
+    pub fn due(&self) -> SystemTime {
+        self.next_attempt
+            .as_deref()
+            .and_then(parse_time)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// The age of the message, from its `received_at`.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        parse_time(&self.envelope.received_at)
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s).ok()
+}

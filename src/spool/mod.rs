@@ -1,0 +1,482 @@
+//! spool: the durable queue on disk, and the only owner of message state.
+//!
+//! ```text
+//! ingest ──► spool ──► pipeline (parse ─► rules ─► deliver) ──► spool (done / deferred / dead)
+//! ```
+//!
+//! # On-disk format
+//!
+//! ```text
+//! SPOOL/
+//!   lock              flock(2)ed by the one `mailhook serve` that works this spool
+//!   tmp/              files being written: drafts of raw messages, new metadata
+//!   msg/ID.eml        the raw message exactly as received; written once, never changed
+//!   incoming/ID.json  accepted, not yet judged by the rules
+//!   active/ID.json    claimed by the running server: being judged or delivered
+//!   deferred/ID.json  judged; some destination still to be tried at `next_attempt`
+//!   dead/ID.json      dead letter: kept with its reason for `queue retry` / `replay`
+//!   corrupt/          entries that could not be read; moved here, never deleted
+//! ```
+//!
+//! `ID` is a ULID (time-ordered). `ID.json` is the [`Meta`] of the message: envelope, size,
+//! attempts, next attempt, the rules' decision (rule, payload, and the status of each
+//! destination) and the last error. A delivered (or dropped) message is removed, raw and
+//! metadata both.
+//!
+//! # Invariants
+//!
+//! 1. **A message's state is the directory its `ID.json` is in**, and it is in exactly one of
+//!    them. A state change is one `rename(2)`.
+//! 2. **Nothing is acknowledged before it is durable.** Every write goes to `tmp/`, is flushed,
+//!    then renamed into place, and the directory is flushed; only then does the call return.
+//!    When a message is committed, `msg/ID.eml` is renamed into place *before*
+//!    `incoming/ID.json`, so a metadata file always has its raw message.
+//! 3. **The raw message is never rewritten**; replays and retries read it again.
+//! 4. **Group commit**: one thread applies every mutation. It takes all the requests waiting,
+//!    writes their files, flushes the file system once (`syncfs(2)`), does the renames, flushes
+//!    each directory touched once, then answers them all. Under load the cost of a flush is
+//!    shared by every message in the batch.
+//! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
+//!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); `active/` entries
+//!    go back in line (`incoming/`, or `deferred/` due now when already judged); metadata that
+//!    cannot be read, metadata without its raw message, and raw messages without metadata are
+//!    moved to `corrupt/`.
+
+mod committer;
+mod meta;
+
+use crate::model::Envelope;
+use committer::{Committer, Op};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
+
+/// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
+pub const TMP_GRACE: Duration = Duration::from_secs(600);
+
+/// Where a message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum State {
+    Incoming,
+    Active,
+    Deferred,
+    Dead,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Incoming, State::Active, State::Deferred, State::Dead];
+
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            State::Incoming => "incoming",
+            State::Active => "active",
+            State::Deferred => "deferred",
+            State::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dir_name())
+    }
+}
+
+/// Spool errors. Every one of them means "not durable": the caller must not acknowledge.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("spool {0}: is locked by another running mailhook serve")]
+    Locked(PathBuf),
+    #[error("message {0} is not in the spool")]
+    NotFound(String),
+    #[error("message {id}: unreadable metadata: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("spool writer has stopped")]
+    Stopped,
+}
+
+impl SpoolError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> SpoolError {
+        SpoolError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Options of [`Spool::open`].
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolOptions {
+    /// Flush to stable storage before acknowledging. Only benchmarks turn this off.
+    pub fsync: bool,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions { fsync: true }
+    }
+}
+
+/// A handle on a spool directory. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    committer: Committer,
+    seq: AtomicU64,
+}
+
+/// What [`Spool::recover`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub tmp_removed: usize,
+    pub requeued: usize,
+    pub corrupt: Vec<String>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `dir`. Fails if it is not a writable directory.
+    pub fn open(dir: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
+        for sub in ["tmp", "msg", "incoming", "active", "deferred", "dead", "corrupt"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(|e| SpoolError::io(&p, e))?;
+        }
+        // Prove the spool is writable now rather than at the first message.
+        let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
+        File::create(&probe)
+            .and_then(|_| fs::remove_file(&probe))
+            .map_err(|e| SpoolError::io(dir, e))?;
+        let committer = Committer::start(dir.to_path_buf(), options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                committer,
+                seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Takes the spool's exclusive lock, held until the returned value is dropped.
+    pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        let path = self.inner.dir.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| SpoolError::io(&path, e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(SpoolLock { _file: file }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(SpoolError::Locked(self.inner.dir.clone())),
+            Err(e) => Err(SpoolError::io(&path, e.into())),
+        }
+    }
+
+    fn path(&self, state: State, id: &str) -> PathBuf {
+        self.inner.dir.join(state.dir_name()).join(format!("{id}.json"))
+    }
+
+    /// Path of the raw message `id`.
+    pub fn raw_path(&self, id: &str) -> PathBuf {
+        self.inner.dir.join("msg").join(format!("{id}.eml"))
+    }
+
+    fn tmp_path(&self, id: &str, ext: &str) -> PathBuf {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .dir
+            .join("tmp")
+            .join(format!("{id}.{}.{seq}.{ext}", std::process::id()))
+    }
+
+    /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
+    pub fn draft(&self) -> Result<Draft, SpoolError> {
+        let id = ulid::Ulid::generate().to_string();
+        let path = self.tmp_path(&id, "eml");
+        let file = File::create(&path).map_err(|e| SpoolError::io(&path, e))?;
+        Ok(Draft {
+            spool: self.clone(),
+            id,
+            path,
+            file: Some(io::BufWriter::with_capacity(64 * 1024, file)),
+            size: 0,
+        })
+    }
+
+    /// Stores a whole message durably; returns its id. Blocking: not for async contexts.
+    pub fn store(&self, envelope: Envelope, raw: &[u8]) -> Result<String, SpoolError> {
+        let mut draft = self.draft()?;
+        draft.write_all(raw).map_err(|e| SpoolError::io(&draft.path, e))?;
+        draft.commit_blocking(envelope)
+    }
+
+    /// Ids in `state`, oldest first.
+    pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
+        let dir = self.inner.dir.join(state.dir_name());
+        let mut ids: Vec<String> = fs::read_dir(&dir)
+            .map_err(|e| SpoolError::io(&dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Which state `id` is in, if it is in the spool.
+    pub fn find(&self, id: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| self.path(*s, id).exists())
+    }
+
+    pub fn read_meta(&self, state: State, id: &str) -> Result<Meta, SpoolError> {
+        let path = self.path(state, id);
+        let bytes = fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::io(&path, e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Corrupt {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+        let path = self.raw_path(id);
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::io(&path, e),
+        })
+    }
+
+    fn encode(meta: &Meta) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(meta).expect("metadata serialises");
+        v.push(b'\n');
+        v
+    }
+
+    /// Replaces the metadata of `meta.id` in `state`, durably.
+    pub async fn put(&self, state: State, meta: &Meta) -> Result<(), SpoolError> {
+        let op = Op::Put {
+            tmp: self.tmp_path(&meta.id, "json"),
+            dest: self.path(state, &meta.id),
+            meta: Self::encode(meta),
+        };
+        self.inner.committer.submit(op).await
+    }
+
+    /// Moves `id` from one state to another, durably, with new metadata if given (written in
+    /// place first, then renamed: a crash in between leaves the new content in the old state).
+    pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        self.inner
+            .committer
+            .submit(self.transition_op(id, from, to, meta))
+            .await
+    }
+
+    /// [`transition`](Self::transition) for non-async callers.
+    pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        self.inner
+            .committer
+            .submit_blocking(self.transition_op(id, from, to, meta))
+    }
+
+    fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Op {
+        Op::Move {
+            write: meta.map(|m| (self.tmp_path(id, "json"), Self::encode(m))),
+            from: self.path(from, id),
+            to: self.path(to, id),
+        }
+    }
+
+    /// Deletes a message (delivered, dropped, or `queue drop`), durably.
+    pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        self.inner
+            .committer
+            .submit(Op::Remove {
+                meta: self.path(from, id),
+                raw: self.raw_path(id),
+            })
+            .await
+    }
+
+    /// [`remove`](Self::remove) for non-async callers.
+    pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        self.inner.committer.submit_blocking(Op::Remove {
+            meta: self.path(from, id),
+            raw: self.raw_path(id),
+        })
+    }
+
+    /// The recovery pass of invariant 5. Call with the lock held, before serving.
+    pub fn recover(&self) -> Result<Recovery, SpoolError> {
+        let mut report = Recovery::default();
+        let tmp = self.inner.dir.join("tmp");
+        let now = SystemTime::now();
+        for entry in fs::read_dir(&tmp).map_err(|e| SpoolError::io(&tmp, e))?.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= TMP_GRACE)
+                .unwrap_or(true);
+            if old && fs::remove_file(entry.path()).is_ok() {
+                report.tmp_removed += 1;
+            }
+        }
+
+        let mut known = std::collections::HashSet::new();
+        for state in State::ALL {
+            for id in self.list(state)? {
+                match self.read_meta(state, &id) {
+                    Ok(mut meta) if self.raw_path(&id).is_file() => {
+                        known.insert(id.clone());
+                        if state == State::Active {
+                            let to = if meta.decision.is_some() {
+                                meta.next_attempt = Some(format_time(now));
+                                State::Deferred
+                            } else {
+                                State::Incoming
+                            };
+                            self.transition_blocking(&id, State::Active, to, Some(&meta))?;
+                            report.requeued += 1;
+                        }
+                    }
+                    Ok(_) => {
+                        self.quarantine(&self.path(state, &id))?;
+                        report
+                            .corrupt
+                            .push(format!("{}/{id}.json: its raw message is missing", state.dir_name()));
+                    }
+                    Err(SpoolError::Corrupt { reason, .. }) => {
+                        self.quarantine(&self.path(state, &id))?;
+                        if self.raw_path(&id).is_file() {
+                            self.quarantine(&self.raw_path(&id))?;
+                        }
+                        report.corrupt.push(format!("{}/{id}.json: {reason}", state.dir_name()));
+                    }
+                    Err(SpoolError::NotFound(_)) => {} // removed meanwhile (queue drop)
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let msg = self.inner.dir.join("msg");
+        for entry in fs::read_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".eml") else { continue };
+            if !known.contains(id) && self.find(id).is_none() {
+                self.quarantine(&entry.path())?;
+                report.corrupt.push(format!("msg/{name}: no metadata"));
+            }
+        }
+        Ok(report)
+    }
+
+    fn quarantine(&self, path: &Path) -> Result<(), SpoolError> {
+        let name = path.file_name().unwrap_or_default();
+        let dest = self.inner.dir.join("corrupt").join(name);
+        fs::rename(path, &dest).map_err(|e| SpoolError::io(path, e))?;
+        committer::sync_dir(&self.inner.dir.join("corrupt")).map_err(|e| SpoolError::io(&dest, e))
+    }
+}
+
+/// Holds the spool's exclusive lock.
+pub struct SpoolLock {
+    _file: File,
+}
+
+/// A message being received: raw bytes stream into `tmp/`, then [`Draft::commit`] makes it
+/// durable and visible in `incoming/`. Dropping a draft without committing deletes it.
+pub struct Draft {
+    spool: Spool,
+    id: String,
+    path: PathBuf,
+    file: Option<io::BufWriter<File>>,
+    size: u64,
+}
+
+impl Draft {
+    /// The spool id this message will have.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn finish(&mut self, mut envelope: Envelope) -> Result<Op, SpoolError> {
+        let file = self.file.take().ok_or(SpoolError::Stopped)?;
+        file.into_inner()
+            .map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
+        envelope.id = self.id.clone();
+        let meta = Meta::new(envelope, self.size);
+        Ok(Op::Commit {
+            draft: self.path.clone(),
+            raw: self.spool.raw_path(&self.id),
+            meta_tmp: self.spool.tmp_path(&self.id, "json"),
+            meta_dest: self.spool.path(State::Incoming, &self.id),
+            meta: Spool::encode(&meta),
+        })
+    }
+
+    /// Makes the message durable in `incoming/`. Only after `Ok` may the sender be told.
+    pub async fn commit(mut self, envelope: Envelope) -> Result<String, SpoolError> {
+        let op = self.finish(envelope)?;
+        self.spool.inner.committer.submit(op).await?;
+        self.path = PathBuf::new(); // committed: nothing to clean up
+        Ok(std::mem::take(&mut self.id))
+    }
+
+    /// [`commit`](Self::commit) for non-async callers.
+    pub fn commit_blocking(mut self, envelope: Envelope) -> Result<String, SpoolError> {
+        let op = self.finish(envelope)?;
+        self.spool.inner.committer.submit_blocking(op)?;
+        self.path = PathBuf::new();
+        Ok(std::mem::take(&mut self.id))
+    }
+}
+
+impl Write for Draft {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("draft already committed"))?
+            .write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.file.take();
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
