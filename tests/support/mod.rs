@@ -11,6 +11,7 @@
 //! dropped. Each test starts its own servers, so tests can run in parallel.
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod hook;
 pub mod smtp;
 

@@ -1,0 +1,207 @@
+//! [`Gateway`]: a `mailhook` installation in a temporary directory — config, rules, spool —
+//! driven through the real binary: `ingest` to spool mail, `serve` as a child process that a
+//! test can stop with SIGTERM or kill with SIGKILL, `queue` and `replay` to act on the spool.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailhook");
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    serve: Option<Child>,
+    env: Vec<(String, String)>,
+    runs: usize,
+}
+
+impl Gateway {
+    /// A gateway whose `mailhook.toml` is `config` (spool `spool/`, rules `rules/` are added
+    /// unless the config sets them) and whose `rules/10-test.toml` is `rules`.
+    pub fn new(config: &str, rules: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::create_dir(dir.path().join("spool")).unwrap();
+        let mut text = String::new();
+        if !config.contains("[spool]") {
+            text.push_str("[spool]\ndir = \"spool\"\n");
+        }
+        if !config.contains("[rules]") {
+            text.push_str("[rules]\ndir = \"rules\"\n");
+        }
+        text.push_str(config);
+        std::fs::write(dir.path().join("mailhook.toml"), text).unwrap();
+        std::fs::write(dir.path().join("rules/10-test.toml"), rules).unwrap();
+        Gateway {
+            dir,
+            serve: None,
+            env: Vec::new(),
+            runs: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("mailhook.toml")
+    }
+
+    /// Sets an environment variable for every command this gateway runs.
+    pub fn env(mut self, key: &str, value: &str) -> Gateway {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn write_rules(&self, name: &str, rules: &str) {
+        std::fs::write(self.path().join("rules").join(name), rules).unwrap();
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(self.path());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs a mailhook command to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().expect("run mailhook")
+    }
+
+    /// `mailhook ingest`: returns (exit code, stdout, stderr).
+    pub fn ingest_raw(&self, raw: &[u8], to: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["ingest", "--config", "mailhook.toml", "--from", "sender@example.com"];
+        for t in to {
+            args.push("--to");
+            args.push(t);
+        }
+        let mut child = self
+            .command(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ingest");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            // ingest may refuse (and exit) before reading everything: a broken pipe is fine.
+            let _ = stdin.write_all(raw);
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Ingests `raw`; panics unless it is accepted; returns the spool id.
+    pub fn ingest(&self, raw: &[u8]) -> String {
+        let (code, id, err) = self.ingest_raw(raw, &["hook@example.com"]);
+        assert_eq!(code, 0, "ingest failed: {err}");
+        assert_eq!(id.len(), 26, "ingest printed {id:?}");
+        id
+    }
+
+    /// Starts `mailhook serve` (logs as JSON to `serve-N.log`).
+    pub fn start(&mut self) {
+        assert!(self.serve.is_none(), "serve already running");
+        self.runs += 1;
+        let log = std::fs::File::create(self.path().join(format!("serve-{}.log", self.runs))).unwrap();
+        let child = self
+            .command(&["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        self.serve = Some(child);
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.serve.as_ref().expect("serve running").id();
+        let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal("-KILL");
+        self.serve.take().unwrap().wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        self.signal("-TERM");
+        let mut child = self.serve.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "serve did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every log line of every serve run so far.
+    pub fn logs(&self) -> String {
+        (1..=self.runs)
+            .map(|n| std::fs::read_to_string(self.path().join(format!("serve-{n}.log"))).unwrap_or_default())
+            .collect()
+    }
+
+    /// `mailhook queue list --json`.
+    pub fn queue(&self) -> Vec<Value> {
+        let out = self.run(&["queue", "list", "--config", "mailhook.toml", "--json"]);
+        assert!(
+            out.status.success(),
+            "queue list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Waits until the queue holds exactly the messages `pred` accepts (and nothing else).
+    pub fn wait_queue(&self, timeout: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let q = self.queue();
+            if pred(&q) {
+                return q;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; queue: {q:#?}\nlogs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A small test message.
+pub fn message(n: usize, subject: &str) -> Vec<u8> {
+    format!(
+        "From: Sender <sender@example.com>\r\nTo: hook@example.com\r\nSubject: {subject} {n}\r\n\
+         Message-ID: <msg-{n}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\nbody of message {n}\r\n"
+    )
+    .into_bytes()
+}
