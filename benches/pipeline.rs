@@ -233,10 +233,8 @@ fn generated_sources() -> Vec<(PathBuf, String)> {
     assert!(VENDORS.len() >= GENERATED_RULES);
     let files = ["01-vendors.toml", "02-helpdesk.toml", "03-ci.toml"];
     let per_file = GENERATED_RULES.div_ceil(files.len());
-    let mut sources: Vec<(PathBuf, String)> = files
-        .iter()
-        .map(|f| (PathBuf::from("generated").join(f), String::new()))
-        .collect();
+    let mut sources: Vec<(PathBuf, String)> =
+        files.iter().map(|f| (PathBuf::from("generated").join(f), String::new())).collect();
     for (i, vendor) in VENDORS.iter().take(GENERATED_RULES).enumerate() {
         let text = KINDS[i % KINDS.len()]
             .replace("%V%", vendor)

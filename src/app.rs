@@ -27,10 +27,7 @@ pub enum AppError {
 
 /// Loads and checks the rules of `config` (destinations included).
 pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
-    let rules = RuleSet::load_dir(
-        &config.resolve(&config.rules.dir),
-        Unmatched::from_config(&config.rules.unmatched),
-    )?;
+    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
     let errors = rules.check_destinations(|d| config.destination.contains_key(d));
     if errors.is_empty() { Ok(rules) } else { Err(errors) }
 }
@@ -42,12 +39,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
 
     let spool_dir = config.resolve(&config.spool.dir);
-    let spool = Spool::open(
-        &spool_dir,
-        SpoolOptions {
-            fsync: config.spool.fsync,
-        },
-    )?;
+    let spool = Spool::open(&spool_dir, SpoolOptions { fsync: config.spool.fsync })?;
     let _lock = spool.lock()?;
     let spool_for_recovery = spool.clone();
     let recovery = tokio::task::spawn_blocking(move || spool_for_recovery.recover())

@@ -31,27 +31,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the delivery workers (and every configured listener) until SIGTERM or SIGINT
-    #[command(
-        after_help = "Checks the config and the rules first and refuses to start, listing every problem,\n\
+    #[command(after_help = "Checks the config and the rules first and refuses to start, listing every problem,\n\
         when anything is wrong. Then it locks and recovers the spool and delivers what is in it;\n\
         mail spooled by `mailhook ingest` is picked up within a second. SIGTERM/SIGINT stop\n\
         claiming work and let deliveries in flight finish.\n\n\
-        Example:\n  mailhook serve --config /etc/mailhook/mailhook.toml"
-    )]
+        Example:\n  mailhook serve --config /etc/mailhook/mailhook.toml")]
     Serve {
         /// The config file
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
         config: PathBuf,
     },
     /// Spool one message read from standard input (for a Postfix pipe or a sendmail alias)
-    #[command(
-        after_help = "Exits 0 only once the message is on disk (fsync'd); 75 (EX_TEMPFAIL) when the spool\n\
+    #[command(after_help = "Exits 0 only once the message is on disk (fsync'd); 75 (EX_TEMPFAIL) when the spool\n\
         cannot take it (missing or read-only directory, disk full), so the caller keeps the\n\
         message and retries; 78 when the config is bad. Prints the spool id on success.\n\n\
         Examples:\n  mailhook ingest --config /etc/mailhook/mailhook.toml --from \"$SENDER\" --to \"$RECIPIENT\" < message.eml\n  \
         Postfix master.cf:  mailhook unix - n n - - pipe\n    \
-        flags=Rq user=mailhook argv=/usr/local/bin/mailhook ingest --config /etc/mailhook/mailhook.toml --from ${sender} --to ${recipient}"
-    )]
+        flags=Rq user=mailhook argv=/usr/local/bin/mailhook ingest --config /etc/mailhook/mailhook.toml --from ${sender} --to ${recipient}")]
     Ingest {
         /// The config file
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
@@ -67,13 +63,11 @@ enum Command {
     #[command(subcommand)]
     Queue(QueueCommand),
     /// Run stored messages through the current rules again and queue them accordingly
-    #[command(
-        after_help = "The fix-a-rule-then-replay loop: a message that was a dead letter because no rule\n\
+    #[command(after_help = "The fix-a-rule-then-replay loop: a message that was a dead letter because no rule\n\
         matched (or a field was missing) is judged again by the rules as they are now; the new\n\
         decision replaces the old one and every destination of it gets the message. Prints, per\n\
         message, the rule and destinations, or why it is still dead.\n\n\
-        Examples:\n  mailhook replay --config mailhook.toml --dead\n  mailhook replay --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X"
-    )]
+        Examples:\n  mailhook replay --config mailhook.toml --dead\n  mailhook replay --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X")]
     Replay {
         /// The config file
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
@@ -115,15 +109,13 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Golden tests: run every NAME.eml in DIR through the rules and compare with NAME.json
-    #[command(
-        after_help = "NAME.json holds what `mailhook try` prints for NAME.eml, without \"file\":\n  \
+    #[command(after_help = "NAME.json holds what `mailhook try` prints for NAME.eml, without \"file\":\n  \
         {\"rule\": ..., \"to\": [...], \"payload\": {...}}\n\
         The payload's \"id\" and \"receivedAt\" change on every run and are ignored. A mismatch\n\
         prints a diff; --update rewrites the JSON files from the current rules (review the diff\n\
         before committing). A NAME.envelope.toml (source, mail_from, recipients) sets the envelope.\n\n\
         Exit: 0 all passed, 1 a case failed or has no NAME.json, 65 unreadable, 78 bad rules.\n\n\
-        Examples:\n  mailhook test --rules rules fixtures\n  mailhook test --rules rules --update fixtures"
-    )]
+        Examples:\n  mailhook test --rules rules fixtures\n  mailhook test --rules rules --update fixtures")]
     Test {
         #[command(flatten)]
         rules: RulesArgs,
@@ -135,13 +127,11 @@ enum Command {
         dir: PathBuf,
     },
     /// Validate the config file and the rules it points at; every error names file, line, rule and key
-    #[command(
-        after_help = "Checks the whole mailhook.toml (unknown keys, ${VAR}s that are not set, bad\n\
+    #[command(after_help = "Checks the whole mailhook.toml (unknown keys, ${VAR}s that are not set, bad\n\
         durations, sizes, addresses, regexes, destinations missing a url or token, ...) and every\n\
         rules file, including that each destination a rule names exists. Exits 0 when all is\n\
         well, 78 with every problem listed otherwise.\n\n\
-        Example:\n  mailhook check --config /etc/mailhook/mailhook.toml"
-    )]
+        Example:\n  mailhook check --config /etc/mailhook/mailhook.toml")]
     Check {
         /// The config file
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
@@ -207,10 +197,7 @@ struct RulesArgs {
 
 impl RulesArgs {
     fn source(self) -> RulesSource {
-        RulesSource {
-            rules_dir: self.rules,
-            config: self.config,
-        }
+        RulesSource { rules_dir: self.rules, config: self.config }
     }
 }
 
@@ -263,36 +250,25 @@ fn main() -> ExitCode {
         }
     };
     let exit = match cli.command {
-        Command::Try {
-            rules,
-            pretty,
-            source,
-            mail_from,
-            recipients,
-            files,
-        } => cmd::try_rules::run(&cmd::try_rules::TryOptions {
-            rules: rules.source(),
-            files,
-            envelope: EnvelopeSpec {
-                source,
-                mail_from,
-                recipients: (!recipients.is_empty()).then_some(recipients),
-            },
-            pretty,
-        }),
-        Command::Test { rules, update, dir } => cmd::golden::run(&cmd::golden::TestOptions {
-            rules: rules.source(),
-            dir,
-            update,
-        }),
+        Command::Try { rules, pretty, source, mail_from, recipients, files } => {
+            cmd::try_rules::run(&cmd::try_rules::TryOptions {
+                rules: rules.source(),
+                files,
+                envelope: EnvelopeSpec {
+                    source,
+                    mail_from,
+                    recipients: (!recipients.is_empty()).then_some(recipients),
+                },
+                pretty,
+            })
+        }
+        Command::Test { rules, update, dir } => {
+            cmd::golden::run(&cmd::golden::TestOptions { rules: rules.source(), dir, update })
+        }
         Command::Check { config } => cmd::check::run(&config),
         Command::Serve { config } => serve(&config, cli.log_format),
         Command::Ingest { config, from, to } => cmd::ingest::run(
-            &cmd::ingest::IngestOptions {
-                config: &config,
-                mail_from: from,
-                recipients: to,
-            },
+            &cmd::ingest::IngestOptions { config: &config, mail_from: from, recipients: to },
             &mut std::io::stdin().lock(),
         ),
         Command::Queue(QueueCommand::List { config, json }) => cmd::queue::list(&config, json),

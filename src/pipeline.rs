@@ -91,12 +91,7 @@ impl Pipeline {
                 }),
             );
         }
-        Ok(Pipeline {
-            spool,
-            rules,
-            targets,
-            wake: Arc::new(Notify::new()),
-        })
+        Ok(Pipeline { spool, rules, targets, wake: Arc::new(Notify::new()) })
     }
 
     /// Notified after a listener commits a message, so it is picked up at once.
@@ -139,9 +134,7 @@ impl Pipeline {
                 self.start(&mut tasks, &mut in_flight, id, State::Deferred);
             }
 
-            let next_due = schedule
-                .first()
-                .map(|(due, _)| due.duration_since(now).unwrap_or_default());
+            let next_due = schedule.first().map(|(due, _)| due.duration_since(now).unwrap_or_default());
             let wait = next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL);
             tokio::select! {
                 _ = self.wake.notified() => woken = true,
@@ -160,16 +153,10 @@ impl Pipeline {
             }
         }
 
-        info!(
-            in_flight = tasks.len(),
-            "stopping delivery; letting rounds in flight finish"
-        );
+        info!(in_flight = tasks.len(), "stopping delivery; letting rounds in flight finish");
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            warn!(
-                left = tasks.len(),
-                "grace period over; unfinished messages stay in active/ for the next start"
-            );
+            warn!(left = tasks.len(), "grace period over; unfinished messages stay in active/ for the next start");
             tasks.abort_all();
         }
     }
@@ -279,9 +266,7 @@ async fn round(
         let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
         let envelope = meta.envelope.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            raw_spool
-                .read_raw(&raw_id)
-                .map(|raw| rules.evaluate(&parse(&raw), &envelope))
+            raw_spool.read_raw(&raw_id).map(|raw| rules.evaluate(&parse(&raw), &envelope))
         })
         .await
         .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
@@ -303,15 +288,7 @@ async fn round(
                 let destinations = to
                     .into_iter()
                     .map(|d| {
-                        (
-                            d,
-                            DestStatus {
-                                state: DestState::Pending,
-                                attempts: 0,
-                                next_attempt: None,
-                                last_error: None,
-                            },
-                        )
+                        (d, DestStatus { state: DestState::Pending, attempts: 0, next_attempt: None, last_error: None })
                     })
                     .collect();
                 meta.decision = Some(Decision {
@@ -347,9 +324,7 @@ async fn round(
         let name = name.clone();
         async move {
             let attempt = match target {
-                None => Attempt::Fail {
-                    reason: format!("destination {name:?} is no longer configured"),
-                },
+                None => Attempt::Fail { reason: format!("destination {name:?} is no longer configured") },
                 Some(t) => send(&t, id, payload).await,
             };
             (name, attempt)
@@ -360,10 +335,7 @@ async fn round(
     let decision = meta.decision.as_mut().expect("decided above");
     let mut errors = Vec::new();
     for (name, attempt) in results {
-        let status = decision
-            .destinations
-            .get_mut(&name)
-            .expect("due destinations come from the decision");
+        let status = decision.destinations.get_mut(&name).expect("due destinations come from the decision");
         status.attempts += 1;
         match attempt {
             Attempt::Done => {
@@ -383,10 +355,7 @@ async fn round(
                 let target = targets.get(&name).expect("retry comes from a configured target");
                 let delay = after.unwrap_or_else(|| backoff(&target.backoff, status.attempts));
                 if age + delay > target.retry_for {
-                    let why = format!(
-                        "gave up after {}: {reason}",
-                        humantime::format_duration(target.retry_for)
-                    );
+                    let why = format!("gave up after {}: {reason}", humantime::format_duration(target.retry_for));
                     warn!(id, destination = %name, reason = %why, "delivery failed for good");
                     status.state = DestState::Dead;
                     status.last_error = Some(why.clone());
@@ -418,16 +387,11 @@ async fn round(
         .min();
     if let Some(next) = next {
         meta.next_attempt = Some(format_time(next));
-        spool
-            .transition(id, State::Active, State::Deferred, Some(&meta))
-            .await?;
+        spool.transition(id, State::Active, State::Deferred, Some(&meta)).await?;
         return Ok(Finished::Deferred(next));
     }
-    let dead: BTreeMap<&String, &DestStatus> = decision
-        .destinations
-        .iter()
-        .filter(|(_, s)| s.state == DestState::Dead)
-        .collect();
+    let dead: BTreeMap<&String, &DestStatus> =
+        decision.destinations.iter().filter(|(_, s)| s.state == DestState::Dead).collect();
     meta.dead_reason = Some(
         dead.iter()
             .map(|(n, s)| format!("{n}: {}", s.last_error.as_deref().unwrap_or("failed")))
@@ -453,10 +417,7 @@ async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>
         Err(reason) => return Attempt::Fail { reason },
     };
     let Ok(_permit) = target.permits.acquire().await else {
-        return Attempt::Retry {
-            after: None,
-            reason: "shutting down".into(),
-        };
+        return Attempt::Retry { after: None, reason: "shutting down".into() };
     };
     target.bucket.acquire().await;
     debug!(id, destination = %target.name, bytes = body.len(), "sending");
@@ -464,10 +425,9 @@ async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>
     let guard = target.timeout + Duration::from_secs(30);
     let attempt = match tokio::time::timeout(guard, target.destination.send(id, &body)).await {
         Ok(a) => a,
-        Err(_) => Attempt::Retry {
-            after: None,
-            reason: format!("no answer within {}", humantime::format_duration(guard)),
-        },
+        Err(_) => {
+            Attempt::Retry { after: None, reason: format!("no answer within {}", humantime::format_duration(guard)) }
+        }
     };
     if let Attempt::Retry { after: Some(after), .. } = &attempt {
         // The receiver asked everyone to slow down: pause the whole destination.

@@ -72,20 +72,14 @@ fn try_prints_one_json_object_per_file() {
     args.extend(fixtures.iter().map(String::as_str));
     let out = mailhook(&args, &root());
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let lines: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect();
+    let lines: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
     assert_eq!(lines.len(), fixtures.len());
     for line in &lines {
         for key in ["file", "rule", "to", "payload"] {
             assert!(line.get(key).is_some(), "{key} missing in {line}");
         }
     }
-    let ups = lines
-        .iter()
-        .find(|l| l["file"].as_str().unwrap().ends_with("/shipping-ups.eml"))
-        .unwrap();
+    let ups = lines.iter().find(|l| l["file"].as_str().unwrap().ends_with("/shipping-ups.eml")).unwrap();
     assert_eq!(ups["rule"], "ups-delivery-notice");
     assert_eq!(ups["to"], serde_json::json!(["orders"]));
     assert_eq!(ups["payload"]["fields"]["tracking_number"], "1Z999AA10123456784");
@@ -95,43 +89,21 @@ fn try_prints_one_json_object_per_file() {
 
 #[test]
 fn try_reports_unreadable_files_and_goes_on() {
-    let out = mailhook(
-        &[
-            "try",
-            "--rules",
-            "rules",
-            "no-such-file.eml",
-            "fixtures/shipping-ups.eml",
-        ],
-        &root(),
-    );
+    let out = mailhook(&["try", "--rules", "rules", "no-such-file.eml", "fixtures/shipping-ups.eml"], &root());
     assert_eq!(code(&out), 65);
-    assert!(
-        stderr(&out).contains("no-such-file.eml: cannot read"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("no-such-file.eml: cannot read"), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 1);
 }
 
 #[test]
 fn try_marks_dead_letters_with_the_reason() {
     let out = mailhook(
-        &[
-            "try",
-            "--rules",
-            "rules",
-            "fixtures/shipping-ups-missing-tracking.eml",
-            "fixtures/unmatched-newsletter.eml",
-        ],
+        &["try", "--rules", "rules", "fixtures/shipping-ups-missing-tracking.eml", "fixtures/unmatched-newsletter.eml"],
         &root(),
     );
     assert_eq!(code(&out), 0);
     let lines: Vec<Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(
-        lines[0]["dead"],
-        "rule \"ups-delivery-notice\": missing required field tracking_number"
-    );
+    assert_eq!(lines[0]["dead"], "rule \"ups-delivery-notice\": missing required field tracking_number");
     assert_eq!(lines[0]["to"], serde_json::json!([]));
     assert_eq!(lines[1]["rule"], Value::Null);
     assert_eq!(lines[1]["dead"], "no rule matched");
@@ -165,17 +137,11 @@ fn envelope_from_flags_and_sidecar_reaches_the_rules() {
     );
     assert!(stdout(&out).contains("\"rule\":\"from-imap\""), "{}", stdout(&out));
 
-    ws.write(
-        "cases/alert.envelope.toml",
-        "source = \"imap:alerts/INBOX\"\nrecipients = [\"alerts@example.com\"]\n",
-    );
+    ws.write("cases/alert.envelope.toml", "source = \"imap:alerts/INBOX\"\nrecipients = [\"alerts@example.com\"]\n");
     let out = mailhook(&["try", "--rules", "rules", "cases/alert.eml"], ws.path());
     assert!(stdout(&out).contains("\"rule\":\"from-imap\""), "{}", stdout(&out));
 
-    let out = mailhook(
-        &["try", "--rules", "rules", "--source", "pigeon", "cases/alert.eml"],
-        ws.path(),
-    );
+    let out = mailhook(&["try", "--rules", "rules", "--source", "pigeon", "cases/alert.eml"], ws.path());
     assert_eq!(code(&out), 64);
     assert!(stderr(&out).contains("unknown source \"pigeon\""));
 }
@@ -231,10 +197,7 @@ fn golden_mismatch_shows_a_diff_and_update_rewrites() {
     let golden = std::fs::read_to_string(ws.path().join("cases/ups.json")).unwrap();
     let parsed: Value = serde_json::from_str(&golden).unwrap();
     assert_eq!(parsed["payload"]["fields"]["tracking"], "1Z999AA10123456784");
-    assert!(
-        parsed["payload"].get("id").is_none() && parsed["payload"].get("receivedAt").is_none(),
-        "{golden}"
-    );
+    assert!(parsed["payload"].get("id").is_none() && parsed["payload"].get("receivedAt").is_none(), "{golden}");
 
     // Volatile keys present in a golden are ignored.
     let mut with_volatile = parsed.clone();
@@ -284,10 +247,7 @@ fn check_accepts_the_example_config() {
     // Everything in it is valid; only its rules directory (/etc/mailhook/rules) is absent here.
     assert_eq!(code(&out), 78);
     let err = stderr(&out);
-    assert!(
-        err.starts_with("/etc/mailhook/rules: cannot read rules directory"),
-        "{err}"
-    );
+    assert!(err.starts_with("/etc/mailhook/rules: cannot read rules directory"), "{err}");
     for secret in ["imap-pass-1234", "token-abcdef", "key-abcdef", "relay-pass-1234"] {
         assert!(!err.contains(secret) && !stdout(&out).contains(secret));
     }
@@ -322,17 +282,10 @@ fn check_names_every_config_problem() {
         stderr(&out)
     );
 
-    ws.write(
-        "mailhook.toml",
-        "[rules]\ndir = \"rules\"\n[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_sise = \"1MB\"\n",
-    );
+    ws.write("mailhook.toml", "[rules]\ndir = \"rules\"\n[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_sise = \"1MB\"\n");
     let out = mailhook(&["check"], ws.path());
     assert_eq!(code(&out), 78);
-    assert!(
-        stderr(&out).contains("smtp") && stderr(&out).contains("max_sise"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("smtp") && stderr(&out).contains("max_sise"), "{}", stderr(&out));
 
     let out = mailhook(&["check", "--config", "missing.toml"], ws.path());
     assert_eq!(code(&out), 78);
@@ -341,12 +294,7 @@ fn check_names_every_config_problem() {
 
 #[test]
 fn usage_errors_exit_64() {
-    for args in [
-        &["frobnicate"][..],
-        &["try"][..],
-        &["test", "--no-such-flag"][..],
-        &[][..],
-    ] {
+    for args in [&["frobnicate"][..], &["try"][..], &["test", "--no-such-flag"][..], &[][..]] {
         let out = mailhook(args, &root());
         assert_eq!(code(&out), 64, "{args:?}");
     }
@@ -359,10 +307,7 @@ fn every_command_explains_itself_with_an_example() {
         assert_eq!(code(&out), 0);
         let text = stdout(&out);
         assert!(text.contains("Example"), "{cmd} --help has no example:\n{text}");
-        assert!(
-            text.contains(&format!("mailhook {cmd}")),
-            "{cmd} --help shows no invocation:\n{text}"
-        );
+        assert!(text.contains(&format!("mailhook {cmd}")), "{cmd} --help shows no invocation:\n{text}");
     }
     let out = mailhook(&["--help"], &root());
     assert_eq!(code(&out), 0);

@@ -28,20 +28,15 @@ fn web_hook(name: &str, server: &HookServer, token_var: &str) -> String {
 }
 
 fn form_hook(name: &str, server: &HookServer) -> String {
-    format!(
-        "[destination.{name}]\ntype = \"kustomer-form-hook\"\nurl = \"{}\"\n",
-        server.url("/v1/hooks/form/org/abc")
-    )
+    format!("[destination.{name}]\ntype = \"kustomer-form-hook\"\nurl = \"{}\"\n", server.url("/v1/hooks/form/org/abc"))
 }
 
 #[test]
 fn web_hook_gets_bearer_key_and_idempotency_key_equal_to_the_spool_id() {
     let hook = HookServer::with_token("s3cret-hook-token");
-    let mut gw = Gateway::new(
-        &format!("{DELIVERY}{}", web_hook("kustomer", &hook, "HOOK_TOKEN")),
-        &rule_to(&["kustomer"]),
-    )
-    .env("HOOK_TOKEN", "s3cret-hook-token");
+    let mut gw =
+        Gateway::new(&format!("{DELIVERY}{}", web_hook("kustomer", &hook, "HOOK_TOKEN")), &rule_to(&["kustomer"]))
+            .env("HOOK_TOKEN", "s3cret-hook-token");
     let ids: HashSet<String> = (0..3).map(|n| gw.ingest(&message(n, "alert"))).collect();
     gw.start();
     let got = hook.wait_for_accepted(3, WAIT);
@@ -59,20 +54,15 @@ fn web_hook_gets_bearer_key_and_idempotency_key_equal_to_the_spool_id() {
     assert_eq!(seen, ids);
     gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
     assert_eq!(gw.stop(), 0);
-    assert!(
-        !gw.logs().contains("s3cret-hook-token"),
-        "the token leaked into the logs"
-    );
+    assert!(!gw.logs().contains("s3cret-hook-token"), "the token leaked into the logs");
 }
 
 #[test]
 fn wrong_bearer_key_is_a_dead_letter_at_once() {
     let hook = HookServer::with_token("right");
-    let mut gw = Gateway::new(
-        &format!("{DELIVERY}{}", web_hook("kustomer", &hook, "HOOK_TOKEN")),
-        &rule_to(&["kustomer"]),
-    )
-    .env("HOOK_TOKEN", "wrong");
+    let mut gw =
+        Gateway::new(&format!("{DELIVERY}{}", web_hook("kustomer", &hook, "HOOK_TOKEN")), &rule_to(&["kustomer"]))
+            .env("HOOK_TOKEN", "wrong");
     let id = gw.ingest(&message(1, "x"));
     gw.start();
     let q = gw.wait_queue(WAIT, "a dead letter", |q| q.len() == 1 && q[0]["state"] == "dead");
@@ -205,11 +195,7 @@ fn gives_up_after_retry_for() {
     let q = gw.wait_queue(WAIT, "a dead letter", |q| q.len() == 1 && q[0]["state"] == "dead");
     let err = q[0]["last_error"].as_str().unwrap();
     assert!(err.starts_with("form: gave up after 3s: HTTP 503"), "{err}");
-    assert!(
-        hook.requests().len() >= 3,
-        "retried before giving up: {}",
-        hook.requests().len()
-    );
+    assert!(hook.requests().len() >= 3, "retried before giving up: {}", hook.requests().len());
 }
 
 #[test]
@@ -230,26 +216,16 @@ fn a_429_pauses_the_whole_destination() {
     let limited = all.iter().find(|r| r.status == 429).expect("a 429 was answered");
     for r in &accepted {
         let after = r.at.duration_since(limited.at);
-        assert!(
-            after >= Duration::from_millis(1900),
-            "a request came {after:?} after the 429 asked for 2s"
-        );
+        assert!(after >= Duration::from_millis(1900), "a request came {after:?} after the 429 asked for 2s");
     }
-    assert_eq!(
-        all.len(),
-        5,
-        "one 429 and four deliveries: {:?}",
-        all.iter().map(|r| r.summary()).collect::<Vec<_>>()
-    );
+    assert_eq!(all.len(), 5, "one 429 and four deliveries: {:?}", all.iter().map(|r| r.summary()).collect::<Vec<_>>());
 }
 
 #[test]
 fn token_bucket_paces_a_destination() {
     let hook = HookServer::start(HookOptions::default());
-    let config = format!(
-        "[delivery]\ntimeout = \"3s\"\nretry_for = \"1h\"\nrate = \"5/s\"\n{}",
-        form_hook("form", &hook)
-    );
+    let config =
+        format!("[delivery]\ntimeout = \"3s\"\nretry_for = \"1h\"\nrate = \"5/s\"\n{}", form_hook("form", &hook));
     let mut gw = Gateway::new(&config, &rule_to(&["form"]));
     for n in 0..15 {
         gw.ingest(&message(n, "x"));
@@ -259,11 +235,7 @@ fn token_bucket_paces_a_destination() {
     let first = got.iter().map(|r| r.at).min().unwrap();
     let last = got.iter().map(|r| r.at).max().unwrap();
     // Burst of 5, then 5 per second: the last of 15 comes after about 2 s.
-    assert!(
-        last.duration_since(first) >= Duration::from_millis(1700),
-        "{:?}",
-        last.duration_since(first)
-    );
+    assert!(last.duration_since(first) >= Duration::from_millis(1700), "{:?}", last.duration_since(first));
 }
 
 #[test]
@@ -277,11 +249,7 @@ fn oversized_payload_is_shrunk_under_400kb() {
     gw.start();
     let got = hook.wait_for_accepted(1, WAIT);
     assert!(got[0].body_len <= 400_000, "{} bytes sent", got[0].body_len);
-    assert!(
-        got[0].body_len > 390_000,
-        "shrunk more than needed: {}",
-        got[0].body_len
-    );
+    assert!(got[0].body_len > 390_000, "shrunk more than needed: {}", got[0].body_len);
     let json = got[0].json.as_ref().unwrap();
     assert_eq!(json["truncated"], true);
     assert!(json["text"].as_str().unwrap().starts_with("body of message 1"));
@@ -306,21 +274,15 @@ fn each_destination_is_tracked_on_its_own() {
     let got = down.wait_for_accepted(1, WAIT);
     assert_eq!(got[0].idempotency_key.as_deref(), Some(id.as_str()));
     gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
-    assert_eq!(
-        up.requests().len(),
-        1,
-        "the destination that took it never got it again"
-    );
+    assert_eq!(up.requests().len(), 1, "the destination that took it never got it again");
 }
 
 #[test]
 fn replay_after_a_rules_change_delivers_dead_letters() {
     let hook = HookServer::start(HookOptions::default());
     let config = format!("{DELIVERY}{}", form_hook("form", &hook));
-    let mut gw = Gateway::new(
-        &config,
-        "[[rule]]\nname = \"invoices\"\nto = [\"form\"]\n[rule.when]\nsubject = '^invoice'\n",
-    );
+    let mut gw =
+        Gateway::new(&config, "[[rule]]\nname = \"invoices\"\nto = [\"form\"]\n[rule.when]\nsubject = '^invoice'\n");
     let id = gw.ingest(&message(1, "shipment"));
     gw.start();
     let q = gw.wait_queue(WAIT, "a dead letter", |q| q.len() == 1 && q[0]["state"] == "dead");
@@ -332,10 +294,7 @@ fn replay_after_a_rules_change_delivers_dead_letters() {
     );
     let out = gw.run(&["replay", "--config", "mailhook.toml", "--dead"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("{id}: rule shipments → form")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{id}: rule shipments → form"));
     let got = hook.wait_for_accepted(1, WAIT);
     let json = got[0].json.as_ref().unwrap();
     assert_eq!(json["rule"], "shipments");
@@ -353,25 +312,17 @@ fn queue_retry_and_drop() {
     let a = gw.ingest(&message(1, "a"));
     let b = gw.ingest(&message(2, "b"));
     gw.start();
-    gw.wait_queue(WAIT, "two dead letters", |q| {
-        q.len() == 2 && q.iter().all(|m| m["state"] == "dead")
-    });
+    gw.wait_queue(WAIT, "two dead letters", |q| q.len() == 2 && q.iter().all(|m| m["state"] == "dead"));
 
     let show = gw.run(&["queue", "show", "--config", "mailhook.toml", &a]);
     let text = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        text.contains("state:       dead") && text.contains("HTTP 422"),
-        "{text}"
-    );
+    assert!(text.contains("state:       dead") && text.contains("HTTP 422"), "{text}");
     assert!(text.contains("Subject: a 1"), "raw headers are shown: {text}");
 
     let out = gw.run(&["queue", "drop", "--config", "mailhook.toml", &b]);
     assert!(out.status.success());
     let out = gw.run(&["queue", "retry", "--config", "mailhook.toml", "--all-dead"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("{a}: queued for delivery now")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{a}: queued for delivery now"));
     let got = hook.wait_for_accepted(1, WAIT);
     assert_eq!(got[0].idempotency_key.as_deref(), Some(a.as_str()));
     gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
@@ -392,15 +343,8 @@ fn sigterm_lets_a_delivery_in_flight_finish() {
     hook.wait_for_requests(1, WAIT);
     let started = Instant::now();
     assert_eq!(gw.stop(), 0);
-    assert!(
-        started.elapsed() >= Duration::from_millis(1000),
-        "serve waited for the answer"
-    );
-    assert!(
-        gw.queue().is_empty(),
-        "the delivery in flight completed before exit: {:?}",
-        gw.queue()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(1000), "serve waited for the answer");
+    assert!(gw.queue().is_empty(), "the delivery in flight completed before exit: {:?}", gw.queue());
     assert_eq!(hook.requests().len(), 1);
 }
 
@@ -438,11 +382,7 @@ fn acknowledged_messages_survive_kill_9_at_any_moment() {
     let mut by_id: HashMap<String, Vec<Instant>> = HashMap::new();
     for r in &accepted {
         let id = r.json.as_ref().unwrap()["id"].as_str().unwrap().to_string();
-        assert_eq!(
-            r.idempotency_key.as_deref(),
-            Some(id.as_str()),
-            "a duplicate carries the same key"
-        );
+        assert_eq!(r.idempotency_key.as_deref(), Some(id.as_str()), "a duplicate carries the same key");
         by_id.entry(id).or_default().push(r.at);
     }
     let delivered: HashSet<String> = by_id.keys().cloned().collect();
@@ -455,9 +395,7 @@ fn acknowledged_messages_survive_kill_9_at_any_moment() {
     for (id, times) in &by_id {
         if times.len() > 1 {
             let first = times.iter().min().unwrap();
-            let near_a_kill = kills
-                .iter()
-                .any(|k| *k >= *first && k.duration_since(*first) < Duration::from_secs(2));
+            let near_a_kill = kills.iter().any(|k| *k >= *first && k.duration_since(*first) < Duration::from_secs(2));
             assert!(
                 near_a_kill,
                 "{id} was delivered {} times, but its first delivery was not in flight at a kill",
@@ -465,19 +403,13 @@ fn acknowledged_messages_survive_kill_9_at_any_moment() {
             );
         }
     }
-    eprintln!(
-        "{} messages, {} deliveries, {duplicates} duplicates after 5 kills",
-        ids.len(),
-        accepted.len()
-    );
+    eprintln!("{} messages, {} deliveries, {duplicates} duplicates after 5 kills", ids.len(), accepted.len());
 }
 
 #[test]
 fn ingest_refuses_with_75_when_the_spool_cannot_take_the_message() {
-    let gw = Gateway::new(
-        &format!("{DELIVERY}[destination.f]\ntype = \"file\"\npath = \"out.jsonl\"\n"),
-        &rule_to(&["f"]),
-    );
+    let gw =
+        Gateway::new(&format!("{DELIVERY}[destination.f]\ntype = \"file\"\npath = \"out.jsonl\"\n"), &rule_to(&["f"]));
     std::fs::remove_dir(gw.path().join("spool")).unwrap();
     let (code, _, err) = gw.ingest_raw(&message(1, "x"), &["a@example.com"]);
     assert_eq!(code, 75, "{err}");
@@ -507,18 +439,11 @@ fn ingest_refuses_with_75_when_the_spool_cannot_take_the_message() {
     big.extend(std::iter::repeat_n(b'x', 400_000));
     let (code, _, err) = gw.ingest_raw(&big, &["a@example.com"]);
     assert_eq!(code, 75, "disk full: {err}");
-    assert!(
-        std::fs::read_dir(mnt.join("tmp")).unwrap().next().is_none(),
-        "nothing half-written is left in tmp/"
-    );
+    assert!(std::fs::read_dir(mnt.join("tmp")).unwrap().next().is_none(), "nothing half-written is left in tmp/");
     assert_eq!(std::fs::read_dir(mnt.join("incoming")).unwrap().count(), 1);
     assert_eq!(std::fs::read_dir(mnt.join("msg")).unwrap().count(), 1);
 
-    let remount = std::process::Command::new("mount")
-        .args(["-o", "remount,ro"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
+    let remount = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap();
     assert!(remount.success());
     let (code, _, err) = gw.ingest_raw(&message(3, "read-only"), &["a@example.com"]);
     assert_eq!(code, 75, "read-only: {err}");

@@ -13,10 +13,7 @@ fn assert_contains(haystack: &str, needle: &str) {
 }
 
 fn assert_not_contains(haystack: &str, needle: &str) {
-    assert!(
-        !haystack.contains(needle),
-        "did not expect to find {needle:?} in:\n{haystack}"
-    );
+    assert!(!haystack.contains(needle), "did not expect to find {needle:?} in:\n{haystack}");
 }
 
 fn attachment<'a>(email: &'a Email, name: &str) -> &'a Attachment {
@@ -41,10 +38,7 @@ fn quoted_printable_utf8_body() {
     assert_eq!(email.to[0].name, "Thomas Mueller");
     assert_eq!(email.to[0].address, "t.mueller@example.net");
     assert_eq!(email.date, "2026-11-30T07:15:02+01:00");
-    assert_eq!(
-        email.message_id,
-        "20261130061502.4F2A1C0042817@mailer.stadtwerke-nord.example.de"
-    );
+    assert_eq!(email.message_id, "20261130061502.4F2A1C0042817@mailer.stadtwerke-nord.example.de");
     assert_contains(&email.text, "Sehr geehrter Herr Müller,");
     // Two soft line breaks joined, one of them between the octets of the euro sign.
     assert_contains(
@@ -52,10 +46,7 @@ fn quoted_printable_utf8_body() {
         "Ihre Rechnung für November 2026 steht ab sofort im Kundenportal bereit. \
          Der Rechnungsbetrag von 84,20 € wird am 15.12.2026 von Ihrem Konto abgebucht.",
     );
-    assert_contains(
-        &email.text,
-        "https://portal.stadtwerke-nord.example.de/rechnung?nr=2026-11-0042817",
-    );
+    assert_contains(&email.text, "https://portal.stadtwerke-nord.example.de/rechnung?nr=2026-11-0042817");
     assert_contains(&email.text, "Freundliche Grüße");
     assert_contains(&email.text, "-- ");
     assert_not_contains(&email.text, "=C3");
@@ -75,15 +66,9 @@ fn base64_utf8_body() {
     assert_eq!(email.from[0].address, "it-support@norrsken-it.example.se");
     assert_eq!(email.to[0].address, "asa.lindqvist@norrsken-it.example.se");
     assert_eq!(email.date, "2026-12-01T06:00:00+01:00");
-    assert_eq!(
-        email.message_id,
-        "pwexpire.asa.lindqvist.20261201@idm.norrsken-it.example.se"
-    );
+    assert_eq!(email.message_id, "pwexpire.asa.lindqvist.20261201@idm.norrsken-it.example.se");
     assert_contains(&email.text, "Hej Åsa,");
-    assert_contains(
-        &email.text,
-        "ditt lösenord för kontot asa.lindqvist går ut om 5 dagar (2026-12-06).",
-    );
+    assert_contains(&email.text, "ditt lösenord för kontot asa.lindqvist går ut om 5 dagar (2026-12-06).");
     assert_contains(&email.text, "https://konto.norrsken-it.example.se/byt-losenord");
     assert_contains(&email.text, "Med vänliga hälsningar");
     assert_contains(&email.text, "IT-supporten, Norrsken AB");
@@ -117,15 +102,9 @@ fn windows_1252_body_and_b_encoded_display_name() {
     assert_eq!(email.from[0].address, "accounts@dupre-supplies.example.co.uk");
     assert_eq!(email.to[0].address, "payables@example.com");
     assert_eq!(email.date, "2026-11-30T11:05:33Z");
-    assert_eq!(
-        email.message_id,
-        "000a01db4c2e$5f3e2c10$1dba8430$@dupre-supplies.example.co.uk"
-    );
+    assert_eq!(email.message_id, "000a01db4c2e$5f3e2c10$1dba8430$@dupre-supplies.example.co.uk");
     // 0x93/0x94 curly quotes, 0x80 euro sign, 0x96 en dash.
-    assert_contains(
-        &email.text,
-        "invoice “INV-20931” for €1,250.00 is now 14 days overdue – please",
-    );
+    assert_contains(&email.text, "invoice “INV-20931” for €1,250.00 is now 14 days overdue – please");
     assert_contains(&email.text, "Amount due:   €1,250.00");
     // 0x92 right single quotation mark.
     assert_contains(&email.text, "If you’ve already paid, please disregard this reminder.");
@@ -148,10 +127,7 @@ fn utf8_subject_from_adjacent_b_and_q_encoded_words() {
     assert_eq!(email.from[0].address, "juergen.blaeser@cafe-zentral.example.de");
     assert_eq!(email.date, "2026-12-04T16:20:00+01:00");
     assert_eq!(email.message_id, "gutschein-8813@cafe-zentral.example.de");
-    assert_contains(
-        &email.text,
-        "als Dankeschön für Ihre Treue schenken wir Ihnen einen Gutschein über 20 €.",
-    );
+    assert_contains(&email.text, "als Dankeschön für Ihre Treue schenken wir Ihnen einen Gutschein über 20 €.");
     assert_contains(&email.text, "Code: ZENTRAL-20-8813, gültig bis 31.01.2027.");
     assert!(email.problems.is_empty(), "{:?}", email.problems);
 }
@@ -178,10 +154,7 @@ fn html_only_mail_is_rendered_as_text() {
     assert_contains(&email.text, "Backup & Restore: daily report");
     assert_contains(&email.text, "2 tasks ran on nas01 during the night.");
     for cell in ["fileserver", "Succeeded", "412GB", "mailarchive", "Failed", "0GB"] {
-        let found = email
-            .text
-            .split(|c: char| c.is_whitespace() || c == '│' || c == '|')
-            .any(|word| word == cell);
+        let found = email.text.split(|c: char| c.is_whitespace() || c == '│' || c == '|').any(|word| word == cell);
         assert!(found, "cell {cell:?} is not a separate word in:\n{}", email.text);
     }
     assert_contains(&email.text, "Check the task log on the NAS for details.");
@@ -211,18 +184,12 @@ fn multipart_alternative_text_is_the_plain_part() {
 
     // Only the plain part says "View it online:"; only the HTML part says "Click here".
     assert_contains(&email.text, "your account statement for November 2026 is ready.");
-    assert_contains(
-        &email.text,
-        "View it online: https://online.nordbank.example.com/statements/2026-11",
-    );
+    assert_contains(&email.text, "View it online: https://online.nordbank.example.com/statements/2026-11");
     assert_not_contains(&email.text, "Click here");
     assert_not_contains(&email.text, "<p>");
     assert_not_contains(&email.text, "This is a multi-part message in MIME format.");
 
-    assert_contains(
-        &email.html,
-        "<p>your account statement for <b>November 2026</b> is ready.",
-    );
+    assert_contains(&email.html, "<p>your account statement for <b>November 2026</b> is ready.");
     assert_contains(&email.html, "Click here to view your statement</a>");
     assert_not_contains(&email.html, "View it online:");
     assert!(email.attachments.is_empty(), "{:#?}", email.attachments);
@@ -240,10 +207,7 @@ fn attachments_names_types_and_sizes() {
     assert_eq!(email.date, "2027-03-03T10:12:45+01:00");
     assert_eq!(email.message_id, "5E8C2B1F.7070409@kaffeehaus-nord.example.de");
 
-    assert_contains(
-        &email.text,
-        "anbei unsere Bestellung für März als CSV und die Rechnung 2027-0311 als PDF.",
-    );
+    assert_contains(&email.text, "anbei unsere Bestellung für März als CSV und die Rechnung 2027-0311 als PDF.");
     assert_contains(&email.text, "Mit freundlichen Grüßen");
     assert_not_contains(&email.text, "<p>");
     assert_contains(&email.html, "cid:logo.5E8C2B1F@kaffeehaus-nord.example.de");
@@ -273,10 +237,7 @@ fn forwarded_message_rfc822_is_parsed() {
     assert_eq!(email.from[0].address, "lena.hoffmann@example.com");
     assert_eq!(email.date, "2026-11-30T09:12:31+01:00");
     assert_eq!(email.message_id, "c0ffee42-7d1e-4b7a-9f3e-2a1b5c6d7e8f@example.com");
-    assert_contains(
-        &email.text,
-        "Hi team, please refund this one. The original notification is attached.",
-    );
+    assert_contains(&email.text, "Hi team, please refund this one. The original notification is attached.");
     // The forwarded message's body is not the outer body.
     assert_not_contains(&email.text, "Reason given");
 
@@ -291,10 +252,7 @@ fn forwarded_message_rfc822_is_parsed() {
     assert_eq!(inner.to[0].address, "orders@example.com");
     assert_eq!(inner.date, "2026-11-29T21:04:55+01:00");
     assert_eq!(inner.message_id, "order-4711-cancel@shop.example.com");
-    assert_contains(
-        &inner.text,
-        "Order 4711 was cancelled by the customer (john.doe@example.org).",
-    );
+    assert_contains(&inner.text, "Order 4711 was cancelled by the customer (john.doe@example.org).");
     assert_contains(&inner.text, "Amount to refund: 59.90 EUR");
 }
 
@@ -314,11 +272,7 @@ fn malformed_missing_boundary_keeps_body_text() {
     assert_contains(&email.text, "Warning: 3 files were skipped because they were in use.");
     assert_contains(&email.text, "Data size: 18.4 GB, elapsed time 00:41:07");
     assert!(email.attachments.is_empty(), "{:?}", email.attachments);
-    assert!(
-        email.problems.iter().any(|p| p.contains("boundary")),
-        "{:?}",
-        email.problems
-    );
+    assert!(email.problems.iter().any(|p| p.contains("boundary")), "{:?}", email.problems);
 }
 
 #[test]
@@ -332,11 +286,7 @@ fn malformed_bad_charset_is_read_and_reported() {
     assert_contains(&email.text, "Printer: HP-LJ-4OG-East (4th floor, east wing)");
     assert_contains(&email.text, "Black toner level: 5 percent");
     assert_contains(&email.text, "Please replace the cartridge (HP 59A) soon.");
-    assert!(
-        email.problems.iter().any(|p| p.contains("x-no-such-charset")),
-        "{:?}",
-        email.problems
-    );
+    assert!(email.problems.iter().any(|p| p.contains("x-no-such-charset")), "{:?}", email.problems);
 }
 
 #[test]
@@ -351,17 +301,10 @@ fn malformed_truncated_base64_keeps_what_decodes() {
     // complete quanta add 21 more ("The archive cont"); its three trailing characters are a
     // broken quantum.
     assert_contains(&email.text, "Your export of 2,341 contacts is complete.");
-    assert_contains(
-        &email.text,
-        "Download the file within 7 days from https://crm.example.com/exports/88f1c2",
-    );
+    assert_contains(&email.text, "Download the file within 7 days from https://crm.example.com/exports/88f1c2");
     assert_contains(&email.text, "The archive cont");
     assert_not_contains(&email.text, "README");
-    assert!(
-        email.problems.iter().any(|p| p.contains("truncated")),
-        "{:?}",
-        email.problems
-    );
+    assert!(email.problems.iter().any(|p| p.contains("truncated")), "{:?}", email.problems);
 }
 
 #[test]
@@ -373,18 +316,11 @@ fn malformed_8bit_headers_keep_their_ascii() {
     assert_eq!(email.from.len(), 1);
     assert_eq!(email.from[0].address, "joerg.weiss@example.de");
     assert_eq!(email.from[0].name, "Jörg Weiß");
-    assert!(
-        email.problems.iter().any(|p| p.contains("Windows-1252")),
-        "{:?}",
-        email.problems
-    );
+    assert!(email.problems.iter().any(|p| p.contains("Windows-1252")), "{:?}", email.problems);
     assert_eq!(email.to[0].address, "helpdesk@example.de");
     assert_eq!(email.date, "2026-12-02T13:37:00+01:00");
     assert_eq!(email.message_id, "20261202133700.GA4711@ws-jweiss.example.de");
-    assert_contains(
-        &email.text,
-        "der Drucker im 2. OG druckt wieder. Der Papierstau ist behoben.",
-    );
+    assert_contains(&email.text, "der Drucker im 2. OG druckt wieder. Der Papierstau ist behoben.");
     assert_contains(&email.text, "Jörg");
 }
 
@@ -395,10 +331,7 @@ fn malformed_no_headers_is_all_body() {
     assert_eq!(email.message_id, "");
     assert_eq!(email.date, "");
     assert!(email.from.is_empty(), "{:?}", email.from);
-    assert_contains(
-        &email.text,
-        "largest directories: /var/log/journal 14G, /var/lib/docker 9G",
-    );
+    assert_contains(&email.text, "largest directories: /var/log/journal 14G, /var/lib/docker 9G");
     assert_contains(&email.text, "please clean up old logs before the weekend");
     assert!(!email.problems.is_empty());
 }
@@ -419,10 +352,7 @@ fn shop_order_html_only_windows_1252_quoted_printable() {
     // html is the decoded source: soft breaks joined, =3D decoded, 0xE4 → ä, 0x80 → €.
     assert_contains(&email.html, "<td colspan=\"2\">100234</td>");
     assert_contains(&email.html, "<title>Bestellbestätigung</title>");
-    assert_contains(
-        &email.html,
-        "<b>Summe:</b></td><td align=\"right\"><b>1.211,55&nbsp;&euro;</b>",
-    );
+    assert_contains(&email.html, "<b>Summe:</b></td><td align=\"right\"><b>1.211,55&nbsp;&euro;</b>");
     assert_contains(&email.html, "Versandkostenfrei ab 50 € Bestellwert.");
     // text is rendered from it: entities decoded, no markup.
     assert_contains(&email.text, "Hallo Anna Schmidt,");
@@ -439,18 +369,12 @@ fn shop_order_html_only_windows_1252_quoted_printable() {
 #[test]
 fn ups_notice_text_comes_from_the_plain_part() {
     let email = parse(include_bytes!("../fixtures/shipping-ups.eml"));
-    assert_eq!(
-        email.subject,
-        "UPS Update: Package Scheduled for Delivery Tomorrow – Order 4711"
-    );
+    assert_eq!(email.subject, "UPS Update: Package Scheduled for Delivery Tomorrow – Order 4711");
     assert_eq!(email.from[0].address, "pkginfo@ups.com");
     assert_eq!(email.date, "2026-11-30T18:04:37-05:00");
     assert_contains(&email.text, "Tracking Number: 1Z999AA10123456784");
     assert_contains(&email.text, "Scheduled Delivery: Tuesday, 12/01/2026");
-    assert_contains(
-        &email.text,
-        "Track your package: https://www.ups.com/track?loc=en_US&tracknum=1Z999AA10123456784",
-    );
+    assert_contains(&email.text, "Track your package: https://www.ups.com/track?loc=en_US&tracknum=1Z999AA10123456784");
     assert_contains(&email.text, "© 2026 United Parcel Service of America, Inc.");
     assert_not_contains(&email.text, "<strong>");
     assert_contains(&email.html, "Scheduled Delivery: <strong>Tuesday, 12/01/2026</strong>");
@@ -466,19 +390,8 @@ fn cron_mail_headers_and_comment_address() {
     assert_eq!(email.date, "2026-12-01T02:00:01+01:00");
     assert_eq!(email.message_id, "20261201010001.3F1A2C1E0B@batch01.example.com");
     let env: Vec<&str> = email.headers_named("x-cron-env").collect();
-    assert_eq!(
-        env,
-        [
-            "<SHELL=/bin/sh>",
-            "<HOME=/root>",
-            "<PATH=/usr/bin:/bin>",
-            "<LOGNAME=root>"
-        ]
-    );
-    assert_contains(
-        &email.text,
-        "FATAL:  password authentication failed for user \"export\"",
-    );
+    assert_eq!(env, ["<SHELL=/bin/sh>", "<HOME=/root>", "<PATH=/usr/bin:/bin>", "<LOGNAME=root>"]);
+    assert_contains(&email.text, "FATAL:  password authentication failed for user \"export\"");
     assert_contains(&email.text, "nightly-export: export aborted, exit code 3");
 }
 
@@ -498,10 +411,7 @@ fn erp_job_mail_custom_headers() {
 #[test]
 fn monitoring_alert_plain_ascii() {
     let email = parse(include_bytes!("../fixtures/monitoring-problem.eml"));
-    assert_eq!(
-        email.subject,
-        "** PROBLEM Service Alert: web01.example.com/HTTP is CRITICAL **"
-    );
+    assert_eq!(email.subject, "** PROBLEM Service Alert: web01.example.com/HTTP is CRITICAL **");
     assert_eq!(email.from[0].name, "Nagios");
     assert_eq!(email.from[0].address, "nagios@monitor.example.com");
     assert_eq!(email.date, "2026-12-01T09:30:00+01:00");

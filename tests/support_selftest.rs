@@ -19,10 +19,8 @@ const WAIT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------- hook server
 
 async fn post(url: &str, token: Option<&str>, body: &str) -> reqwest::Response {
-    let mut request = support::http_client()
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string());
+    let mut request =
+        support::http_client().post(url).header("content-type", "application/json").body(body.to_string());
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -83,19 +81,13 @@ async fn body_limit_is_kustomers_400kb() {
     assert_eq!(post(&url, None, &json_of_len(400_001)).await.status(), 413);
 
     let all = hook.requests();
-    assert_eq!(
-        all.iter().map(|r| r.body_len).collect::<Vec<_>>(),
-        [399_999, 400_000, 400_001]
-    );
+    assert_eq!(all.iter().map(|r| r.body_len).collect::<Vec<_>>(), [399_999, 400_000, 400_001]);
     assert_eq!(all.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200, 413]);
 }
 
 #[tokio::test]
 async fn body_limit_is_configurable() {
-    let hook = HookServer::start(HookOptions {
-        max_body: 100,
-        ..HookOptions::default()
-    });
+    let hook = HookServer::start(HookOptions { max_body: 100, ..HookOptions::default() });
     assert_eq!(post(&hook.url("/h"), None, &json_of_len(100)).await.status(), 200);
     assert_eq!(post(&hook.url("/h"), None, &json_of_len(101)).await.status(), 413);
 }
@@ -136,10 +128,7 @@ async fn scripted_statuses_are_used_once_in_order() {
     assert_eq!(bad.status(), 400);
     assert!(bad.text().await.unwrap().contains("400"));
     assert_eq!(post(&url, Some("t"), "{}").await.status(), 200);
-    assert_eq!(
-        hook.requests().iter().map(|r| r.status).collect::<Vec<_>>(),
-        [500, 503, 400, 200]
-    );
+    assert_eq!(hook.requests().iter().map(|r| r.status).collect::<Vec<_>>(), [500, 503, 400, 200]);
     assert_eq!(hook.accepted().len(), 1);
 }
 
@@ -176,11 +165,7 @@ async fn down_answers_503_until_back_up() {
     assert_eq!(post(&url, Some("t"), "{}").await.status(), 503);
     assert_eq!(post(&url, None, "{}").await.status(), 503, "down wins over auth");
     hook.set_down(false);
-    assert_eq!(
-        post(&url, Some("t"), "{}").await.status(),
-        500,
-        "queued answer kept while down"
-    );
+    assert_eq!(post(&url, Some("t"), "{}").await.status(), 500, "queued answer kept while down");
     assert_eq!(post(&url, Some("t"), "{}").await.status(), 200);
 }
 
@@ -190,24 +175,12 @@ async fn delay_holds_answers_back_but_requests_are_recorded() {
     hook.set_delay(Duration::from_millis(400));
     let started = Instant::now();
     assert_eq!(post(&hook.url("/h"), None, "{}").await.status(), 200);
-    assert!(
-        started.elapsed() >= Duration::from_millis(400),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
 
     // A client that gives up early still reached the server: it was recorded (and accepted).
     support::init_crypto();
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let err = impatient
-        .post(hook.url("/h"))
-        .body(r#"{"id":"late"}"#)
-        .send()
-        .await
-        .expect_err("client times out");
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().unwrap();
+    let err = impatient.post(hook.url("/h")).body(r#"{"id":"late"}"#).send().await.expect_err("client times out");
     assert!(err.is_timeout(), "{err}");
     let accepted = hook.wait_for_accepted(2, WAIT);
     assert_eq!(accepted[1].json, Some(json!({"id": "late"})));
@@ -276,10 +249,7 @@ async fn wait_for_accepted_panics_listing_what_arrived() {
 #[test]
 fn wait_message_lists_the_requests() {
     let hook = HookServer::with_token("t");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(post(&hook.url("/v1/hooks/web/z"), None, r#"{"id":"x1"}"#));
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         hook.wait_for_accepted(1, Duration::from_millis(100));
@@ -309,10 +279,7 @@ fn servers_stop_when_dropped() {
 fn urls_are_loopback() {
     let hook = HookServer::start(HookOptions::default());
     let port = hook.addr().port();
-    assert_eq!(
-        hook.url("/v1/hooks/web/abc"),
-        format!("http://127.0.0.1:{port}/v1/hooks/web/abc")
-    );
+    assert_eq!(hook.url("/v1/hooks/web/abc"), format!("http://127.0.0.1:{port}/v1/hooks/web/abc"));
     assert_eq!(hook.url("x"), format!("http://127.0.0.1:{port}/x"));
     let sink = SmtpSink::start(SmtpOptions::default());
     assert_eq!(sink.relay_url(), format!("smtp://127.0.0.1:{}", sink.port()));
@@ -371,10 +338,7 @@ async fn lettre_delivers_html_email_and_json_ld_reads_it_back() {
         "fields": {"order_id": 42, "tracking": "1Z999AA10123456784"},
         "text": "line 1\n.line starting with a dot\n"
     });
-    transport(&sink)
-        .send(hook_email("KEY-abc_123", &payload))
-        .await
-        .expect("lettre sends");
+    transport(&sink).send(hook_email("KEY-abc_123", &payload)).await.expect("lettre sends");
 
     let messages = sink.wait_for_messages(1, WAIT);
     let m = &messages[0];
@@ -439,19 +403,13 @@ async fn lettre_auth_plain_and_login_on_a_plain_connection() {
 async fn dropped_connections_fail_then_recover() {
     let sink = SmtpSink::start(SmtpOptions::default());
     sink.set_drop_connections(true);
-    let e = transport(&sink)
-        .send(simple_email())
-        .await
-        .expect_err("connection dropped");
+    let e = transport(&sink).send(simple_email()).await.expect_err("connection dropped");
     assert!(!e.is_permanent(), "{e:?}");
     assert!(sink.connections() >= 1);
     assert!(sink.messages().is_empty());
 
     sink.set_drop_connections(false);
-    transport(&sink)
-        .send(simple_email())
-        .await
-        .expect("sends once connections are kept");
+    transport(&sink).send(simple_email()).await.expect("sends once connections are kept");
     assert_eq!(sink.messages().len(), 1);
 }
 
@@ -472,10 +430,7 @@ impl RawSmtp {
     fn connect(sink: &SmtpSink) -> RawSmtp {
         let stream = TcpStream::connect(sink.addr()).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        let mut raw = RawSmtp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
+        let mut raw = RawSmtp { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
         assert_eq!(raw.reply().0, 220);
         raw
     }
@@ -515,10 +470,7 @@ fn raw_protocol_without_auth() {
         assert!(ehlo.iter().any(|l| l == ext), "{ehlo:?}");
     }
     assert!(ehlo.iter().any(|l| l.starts_with("SIZE ")), "{ehlo:?}");
-    assert!(
-        !ehlo.iter().any(|l| l.starts_with("STARTTLS") || l.starts_with("AUTH")),
-        "{ehlo:?}"
-    );
+    assert!(!ehlo.iter().any(|l| l.starts_with("STARTTLS") || l.starts_with("AUTH")), "{ehlo:?}");
 
     assert_eq!(c.cmd("AUTH PLAIN AHUAcA==").0, 503, "AUTH not offered");
     assert_eq!(c.cmd("RCPT TO:<a@example.com>").0, 503, "RCPT before MAIL");
@@ -591,10 +543,7 @@ fn raw_protocol_with_auth() {
 
 #[test]
 fn oversized_message_is_552() {
-    let sink = SmtpSink::start(SmtpOptions {
-        max_size: 64,
-        ..SmtpOptions::default()
-    });
+    let sink = SmtpSink::start(SmtpOptions { max_size: 64, ..SmtpOptions::default() });
     let mut c = RawSmtp::connect(&sink);
     c.cmd("EHLO client.test");
     assert_eq!(c.cmd("MAIL FROM:<s@example.com>").0, 250);
@@ -619,11 +568,7 @@ fn json_ld_accepts_any_attribute_order_and_quotes() {
         r#"<script type=application/ld+json data-kustomer-key=K1>{"a":1}</script>"#,
     ];
     for html in cases {
-        assert_eq!(
-            json_ld_in_html(html),
-            Some(("K1".to_string(), json!({"a": 1}))),
-            "{html}"
-        );
+        assert_eq!(json_ld_in_html(html), Some(("K1".to_string(), json!({"a": 1}))), "{html}");
     }
 }
 
@@ -633,10 +578,7 @@ fn json_ld_handles_escaped_script_end_and_skips_other_scripts() {
         <script type="application/ld+json">{"no":"key"}</script>
         <script type="text/javascript" data-kustomer-key="X">{"wrong":"type"}</script>
         <script type="application/ld+json" data-kustomer-key="a&amp;b">{"t":"<\/script> and <\/p>"}</script>"#;
-    assert_eq!(
-        json_ld_in_html(html),
-        Some(("a&b".to_string(), json!({"t": "</script> and </p>"})))
-    );
+    assert_eq!(json_ld_in_html(html), Some(("a&b".to_string(), json!({"t": "</script> and </p>"}))));
     assert_eq!(json_ld_in_html("<p>no script here</p>"), None);
 }
 

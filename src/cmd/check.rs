@@ -13,11 +13,7 @@ pub fn run(config_path: &Path) -> Exit {
             for e in &errors {
                 eprintln!("{e}");
             }
-            eprintln!(
-                "{} error{} in config",
-                errors.len(),
-                if errors.len() == 1 { "" } else { "s" }
-            );
+            eprintln!("{} error{} in config", errors.len(), if errors.len() == 1 { "" } else { "s" });
             return Exit::Config;
         }
     };
@@ -54,13 +50,7 @@ pub fn run(config_path: &Path) -> Exit {
         println!("  lmtp: {}", lmtp.listen.join(", "));
     }
     for imap in &config.imap {
-        println!(
-            "  imap {}: {}@{} {}",
-            imap.name,
-            imap.user,
-            imap.host,
-            imap.folders.join(", ")
-        );
+        println!("  imap {}: {}@{} {}", imap.name, imap.user, imap.host, imap.folders.join(", "));
     }
     println!("  spool: {}", config.resolve(&config.spool.dir).display());
     Exit::Ok

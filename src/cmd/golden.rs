@@ -70,10 +70,7 @@ pub fn run(opts: &TestOptions) -> Exit {
             CaseResult::Missing => {
                 failed += 1;
                 exit = exit.max(Exit::Failed);
-                println!(
-                    "MISSING {name}: no {} (run `mailhook test --update` to create it)",
-                    golden.display()
-                );
+                println!("MISSING {name}: no {} (run `mailhook test --update` to create it)", golden.display());
             }
             CaseResult::Unreadable(e) => {
                 failed += 1;
@@ -150,10 +147,7 @@ pub fn run_case(rules: &crate::rules::RuleSet, eml: &Path, golden: &Path, update
     if expected == actual {
         CaseResult::Pass
     } else {
-        CaseResult::Mismatch {
-            expected: sorted_pretty(&expected),
-            actual: sorted_pretty(&actual),
-        }
+        CaseResult::Mismatch { expected: sorted_pretty(&expected), actual: sorted_pretty(&actual) }
     }
 }
 

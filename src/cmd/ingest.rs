@@ -27,18 +27,10 @@ pub fn run(opts: &IngestOptions<'_>, input: &mut dyn Read) -> Exit {
     };
     let dir = config.resolve(&config.spool.dir);
     if !dir.is_dir() {
-        eprintln!(
-            "mailhook ingest: spool directory {} does not exist (mailhook serve creates it)",
-            dir.display()
-        );
+        eprintln!("mailhook ingest: spool directory {} does not exist (mailhook serve creates it)", dir.display());
         return Exit::TempFail;
     }
-    let spool = match Spool::open(
-        &dir,
-        SpoolOptions {
-            fsync: config.spool.fsync,
-        },
-    ) {
+    let spool = match Spool::open(&dir, SpoolOptions { fsync: config.spool.fsync }) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mailhook ingest: cannot use the spool: {e}");

@@ -64,11 +64,9 @@ impl RulesSource {
             None => None,
         };
         let (dir, unmatched) = match (&self.rules_dir, &config) {
-            (Some(dir), c) => (
-                dir.clone(),
-                c.as_ref()
-                    .map_or(Unmatched::Dead, |c| Unmatched::from_config(&c.rules.unmatched)),
-            ),
+            (Some(dir), c) => {
+                (dir.clone(), c.as_ref().map_or(Unmatched::Dead, |c| Unmatched::from_config(&c.rules.unmatched)))
+            }
             (None, Some(c)) => (c.resolve(&c.rules.dir), Unmatched::from_config(&c.rules.unmatched)),
             (None, None) => (PathBuf::from("rules"), Unmatched::Dead),
         };
@@ -91,11 +89,7 @@ pub fn print_rule_errors(errors: &[RuleError]) {
     for e in errors {
         eprintln!("{e}");
     }
-    eprintln!(
-        "{} error{} in rules; nothing was loaded",
-        errors.len(),
-        if errors.len() == 1 { "" } else { "s" }
-    );
+    eprintln!("{} error{} in rules; nothing was loaded", errors.len(), if errors.len() == 1 { "" } else { "s" });
 }
 
 /// The envelope a message is judged with outside a server (`try`, `test`): what a sidecar
@@ -133,13 +127,7 @@ impl EnvelopeSpec {
         envelope.mail_from = self.mail_from.clone();
         envelope.recipients = match &self.recipients {
             Some(r) => r.clone(),
-            None => email
-                .to
-                .iter()
-                .chain(&email.cc)
-                .map(|a| a.address.clone())
-                .filter(|a| !a.is_empty())
-                .collect(),
+            None => email.to.iter().chain(&email.cc).map(|a| a.address.clone()).filter(|a| !a.is_empty()).collect(),
         };
         Ok(envelope)
     }

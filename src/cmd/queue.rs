@@ -25,13 +25,7 @@ fn open(config_path: &Path) -> Result<(Config, Spool), Exit> {
         eprintln!("spool directory {} does not exist", dir.display());
         return Err(Exit::TempFail);
     }
-    let spool = Spool::open(
-        &dir,
-        SpoolOptions {
-            fsync: config.spool.fsync,
-        },
-    )
-    .map_err(|e| {
+    let spool = Spool::open(&dir, SpoolOptions { fsync: config.spool.fsync }).map_err(|e| {
         eprintln!("{e}");
         Exit::TempFail
     })?;
@@ -129,11 +123,7 @@ pub fn list(config_path: &Path, as_json: bool) -> Exit {
             age(r["age_seconds"].as_u64().unwrap_or(0)),
             r["attempts"],
             s("rule"),
-            if s("destinations").is_empty() {
-                "-".into()
-            } else {
-                s("destinations")
-            },
+            if s("destinations").is_empty() { "-".into() } else { s("destinations") },
             err
         );
     }
@@ -162,10 +152,8 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
         Err(code) => return code,
     };
     let raw = spool.read_raw(id).unwrap_or_default();
-    let header_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .or_else(|| raw.windows(2).position(|w| w == b"\n\n"));
+    let header_end =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| raw.windows(2).position(|w| w == b"\n\n"));
     let headers = String::from_utf8_lossy(&raw[..header_end.unwrap_or(raw.len())]).replace("\r\n", "\n");
 
     // The payload that would be sent: the stored decision's, or what the current rules say.
@@ -201,21 +189,14 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
         println!("next try:    {next}");
     }
     if let Some(d) = &meta.decision {
-        println!(
-            "rule:        {} (decided {})",
-            d.rule.as_deref().unwrap_or("(none: unmatched)"),
-            d.decided_at
-        );
+        println!("rule:        {} (decided {})", d.rule.as_deref().unwrap_or("(none: unmatched)"), d.decided_at);
         for (name, s) in &d.destinations {
             println!(
                 "  {name}: {}, {} attempt{}{}",
                 format!("{:?}", s.state).to_lowercase(),
                 s.attempts,
                 if s.attempts == 1 { "" } else { "s" },
-                s.last_error
-                    .as_deref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
+                s.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default()
             );
         }
     }
@@ -228,11 +209,7 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
     if let Some(p) = payload {
         println!(
             "\npayload ({}):\n{}",
-            if judged_now {
-                "as the current rules would build it"
-            } else {
-                "as decided"
-            },
+            if judged_now { "as the current rules would build it" } else { "as decided" },
             serde_json::to_string_pretty(&p).expect("JSON serialises")
         );
     }

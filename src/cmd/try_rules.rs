@@ -56,11 +56,7 @@ pub fn run(opts: &TryOptions) -> Exit {
         line.insert("file".into(), Json::String(file.display().to_string()));
         line.extend(outcome_json(&email, &outcome));
         let line = Json::Object(line);
-        let text = if opts.pretty {
-            serde_json::to_string_pretty(&line)
-        } else {
-            serde_json::to_string(&line)
-        };
+        let text = if opts.pretty { serde_json::to_string_pretty(&line) } else { serde_json::to_string(&line) };
         if writeln!(out, "{}", text.expect("a JSON value always serialises")).is_err() {
             return exit; // stdout closed (e.g. piped into head): nothing more to say
         }

@@ -81,10 +81,7 @@ pub struct SpoolConfig {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        SpoolConfig {
-            dir: default_spool_dir(),
-            fsync: true,
-        }
+        SpoolConfig { dir: default_spool_dir(), fsync: true }
     }
 }
 
@@ -104,10 +101,7 @@ pub struct RulesConfig {
 
 impl Default for RulesConfig {
     fn default() -> Self {
-        RulesConfig {
-            dir: default_rules_dir(),
-            unmatched: default_unmatched(),
-        }
+        RulesConfig { dir: default_rules_dir(), unmatched: default_unmatched() }
     }
 }
 
@@ -152,10 +146,7 @@ fn default_max_size() -> bytesize::ByteSize {
     bytesize::ByteSize::mb(25)
 }
 fn default_allow() -> Vec<ipnet::IpNet> {
-    vec![
-        "127.0.0.0/8".parse().expect("literal"),
-        "::1/128".parse().expect("literal"),
-    ]
+    vec!["127.0.0.0/8".parse().expect("literal"), "::1/128".parse().expect("literal")]
 }
 fn default_max_connections() -> usize {
     1000
@@ -388,10 +379,7 @@ pub struct BackoffConfig {
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        BackoffConfig {
-            initial: default_backoff_initial(),
-            max: default_backoff_max(),
-        }
+        BackoffConfig { initial: default_backoff_initial(), max: default_backoff_max() }
     }
 }
 
@@ -441,18 +429,10 @@ impl Config {
     /// for `${VAR}`. Returns every error found.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError {
-                file: path.to_path_buf(),
-                key: String::new(),
-                message: format!("cannot read: {e}"),
-            }]
+            vec![ConfigError { file: path.to_path_buf(), key: String::new(), message: format!("cannot read: {e}") }]
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         Config::parse(&text, path, &base, &|name| std::env::var(name).ok())
     }
 
@@ -463,11 +443,7 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, Vec<ConfigError>> {
-        let error = |key: String, message: String| ConfigError {
-            file: file.to_path_buf(),
-            key,
-            message,
-        };
+        let error = |key: String, message: String| ConfigError { file: file.to_path_buf(), key, message };
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| vec![error(String::new(), e.to_string().trim_end().to_string())])?;
@@ -507,11 +483,7 @@ impl Config {
 
     /// Resolves a path from the config against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.base_dir.join(path)
-        }
+        if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
     }
 
     /// Checks what the types cannot; returns `(key, message)` for every problem.
@@ -536,18 +508,12 @@ impl Config {
             for (i, addr) in l.listen.iter().enumerate() {
                 match addr.parse::<SocketAddr>() {
                     Ok(a) => all_loopback &= a.ip().is_loopback(),
-                    Err(_) => err(
-                        format!("{section}.listen[{i}]"),
-                        format!("{addr:?} is not an IP:port address"),
-                    ),
+                    Err(_) => err(format!("{section}.listen[{i}]"), format!("{addr:?} is not an IP:port address")),
                 }
             }
             for (i, re) in l.recipients.iter().enumerate() {
                 if let Err(e) = regex::Regex::new(re) {
-                    err(
-                        format!("{section}.recipients[{i}]"),
-                        format!("invalid regex: {}", one_line(&e.to_string())),
-                    );
+                    err(format!("{section}.recipients[{i}]"), format!("invalid regex: {}", one_line(&e.to_string())));
                 }
             }
             if let Some(auth) = &l.auth {
@@ -564,10 +530,7 @@ impl Config {
             if let Some(tls) = &l.tls {
                 for (k, p) in [("cert", &tls.cert), ("key", &tls.key)] {
                     if !self.resolve(p).is_file() {
-                        err(
-                            format!("{section}.tls.{k}"),
-                            format!("{} is not a readable file", p.display()),
-                        );
+                        err(format!("{section}.tls.{k}"), format!("{} is not a readable file", p.display()));
                     }
                 }
             }
@@ -585,26 +548,18 @@ impl Config {
             if imap.name.trim().is_empty() || imap.name.contains('/') {
                 err(format!("{at}.name"), "must be non-empty and contain no '/'".into());
             } else if !names.insert(imap.name.as_str()) {
-                err(
-                    format!("{at}.name"),
-                    format!("{:?} is used by another [[imap]] account", imap.name),
-                );
+                err(format!("{at}.name"), format!("{:?} is used by another [[imap]] account", imap.name));
             }
             if imap.tls == ImapTls::None && !is_loopback_host(&imap.host) {
-                err(
-                    format!("{at}.tls"),
-                    format!("\"none\" is only allowed to a loopback host, not {:?}", imap.host),
-                );
+                err(format!("{at}.tls"), format!("\"none\" is only allowed to a loopback host, not {:?}", imap.host));
             }
             match imap.auth {
-                ImapAuth::Login | ImapAuth::Plain if imap.password.is_none() => err(
-                    format!("{at}.password"),
-                    "is required for LOGIN/PLAIN authentication".into(),
-                ),
-                ImapAuth::Xoauth2 if imap.token_file.is_none() == imap.token_command.is_none() => err(
-                    format!("{at}.auth"),
-                    "xoauth2 needs exactly one of token_file or token_command".into(),
-                ),
+                ImapAuth::Login | ImapAuth::Plain if imap.password.is_none() => {
+                    err(format!("{at}.password"), "is required for LOGIN/PLAIN authentication".into())
+                }
+                ImapAuth::Xoauth2 if imap.token_file.is_none() == imap.token_command.is_none() => {
+                    err(format!("{at}.auth"), "xoauth2 needs exactly one of token_file or token_command".into())
+                }
                 _ => {}
             }
             if imap.folders.is_empty() {
@@ -628,10 +583,7 @@ impl Config {
         if let Some(admin) = &self.admin
             && admin.listen.parse::<SocketAddr>().is_err()
         {
-            err(
-                "admin.listen".into(),
-                format!("{:?} is not an IP:port address", admin.listen),
-            );
+            err("admin.listen".into(), format!("{:?} is not an IP:port address", admin.listen));
         }
         errs
     }
@@ -654,31 +606,19 @@ fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(
     let (required, allowed): (&[&str], &[&str]) = match d.kind {
         KustomerWebHook => (&["url", "token"], &["url", "token"]),
         KustomerFormHook => (&["url"], &["url"]),
-        KustomerEmailHook => (
-            &["address", "key", "relay", "from"],
-            &["address", "key", "relay", "from", "username"],
-        ),
+        KustomerEmailHook => (&["address", "key", "relay", "from"], &["address", "key", "relay", "from", "username"]),
         Webhook => (&["url"], &["url", "headers"]),
         File => (&["path"], &["path"]),
     };
     for (key, is_set) in present {
         if is_set && !allowed.contains(&key) {
-            err(
-                format!("{at}.{key}"),
-                format!("is not used by type {:?}", d.kind.name()),
-            );
+            err(format!("{at}.{key}"), format!("is not used by type {:?}", d.kind.name()));
         } else if !is_set && required.contains(&key) {
-            err(
-                format!("{at}.{key}"),
-                format!("is required for type {:?}", d.kind.name()),
-            );
+            err(format!("{at}.{key}"), format!("is required for type {:?}", d.kind.name()));
         }
     }
     if d.password.is_some() && d.kind != KustomerEmailHook {
-        err(
-            format!("{at}.password"),
-            format!("is not used by type {:?}", d.kind.name()),
-        );
+        err(format!("{at}.password"), format!("is not used by type {:?}", d.kind.name()));
     }
     if d.password.is_some() != d.username.is_some() && d.kind == KustomerEmailHook {
         err(format!("{at}.username"), "username and password go together".into());
@@ -691,10 +631,7 @@ fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(
     if let Some(relay) = &d.relay
         && !(relay.starts_with("smtp://") || relay.starts_with("smtps://"))
     {
-        err(
-            format!("{at}.relay"),
-            "must be smtp://host[:port] or smtps://host[:port]".into(),
-        );
+        err(format!("{at}.relay"), "must be smtp://host[:port] or smtps://host[:port]".into());
     }
     for (key, value) in [("address", &d.address), ("from", &d.from)] {
         if let Some(v) = value
@@ -735,11 +672,7 @@ fn mask_values(mut message: String, values: &[String]) -> String {
 
 /// Joins a multi-line error message into one line.
 pub(crate) fn one_line(s: &str) -> String {
-    s.split('\n')
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+    s.split('\n').map(str::trim_end).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 fn expand_value(

@@ -27,9 +27,8 @@ impl Rate {
         if s == "off" || s == "unlimited" {
             return Ok(Rate::unlimited());
         }
-        let (n, unit) = s
-            .split_once('/')
-            .ok_or_else(|| format!("expected a rate like \"1000/min\" or \"off\", found {s:?}"))?;
+        let (n, unit) =
+            s.split_once('/').ok_or_else(|| format!("expected a rate like \"1000/min\" or \"off\", found {s:?}"))?;
         let n: f64 = n
             .trim()
             .parse()

@@ -7,10 +7,7 @@ fn parse_with(text: &str, vars: &[(&str, &str)]) -> Result<Config, Vec<ConfigErr
 }
 
 fn messages(r: Result<Config, Vec<ConfigError>>) -> Vec<String> {
-    r.expect_err("config should be refused")
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    r.expect_err("config should be refused").iter().map(ToString::to_string).collect()
 }
 
 const FULL: &str = r#"
@@ -93,10 +90,7 @@ fn the_design_example_parses() {
     assert_eq!(c.smtp.as_ref().unwrap().max_size, bytesize::ByteSize::mb(25));
     assert_eq!(c.imap[0].after, After::Move("Processed".into()));
     assert_eq!(c.imap[0].password.as_ref().unwrap().expose(), "imap-secret");
-    assert_eq!(
-        c.destination["kustomer-orders"].token.as_ref().unwrap().expose(),
-        "tok-secret"
-    );
+    assert_eq!(c.destination["kustomer-orders"].token.as_ref().unwrap().expose(), "tok-secret");
     assert_eq!(c.destination["ops"].headers["X-Api-Key"].expose(), "ops-secret");
     assert_eq!(c.delivery.retry_for, Duration::from_secs(3 * 86400));
     assert_eq!(c.delivery.max_body, bytesize::ByteSize::kb(400));
@@ -117,14 +111,8 @@ fn secrets_do_not_show_in_debug() {
 fn every_unset_variable_is_named() {
     let errs = messages(parse_with(FULL, &[("OPS_KEY", "x")]));
     assert_eq!(errs.len(), 3, "{errs:#?}");
-    assert!(
-        errs.iter()
-            .any(|e| e.contains("imap[0].password") && e.contains("IMAP_PASSWORD is not set"))
-    );
-    assert!(
-        errs.iter()
-            .any(|e| e.contains("destination.kustomer-orders.token") && e.contains("KUSTOMER_HOOK_TOKEN"))
-    );
+    assert!(errs.iter().any(|e| e.contains("imap[0].password") && e.contains("IMAP_PASSWORD is not set")));
+    assert!(errs.iter().any(|e| e.contains("destination.kustomer-orders.token") && e.contains("KUSTOMER_HOOK_TOKEN")));
     assert!(errs.iter().any(|e| e.contains("destination.kustomer-email.key")));
 }
 
@@ -138,10 +126,7 @@ fn empty_variable_is_kept_and_dollar_escapes() {
 
 #[test]
 fn unknown_key_is_named() {
-    let errs = messages(parse_with(
-        "[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_sise = \"1MB\"\n",
-        &[],
-    ));
+    let errs = messages(parse_with("[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_sise = \"1MB\"\n", &[]));
     assert_eq!(errs.len(), 1);
     assert!(errs[0].contains("smtp") && errs[0].contains("max_sise"), "{}", errs[0]);
 }
@@ -151,11 +136,7 @@ fn bad_value_names_its_key() {
     let errs = messages(parse_with("[delivery]\ntimeout = \"ten seconds\"\n", &[]));
     assert!(errs[0].contains("delivery.timeout"), "{}", errs[0]);
     let errs = messages(parse_with("[delivery]\nrate = \"10/fortnight\"\n", &[]));
-    assert!(
-        errs[0].contains("delivery.rate") && errs[0].contains("fortnight"),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].contains("delivery.rate") && errs[0].contains("fortnight"), "{}", errs[0]);
 }
 
 #[test]
@@ -224,14 +205,8 @@ fn values_from_the_environment_are_masked_in_errors() {
     ));
     assert!(errs[0].contains("delivery.concurrency"), "{errs:?}");
     for e in &errs {
-        assert!(
-            !e.contains("hunter2-secret") && !e.contains("pw-9876"),
-            "secret leaked: {e}"
-        );
+        assert!(!e.contains("hunter2-secret") && !e.contains("pw-9876"), "secret leaked: {e}");
     }
-    let errs = messages(parse_with(
-        "[admin]\nlisten = \"${SECRET2}\"\n",
-        &[("SECRET2", "pw-9876")],
-    ));
+    let errs = messages(parse_with("[admin]\nlisten = \"${SECRET2}\"\n", &[("SECRET2", "pw-9876")]));
     assert!(errs[0].contains("admin.listen") && errs[0].contains("***"), "{errs:?}");
 }

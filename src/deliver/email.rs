@@ -36,11 +36,9 @@ pub fn parse_relay(relay: &str) -> Result<(bool, String, u16), String> {
     let rest = rest.trim_end_matches('/');
     let default_port = if implicit { 465 } else { 25 };
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("relay {relay:?}: bad port {p:?}"))?,
-        ),
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| format!("relay {relay:?}: bad port {p:?}"))?)
+        }
         _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -64,33 +62,14 @@ impl EmailHook {
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
             .timeout(Some(timeout))
-            .tls(if implicit {
-                Tls::Wrapper(tls)
-            } else {
-                Tls::Opportunistic(tls)
-            });
+            .tls(if implicit { Tls::Wrapper(tls) } else { Tls::Opportunistic(tls) });
         if let (Some(user), Some(pass)) = (&d.username, &d.password) {
             builder = builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
         }
-        let from: Mailbox = d
-            .from
-            .as_deref()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| format!("from: {e}"))?;
-        let to: Mailbox = d
-            .address
-            .as_deref()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| format!("address: {e}"))?;
+        let from: Mailbox = d.from.as_deref().unwrap_or_default().parse().map_err(|e| format!("from: {e}"))?;
+        let to: Mailbox = d.address.as_deref().unwrap_or_default().parse().map_err(|e| format!("address: {e}"))?;
         let key = d.key.as_ref().ok_or("key is missing")?.expose().to_string();
-        Ok(EmailHook {
-            transport: builder.build(),
-            from,
-            to,
-            key,
-        })
+        Ok(EmailHook { transport: builder.build(), from, to, key })
     }
 
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
@@ -105,20 +84,13 @@ impl EmailHook {
         let message = match message {
             Ok(m) => m,
             Err(e) => {
-                return Attempt::Fail {
-                    reason: format!("cannot build the email: {e}"),
-                };
+                return Attempt::Fail { reason: format!("cannot build the email: {e}") };
             }
         };
         match self.transport.send(message).await {
             Ok(_) => Attempt::Done,
-            Err(e) if e.is_permanent() => Attempt::Fail {
-                reason: format!("relay refused: {e}"),
-            },
-            Err(e) => Attempt::Retry {
-                after: None,
-                reason: format!("relay: {e}"),
-            },
+            Err(e) if e.is_permanent() => Attempt::Fail { reason: format!("relay refused: {e}") },
+            Err(e) => Attempt::Retry { after: None, reason: format!("relay: {e}") },
         }
     }
 }
@@ -141,18 +113,9 @@ mod tests {
 
     #[test]
     fn relay_urls() {
-        assert_eq!(
-            parse_relay("smtp://smtp.example.com:587").unwrap(),
-            (false, "smtp.example.com".into(), 587)
-        );
-        assert_eq!(
-            parse_relay("smtps://smtp.example.com").unwrap(),
-            (true, "smtp.example.com".into(), 465)
-        );
-        assert_eq!(
-            parse_relay("smtp://127.0.0.1:2525/").unwrap(),
-            (false, "127.0.0.1".into(), 2525)
-        );
+        assert_eq!(parse_relay("smtp://smtp.example.com:587").unwrap(), (false, "smtp.example.com".into(), 587));
+        assert_eq!(parse_relay("smtps://smtp.example.com").unwrap(), (true, "smtp.example.com".into(), 465));
+        assert_eq!(parse_relay("smtp://127.0.0.1:2525/").unwrap(), (false, "127.0.0.1".into(), 2525));
         assert_eq!(parse_relay("smtp://[::1]:25").unwrap(), (false, "::1".into(), 25));
         assert!(parse_relay("http://x").is_err());
         assert!(parse_relay("smtp://host:port").is_err());
@@ -165,13 +128,7 @@ mod tests {
         let html = html_body("k\"ey", json);
         assert_eq!(html.matches("</script>").count(), 1, "{html}");
         assert!(html.contains("data-kustomer-key=\"k&quot;ey\""));
-        let inner = html
-            .split_once("data-kustomer-key=\"k&quot;ey\">")
-            .unwrap()
-            .1
-            .split_once("</script>")
-            .unwrap()
-            .0;
+        let inner = html.split_once("data-kustomer-key=\"k&quot;ey\">").unwrap().1.split_once("</script>").unwrap().0;
         let back: serde_json::Value = serde_json::from_str(inner).unwrap();
         assert_eq!(back["text"], "</script><script>alert(1)</script>");
     }

@@ -17,15 +17,9 @@ impl FileDestination {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(FileDestination {
-            path: path.to_path_buf(),
-            file: Arc::new(Mutex::new(file)),
-        })
+        let file =
+            OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(FileDestination { path: path.to_path_buf(), file: Arc::new(Mutex::new(file)) })
     }
 
     pub async fn send(&self, body: &[u8]) -> Attempt {
@@ -41,14 +35,8 @@ impl FileDestination {
         .await;
         match result {
             Ok(Ok(())) => Attempt::Done,
-            Ok(Err(e)) => Attempt::Retry {
-                after: None,
-                reason: format!("{}: {e}", self.path.display()),
-            },
-            Err(e) => Attempt::Retry {
-                after: None,
-                reason: format!("{}: {e}", self.path.display()),
-            },
+            Ok(Err(e)) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
+            Err(e) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
         }
     }
 }

@@ -57,19 +57,10 @@ impl HttpDestination {
         if let Ok(v) = HeaderValue::from_str(id) {
             headers.insert("idempotency-key", v);
         }
-        let response = self
-            .client
-            .post(&self.url)
-            .headers(headers)
-            .body(body.to_vec())
-            .send()
-            .await;
+        let response = self.client.post(&self.url).headers(headers).body(body.to_vec()).send().await;
         match response {
             Ok(r) => classify(r).await,
-            Err(e) => Attempt::Retry {
-                after: None,
-                reason: describe(&e),
-            },
+            Err(e) => Attempt::Retry { after: None, reason: describe(&e) },
         }
     }
 }
@@ -100,19 +91,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             return Some(at.duration_since(now).unwrap_or_default());
         }
     }
-    let reset = headers
-        .get("x-ratelimit-reset")
-        .and_then(|v| v.to_str().ok())?
-        .trim()
-        .parse::<f64>()
-        .ok()?;
+    let reset = headers.get("x-ratelimit-reset").and_then(|v| v.to_str().ok())?.trim().parse::<f64>().ok()?;
     if !reset.is_finite() || reset < 0.0 {
         return None;
     }
-    let unix = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let unix = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let secs = if reset > 1e12 {
         reset / 1000.0 - unix
     } else if reset > 1e9 {
@@ -140,11 +123,7 @@ fn describe(e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    if detail.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
+    if detail.is_empty() { kind.to_string() } else { format!("{kind}: {detail}") }
 }
 
 #[cfg(test)]
@@ -162,27 +141,12 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "7")]), now),
-            Some(Duration::from_secs(7))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "7")]), now), Some(Duration::from_secs(7)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", &date)]), now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("x-ratelimit-reset", "12")]), now),
-            Some(Duration::from_secs(12))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("x-ratelimit-reset", "1800000020")]), now),
-            Some(Duration::from_secs(20))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("x-ratelimit-reset", "1800000005000")]), now),
-            Some(Duration::from_secs(5))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", &date)]), now), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after(&headers(&[("x-ratelimit-reset", "12")]), now), Some(Duration::from_secs(12)));
+        assert_eq!(retry_after(&headers(&[("x-ratelimit-reset", "1800000020")]), now), Some(Duration::from_secs(20)));
+        assert_eq!(retry_after(&headers(&[("x-ratelimit-reset", "1800000005000")]), now), Some(Duration::from_secs(5)));
         assert_eq!(
             retry_after(&headers(&[("retry-after", "3"), ("x-ratelimit-reset", "60")]), now),
             Some(Duration::from_secs(3))

@@ -59,10 +59,7 @@ pub enum Destination {
 impl Destination {
     /// Builds the destination `name` from its config.
     pub fn build(name: &str, d: &DestinationConfig, config: &Config) -> Result<Destination, BuildError> {
-        let err = |message: String| BuildError {
-            name: name.to_string(),
-            message,
-        };
+        let err = |message: String| BuildError { name: name.to_string(), message };
         let timeout = d.timeout.unwrap_or(config.delivery.timeout);
         let ca = d.ca_file.as_ref().map(|p| config.resolve(p));
         Ok(match d.kind {
@@ -91,15 +88,7 @@ impl Destination {
 
 /// The first `n` characters of a response body, on one line, for error messages.
 pub(crate) fn body_start(body: &str, n: usize) -> String {
-    let one_line: String = body
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(n)
-        .collect();
+    let one_line: String = body.chars().map(|c| if c.is_control() { ' ' } else { c }).take(n).collect();
     let one_line = one_line.trim().to_string();
-    if body.chars().count() > n {
-        format!("{one_line}…")
-    } else {
-        one_line
-    }
+    if body.chars().count() > n { format!("{one_line}…") } else { one_line }
 }

@@ -23,11 +23,7 @@ impl Bucket {
         let per_second = rate.per_second();
         Bucket {
             per_second,
-            state: Mutex::new(BucketState {
-                tokens: capacity(per_second),
-                last: Instant::now(),
-                paused_until: None,
-            }),
+            state: Mutex::new(BucketState { tokens: capacity(per_second), last: Instant::now(), paused_until: None }),
         }
     }
 
@@ -97,10 +93,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_a_cap() {
-        let c = BackoffConfig {
-            initial: Duration::from_secs(5),
-            max: Duration::from_secs(60),
-        };
+        let c = BackoffConfig { initial: Duration::from_secs(5), max: Duration::from_secs(60) };
         for _ in 0..100 {
             let d1 = backoff(&c, 1).as_secs_f64();
             assert!((2.5..=5.0).contains(&d1), "{d1}");
@@ -120,10 +113,7 @@ mod tests {
             b.acquire().await;
         }
         let elapsed = start.elapsed().as_secs_f64();
-        assert!(
-            (1.9..=2.1).contains(&elapsed),
-            "30 tokens at 10/s with a burst of 10 took {elapsed}s"
-        );
+        assert!((1.9..=2.1).contains(&elapsed), "30 tokens at 10/s with a burst of 10 took {elapsed}s");
     }
 
     #[tokio::test(start_paused = true)]

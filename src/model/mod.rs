@@ -42,10 +42,7 @@ impl Source {
             _ => {
                 let rest = s.strip_prefix("imap:")?;
                 let (account, folder) = rest.split_once('/')?;
-                Some(Source::Imap {
-                    account: account.to_string(),
-                    folder: folder.to_string(),
-                })
+                Some(Source::Imap { account: account.to_string(), folder: folder.to_string() })
             }
         }
     }
@@ -173,18 +170,12 @@ pub struct Email {
 impl Email {
     /// The first value of header `name` (case-insensitive), if any.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str())
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
     }
 
     /// Every value of header `name` (case-insensitive), in message order.
     pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str())
+        self.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
     }
 }
 

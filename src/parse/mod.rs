@@ -44,9 +44,7 @@ pub fn parse(raw: &[u8]) -> Email {
         None => return body_only(raw),
     };
     if repaired.is_some() {
-        email
-            .problems
-            .push("header bytes that are not UTF-8 were read as Windows-1252".to_string());
+        email.problems.push("header bytes that are not UTF-8 were read as Windows-1252".to_string());
     }
     email
 }
@@ -75,20 +73,13 @@ fn starts_with_header_field(raw: &[u8]) -> bool {
 
 /// An input without a header block: all of it is the plain-text body.
 fn body_only(raw: &[u8]) -> Email {
-    let body = raw
-        .strip_prefix(b"\r\n")
-        .or_else(|| raw.strip_prefix(b"\n"))
-        .unwrap_or(raw);
+    let body = raw.strip_prefix(b"\r\n").or_else(|| raw.strip_prefix(b"\n")).unwrap_or(raw);
     let problem = if raw.is_empty() {
         "the input is empty"
     } else {
         "no header block: the whole input was read as a plain-text body"
     };
-    Email {
-        text: decode_lossy(body),
-        problems: vec![problem.to_string()],
-        ..Email::default()
-    }
+    Email { text: decode_lossy(body), problems: vec![problem.to_string()], ..Email::default() }
 }
 
 /// UTF-8 if it is, else Windows-1252 (the usual charset of unlabelled 8-bit mail).
@@ -137,11 +128,7 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
     let mut email = Email {
         message_id: message.message_id().unwrap_or_default().to_string(),
         subject: message.subject().unwrap_or_default().to_string(),
-        date: message
-            .date()
-            .filter(|d| d.is_valid())
-            .map(|d| d.to_rfc3339())
-            .unwrap_or_default(),
+        date: message.date().filter(|d| d.is_valid()).map(|d| d.to_rfc3339()).unwrap_or_default(),
         from: addresses(message.from()),
         to: addresses(message.to()),
         cc: addresses(message.cc()),
@@ -158,30 +145,22 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
 
     for (index, part) in message.parts.iter().enumerate() {
         if part.is_encoding_problem {
-            email
-                .problems
-                .push(format!("part {index}: content could not be decoded cleanly"));
+            email.problems.push(format!("part {index}: content could not be decoded cleanly"));
         } else if part.encoding == Encoding::Base64 && base64_is_truncated(message.raw_message(), part) {
-            email.problems.push(format!(
-                "part {index}: base64 content is truncated; decoded what was there"
-            ));
+            email.problems.push(format!("part {index}: base64 content is truncated; decoded what was there"));
         }
         if let Some(charset) = part.content_type().and_then(|ct| ct.attribute("charset"))
             && charset_decoder(charset.as_bytes()).is_none()
             && !is_utf8_alias(charset)
         {
-            email
-                .problems
-                .push(format!("part {index}: unknown charset {charset:?}, read as UTF-8"));
+            email.problems.push(format!("part {index}: unknown charset {charset:?}, read as UTF-8"));
         }
     }
 
     for part in message.attachments() {
         if let Some(body) = unterminated_multipart(part) {
             // The boundary never appears: the "multipart" is really one plain body.
-            email
-                .problems
-                .push("multipart boundary never found: body read as plain text".to_string());
+            email.problems.push("multipart boundary never found: body read as plain text".to_string());
             if !email.text.is_empty() && !email.text.ends_with('\n') {
                 email.text.push('\n');
             }
@@ -196,9 +175,7 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
 
 /// The raw content of a part declared `multipart/*` whose parts could not be found.
 fn unterminated_multipart<'a>(part: &'a MessagePart<'_>) -> Option<&'a [u8]> {
-    let is_multipart = part
-        .content_type()
-        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart"));
+    let is_multipart = part.content_type().is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart"));
     match &part.body {
         PartType::Binary(b) | PartType::InlineBinary(b) if is_multipart => Some(b),
         PartType::Text(t) if is_multipart => Some(t.as_bytes()),
@@ -210,10 +187,8 @@ fn unterminated_multipart<'a>(part: &'a MessagePart<'_>) -> Option<&'a [u8]> {
 fn base64_is_truncated(raw: &[u8], part: &MessagePart<'_>) -> bool {
     let start = (part.offset_body as usize).min(raw.len());
     let end = (part.offset_end as usize).clamp(start, raw.len());
-    let symbols = raw[start..end]
-        .iter()
-        .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-        .count();
+    let symbols =
+        raw[start..end].iter().filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')).count();
     symbols % 4 != 0
 }
 
@@ -249,10 +224,7 @@ fn headers(message: &Message<'_>) -> Vec<Header> {
                 HeaderValue::TextList(list) => list.join(" ").trim().to_string(),
                 _ => String::new(),
             };
-            Header {
-                name: h.name.as_str().to_string(),
-                value,
-            }
+            Header { name: h.name.as_str().to_string(), value }
         })
         .collect()
 }
@@ -279,11 +251,7 @@ fn text_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
 fn html_body(message: &Message<'_>) -> String {
     let mut html = String::new();
     for id in &message.html_body {
-        if let Some(MessagePart {
-            body: PartType::Html(h),
-            ..
-        }) = message.parts.get(*id as usize)
-        {
+        if let Some(MessagePart { body: PartType::Html(h), .. }) = message.parts.get(*id as usize) {
             if !html.is_empty() {
                 html.push('\n');
             }
@@ -298,10 +266,7 @@ fn html_body(message: &Message<'_>) -> String {
 /// `<script>`/`<style>` dropped.
 pub fn html_to_text(html: &str, problems: &mut Vec<String>) -> String {
     if html.len() > MAX_HTML_TO_TEXT {
-        problems.push(format!(
-            "HTML body of {} bytes is too large to render as text",
-            html.len()
-        ));
+        problems.push(format!("HTML body of {} bytes is too large to render as text", html.len()));
         return String::new();
     }
     let rendered = html2text::config::plain_no_decorate()
@@ -377,12 +342,7 @@ fn attachment(part: &MessagePart<'_>, depth: usize, problems: &mut Vec<String>) 
         }
         PartType::Multipart(_) => (0, None),
     };
-    Attachment {
-        name,
-        content_type,
-        size,
-        message,
-    }
+    Attachment { name, content_type, size, message }
 }
 
 #[cfg(test)]
@@ -409,13 +369,7 @@ mod tests {
         );
         let email = parse(&raw);
         assert_eq!(email.subject, "Disk full on db1");
-        assert_eq!(
-            email.from,
-            vec![Address {
-                address: "ops@example.com".into(),
-                name: "Ops Team".into()
-            }]
-        );
+        assert_eq!(email.from, vec![Address { address: "ops@example.com".into(), name: "Ops Team".into() }]);
         assert_eq!(email.to.len(), 2);
         assert_eq!(email.to[1].name, "B");
         assert_eq!(email.to[1].address, "b@example.net");
@@ -463,11 +417,7 @@ mod tests {
         assert!(!email.text.contains("secret"));
         // The cells stay apart: no "Widget29.99".
         assert!(!email.text.contains("Widget2"), "{}", email.text);
-        assert!(
-            !email.text.contains("   "),
-            "runs of spaces are folded: {:?}",
-            email.text
-        );
+        assert!(!email.text.contains("   "), "runs of spaces are folded: {:?}", email.text);
         assert!(email.html.contains("<table>"));
     }
 
@@ -488,23 +438,12 @@ mod tests {
         );
         let email = parse(&raw);
         assert!(email.text.contains("still readable"));
-        assert!(
-            email.problems.iter().any(|p| p.contains("x-no-such-charset")),
-            "{:?}",
-            email.problems
-        );
+        assert!(email.problems.iter().any(|p| p.contains("x-no-such-charset")), "{:?}", email.problems);
     }
 
     #[test]
     fn empty_and_garbage_input_do_not_panic() {
-        for input in [
-            &b""[..],
-            b"\r\n",
-            b"\x00\xff\xfe",
-            b"Subject",
-            b":\r\n\r\n",
-            b"--\r\n--",
-        ] {
+        for input in [&b""[..], b"\r\n", b"\x00\xff\xfe", b"Subject", b":\r\n\r\n", b"--\r\n--"] {
             let _ = parse(input);
         }
     }
@@ -543,10 +482,7 @@ mod tests {
         let email = parse(b"disk is full\nplease clean up: now\n");
         assert_eq!(email.text, "disk is full\nplease clean up: now\n");
         assert_eq!(email.subject, "");
-        assert_eq!(
-            email.problems,
-            vec!["no header block: the whole input was read as a plain-text body"]
-        );
+        assert_eq!(email.problems, vec!["no header block: the whole input was read as a plain-text body"]);
         let email = parse(b"\r\nbody after an empty header block\r\n");
         assert_eq!(email.text, "body after an empty header block\r\n");
     }

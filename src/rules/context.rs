@@ -11,6 +11,7 @@ use crate::model::{Address, Email, Envelope};
 use minijinja::value::{Enumerator, Kwargs, Object, Value};
 use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
 use serde_json::{Map, Value as Json};
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -58,32 +59,23 @@ impl Templates {
             "int",
             |state: &State, value: &Value, default: Option<Value>, base: Option<u32>, kwargs: Kwargs| {
                 if value.is_undefined() || value.is_none() {
-                    return Ok(default
-                        .or(kwargs.get::<Option<Value>>("default")?)
-                        .unwrap_or(Value::from(())));
+                    return Ok(default.or(kwargs.get::<Option<Value>>("default")?).unwrap_or(Value::from(())));
                 }
                 minijinja::filters::int(state, value, default, base, kwargs)
             },
         );
-        env.add_filter(
-            "float",
-            |state: &State, value: &Value, default: Option<Value>, kwargs: Kwargs| {
-                if value.is_undefined() || value.is_none() {
-                    return Ok(default
-                        .or(kwargs.get::<Option<Value>>("default")?)
-                        .unwrap_or(Value::from(())));
-                }
-                minijinja::filters::float(state, value, default, kwargs)
-            },
-        );
+        env.add_filter("float", |state: &State, value: &Value, default: Option<Value>, kwargs: Kwargs| {
+            if value.is_undefined() || value.is_none() {
+                return Ok(default.or(kwargs.get::<Option<Value>>("default")?).unwrap_or(Value::from(())));
+            }
+            minijinja::filters::float(state, value, default, kwargs)
+        });
         Templates { env }
     }
 
     /// Compiles a string template under `name`.
     pub(crate) fn add_template(&mut self, name: &str, source: &str) -> Result<(), String> {
-        self.env
-            .add_template_owned(name.to_string(), source.to_string())
-            .map_err(|e| describe(&e))
+        self.env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| describe(&e))
     }
 
     /// Compiles an expression under `name`. The expression is first checked on its own (so
@@ -92,29 +84,27 @@ impl Templates {
     pub(crate) fn add_expr(&mut self, name: &str, expr: &str) -> Result<(), String> {
         self.env.compile_expression(expr).map_err(|e| describe(&e))?;
         let source = format!("{{% set {RESULT_VAR} = ({expr}\n) %}}");
-        self.env
-            .add_template_owned(name.to_string(), source)
-            .map_err(|e| describe(&e))
+        self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))
     }
 
-    pub(crate) fn eval(&self, spec: &Spec, ctx: &Context) -> Result<Json, String> {
+    pub(crate) fn eval(&self, spec: &Spec, ctx: &Context<'_>) -> Result<Json, String> {
         match spec {
             Spec::Literal(v) => Ok(v.clone()),
-            Spec::Template(name) => {
-                let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-                t.render(ctx.value()).map(Json::String).map_err(|e| describe(&e))
-            }
+            Spec::Field { name, template } => match ctx.fields.get(name) {
+                // `{{ name }}` of a text field renders the text itself: skip the template.
+                Some(Json::String(s)) => Ok(Json::String(s.clone())),
+                _ => self.render(template, ctx),
+            },
+            Spec::Template(name) => self.render(name, ctx),
             Spec::Expr(name) => {
                 let t = self.env.get_template(name).map_err(|e| describe(&e))?;
                 let captured = t.render_captured(ctx.value()).map_err(|e| describe(&e))?;
                 let value = captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED);
                 to_json(&value)
             }
-            Spec::Array(items) => items
-                .iter()
-                .map(|s| self.eval(s, ctx))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Json::Array),
+            Spec::Array(items) => {
+                items.iter().map(|s| self.eval(s, ctx)).collect::<Result<Vec<_>, _>>().map(Json::Array)
+            }
             Spec::Object(entries) => {
                 let mut map = Map::new();
                 for (k, s) in entries {
@@ -123,6 +113,11 @@ impl Templates {
                 Ok(Json::Object(map))
             }
         }
+    }
+
+    fn render(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
+        let t = self.env.get_template(name).map_err(|e| describe(&e))?;
+        t.render(ctx.value()).map(Json::String).map_err(|e| describe(&e))
     }
 }
 
@@ -147,64 +142,72 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
     s
 }
 
-/// What templates of one message can see.
-pub(crate) struct Context {
-    base: Arc<BTreeMap<&'static str, Value>>,
-    fields: BTreeMap<String, Value>,
+/// What templates of one message can see, and the fields of the rule being applied.
+///
+/// Cheap to create: the values derived from the email are built on the first template
+/// evaluation only, and the fields are shared with each evaluation (copy on write), not copied.
+pub(crate) struct Context<'a> {
+    email: &'a Email,
+    envelope: &'a Envelope,
+    rule: &'a str,
+    base: OnceCell<Arc<BTreeMap<&'static str, Value>>>,
+    /// The fields as they go into the payload.
+    fields: Map<String, Json>,
+    /// The same fields as template values.
+    values: Arc<BTreeMap<String, Value>>,
 }
 
-impl Context {
-    pub(crate) fn new(email: &Email, envelope: &Envelope, rule: &str) -> Context {
-        let addresses = |list: &[Address]| Value::from(list.iter().map(AddressObject::value).collect::<Vec<_>>());
-        let mut base = BTreeMap::new();
-        base.insert(
-            "from",
-            email
-                .from
-                .first()
-                .map(AddressObject::value)
-                .unwrap_or_else(|| AddressObject::value(&Address::default())),
-        );
-        base.insert("to", addresses(&email.to));
-        base.insert("cc", addresses(&email.cc));
-        base.insert("reply_to", addresses(&email.reply_to));
-        base.insert("subject", Value::from(email.subject.as_str()));
-        base.insert("date", Value::from(email.date.as_str()));
-        base.insert("message_id", Value::from(email.message_id.as_str()));
-        base.insert("text", Value::from(email.text.as_str()));
-        base.insert("html", Value::from(email.html.as_str()));
-        base.insert(
-            "headers",
-            Value::from_object(HeadersObject(
-                email
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.clone(), h.value.clone()))
-                    .collect(),
-            )),
-        );
-        base.insert("attachments", Value::from(minijinja::value::Serde(&email.attachments)));
-        base.insert("envelope", envelope_value(envelope));
-        base.insert("rule", Value::from(rule));
-        Context {
-            base: Arc::new(base),
-            fields: BTreeMap::new(),
-        }
+impl<'a> Context<'a> {
+    pub(crate) fn new(
+        email: &'a Email,
+        envelope: &'a Envelope,
+        rule: &'a str,
+        fields: Map<String, Json>,
+    ) -> Context<'a> {
+        let values = fields.iter().map(|(k, v)| (k.clone(), Value::from(minijinja::value::Serde(v)))).collect();
+        Context { email, envelope, rule, base: OnceCell::new(), fields, values: Arc::new(values) }
     }
 
-    pub(crate) fn set_fields(&mut self, fields: &Map<String, Json>) {
-        self.fields = fields
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::from(minijinja::value::Serde(v))))
-            .collect();
+    pub(crate) fn fields(&self) -> &Map<String, Json> {
+        &self.fields
+    }
+
+    pub(crate) fn into_fields(self) -> Map<String, Json> {
+        self.fields
+    }
+
+    /// Adds or replaces a field; later evaluations see it.
+    pub(crate) fn set(&mut self, key: &str, value: Json) {
+        Arc::make_mut(&mut self.values).insert(key.to_string(), Value::from(minijinja::value::Serde(&value)));
+        self.fields.insert(key.to_string(), value);
     }
 
     fn value(&self) -> Value {
-        Value::from_object(ContextObject {
-            base: self.base.clone(),
-            fields: self.fields.clone(),
-        })
+        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule)));
+        Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
     }
+}
+
+fn base_values(email: &Email, envelope: &Envelope, rule: &str) -> BTreeMap<&'static str, Value> {
+    let addresses = |list: &[Address]| Value::from(list.iter().map(AddressObject::value).collect::<Vec<_>>());
+    let mut base = BTreeMap::new();
+    base.insert("from", AddressObject::value(email.from.first().unwrap_or(&Address::default())));
+    base.insert("to", addresses(&email.to));
+    base.insert("cc", addresses(&email.cc));
+    base.insert("reply_to", addresses(&email.reply_to));
+    base.insert("subject", Value::from(email.subject.as_str()));
+    base.insert("date", Value::from(email.date.as_str()));
+    base.insert("message_id", Value::from(email.message_id.as_str()));
+    base.insert("text", Value::from(email.text.as_str()));
+    base.insert("html", Value::from(email.html.as_str()));
+    base.insert(
+        "headers",
+        Value::from_object(HeadersObject(email.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect())),
+    );
+    base.insert("attachments", Value::from(minijinja::value::Serde(&email.attachments)));
+    base.insert("envelope", envelope_value(envelope));
+    base.insert("rule", Value::from(rule));
+    base
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {
@@ -224,13 +227,13 @@ fn envelope_value(envelope: &Envelope) -> Value {
 #[derive(Debug)]
 struct ContextObject {
     base: Arc<BTreeMap<&'static str, Value>>,
-    fields: BTreeMap<String, Value>,
+    fields: Arc<BTreeMap<String, Value>>,
 }
 
 impl Object for ContextObject {
     fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
         match key {
-            "fields" => Some(Value::from(self.fields.clone())),
+            "fields" => Some(Value::from((*self.fields).clone())),
             _ => self.base.get(key).or_else(|| self.fields.get(key)).cloned(),
         }
     }
@@ -256,10 +259,7 @@ struct AddressObject {
 
 impl AddressObject {
     fn value(a: &Address) -> Value {
-        Value::from_object(AddressObject {
-            address: a.address.clone(),
-            name: a.name.clone(),
-        })
+        Value::from_object(AddressObject { address: a.address.clone(), name: a.name.clone() })
     }
 }
 
@@ -288,19 +288,13 @@ struct HeadersObject(Vec<(String, String)>);
 impl Object for HeadersObject {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let key = key.as_str()?;
-        self.0
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(key))
-            .map(|(_, v)| Value::from(v.as_str()))
+        self.0.iter().find(|(name, _)| name.eq_ignore_ascii_case(key)).map(|(_, v)| Value::from(v.as_str()))
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
         let mut seen: Vec<Value> = Vec::new();
         for (name, _) in &self.0 {
-            if !seen
-                .iter()
-                .any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(name)))
-            {
+            if !seen.iter().any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(name))) {
                 seen.push(Value::from(name.as_str()));
             }
         }

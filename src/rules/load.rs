@@ -16,36 +16,18 @@ pub const RULE_FILE_EXTENSION: &str = "toml";
 /// Compiled size limit for one regex (the `regex` crate's NFA/DFA budget).
 const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
 
-const RULE_KEYS: &[&str] = &[
-    "name",
-    "description",
-    "to",
-    "require",
-    "when",
-    "extract",
-    "fields",
-    "payload",
-];
+const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "extract", "fields", "payload"];
 
 /// Reads every rules file of `dir`, sorted by file name. Hidden files are skipped.
 pub(super) fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Vec<RuleError>> {
-    let whole = |message: String| {
-        vec![RuleError {
-            file: dir.to_path_buf(),
-            line: None,
-            rule: None,
-            key: None,
-            message,
-        }]
-    };
+    let whole =
+        |message: String| vec![RuleError { file: dir.to_path_buf(), line: None, rule: None, key: None, message }];
     let entries = std::fs::read_dir(dir).map_err(|e| whole(format!("cannot read rules directory: {e}")))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension().is_some_and(|x| x == RULE_FILE_EXTENSION)
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| !n.starts_with('.'))
+                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.'))
                 && p.is_file()
         })
         .collect();
@@ -82,14 +64,8 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut errors = Vec::new();
     let mut names = Vec::new();
     for (file, text) in sources {
-        let mut c = FileCompiler {
-            file,
-            text,
-            templates: &mut templates,
-            errors: &mut errors,
-            names: &mut names,
-            rule: None,
-        };
+        let mut c =
+            FileCompiler { file, text, templates: &mut templates, errors: &mut errors, names: &mut names, rule: None };
         c.compile_file(&mut rules);
     }
     // Names are checked over every rule, including those with other errors.
@@ -102,11 +78,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
                 line: Some(*line),
                 rule: Some(name.clone()),
                 key: Some("name".into()),
-                message: format!(
-                    "duplicate rule name, first defined at {}:{}",
-                    first_file.display(),
-                    first_line
-                ),
+                message: format!("duplicate rule name, first defined at {}:{}", first_file.display(), first_line),
             });
         }
     }
@@ -116,12 +88,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         errors.sort_by_key(|e| (file_index(&e.file), e.line));
         return Err(errors);
     }
-    Ok(RuleSet {
-        rules,
-        unmatched,
-        templates,
-        files: sources.iter().map(|(f, _)| f.clone()).collect(),
-    })
+    Ok(RuleSet { rules, unmatched, templates, files: sources.iter().map(|(f, _)| f.clone()).collect() })
 }
 
 struct FileCompiler<'a> {
@@ -165,10 +132,7 @@ impl FileCompiler<'_> {
                 self.error(
                     key.span().start,
                     None,
-                    format!(
-                        "unknown top-level key {:?}: a rules file holds [[rule]] tables only",
-                        key.get_ref()
-                    ),
+                    format!("unknown top-level key {:?}: a rules file holds [[rule]] tables only", key.get_ref()),
                 );
                 continue;
             }
@@ -246,10 +210,7 @@ impl FileCompiler<'_> {
                 Vec::new()
             }
         };
-        let require = t
-            .get("require")
-            .map(|v| self.string_list(v, "require"))
-            .unwrap_or_default();
+        let require = t.get("require").map(|v| self.string_list(v, "require")).unwrap_or_default();
 
         let mut when = Vec::new();
         if let Some(v) = t.get("when") {
@@ -266,6 +227,10 @@ impl FileCompiler<'_> {
                 }
             }
         }
+
+        // Every key must hold, so their order does not change the result: check the cheap
+        // ones (addresses, subject, headers) before the long ones (body, html).
+        when.sort_by_key(|m: &Matcher| m.target.cost());
 
         let mut extract = Vec::new();
         let mut extracted_names: Vec<String> = Vec::new();
@@ -287,11 +252,7 @@ impl FileCompiler<'_> {
                         })
                         .collect(),
                     _ => {
-                        self.error(
-                            value.span().start,
-                            Some(k.clone()),
-                            "must be a regex string or a list of them",
-                        );
+                        self.error(value.span().start, Some(k.clone()), "must be a regex string or a list of them");
                         Vec::new()
                     }
                 };
@@ -302,11 +263,7 @@ impl FileCompiler<'_> {
                     };
                     let names: Vec<&str> = regex.capture_names().flatten().collect();
                     if names.is_empty() {
-                        self.error(
-                            at,
-                            Some(key.clone()),
-                            "has no named group (?P<name>...), so it extracts nothing",
-                        );
+                        self.error(at, Some(key.clone()), "has no named group (?P<name>...), so it extracts nothing");
                     }
                     for name in names {
                         if let Some(problem) = field_name_problem(name) {
@@ -378,10 +335,7 @@ impl FileCompiler<'_> {
         key: &str,
     ) -> Vec<(Spanned<String>, &'v Spanned<DeValue<'i>>)> {
         match v.get_ref() {
-            DeValue::Table(t) => t
-                .iter()
-                .map(|(k, v)| (Spanned::new(k.span(), k.get_ref().to_string()), v))
-                .collect(),
+            DeValue::Table(t) => t.iter().map(|(k, v)| (Spanned::new(k.span(), k.get_ref().to_string()), v)).collect(),
             _ => {
                 self.error(v.span().start, Some(key.into()), "must be a table");
                 Vec::new()
@@ -397,11 +351,7 @@ impl FileCompiler<'_> {
                 for (i, item) in items.iter().enumerate() {
                     match item.get_ref() {
                         DeValue::String(s) if !s.trim().is_empty() => out.push(s.to_string()),
-                        _ => self.error(
-                            item.span().start,
-                            Some(format!("{key}[{i}]")),
-                            "must be a non-empty string",
-                        ),
+                        _ => self.error(item.span().start, Some(format!("{key}[{i}]")), "must be a non-empty string"),
                     }
                 }
                 out
@@ -429,11 +379,7 @@ impl FileCompiler<'_> {
         match RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).build() {
             Ok(r) => Some(r),
             Err(e) => {
-                self.error(
-                    at,
-                    Some(key.to_string()),
-                    format!("invalid regex {pattern:?}: {}", regex_error_reason(&e)),
-                );
+                self.error(at, Some(key.to_string()), format!("invalid regex {pattern:?}: {}", regex_error_reason(&e)));
                 None
             }
         }
@@ -448,7 +394,10 @@ impl FileCompiler<'_> {
                     return Some(Spec::Literal(Json::String(s.to_string())));
                 }
                 match self.templates.add_template(&name, s) {
-                    Ok(()) => Some(Spec::Template(name)),
+                    Ok(()) => Some(match lone_variable(s) {
+                        Some(var) => Spec::Field { name: var.to_string(), template: name },
+                        None => Spec::Template(name),
+                    }),
                     Err(e) => {
                         self.error(at, Some(key.into()), format!("invalid template: {e}"));
                         None
@@ -466,13 +415,7 @@ impl FileCompiler<'_> {
                 }
             }
             DeValue::Float(f) => {
-                match f
-                    .as_str()
-                    .replace('_', "")
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(serde_json::Number::from_f64)
-                {
+                match f.as_str().replace('_', "").parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
                     Some(n) => Some(Spec::Literal(Json::Number(n))),
                     None => {
                         self.error(at, Some(key.into()), "float must be finite (JSON has no inf or nan)");
@@ -483,11 +426,8 @@ impl FileCompiler<'_> {
             DeValue::Boolean(b) => Some(Spec::Literal(Json::Bool(*b))),
             DeValue::Datetime(d) => Some(Spec::Literal(Json::String(d.to_string()))),
             DeValue::Array(items) => {
-                let specs: Vec<Option<Spec>> = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| self.spec(item, &format!("{key}[{i}]")))
-                    .collect();
+                let specs: Vec<Option<Spec>> =
+                    items.iter().enumerate().map(|(i, item)| self.spec(item, &format!("{key}[{i}]"))).collect();
                 specs.into_iter().collect::<Option<Vec<_>>>().map(Spec::Array)
             }
             DeValue::Table(t) => {
@@ -520,6 +460,15 @@ impl FileCompiler<'_> {
             }
         }
     }
+}
+
+/// `x` when the template is exactly `{{ x }}` (spaces allowed), a plain name.
+fn lone_variable(template: &str) -> Option<&str> {
+    let inner = template.strip_prefix("{{")?.strip_suffix("}}")?.trim();
+    let mut chars = inner.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then_some(inner)
 }
 
 /// Why `name` cannot be a field name, if it cannot.

@@ -121,9 +121,21 @@ impl Target {
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
                     return None;
                 }
-                Target::Header(name.to_string())
+                Target::Header(name.to_ascii_lowercase())
             }
         })
+    }
+
+    /// Relative cost of matching: short values first, whole bodies last.
+    fn cost(&self) -> u8 {
+        match self {
+            Target::Source | Target::Subject => 0,
+            Target::From | Target::To | Target::Cc | Target::Recipient => 1,
+            Target::Header(_) => 2,
+            Target::Attachment => 3,
+            Target::Body => 4,
+            Target::Html => 5,
+        }
     }
 
     /// Calls `f` on each value of this target until it returns true; true if one did.
@@ -168,6 +180,11 @@ struct Extractor {
 pub(crate) enum Spec {
     /// Name of a compiled template in the environment; renders to a string.
     Template(String),
+    /// `{{ name }}` alone: the field's text when it is one, else the template.
+    Field {
+        name: String,
+        template: String,
+    },
     /// Name of a compiled `{% set %}` template holding an expression; a typed result.
     Expr(String),
     Literal(Json),
@@ -200,10 +217,7 @@ pub struct RuleSet {
 
 impl fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RuleSet")
-            .field("rules", &self.rules.len())
-            .field("files", &self.files)
-            .finish()
+        f.debug_struct("RuleSet").field("rules", &self.rules.len()).field("files", &self.files).finish()
     }
 }
 
@@ -252,30 +266,23 @@ impl RuleSet {
 
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
-        let input = Input {
-            email,
-            envelope,
-            source: envelope.source.to_string(),
-        };
+        let input = Input { email, envelope, source: envelope.source.to_string() };
         for rule in &self.rules {
             let matched = rule.when.iter().all(|m| m.target.any(&input, |v| m.regex.is_match(v)));
             if matched {
                 return self.apply(rule, &input);
             }
         }
-        let payload = default_payload(email, envelope, None, Map::new());
         let action = match &self.unmatched {
-            Unmatched::Dead => Action::Dead {
-                reason: "no rule matched".to_string(),
-            },
+            Unmatched::Dead => Action::Dead { reason: "no rule matched".to_string() },
             Unmatched::Drop => Action::Drop,
             Unmatched::Deliver(dest) => Action::Deliver { to: vec![dest.clone()] },
         };
-        Outcome {
-            rule: None,
-            action,
-            payload,
-        }
+        let payload = match action {
+            Action::Drop => Map::new(),
+            _ => default_payload(email, envelope, None, Map::new()),
+        };
+        Outcome { rule: None, action, payload }
     }
 
     fn apply(&self, rule: &Rule, input: &Input<'_>) -> Outcome {
@@ -285,8 +292,10 @@ impl RuleSet {
                 ex.target.any(input, |value| {
                     if let Some(caps) = re.captures(value) {
                         for name in re.capture_names().flatten() {
-                            if let Some(m) = caps.name(name) {
-                                fields.entry(name.to_string()).or_insert_with(|| Json::from(m.as_str()));
+                            if let Some(m) = caps.name(name)
+                                && !fields.contains_key(name)
+                            {
+                                fields.insert(name.to_string(), Json::from(m.as_str()));
                             }
                         }
                     }
@@ -311,53 +320,47 @@ impl RuleSet {
         if !missing.is_empty() {
             return dead(missing_reason(&rule.name, &missing), fields);
         }
+        if rule.to.is_empty() {
+            // A rule that drops what it matches: nothing will be sent, nothing to build.
+            return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Map::new() };
+        }
 
-        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name);
+        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, fields);
         for (key, spec) in &rule.fields {
-            ctx.set_fields(&fields);
             match self.templates.eval(spec, &ctx) {
-                Ok(value) => {
-                    fields.insert(key.clone(), value);
-                }
-                Err(e) => return dead(format!("rule {:?}: fields.{key}: {e}", rule.name), fields),
+                Ok(value) => ctx.set(key, value),
+                Err(e) => return dead(format!("rule {:?}: fields.{key}: {e}", rule.name), ctx.into_fields()),
             }
         }
         let missing: Vec<&str> = rule
             .require
             .iter()
-            .filter(|name| is_missing(fields.get(name.as_str())))
+            .filter(|name| is_missing(ctx.fields().get(name.as_str())))
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            return dead(missing_reason(&rule.name, &missing), fields);
+            let reason = missing_reason(&rule.name, &missing);
+            return dead(reason, ctx.into_fields());
         }
 
         let payload = match &rule.payload {
-            None => default_payload(input.email, input.envelope, Some(&rule.name), fields),
+            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.into_fields()),
             Some(specs) => {
-                ctx.set_fields(&fields);
                 let mut payload = Map::new();
                 for (key, spec) in specs {
                     match self.templates.eval(spec, &ctx) {
                         Ok(value) => {
                             payload.insert(key.clone(), value);
                         }
-                        Err(e) => return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), fields),
+                        Err(e) => {
+                            return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), ctx.into_fields());
+                        }
                     }
                 }
                 payload
             }
         };
-        let action = if rule.to.is_empty() {
-            Action::Drop
-        } else {
-            Action::Deliver { to: rule.to.clone() }
-        };
-        Outcome {
-            rule: Some(rule.name.clone()),
-            action,
-            payload,
-        }
+        Outcome { rule: Some(rule.name.clone()), action: Action::Deliver { to: rule.to.clone() }, payload }
     }
 }
 
@@ -370,11 +373,7 @@ fn is_missing(value: Option<&Json>) -> bool {
 }
 
 fn missing_reason(rule: &str, missing: &[&str]) -> String {
-    format!(
-        "rule {rule:?}: missing required field{} {}",
-        if missing.len() == 1 { "" } else { "s" },
-        missing.join(", ")
-    )
+    format!("rule {rule:?}: missing required field{} {}", if missing.len() == 1 { "" } else { "s" }, missing.join(", "))
 }
 
 #[cfg(test)]

@@ -19,14 +19,8 @@ pub fn default_payload(
     p.insert("receivedAt".into(), envelope.received_at.clone().into());
     p.insert("source".into(), envelope.source.protocol().into());
     p.insert("messageId".into(), email.message_id.clone().into());
-    p.insert(
-        "from".into(),
-        from.map(|a| a.address.clone()).unwrap_or_default().into(),
-    );
-    p.insert(
-        "fromName".into(),
-        from.map(|a| a.name.clone()).unwrap_or_default().into(),
-    );
+    p.insert("from".into(), from.map(|a| a.address.clone()).unwrap_or_default().into());
+    p.insert("fromName".into(), from.map(|a| a.name.clone()).unwrap_or_default().into());
     p.insert("to".into(), joined(&email.to).into());
     p.insert("cc".into(), joined(&email.cc).into());
     p.insert("subject".into(), email.subject.clone().into());

@@ -3,11 +3,8 @@ use crate::model::{Address, Attachment, Header, Source};
 use serde_json::json;
 
 fn rules(text: &str) -> RuleSet {
-    RuleSet::from_sources(
-        &[(PathBuf::from("rules/10-test.toml"), text.to_string())],
-        Unmatched::Dead,
-    )
-    .unwrap_or_else(|e| panic!("rules should load: {e:#?}"))
+    RuleSet::from_sources(&[(PathBuf::from("rules/10-test.toml"), text.to_string())], Unmatched::Dead)
+        .unwrap_or_else(|e| panic!("rules should load: {e:#?}"))
 }
 
 fn errors(files: &[(&str, &str)]) -> Vec<String> {
@@ -20,10 +17,7 @@ fn errors(files: &[(&str, &str)]) -> Vec<String> {
 }
 
 fn addr(a: &str, n: &str) -> Address {
-    Address {
-        address: a.into(),
-        name: n.into(),
-    }
+    Address { address: a.into(), name: n.into() }
 }
 
 fn ups_email() -> Email {
@@ -35,18 +29,9 @@ fn ups_email() -> Email {
         to: vec![addr("orders@shop.example", "Orders"), addr("ops@shop.example", "")],
         cc: vec![addr("audit@shop.example", "")],
         headers: vec![
-            Header {
-                name: "X-Customer-Id".into(),
-                value: "C-991".into(),
-            },
-            Header {
-                name: "Received".into(),
-                value: "from a".into(),
-            },
-            Header {
-                name: "Received".into(),
-                value: "from b".into(),
-            },
+            Header { name: "X-Customer-Id".into(), value: "C-991".into() },
+            Header { name: "Received".into(), value: "from a".into() },
+            Header { name: "Received".into(), value: "from b".into() },
         ],
         text: "Tracking Number: 1Z999AA10123456784\nScheduled Delivery: Tuesday, 12/01/2026\nWeight: 2.5 kg\n".into(),
         html: "<p>Tracking</p>".into(),
@@ -100,12 +85,7 @@ order_id = { expr = "order_id | int" }
 fn design_example_rule_produces_the_default_payload() {
     let out = rules(UPS).evaluate(&ups_email(), &envelope());
     assert_eq!(out.rule.as_deref(), Some("ups-shipment"));
-    assert_eq!(
-        out.action,
-        Action::Deliver {
-            to: vec!["kustomer-orders".into()]
-        }
-    );
+    assert_eq!(out.action, Action::Deliver { to: vec!["kustomer-orders".into()] });
     let expected = json!({
         "id": "01TESTID",
         "rule": "ups-shipment",
@@ -137,10 +117,7 @@ fn first_matching_rule_wins_across_files_in_order() {
     let a = "[[rule]]\nname = \"a\"\nto = [\"x\"]\n[rule.when]\nsubject = 'Order'\n";
     let b = "[[rule]]\nname = \"b\"\nto = [\"y\"]\n[rule.when]\nsubject = 'UPS'\n";
     let set = RuleSet::from_sources(
-        &[
-            (PathBuf::from("10-a.toml"), a.into()),
-            (PathBuf::from("20-b.toml"), b.into()),
-        ],
+        &[(PathBuf::from("10-a.toml"), a.into()), (PathBuf::from("20-b.toml"), b.into())],
         Unmatched::Dead,
     )
     .unwrap();
@@ -155,12 +132,7 @@ fn every_when_key_must_hold() {
     let set = rules("[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.when]\nfrom = '@ups\\.com$'\nsubject = 'nomatch'\n");
     let out = set.evaluate(&ups_email(), &envelope());
     assert_eq!(out.rule, None);
-    assert_eq!(
-        out.action,
-        Action::Dead {
-            reason: "no rule matched".into()
-        }
-    );
+    assert_eq!(out.action, Action::Dead { reason: "no rule matched".into() });
 }
 
 #[test]
@@ -183,9 +155,7 @@ fn when_targets() {
         ("from", "UPS", false), // display names are not matched, only addresses
     ];
     for (key, re, expect) in cases {
-        let set = rules(&format!(
-            "[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.when]\n{key} = '{re}'\n"
-        ));
+        let set = rules(&format!("[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.when]\n{key} = '{re}'\n"));
         let got = set.evaluate(&ups_email(), &envelope()).rule.is_some();
         assert_eq!(got, expect, "when.{key} = {re:?}");
     }
@@ -195,10 +165,7 @@ fn when_targets() {
 fn imap_source_is_matched_with_account_and_folder() {
     let set = rules("[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.when]\nsource = '^imap:alerts/INBOX$'\n");
     let mut env = envelope();
-    env.source = Source::Imap {
-        account: "alerts".into(),
-        folder: "INBOX".into(),
-    };
+    env.source = Source::Imap { account: "alerts".into(), folder: "INBOX".into() };
     let out = set.evaluate(&ups_email(), &env);
     assert_eq!(out.rule.as_deref(), Some("r"));
     assert_eq!(out.payload["source"], "imap");
@@ -210,12 +177,7 @@ fn missing_required_field_is_a_dead_letter_with_the_reason() {
     email.text = "no tracking here".into();
     let out = rules(UPS).evaluate(&email, &envelope());
     assert_eq!(out.rule.as_deref(), Some("ups-shipment"));
-    assert_eq!(
-        out.action,
-        Action::Dead {
-            reason: "rule \"ups-shipment\": missing required field tracking".into()
-        }
-    );
+    assert_eq!(out.action, Action::Dead { reason: "rule \"ups-shipment\": missing required field tracking".into() });
     assert_eq!(out.payload["fields"]["order_id"], "4711");
 }
 
@@ -232,10 +194,7 @@ body = ['(?P<word>[A-Z][a-z]+)', '(?P<word>Weight): (?P<weight>[0-9.]+)']
 "#,
     );
     let out = set.evaluate(&ups_email(), &envelope());
-    assert_eq!(
-        out.payload["fields"],
-        json!({"word": "Tracking", "weight": "2.5", "hop": "a"})
-    );
+    assert_eq!(out.payload["fields"], json!({"word": "Tracking", "weight": "2.5", "hop": "a"}));
 }
 
 #[test]
@@ -316,10 +275,7 @@ order = { expr = "order | int" }
 fn computed_fields_see_earlier_ones() {
     let set =
         rules("[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.fields]\na = { expr = \"40\" }\nb = { expr = \"a + 2\" }\n");
-    assert_eq!(
-        set.evaluate(&ups_email(), &envelope()).payload["fields"],
-        json!({"a": 40, "b": 42})
-    );
+    assert_eq!(set.evaluate(&ups_email(), &envelope()).payload["fields"], json!({"a": 40, "b": 42}));
 }
 
 #[test]
@@ -361,33 +317,51 @@ fn empty_to_drops_and_unmatched_policies() {
     let mut email = ups_email();
     email.from = vec![addr("someone@else.example", "")];
     for (policy, expected) in [
-        (
-            Unmatched::Dead,
-            Action::Dead {
-                reason: "no rule matched".into(),
-            },
-        ),
+        (Unmatched::Dead, Action::Dead { reason: "no rule matched".into() }),
         (Unmatched::Drop, Action::Drop),
-        (
-            Unmatched::Deliver("catchall".into()),
-            Action::Deliver {
-                to: vec!["catchall".into()],
-            },
-        ),
+        (Unmatched::Deliver("catchall".into()), Action::Deliver { to: vec!["catchall".into()] }),
     ] {
         let set = RuleSet::from_sources(
-            &[(
-                PathBuf::from("r.toml"),
-                "[[rule]]\nname = \"ignore\"\nto = []\n[rule.when]\nfrom = 'ups'\n".into(),
-            )],
+            &[(PathBuf::from("r.toml"), "[[rule]]\nname = \"ignore\"\nto = []\n[rule.when]\nfrom = 'ups'\n".into())],
             policy,
         )
         .unwrap();
         let out = set.evaluate(&email, &envelope());
+        assert_eq!(out.rule, None);
+        if expected == Action::Drop {
+            assert!(out.payload.is_empty(), "nothing is built for a dropped message");
+        } else {
+            assert_eq!(out.payload["rule"], Json::Null);
+            assert_eq!(out.payload["fields"], json!({}));
+        }
         assert_eq!(out.action, expected);
-        assert_eq!(out.payload["rule"], Json::Null);
-        assert_eq!(out.payload["fields"], json!({}));
     }
+}
+
+#[test]
+fn lone_variable_templates_keep_their_meaning() {
+    // `{{ x }}` is short-cut for text fields; other values still render as templates do.
+    let set = rules(
+        r#"
+[[rule]]
+name = "r"
+to = ["x"]
+[rule.extract]
+subject = 'Order (?P<order>\d+)'
+[rule.fields]
+n = { expr = "order | int" }
+[rule.payload]
+order = "{{ order }}"
+n = "{{n}}"
+from = "{{ from }}"
+missing = "{{ nothing }}"
+"#,
+    );
+    let out = set.evaluate(&ups_email(), &envelope());
+    assert_eq!(
+        Json::Object(out.payload),
+        json!({"order": "4711", "n": "4711", "from": "pkginfo@ups.com", "missing": ""})
+    );
 }
 
 #[test]
@@ -432,10 +406,7 @@ f = { expr = "1", other = 2 }
 to = ["x"]
 "#,
         ),
-        (
-            "b.toml",
-            "[[rule]]\nname = \"one\"\nto = \"x\"\n\n[[rule]]\nname = \"two\"\n",
-        ),
+        ("b.toml", "[[rule]]\nname = \"one\"\nto = \"x\"\n\n[[rule]]\nname = \"two\"\n"),
         ("c.toml", "[[rule]\nname = 'broken'\n"),
     ]);
     let expect = [
@@ -476,11 +447,7 @@ fn duplicate_rule_names_across_files() {
 #[test]
 fn unknown_destinations_are_named() {
     let set = rules("[[rule]]\nname = \"r\"\nto = [\"known\", \"typo\"]\n");
-    let errs: Vec<String> = set
-        .check_destinations(|d| d == "known")
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let errs: Vec<String> = set.check_destinations(|d| d == "known").iter().map(ToString::to_string).collect();
     assert_eq!(errs, vec!["rules/10-test.toml:1: rule \"r\": to[1]: unknown destination \"typo\" (not a [destination.*] in the config)".to_string()]);
 }
 
@@ -488,18 +455,11 @@ fn unknown_destinations_are_named() {
 fn top_level_keys_other_than_rule_are_refused() {
     let errs = errors(&[("x.toml", "unmatched = \"drop\"\n")]);
     assert_eq!(errs.len(), 1);
-    assert!(
-        errs[0].starts_with("x.toml:1: unknown top-level key \"unmatched\""),
-        "{}",
-        errs[0]
-    );
+    assert!(errs[0].starts_with("x.toml:1: unknown top-level key \"unmatched\""), "{}", errs[0]);
 }
 
 #[test]
 fn catch_all_rule_without_when_matches_everything() {
     let set = rules("[[rule]]\nname = \"all\"\nto = [\"x\"]\n");
-    assert_eq!(
-        set.evaluate(&Email::default(), &envelope()).rule.as_deref(),
-        Some("all")
-    );
+    assert_eq!(set.evaluate(&Email::default(), &envelope()).rule.as_deref(), Some("all"));
 }

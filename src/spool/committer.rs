@@ -14,21 +14,11 @@ const MAX_BATCH: usize = 512;
 /// One mutation of the spool.
 pub(super) enum Op {
     /// A new message: `draft` (already written) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
-    Commit {
-        draft: PathBuf,
-        raw: PathBuf,
-        meta_tmp: PathBuf,
-        meta_dest: PathBuf,
-        meta: Vec<u8>,
-    },
+    Commit { draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf, meta: Vec<u8> },
     /// Replace a metadata file.
     Put { tmp: PathBuf, dest: PathBuf, meta: Vec<u8> },
     /// Rename a metadata file to another state, after writing new content in place if given.
-    Move {
-        write: Option<(PathBuf, Vec<u8>)>,
-        from: PathBuf,
-        to: PathBuf,
-    },
+    Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
     /// Delete a message.
     Remove { meta: PathBuf, raw: PathBuf },
 }
@@ -46,9 +36,7 @@ impl Committer {
     pub(super) fn start(dir: PathBuf, fsync: bool) -> io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Job>();
         let root = File::open(&dir)?;
-        std::thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || run(rx, root, fsync))?;
+        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(rx, root, fsync))?;
         Ok(Committer { tx })
     }
 
@@ -101,10 +89,7 @@ fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
         let r = match &job.op {
             Op::Commit { meta_tmp, meta, .. } => write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)),
             Op::Put { tmp, meta, .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
-            Op::Move {
-                write: Some((tmp, meta)),
-                ..
-            } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
+            Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
             Op::Move { write: None, .. } | Op::Remove { .. } => Ok(()),
         };
         results.push(r);
@@ -132,13 +117,7 @@ fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
             continue;
         }
         *r = match &job.op {
-            Op::Commit {
-                draft,
-                raw,
-                meta_tmp,
-                meta_dest,
-                ..
-            } => fs::rename(draft, raw)
+            Op::Commit { draft, raw, meta_tmp, meta_dest, .. } => fs::rename(draft, raw)
                 .map_err(|e| SpoolError::io(draft, e))
                 .and_then(|()| fs::rename(meta_tmp, meta_dest).map_err(|e| SpoolError::io(meta_dest, e)))
                 .map(|()| {
@@ -214,10 +193,7 @@ fn cleanup_tmp(op: &Op) {
         Op::Commit { meta_tmp, .. } => {
             let _ = fs::remove_file(meta_tmp);
         }
-        Op::Put { tmp, .. }
-        | Op::Move {
-            write: Some((tmp, _)), ..
-        } => {
+        Op::Put { tmp, .. } | Op::Move { write: Some((tmp, _)), .. } => {
             let _ = fs::remove_file(tmp);
         }
         _ => {}
@@ -225,9 +201,7 @@ fn cleanup_tmp(op: &Op) {
 }
 
 fn file_id(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn finish(batch: Vec<Job>, results: Vec<Result<(), SpoolError>>) {

@@ -80,17 +80,12 @@ impl Meta {
 
     /// When the message is due; `UNIX_EPOCH` (always due) when unset or unreadable.
     pub fn due(&self) -> SystemTime {
-        self.next_attempt
-            .as_deref()
-            .and_then(parse_time)
-            .unwrap_or(SystemTime::UNIX_EPOCH)
+        self.next_attempt.as_deref().and_then(parse_time).unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     /// The age of the message, from its `received_at`.
     pub fn age(&self, now: SystemTime) -> Duration {
-        parse_time(&self.envelope.received_at)
-            .and_then(|t| now.duration_since(t).ok())
-            .unwrap_or_default()
+        parse_time(&self.envelope.received_at).and_then(|t| now.duration_since(t).ok()).unwrap_or_default()
     }
 }
 

@@ -104,10 +104,7 @@ pub enum SpoolError {
 
 impl SpoolError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> SpoolError {
-        SpoolError::Io {
-            path: path.into(),
-            source,
-        }
+        SpoolError::Io { path: path.into(), source }
     }
 }
 
@@ -153,17 +150,9 @@ impl Spool {
         }
         // Prove the spool is writable now rather than at the first message.
         let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
-        File::create(&probe)
-            .and_then(|_| fs::remove_file(&probe))
-            .map_err(|e| SpoolError::io(dir, e))?;
+        File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))?;
         let committer = Committer::start(dir.to_path_buf(), options.fsync).map_err(|e| SpoolError::io(dir, e))?;
-        Ok(Spool {
-            inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                committer,
-                seq: AtomicU64::new(0),
-            }),
-        })
+        Ok(Spool { inner: Arc::new(Inner { dir: dir.to_path_buf(), committer, seq: AtomicU64::new(0) }) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -197,10 +186,7 @@ impl Spool {
 
     fn tmp_path(&self, id: &str, ext: &str) -> PathBuf {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .dir
-            .join("tmp")
-            .join(format!("{id}.{}.{seq}.{ext}", std::process::id()))
+        self.inner.dir.join("tmp").join(format!("{id}.{}.{seq}.{ext}", std::process::id()))
     }
 
     /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
@@ -208,13 +194,7 @@ impl Spool {
         let id = ulid::Ulid::generate().to_string();
         let path = self.tmp_path(&id, "eml");
         let file = File::create(&path).map_err(|e| SpoolError::io(&path, e))?;
-        Ok(Draft {
-            spool: self.clone(),
-            id,
-            path,
-            file: Some(io::BufWriter::with_capacity(64 * 1024, file)),
-            size: 0,
-        })
+        Ok(Draft { spool: self.clone(), id, path, file: Some(io::BufWriter::with_capacity(64 * 1024, file)), size: 0 })
     }
 
     /// Stores a whole message durably; returns its id. Blocking: not for async contexts.
@@ -230,12 +210,7 @@ impl Spool {
         let mut ids: Vec<String> = fs::read_dir(&dir)
             .map_err(|e| SpoolError::io(&dir, e))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .map(str::to_string)
-            })
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
             .collect();
         ids.sort();
         Ok(ids)
@@ -252,10 +227,7 @@ impl Spool {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
             _ => SpoolError::io(&path, e),
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Corrupt {
-            id: id.to_string(),
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.to_string() })
     }
 
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
@@ -285,17 +257,12 @@ impl Spool {
     /// Moves `id` from one state to another, durably, with new metadata if given (written in
     /// place first, then renamed: a crash in between leaves the new content in the old state).
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner
-            .committer
-            .submit(self.transition_op(id, from, to, meta))
-            .await
+        self.inner.committer.submit(self.transition_op(id, from, to, meta)).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner
-            .committer
-            .submit_blocking(self.transition_op(id, from, to, meta))
+        self.inner.committer.submit_blocking(self.transition_op(id, from, to, meta))
     }
 
     fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Op {
@@ -308,21 +275,12 @@ impl Spool {
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner
-            .committer
-            .submit(Op::Remove {
-                meta: self.path(from, id),
-                raw: self.raw_path(id),
-            })
-            .await
+        self.inner.committer.submit(Op::Remove { meta: self.path(from, id), raw: self.raw_path(id) }).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(Op::Remove {
-            meta: self.path(from, id),
-            raw: self.raw_path(id),
-        })
+        self.inner.committer.submit_blocking(Op::Remove { meta: self.path(from, id), raw: self.raw_path(id) })
     }
 
     /// The recovery pass of invariant 5. Call with the lock held, before serving.
@@ -360,9 +318,7 @@ impl Spool {
                     }
                     Ok(_) => {
                         self.quarantine(&self.path(state, &id))?;
-                        report
-                            .corrupt
-                            .push(format!("{}/{id}.json: its raw message is missing", state.dir_name()));
+                        report.corrupt.push(format!("{}/{id}.json: its raw message is missing", state.dir_name()));
                     }
                     Err(SpoolError::Corrupt { reason, .. }) => {
                         self.quarantine(&self.path(state, &id))?;
@@ -424,8 +380,7 @@ impl Draft {
 
     fn finish(&mut self, mut envelope: Envelope) -> Result<Op, SpoolError> {
         let file = self.file.take().ok_or(SpoolError::Stopped)?;
-        file.into_inner()
-            .map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
+        file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
         envelope.id = self.id.clone();
         let meta = Meta::new(envelope, self.size);
         Ok(Op::Commit {
@@ -456,11 +411,7 @@ impl Draft {
 
 impl Write for Draft {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("draft already committed"))?
-            .write(buf)?;
+        let n = self.file.as_mut().ok_or_else(|| io::Error::other("draft already committed"))?.write(buf)?;
         self.size += n as u64;
         Ok(n)
     }

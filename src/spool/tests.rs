@@ -16,10 +16,7 @@ fn envelope() -> Envelope {
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
 }
 
 #[test]
@@ -34,10 +31,7 @@ fn stored_message_is_in_incoming_with_its_raw_bytes() {
     assert_eq!(meta.envelope.id, id);
     assert_eq!(meta.size, raw.len() as u64);
     assert_eq!(meta.envelope.recipients, vec!["hook@example.com".to_string()]);
-    assert!(
-        fs::read_dir(spool.dir().join("tmp")).unwrap().next().is_none(),
-        "tmp/ is empty after a commit"
-    );
+    assert!(fs::read_dir(spool.dir().join("tmp")).unwrap().next().is_none(), "tmp/ is empty after a commit");
 }
 
 #[test]
@@ -62,10 +56,7 @@ fn transitions_and_removal() {
     block_on(spool.remove(&id, State::Deferred)).unwrap();
     assert_eq!(spool.find(&id), None);
     assert!(!spool.raw_path(&id).exists());
-    assert!(matches!(
-        block_on(spool.remove(&id, State::Deferred)),
-        Err(SpoolError::NotFound(_))
-    ));
+    assert!(matches!(block_on(spool.remove(&id, State::Deferred)), Err(SpoolError::NotFound(_))));
 }
 
 #[test]
@@ -107,11 +98,7 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
         destinations: Default::default(),
     });
     block_on(spool.transition(&decided, State::Incoming, State::Active, Some(&meta))).unwrap();
-    fs::write(
-        spool.dir().join("deferred").join(format!("{broken}.json")),
-        b"{ not json",
-    )
-    .unwrap();
+    fs::write(spool.dir().join("deferred").join(format!("{broken}.json")), b"{ not json").unwrap();
     fs::remove_file(spool.dir().join("incoming").join(format!("{broken}.json"))).unwrap();
     fs::remove_file(spool.raw_path(&rawless)).unwrap();
     fs::write(spool.dir().join("msg").join("01ORPHAN.eml"), b"orphan").unwrap();
@@ -129,12 +116,7 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    for name in [
-        format!("{broken}.json"),
-        format!("{broken}.eml"),
-        format!("{rawless}.json"),
-        "01ORPHAN.eml".into(),
-    ] {
+    for name in [format!("{broken}.json"), format!("{broken}.eml"), format!("{rawless}.json"), "01ORPHAN.eml".into()] {
         assert!(corrupt.contains(&name), "{name} not in corrupt/: {corrupt:?}");
     }
     // A young tmp file may belong to an ingest still writing: it stays.
@@ -150,11 +132,7 @@ fn concurrent_stores_are_all_durable() {
             let spool = spool.clone();
             std::thread::spawn(move || {
                 (0..50)
-                    .map(|i| {
-                        spool
-                            .store(envelope(), format!("thread {t} message {i}").as_bytes())
-                            .unwrap()
-                    })
+                    .map(|i| spool.store(envelope(), format!("thread {t} message {i}").as_bytes()).unwrap())
                     .collect::<Vec<_>>()
             })
         })
@@ -169,10 +147,7 @@ fn an_unwritable_spool_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     fs::write(&file, b"").unwrap();
-    assert!(matches!(
-        Spool::open(&file.join("spool"), SpoolOptions::default()),
-        Err(SpoolError::Io { .. })
-    ));
+    assert!(matches!(Spool::open(&file.join("spool"), SpoolOptions::default()), Err(SpoolError::Io { .. })));
 }
 
 /// Operations of the model test.

@@ -33,12 +33,7 @@ impl Gateway {
         text.push_str(config);
         std::fs::write(dir.path().join("mailhook.toml"), text).unwrap();
         std::fs::write(dir.path().join("rules/10-test.toml"), rules).unwrap();
-        Gateway {
-            dir,
-            serve: None,
-            env: Vec::new(),
-            runs: 0,
-        }
+        Gateway { dir, serve: None, env: Vec::new(), runs: 0 }
     }
 
     pub fn path(&self) -> &Path {
@@ -160,16 +155,8 @@ impl Gateway {
     /// `mailhook queue list --json`.
     pub fn queue(&self) -> Vec<Value> {
         let out = self.run(&["queue", "list", "--config", "mailhook.toml", "--json"]);
-        assert!(
-            out.status.success(),
-            "queue list: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        assert!(out.status.success(), "queue list: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
     }
 
     /// Waits until the queue holds exactly the messages `pred` accepts (and nothing else).

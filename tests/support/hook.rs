@@ -45,10 +45,7 @@ pub struct HookOptions {
 
 impl Default for HookOptions {
     fn default() -> Self {
-        HookOptions {
-            token: None,
-            max_body: 400_000,
-        }
+        HookOptions { token: None, max_body: 400_000 }
     }
 }
 
@@ -63,11 +60,7 @@ pub struct Scripted {
 impl Scripted {
     /// An answer with `status` and the server's usual JSON body for that status.
     pub fn status(status: u16) -> Scripted {
-        Scripted {
-            status,
-            headers: Vec::new(),
-            body: default_body(status),
-        }
+        Scripted { status, headers: Vec::new(), body: default_body(status) }
     }
 
     pub fn header(mut self, name: &str, value: impl ToString) -> Scripted {
@@ -101,10 +94,7 @@ pub struct Recorded {
 impl Recorded {
     /// First value of header `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn is_accepted(&self) -> bool {
@@ -113,12 +103,7 @@ impl Recorded {
 
     /// A one-line summary, used in panic messages.
     pub fn summary(&self) -> String {
-        let id = self
-            .json
-            .as_ref()
-            .and_then(|j| j.get("id"))
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "-".into());
+        let id = self.json.as_ref().and_then(|j| j.get("id")).map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         format!(
             "{} {} -> {} (idempotency-key {:?}, payload id {}, {} bytes)",
             self.method, self.path, self.status, self.idempotency_key, id, self.body_len
@@ -156,19 +141,12 @@ impl HookServer {
         let background = Background::spawn(format!("hook-server-{}", addr.port()), listener, move |l| async move {
             let _ = axum::serve(l, app).await;
         });
-        HookServer {
-            addr,
-            shared,
-            _background: background,
-        }
+        HookServer { addr, shared, _background: background }
     }
 
     /// A server with default options and `Authorization: Bearer <token>` required.
     pub fn with_token(token: &str) -> HookServer {
-        HookServer::start(HookOptions {
-            token: Some(token.to_string()),
-            ..HookOptions::default()
-        })
+        HookServer::start(HookOptions { token: Some(token.to_string()), ..HookOptions::default() })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -279,10 +257,7 @@ impl HookServer {
 }
 
 fn reason(status: u16) -> &'static str {
-    StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error")
+    StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error")
 }
 
 fn default_body(status: u16) -> String {
@@ -294,9 +269,7 @@ fn default_body(status: u16) -> String {
 }
 
 fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 fn bearer_ok(headers: &HeaderMap, token: &str) -> bool {
@@ -347,12 +320,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         headers: parts
             .headers
             .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect(),
         body_len,
         body: bytes.map(|b| b.to_vec()).unwrap_or_default(),
@@ -365,16 +333,12 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         tokio::time::sleep(delay).await;
     }
 
-    let mut response = Response::builder()
-        .status(answer.status)
-        .header(header::CONTENT_TYPE, "application/json; charset=utf-8");
+    let mut response =
+        Response::builder().status(answer.status).header(header::CONTENT_TYPE, "application/json; charset=utf-8");
     for (name, value) in &answer.headers {
         response = response.header(name.as_str(), value.as_str());
     }
     response.body(Body::from(answer.body)).unwrap_or_else(|e| {
-        Response::builder()
-            .status(500)
-            .body(Body::from(format!("bad scripted response: {e}")))
-            .unwrap()
+        Response::builder().status(500).body(Body::from(format!("bad scripted response: {e}"))).unwrap()
     })
 }

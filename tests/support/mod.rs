@@ -26,10 +26,7 @@ pub fn init_crypto() {
 /// A reqwest client for talking to the support servers (ring provider installed first).
 pub fn http_client() -> reqwest::Client {
     init_crypto();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("build reqwest client")
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("build reqwest client")
 }
 
 /// Polls `f` every few milliseconds until it returns `Some` or `timeout` passes.
@@ -79,10 +76,8 @@ impl Background {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("build server runtime");
+                let rt =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("build server runtime");
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                     tokio::select! {
@@ -94,10 +89,7 @@ impl Background {
                 rt.shutdown_timeout(Duration::from_millis(500));
             })
             .expect("spawn server thread");
-        Background {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        Background { stop: Some(stop), thread: Some(thread) }
     }
 }
 

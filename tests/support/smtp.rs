@@ -33,10 +33,7 @@ pub struct SmtpOptions {
 
 impl Default for SmtpOptions {
     fn default() -> Self {
-        SmtpOptions {
-            auth: None,
-            max_size: 50 * 1024 * 1024,
-        }
+        SmtpOptions { auth: None, max_size: 50 * 1024 * 1024 }
     }
 }
 
@@ -125,19 +122,12 @@ impl SmtpSink {
                 });
             }
         });
-        SmtpSink {
-            addr,
-            shared,
-            _background: background,
-        }
+        SmtpSink { addr, shared, _background: background }
     }
 
     /// A sink that requires AUTH with these credentials.
     pub fn with_auth(user: &str, pass: &str) -> SmtpSink {
-        SmtpSink::start(SmtpOptions {
-            auth: Some((user.to_string(), pass.to_string())),
-            ..SmtpOptions::default()
-        })
+        SmtpSink::start(SmtpOptions { auth: Some((user.to_string(), pass.to_string())), ..SmtpOptions::default() })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -156,11 +146,7 @@ impl SmtpSink {
     /// Queues a one-off reply for the end of the next DATA (e.g. `451` temporary, `554` permanent).
     /// A message answered with a non-2xx code goes to [`SmtpSink::rejected`], not `messages`.
     pub fn push_data_reply(&self, code: u16, text: &str) {
-        self.shared
-            .data_replies
-            .lock()
-            .unwrap()
-            .push_back((code, text.to_string()));
+        self.shared.data_replies.lock().unwrap().push_back((code, text.to_string()));
     }
 
     /// While on, every new connection is closed right after it is accepted (no greeting).
@@ -441,10 +427,9 @@ async fn auth<R: AsyncRead + Unpin>(
             };
             let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
             match parts.as_slice() {
-                [_authz, user, pass] => Some((
-                    String::from_utf8_lossy(user).into_owned(),
-                    String::from_utf8_lossy(pass).into_owned(),
-                )),
+                [_authz, user, pass] => {
+                    Some((String::from_utf8_lossy(user).into_owned(), String::from_utf8_lossy(pass).into_owned()))
+                }
                 _ => None,
             }
         }
@@ -460,10 +445,9 @@ async fn auth<R: AsyncRead + Unpin>(
                 return Ok("501 5.7.0 Authentication cancelled\r\n".into());
             };
             match (decode_b64(&user_b64), decode_b64(&pass_b64)) {
-                (Some(u), Some(p)) => Some((
-                    String::from_utf8_lossy(&u).into_owned(),
-                    String::from_utf8_lossy(&p).into_owned(),
-                )),
+                (Some(u), Some(p)) => {
+                    Some((String::from_utf8_lossy(&u).into_owned(), String::from_utf8_lossy(&p).into_owned()))
+                }
                 _ => return Ok("501 5.5.2 Cannot decode response\r\n".into()),
             }
         }
