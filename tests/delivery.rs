@@ -126,6 +126,23 @@ fn email_hook_carries_the_payload_as_json_ld_with_the_key() {
 }
 
 #[test]
+fn email_hook_authenticates_to_the_relay() {
+    let sink = SmtpSink::with_auth("relay-user", "relay-pass-123");
+    let config = format!(
+        "{DELIVERY}[destination.mail]\ntype = \"kustomer-email-hook\"\naddress = \"h@hooks.kustomerapp.com\"\n\
+         key = \"k\"\nrelay = \"{}\"\nfrom = \"mailhook@example.com\"\nusername = \"relay-user\"\npassword = \"${{RELAY_PASSWORD}}\"\n",
+        sink.relay_url()
+    );
+    let mut gw = Gateway::new(&config, &rule_to(&["mail"])).env("RELAY_PASSWORD", "relay-pass-123");
+    gw.ingest(&message(1, "a"));
+    gw.start();
+    let m = sink.wait_for_messages(1, WAIT);
+    assert_eq!(m[0].auth_user.as_deref(), Some("relay-user"));
+    gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
+    assert!(!gw.logs().contains("relay-pass-123"));
+}
+
+#[test]
 fn email_hook_relay_refusal_is_retried_then_dead_when_permanent() {
     let sink = SmtpSink::start(SmtpOptions::default());
     sink.push_data_reply(451, "4.3.0 try later");
