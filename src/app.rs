@@ -6,7 +6,8 @@
 //! claiming new work and lets rounds in flight finish within a grace period.
 
 use crate::config::Config;
-use crate::pipeline::{Pipeline, SharedRules};
+use crate::ingest::smtp::{Listener, ListenerError};
+use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use std::sync::{Arc, RwLock};
@@ -21,6 +22,8 @@ pub enum AppError {
     Destination(#[from] crate::deliver::BuildError),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -56,14 +59,28 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         "spool recovered"
     );
 
-    let pipeline = Arc::new(Pipeline::new(&config, spool, rules)?);
+    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules)?);
     let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Listeners bind before anything runs, so a port in use refuses to start.
+    let mut listeners = Vec::new();
+    if let Some(smtp) = &config.smtp {
+        listeners.push(Listener::bind(smtp, false, &config).await?);
+    }
+    if let Some(lmtp) = &config.lmtp {
+        listeners.push(Listener::bind(lmtp, true, &config).await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(listener.run(spool.clone(), pipeline.waker(), stop_rx.clone(), SHUTDOWN_GRACE));
+    }
     let workers = tokio::spawn(pipeline.clone().run(stop_rx));
     info!(destinations = config.destination.len(), "mailhook serving");
 
     wait_for_signal().await?;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
     let _ = workers.await;
     info!("stopped");
     Ok(())

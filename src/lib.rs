@@ -30,6 +30,7 @@ pub mod app;
 pub mod cmd;
 pub mod config;
 pub mod deliver;
+pub mod ingest;
 pub mod logging;
 pub mod model;
 pub mod parse;

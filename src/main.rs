@@ -227,6 +227,13 @@ fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
             eprintln!("mailhook serve: not starting");
             Exit::Config
         }
+        Err(mailhook::app::AppError::Listener(e)) => {
+            eprintln!("mailhook serve: not starting: {e}");
+            match e {
+                mailhook::ingest::smtp::ListenerError::Bind { .. } => Exit::TempFail,
+                _ => Exit::Config,
+            }
+        }
         Err(mailhook::app::AppError::Destination(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
             Exit::Config

@@ -117,13 +117,25 @@ fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
             continue;
         }
         *r = match &job.op {
-            Op::Commit { draft, raw, meta_tmp, meta_dest, .. } => fs::rename(draft, raw)
-                .map_err(|e| SpoolError::io(draft, e))
-                .and_then(|()| fs::rename(meta_tmp, meta_dest).map_err(|e| SpoolError::io(meta_dest, e)))
-                .map(|()| {
-                    dirs.insert(parent(raw));
-                    dirs.insert(parent(meta_dest));
-                }),
+            Op::Commit { draft, raw, meta_tmp, meta_dest, .. } => match fs::rename(draft, raw) {
+                Err(e) => {
+                    let _ = fs::remove_file(meta_tmp);
+                    Err(SpoolError::io(draft, e))
+                }
+                Ok(()) => match fs::rename(meta_tmp, meta_dest) {
+                    Ok(()) => {
+                        dirs.insert(parent(raw));
+                        dirs.insert(parent(meta_dest));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Not acknowledged: take the message back out rather than leave an orphan.
+                        let _ = fs::remove_file(meta_tmp);
+                        let _ = fs::remove_file(raw);
+                        Err(SpoolError::io(meta_dest, e))
+                    }
+                },
+            },
             Op::Put { tmp, dest, .. } => {
                 if dest.exists() {
                     fs::rename(tmp, dest).map_err(|e| SpoolError::io(dest, e)).map(|()| {

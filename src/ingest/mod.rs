@@ -1,0 +1,9 @@
+//! ingest: the ways mail comes in. Each one only accepts bytes and an envelope and hands them
+//! to the spool; it acknowledges the sender only once the spool has them on disk.
+//!
+//! | source | where |
+//! |---|---|
+//! | SMTP and LMTP listeners | [`smtp`] |
+//! | stdin (`mailhook ingest`) | [`crate::cmd::ingest`] |
+
+pub mod smtp;

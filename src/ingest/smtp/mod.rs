@@ -1,0 +1,306 @@
+//! SMTP and LMTP listeners: legacy systems relay their mail here (SMTP, RFC 5321) and mail
+//! servers hand it over (LMTP, RFC 2033). Both feed the spool and answer `250` only once the
+//! message is on disk.
+//!
+//! ```text
+//! TCP accept ─► allow? ─► connection limit? ─► Session (session.rs) ─► spool draft ─► commit ─► 250
+//! ```
+//!
+//! The listener follows the mini-redis shape: a task per connection whose errors are logged,
+//! never propagated; a semaphore for the connection limit; a watch channel for shutdown (new
+//! connections and idle sessions get `421`, transactions in progress may finish).
+
+mod session;
+
+pub use session::{End, Session};
+
+use crate::config::{Config, ListenerConfig, Secret};
+use crate::spool::Spool;
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+/// What a session needs to know, built once from `[smtp]` or `[lmtp]`.
+pub struct SessionConfig {
+    pub lmtp: bool,
+    pub hostname: String,
+    pub max_size: usize,
+    pub recipients: Vec<Regex>,
+    pub allow: Vec<ipnet::IpNet>,
+    pub tls: Option<TlsAcceptor>,
+    pub auth_users: Option<BTreeMap<String, Secret>>,
+    pub auth_required: bool,
+    pub max_connections: usize,
+    pub max_recipients: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("{protocol}.tls: {message}")]
+    Tls { protocol: &'static str, message: String },
+    #[error("{protocol}.listen: cannot listen on {addr}: {source}")]
+    Bind { protocol: &'static str, addr: String, source: io::Error },
+    #[error("{protocol}.recipients: {message}")]
+    Recipients { protocol: &'static str, message: String },
+}
+
+impl SessionConfig {
+    pub fn build(l: &ListenerConfig, lmtp: bool, config: &Config) -> Result<SessionConfig, ListenerError> {
+        let protocol = if lmtp { "lmtp" } else { "smtp" };
+        let tls = match &l.tls {
+            Some(t) => Some(
+                tls_acceptor(&config.resolve(&t.cert), &config.resolve(&t.key))
+                    .map_err(|message| ListenerError::Tls { protocol, message })?,
+            ),
+            None => None,
+        };
+        let recipients = l
+            .recipients
+            .iter()
+            .map(|r| Regex::new(r).map_err(|e| ListenerError::Recipients { protocol, message: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        Ok(SessionConfig {
+            lmtp,
+            hostname: l.hostname.clone(),
+            max_size: l.max_size.as_u64() as usize,
+            recipients,
+            allow: l.allow.clone(),
+            tls,
+            auth_users: l.auth.as_ref().map(|a| a.users.clone()),
+            auth_required: l.auth.as_ref().is_some_and(|a| a.required),
+            max_connections: l.max_connections,
+            max_recipients: l.max_recipients,
+            command_timeout: l.command_timeout,
+            data_timeout: l.data_timeout,
+        })
+    }
+}
+
+/// A TLS acceptor from PEM certificate chain and key files.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let cert_pem = read(cert)?;
+    let key_pem = read(key)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no PEM private key in it", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not go together: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// A stream that may be upgraded to TLS mid-session (STARTTLS).
+pub enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Only while upgrading.
+    Closed,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Closed => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// A bound SMTP or LMTP listener, ready to run.
+pub struct Listener {
+    cfg: Arc<SessionConfig>,
+    sockets: Vec<(TcpListener, SocketAddr)>,
+}
+
+impl Listener {
+    /// Binds every `listen` address (so a port in use is an error at start-up).
+    pub async fn bind(l: &ListenerConfig, lmtp: bool, config: &Config) -> Result<Listener, ListenerError> {
+        let cfg = Arc::new(SessionConfig::build(l, lmtp, config)?);
+        let protocol = if lmtp { "lmtp" } else { "smtp" };
+        let mut sockets = Vec::new();
+        for addr in &l.listen {
+            let listener = TcpListener::bind(addr).await.map_err(|source| ListenerError::Bind {
+                protocol,
+                addr: addr.clone(),
+                source,
+            })?;
+            let local =
+                listener.local_addr().map_err(|source| ListenerError::Bind { protocol, addr: addr.clone(), source })?;
+            sockets.push((listener, local));
+        }
+        Ok(Listener { cfg, sockets })
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.sockets.iter().map(|(_, a)| *a).collect()
+    }
+
+    /// Accepts connections until shutdown; then answers new ones `421` while the sessions
+    /// still open finish (up to `grace`).
+    pub async fn run(self, spool: Spool, wake: Arc<Notify>, shutdown: watch::Receiver<bool>, grace: Duration) {
+        let protocol = if self.cfg.lmtp { "lmtp" } else { "smtp" };
+        let permits = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let mut loops = JoinSet::new();
+        for (listener, addr) in self.sockets {
+            info!(protocol, addr = %addr, "listening");
+            let ctx = Accept {
+                cfg: self.cfg.clone(),
+                spool: spool.clone(),
+                wake: wake.clone(),
+                shutdown: shutdown.clone(),
+                permits: permits.clone(),
+                protocol,
+                grace,
+            };
+            loops.spawn(ctx.run(listener));
+        }
+        while loops.join_next().await.is_some() {}
+    }
+}
+
+struct Accept {
+    cfg: Arc<SessionConfig>,
+    spool: Spool,
+    wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+    permits: Arc<Semaphore>,
+    protocol: &'static str,
+    grace: Duration,
+}
+
+impl Accept {
+    async fn run(mut self, listener: TcpListener) {
+        let protocol = self.protocol;
+        let mut sessions = JoinSet::new();
+        let mut backoff = Duration::from_millis(10);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let stopping = deadline.is_some();
+            if stopping && sessions.is_empty() {
+                break;
+            }
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = self.shutdown.changed(), if !stopping => {
+                    info!(protocol, open = sessions.len(), "shutting down: refusing new connections");
+                    deadline = Some(tokio::time::Instant::now() + self.grace);
+                    continue;
+                }
+                _ = sessions.join_next(), if stopping && !sessions.is_empty() => continue,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if stopping => {
+                    if !sessions.is_empty() {
+                        warn!(protocol, open = sessions.len(), "grace period over: closing the remaining sessions");
+                    }
+                    break;
+                }
+            };
+            while sessions.try_join_next().is_some() {}
+            let (mut stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(10);
+                    x
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, do not spin.
+                    error!(protocol, error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let ip = peer.ip().to_canonical();
+            let refusal = if stopping {
+                Some("421 4.3.2 Service shutting down, try again later".to_string())
+            } else if !self.cfg.allow.iter().any(|net| net.contains(&ip)) {
+                info!(protocol, peer = %peer, "client network not allowed");
+                Some(format!("554 5.7.1 {ip} is not allowed to connect"))
+            } else {
+                None
+            };
+            let permit = match refusal {
+                Some(_) => None,
+                None => match self.permits.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        warn!(protocol, peer = %peer, max = self.cfg.max_connections, "connection limit reached");
+                        None
+                    }
+                },
+            };
+            let Some(permit) = permit else {
+                let line = refusal.unwrap_or_else(|| "421 4.7.0 Too many connections, try again later".to_string());
+                tokio::spawn(async move {
+                    let _ = stream.write_all(format!("{line}\r\n").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+                continue;
+            };
+            debug!(protocol, peer = %peer, "connection");
+            let session = Session::new(
+                self.cfg.clone(),
+                self.spool.clone(),
+                self.wake.clone(),
+                self.shutdown.clone(),
+                stream,
+                peer,
+            );
+            sessions.spawn(async move {
+                session.run().await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
