@@ -1,8 +1,11 @@
 //! [`Gateway`]: a `mailhook` installation in a temporary directory — config, rules, spool —
 //! driven through the real binary: `ingest` to spool mail, `serve` as a child process that a
 //! test can stop with SIGTERM or kill with SIGKILL, `queue` and `replay` to act on the spool.
+//! [`Gateway::listening`] finds the address an `[smtp]`/`[lmtp]` listener bound (configure
+//! `listen = ["127.0.0.1:0"]` and serve picks a free port and logs it).
 
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -119,6 +122,11 @@ impl Gateway {
         self.serve = Some(child);
     }
 
+    /// The process id of the running serve.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(Child::id)
+    }
+
     fn signal(&self, sig: &str) {
         let pid = self.serve.as_ref().expect("serve running").id();
         let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
@@ -143,6 +151,46 @@ impl Gateway {
             assert!(Instant::now() < deadline, "serve did not stop after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (up to 10 s) until the running serve logs that its `protocol` (`"smtp"`, `"lmtp"`)
+    /// listener is listening, and returns the address it logged. Only the current run's log is
+    /// read, so after a restart the new address is returned. Panics, with the logs, when serve
+    /// exits first or nothing is logged in time.
+    pub fn listening(&mut self, protocol: &str) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let log = self.path().join(format!("serve-{}.log", self.runs));
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let found = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find_map(|v| {
+                let is_it = v["message"] == "listening" && v["protocol"] == protocol;
+                if is_it { v["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) } else { None }
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            let child = self.serve.as_mut().expect("serve running");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("serve exited ({status}) before its {protocol} listener was up; logs:\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                panic!("serve did not log a {protocol} listener within 10 s; logs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `mailhook queue show --json ID`.
+    pub fn show(&self, id: &str) -> Value {
+        let out = self.run(&["queue", "show", "--config", "mailhook.toml", "--json", id]);
+        assert!(out.status.success(), "queue show {id}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The raw message `id` as the spool holds it (`spool/msg/ID.eml`).
+    pub fn raw_message(&self, id: &str) -> Vec<u8> {
+        let path = self.path().join("spool/msg").join(format!("{id}.eml"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// Every log line of every serve run so far.

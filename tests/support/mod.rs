@@ -5,6 +5,9 @@
 //!   (Bearer auth, 400 KB body limit, scripted 429/5xx faults) and records every request.
 //! - [`smtp::SmtpSink`]: a plain SMTP server that accepts the mail an email-hook destination sends,
 //!   with optional AUTH and scripted DATA replies, plus [`smtp::json_ld`] to read the payload back.
+//! - [`smtp_client::SmtpClient`]: a raw-socket SMTP/LMTP client for scripted dialogues with
+//!   mailhook's own listeners (pipelining, STARTTLS, malformed input), printing the dialogue on
+//!   failure.
 //!
 //! Every server binds `127.0.0.1:0`, runs on its own thread with its own tokio runtime (so it works
 //! from sync tests, async tests and while a `mailhook` subprocess talks to it) and stops when
@@ -14,6 +17,7 @@
 pub mod gateway;
 pub mod hook;
 pub mod smtp;
+pub mod smtp_client;
 
 use std::time::{Duration, Instant};
 

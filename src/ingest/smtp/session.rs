@@ -388,6 +388,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.reply("503 5.5.1 Need MAIL before RCPT");
             return self.error();
         }
+        if address.is_empty() {
+            // The null path is a sender, never a recipient.
+            self.reply("501 5.1.3 Bad recipient address syntax");
+            return self.error();
+        }
         if !self.cfg.recipients.is_empty() && !self.cfg.recipients.iter().any(|r| r.is_match(&address)) {
             debug!(peer = %self.peer, recipient = %address, "recipient refused");
             self.reply("550 5.1.1 Recipient address rejected: not a hook address here");

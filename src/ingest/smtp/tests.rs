@@ -129,9 +129,9 @@ async fn sequence_errors() {
 #[tokio::test]
 async fn recipient_policy_and_limit() {
     let h = Harness::new();
-    let script = "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@elsewhere.test>\r\nRCPT TO:<a@hooks.example>\r\nRCPT TO:<b@hooks.example>\r\nRCPT TO:<c@hooks.example>\r\nRCPT TO:<d@hooks.example>\r\nQUIT\r\n";
+    let script = "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<>\r\nRCPT TO:<x@elsewhere.test>\r\nRCPT TO:<a@hooks.example>\r\nRCPT TO:<b@hooks.example>\r\nRCPT TO:<c@hooks.example>\r\nRCPT TO:<d@hooks.example>\r\nQUIT\r\n";
     let out = h.talk(config(false), script.as_bytes()).await;
-    assert_eq!(codes(&out), ["220", "250", "250", "550", "250", "250", "250", "452", "221"], "{out}");
+    assert_eq!(codes(&out), ["220", "250", "250", "501", "550", "250", "250", "250", "452", "221"], "{out}");
     assert!(enhanced(&out, "550 5.1.1") && enhanced(&out, "452 4.5.3"), "{out}");
 }
 
