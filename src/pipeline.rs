@@ -36,6 +36,11 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Messages being worked on at once (bounds memory).
 const MAX_IN_FLIGHT: usize = 256;
 
+/// Megabytes of raw message that may be worked on at once. A message takes a few times its
+/// size in memory while it is parsed, its payload built and sent, so this bounds the memory of
+/// a burst of large messages (one larger than the budget takes all of it, alone).
+const JUDGE_BUDGET_MB: u32 = 64;
+
 /// How long shutdown waits for rounds in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -59,6 +64,7 @@ pub struct Pipeline {
     rules: SharedRules,
     targets: HashMap<String, Arc<Target>>,
     wake: Arc<Notify>,
+    judge_budget: Arc<Semaphore>,
 }
 
 /// How a round left a message.
@@ -91,7 +97,13 @@ impl Pipeline {
                 }),
             );
         }
-        Ok(Pipeline { spool, rules, targets, wake: Arc::new(Notify::new()) })
+        Ok(Pipeline {
+            spool,
+            rules,
+            targets,
+            wake: Arc::new(Notify::new()),
+            judge_budget: Arc::new(Semaphore::new(JUDGE_BUDGET_MB as usize)),
+        })
     }
 
     /// Notified after a listener commits a message, so it is picked up at once.
@@ -221,8 +233,9 @@ impl Pipeline {
         let spool = self.spool.clone();
         let rules = self.rules.read().expect("rules lock").clone();
         let targets = self.targets.clone();
+        let budget = self.judge_budget.clone();
         tasks.spawn(async move {
-            let finished = process(&spool, &rules, &targets, &id, from).await;
+            let finished = process(&spool, &rules, &targets, &budget, &id, from).await;
             (id, finished)
         });
     }
@@ -232,6 +245,7 @@ async fn process(
     spool: &Spool,
     rules: &Arc<RuleSet>,
     targets: &HashMap<String, Arc<Target>>,
+    budget: &Semaphore,
     id: &str,
     from: State,
 ) -> Finished {
@@ -243,7 +257,7 @@ async fn process(
             return Finished::Released;
         }
     }
-    match round(spool, rules, targets, id).await {
+    match round(spool, rules, targets, budget, id).await {
         Ok(f) => f,
         Err(SpoolError::NotFound(_)) => Finished::Released,
         Err(e) => {
@@ -258,9 +272,13 @@ async fn round(
     spool: &Spool,
     rules: &Arc<RuleSet>,
     targets: &HashMap<String, Arc<Target>>,
+    budget: &Semaphore,
     id: &str,
 ) -> Result<Finished, SpoolError> {
     let mut meta = read_meta(spool, id).await?;
+    // Held for the whole round: the payload (with the text) stays in memory until it is sent.
+    let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
+    let _budget = budget.acquire_many(megabytes).await;
 
     if meta.decision.is_none() {
         let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
@@ -291,12 +309,20 @@ async fn round(
                         (d, DestStatus { state: DestState::Pending, attempts: 0, next_attempt: None, last_error: None })
                     })
                     .collect();
-                meta.decision = Some(Decision {
-                    rule,
-                    decided_at: format_time(SystemTime::now()),
-                    payload: outcome.payload,
-                    destinations,
-                });
+                // No destination takes more than the largest max_body among them: keep the
+                // stored payload within it (the spool need not hold a 25 MB text).
+                let limit = to_limit(&destinations, targets);
+                let size = serde_json::to_vec(&outcome.payload).map_or(0, |v| v.len());
+                let payload = if size > limit {
+                    shrink::encode(&outcome.payload, limit)
+                        .ok()
+                        .and_then(|body| serde_json::from_slice(&body).ok())
+                        .unwrap_or(outcome.payload)
+                } else {
+                    outcome.payload
+                };
+                meta.decision =
+                    Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });
                 // The decision is durable before anything is sent.
                 spool.put(State::Active, &meta).await?;
             }
@@ -401,6 +427,11 @@ async fn round(
     meta.next_attempt = None;
     spool.transition(id, State::Active, State::Dead, Some(&meta)).await?;
     Ok(Finished::Dead)
+}
+
+/// The largest `max_body` among the destinations of a decision.
+fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<String, Arc<Target>>) -> usize {
+    destinations.keys().filter_map(|d| targets.get(d)).map(|t| t.max_body).max().unwrap_or(usize::MAX)
 }
 
 async fn read_meta(spool: &Spool, id: &str) -> Result<Meta, SpoolError> {

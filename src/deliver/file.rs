@@ -1,15 +1,22 @@
 //! The `file` destination: one JSON object per line, appended and flushed to disk before the
 //! attempt counts as done. Needs nothing outside the machine.
+//!
+//! One writer thread per file takes every line waiting, appends them all, flushes once and
+//! then answers them all (group commit), so a burst of deliveries costs one flush, not one
+//! per line.
 
 use super::Attempt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
 pub struct FileDestination {
     path: PathBuf,
-    file: Arc<Mutex<File>>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl FileDestination {
@@ -19,24 +26,54 @@ impl FileDestination {
         }
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(FileDestination { path: path.to_path_buf(), file: Arc::new(Mutex::new(file)) })
+        let (tx, rx) = mpsc::channel::<Job>();
+        let shown = path.display().to_string();
+        std::thread::Builder::new()
+            .name("file-destination".into())
+            .spawn(move || write_lines(file, rx, shown))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(FileDestination { path: path.to_path_buf(), tx })
     }
 
     pub async fn send(&self, body: &[u8]) -> Attempt {
         let mut line = Vec::with_capacity(body.len() + 1);
         line.extend_from_slice(body);
         line.push(b'\n');
-        let file = self.file.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut f = file.lock().expect("file destination lock");
-            f.write_all(&line)?;
-            f.sync_data()
-        })
-        .await;
-        match result {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send((line, reply)).is_err() {
+            return Attempt::Retry { after: None, reason: format!("{}: writer stopped", self.path.display()) };
+        }
+        match rx.await {
             Ok(Ok(())) => Attempt::Done,
-            Ok(Err(e)) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
-            Err(e) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
+            Ok(Err(reason)) => Attempt::Retry { after: None, reason },
+            Err(_) => Attempt::Retry { after: None, reason: format!("{}: writer stopped", self.path.display()) },
+        }
+    }
+}
+
+fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            batch.push(job);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let mut result = Ok(());
+        for (line, _) in &batch {
+            if let Err(e) = file.write_all(line) {
+                result = Err(format!("{path}: {e}"));
+                break;
+            }
+        }
+        if result.is_ok()
+            && let Err(e) = file.sync_data()
+        {
+            result = Err(format!("{path}: {e}"));
+        }
+        for (_, reply) in batch {
+            let _ = reply.send(result.clone());
         }
     }
 }

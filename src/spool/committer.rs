@@ -33,10 +33,9 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    pub(super) fn start(dir: PathBuf, fsync: bool) -> io::Result<Committer> {
+    pub(super) fn start(fsync: bool) -> io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let root = File::open(&dir)?;
-        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(rx, root, fsync))?;
+        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(rx, fsync))?;
         Ok(Committer { tx })
     }
 
@@ -55,7 +54,7 @@ impl Committer {
     }
 }
 
-fn run(rx: mpsc::Receiver<Job>, root: File, fsync: bool) {
+fn run(rx: mpsc::Receiver<Job>, fsync: bool) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -64,13 +63,30 @@ fn run(rx: mpsc::Receiver<Job>, root: File, fsync: bool) {
                 Err(_) => break,
             }
         }
-        apply(batch, &root, fsync);
+        apply(batch, fsync);
     }
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = File::create(path)?;
     f.write_all(bytes)
+}
+
+/// Most flushes issued at once.
+const SYNC_THREADS: usize = 16;
+
+/// `fdatasync`s the files, several at a time; returns the index and error of each failure.
+fn sync_files(files: &[(usize, &Path)]) -> Vec<(usize, SpoolError)> {
+    let sync = |(i, p): &(usize, &Path)| File::open(p).and_then(|f| f.sync_data()).err().map(|e| (*i, SpoolError::io(*p, e)));
+    if files.len() <= 1 {
+        return files.iter().filter_map(sync).collect();
+    }
+    let chunk = files.len().div_ceil(SYNC_THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            files.chunks(chunk).map(|part| scope.spawn(move || part.iter().filter_map(sync).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    })
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -81,7 +97,7 @@ fn parent(p: &Path) -> PathBuf {
     p.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
+fn apply(batch: Vec<Job>, fsync: bool) {
     let mut results: Vec<Result<(), SpoolError>> = Vec::with_capacity(batch.len());
 
     // Phase 1: file contents.
@@ -95,19 +111,28 @@ fn apply(batch: Vec<Job>, root: &File, fsync: bool) {
         results.push(r);
     }
 
-    // One flush for every file of the batch (drafts written by their producers included).
-    if fsync && let Err(e) = rustix::fs::syncfs(root) {
-        let e: io::Error = e.into();
-        for (job, r) in batch.iter().zip(results.iter_mut()) {
-            if r.is_ok() {
-                *r = Err(SpoolError::io("syncfs", io::Error::new(e.kind(), e.to_string())));
+    // Flush every file of the batch (drafts written by their producers included), all at
+    // once: concurrent flushes are committed together by the file system's journal.
+    if fsync {
+        let files: Vec<(usize, &Path)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_ok())
+            .flat_map(|(i, job)| {
+                let paths: Vec<&Path> = match &job.op {
+                    Op::Commit { draft, meta_tmp, .. } => vec![draft.as_path(), meta_tmp.as_path()],
+                    Op::Put { tmp, .. } | Op::Move { write: Some((tmp, _)), .. } => vec![tmp.as_path()],
+                    _ => Vec::new(),
+                };
+                paths.into_iter().map(move |p| (i, p))
+            })
+            .collect();
+        for (i, e) in sync_files(&files) {
+            if results[i].is_ok() {
+                results[i] = Err(e);
             }
-            cleanup_tmp(&job.op);
         }
-        finish(batch, results);
-        return;
     }
-
     // Phase 2: names. Each op's renames are ordered so that a crash never leaves metadata
     // without its raw message (invariant 2).
     let mut dirs = BTreeSet::new();

@@ -33,9 +33,10 @@
 //!    `incoming/ID.json`, so a metadata file always has its raw message.
 //! 3. **The raw message is never rewritten**; replays and retries read it again.
 //! 4. **Group commit**: one thread applies every mutation. It takes all the requests waiting,
-//!    writes their files, flushes the file system once (`syncfs(2)`), does the renames, flushes
-//!    each directory touched once, then answers them all. Under load the cost of a flush is
-//!    shared by every message in the batch.
+//!    writes their files, flushes them all at once (`fdatasync(2)` from several threads, which
+//!    the file system's journal commits together), does the renames, flushes each directory
+//!    touched once, then answers them all. Under load the cost of a flush is shared by every
+//!    message in the batch.
 //! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
 //!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); `active/` entries
 //!    go back in line (`incoming/`, or `deferred/` due now when already judged); metadata that
@@ -151,7 +152,7 @@ impl Spool {
         // Prove the spool is writable now rather than at the first message.
         let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
         File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))?;
-        let committer = Committer::start(dir.to_path_buf(), options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        let committer = Committer::start(options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool { inner: Arc::new(Inner { dir: dir.to_path_buf(), committer, seq: AtomicU64::new(0) }) })
     }
 
