@@ -41,6 +41,10 @@ const MAX_IN_FLIGHT: usize = 256;
 /// a burst of large messages (one larger than the budget takes all of it, alone).
 const JUDGE_BUDGET_MB: u32 = 64;
 
+/// Messages up to this size are parsed and judged on the worker itself; larger ones on the
+/// blocking pool, so that a long parse never stalls the other tasks.
+const INLINE_JUDGE_SIZE: u64 = 64 * 1024;
+
 /// How long shutdown waits for rounds in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -281,13 +285,18 @@ async fn round(
     let _budget = budget.acquire_many(megabytes).await;
 
     if meta.decision.is_none() {
-        let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
-        let envelope = meta.envelope.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            raw_spool.read_raw(&raw_id).map(|raw| rules.evaluate(&parse(&raw), &envelope))
-        })
-        .await
-        .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
+        let outcome = if meta.size <= INLINE_JUDGE_SIZE {
+            // Small mail is parsed and judged in a few microseconds: no thread hand-off.
+            spool.read_raw(id).map(|raw| rules.evaluate(&parse(&raw), &meta.envelope))?
+        } else {
+            let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
+            let envelope = meta.envelope.clone();
+            tokio::task::spawn_blocking(move || {
+                raw_spool.read_raw(&raw_id).map(|raw| rules.evaluate(&parse(&raw), &envelope))
+            })
+            .await
+            .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??
+        };
         let rule = outcome.rule.clone();
         match outcome.action {
             Action::Drop => {
@@ -434,11 +443,9 @@ fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<Strin
     destinations.keys().filter_map(|d| targets.get(d)).map(|t| t.max_body).max().unwrap_or(usize::MAX)
 }
 
+/// Metadata files are a few kilobytes: read in place.
 async fn read_meta(spool: &Spool, id: &str) -> Result<Meta, SpoolError> {
-    let (spool, id) = (spool.clone(), id.to_string());
-    tokio::task::spawn_blocking(move || spool.read_meta(State::Active, &id))
-        .await
-        .map_err(|e| SpoolError::io("read", std::io::Error::other(e.to_string())))?
+    spool.read_meta(State::Active, id)
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.

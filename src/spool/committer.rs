@@ -77,14 +77,17 @@ const SYNC_THREADS: usize = 16;
 
 /// `fdatasync`s the files, several at a time; returns the index and error of each failure.
 fn sync_files(files: &[(usize, &Path)]) -> Vec<(usize, SpoolError)> {
-    let sync = |(i, p): &(usize, &Path)| File::open(p).and_then(|f| f.sync_data()).err().map(|e| (*i, SpoolError::io(*p, e)));
+    let sync =
+        |(i, p): &(usize, &Path)| File::open(p).and_then(|f| f.sync_data()).err().map(|e| (*i, SpoolError::io(*p, e)));
     if files.len() <= 1 {
         return files.iter().filter_map(sync).collect();
     }
     let chunk = files.len().div_ceil(SYNC_THREADS);
     std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            files.chunks(chunk).map(|part| scope.spawn(move || part.iter().filter_map(sync).collect::<Vec<_>>())).collect();
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().filter_map(sync).collect::<Vec<_>>()))
+            .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
     })
 }

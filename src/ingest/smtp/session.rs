@@ -179,22 +179,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Reads more bytes into `buf`; `Ok(false)` at end of stream.
     async fn fill(&mut self, timeout: Duration) -> Result<bool, End> {
-        let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK, 0);
-        let read = tokio::time::timeout(timeout, self.conn.read(&mut self.buf[start..])).await;
-        match read {
-            Ok(Ok(n)) => {
-                self.buf.truncate(start + n);
-                Ok(n > 0)
-            }
-            Ok(Err(_)) => {
-                self.buf.truncate(start);
-                Ok(false)
-            }
-            Err(_) => {
-                self.buf.truncate(start);
-                Err(End::Timeout)
-            }
+        // Read straight into the spare capacity: no zeroing of a buffer per read.
+        self.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(timeout, self.conn.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) => Ok(n > 0),
+            Ok(Err(_)) => Ok(false),
+            Err(_) => Err(End::Timeout),
         }
     }
 
