@@ -1,8 +1,8 @@
 //! pipeline: the delivery workers of `mailhook serve`.
 //!
 //! ```text
-//! spool incoming/ ─claim─► active/ ─► parse ─► rules ─► decision (stored) ─► deliver each destination
-//!        deferred/ (due) ─┘                                   │
+//! spool incoming/ ─► parse ─► rules ─► active/ (claimed with its decision) ─► deliver each destination
+//!        deferred/ (due) ─► active/ ──────────────────────────────────────────────┘       │
 //!                         ◄── deferred/ (some destination to retry at next_attempt) ◄──┤
 //!                             dead/ (failed for good, or no rule, or a required field missing)
 //!                             removed (every destination took it, or a rule dropped it)
@@ -20,7 +20,7 @@ use crate::deliver::{Attempt, BuildError, Destination, shrink};
 use crate::model::Action;
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
+use crate::spool::{Decision, DestState, DestStatus, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -253,19 +253,11 @@ async fn process(
     id: &str,
     from: State,
 ) -> Finished {
-    match spool.transition(id, from, State::Active, None).await {
-        Ok(()) => {}
-        Err(SpoolError::NotFound(_)) => return Finished::Released,
-        Err(e) => {
-            error!(id, error = %e, "cannot claim message");
-            return Finished::Released;
-        }
-    }
-    match round(spool, rules, targets, budget, id).await {
+    match round(spool, rules, targets, budget, id, from).await {
         Ok(f) => f,
         Err(SpoolError::NotFound(_)) => Finished::Released,
         Err(e) => {
-            error!(id, error = %e, "spool error; the message stays in active/ until the next start");
+            error!(id, error = %e, "spool error; the message stays where it is until the next start");
             Finished::Released
         }
     }
@@ -278,8 +270,9 @@ async fn round(
     targets: &HashMap<String, Arc<Target>>,
     budget: &Semaphore,
     id: &str,
+    from: State,
 ) -> Result<Finished, SpoolError> {
-    let mut meta = read_meta(spool, id).await?;
+    let mut meta = spool.read_meta(from, id)?;
     // Held for the whole round: the payload (with the text) stays in memory until it is sent.
     let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
     let _budget = budget.acquire_many(megabytes).await;
@@ -301,13 +294,13 @@ async fn round(
         match outcome.action {
             Action::Drop => {
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
-                spool.remove(id, State::Active).await?;
+                spool.remove(id, from).await?;
                 return Ok(Finished::Removed);
             }
             Action::Dead { reason } => {
                 warn!(id, rule = rule.as_deref().unwrap_or("-"), reason = %reason, "dead letter");
                 meta.dead_reason = Some(reason);
-                spool.transition(id, State::Active, State::Dead, Some(&meta)).await?;
+                spool.transition(id, from, State::Dead, Some(&meta)).await?;
                 return Ok(Finished::Dead);
             }
             Action::Deliver { to } => {
@@ -332,10 +325,13 @@ async fn round(
                 };
                 meta.decision =
                     Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });
-                // The decision is durable before anything is sent.
-                spool.put(State::Active, &meta).await?;
+                // Claimed with its decision in one durable step, before anything is sent.
+                spool.transition(id, from, State::Active, Some(&meta)).await?;
             }
         }
+    } else if from != State::Active {
+        // Claim it: while it is in active/, it is ours.
+        spool.transition(id, from, State::Active, None).await?;
     }
 
     let decision = meta.decision.as_ref().expect("decided above");
@@ -441,11 +437,6 @@ async fn round(
 /// The largest `max_body` among the destinations of a decision.
 fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<String, Arc<Target>>) -> usize {
     destinations.keys().filter_map(|d| targets.get(d)).map(|t| t.max_body).max().unwrap_or(usize::MAX)
-}
-
-/// Metadata files are a few kilobytes: read in place.
-async fn read_meta(spool: &Spool, id: &str) -> Result<Meta, SpoolError> {
-    spool.read_meta(State::Active, id)
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.
