@@ -31,6 +31,13 @@ const HTML_TEXT_WIDTH: usize = 400;
 const MAX_HTML_TO_TEXT: usize = 2 * 1024 * 1024;
 
 /// Parses raw RFC 5322 bytes into an [`Email`].
+///
+/// ```
+/// let email = mailhook::parse::parse(b"From: UPS <pkginfo@ups.com>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nhello\r\n");
+/// assert_eq!(email.subject, "Grüße");
+/// assert_eq!(email.from[0].address, "pkginfo@ups.com");
+/// assert_eq!(email.text, "hello\r\n");
+/// ```
 pub fn parse(raw: &[u8]) -> Email {
     let raw = skip_mbox_separator(raw);
     if !starts_with_header_field(raw) {

@@ -229,6 +229,28 @@ impl RuleSet {
     }
 
     /// Compiles rules from `(file name, TOML text)` pairs, in the given order.
+    ///
+    /// ```
+    /// use mailhook::model::{Envelope, Source};
+    /// use mailhook::rules::{RuleSet, Unmatched};
+    ///
+    /// let rules = RuleSet::from_sources(
+    ///     &[("rules/10-ups.toml".into(), r#"
+    ///         [[rule]]
+    ///         name = "ups"
+    ///         to = ["orders"]
+    ///         [rule.extract]
+    ///         subject = 'Order (?P<order_id>\d+)'
+    ///         [rule.fields]
+    ///         order_id = { expr = "order_id | int" }
+    ///     "#.to_string())],
+    ///     Unmatched::Dead,
+    /// ).unwrap();
+    /// let email = mailhook::parse::parse(b"Subject: Order 4711 shipped\r\n\r\n");
+    /// let outcome = rules.evaluate(&email, &Envelope::new(Source::Stdin));
+    /// assert_eq!(outcome.rule.as_deref(), Some("ups"));
+    /// assert_eq!(outcome.payload["fields"]["order_id"], 4711);
+    /// ```
     pub fn from_sources(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Result<RuleSet, Vec<RuleError>> {
         load::compile(sources, unmatched)
     }
