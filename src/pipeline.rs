@@ -1,15 +1,17 @@
 //! pipeline: the delivery workers of `mailhook serve`.
 //!
 //! ```text
-//! spool incoming/ ─► parse ─► rules ─► active/ (claimed with its decision) ─► deliver each destination
-//!        deferred/ (due) ─► active/ ──────────────────────────────────────────────┘       │
+//! spool incoming/ ─► parse ─► rules ─► decision ─────────────────────────────► deliver each destination
+//!        deferred/ (due) ─► active/ (claimed) ──────────────────────────────────┘       │
 //!                         ◄── deferred/ (some destination to retry at next_attempt) ◄──┤
 //!                             dead/ (failed for good, or no rule, or a required field missing)
 //!                             removed (every destination took it, or a rule dropped it)
 //! ```
 //!
-//! The rules' decision is made once, on the first claim, and stored in the message's metadata
-//! before anything is sent; every later round reads it back and tries only the destinations
+//! The rules' decision is made once, when a new message is first picked up from `incoming/`,
+//! and stored with the state of each destination when the message moves on (to `deferred/` or
+//! `dead/`; a message that every destination took is just removed). Every later round reads it
+//! back and tries only the destinations
 //! still pending, each with its own attempts, backoff and last error. A destination has a
 //! token bucket (`rate`), a concurrency cap, and is paused as a whole when a receiver asks for
 //! a delay (429 with `Retry-After`).
@@ -273,6 +275,8 @@ async fn round(
     from: State,
 ) -> Result<Finished, SpoolError> {
     let mut meta = spool.read_meta(from, id)?;
+    // Where the message is now.
+    let mut at = from;
     // Held for the whole round: the payload (with the text) stays in memory until it is sent.
     let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
     let _budget = budget.acquire_many(megabytes).await;
@@ -325,13 +329,16 @@ async fn round(
                 };
                 meta.decision =
                     Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });
-                // Claimed with its decision in one durable step, before anything is sent.
-                spool.transition(id, from, State::Active, Some(&meta)).await?;
+                // A new message is sent straight from incoming/: if every destination takes it,
+                // it is simply removed; otherwise the decision and each destination's state are
+                // stored when it moves on (deferred/ or dead/). A crash in between leaves it in
+                // incoming/, to be judged and sent again (at-least-once).
             }
         }
     } else if from != State::Active {
         // Claim it: while it is in active/, it is ours.
         spool.transition(id, from, State::Active, None).await?;
+        at = State::Active;
     }
 
     let decision = meta.decision.as_ref().expect("decided above");
@@ -408,7 +415,7 @@ async fn round(
 
     let statuses: Vec<&DestStatus> = decision.destinations.values().collect();
     if statuses.iter().all(|s| s.state == DestState::Done) {
-        spool.remove(id, State::Active).await?;
+        spool.remove(id, at).await?;
         return Ok(Finished::Removed);
     }
     let next = statuses
@@ -418,7 +425,7 @@ async fn round(
         .min();
     if let Some(next) = next {
         meta.next_attempt = Some(format_time(next));
-        spool.transition(id, State::Active, State::Deferred, Some(&meta)).await?;
+        spool.transition(id, at, State::Deferred, Some(&meta)).await?;
         return Ok(Finished::Deferred(next));
     }
     let dead: BTreeMap<&String, &DestStatus> =
@@ -430,7 +437,7 @@ async fn round(
             .join("; "),
     );
     meta.next_attempt = None;
-    spool.transition(id, State::Active, State::Dead, Some(&meta)).await?;
+    spool.transition(id, at, State::Dead, Some(&meta)).await?;
     Ok(Finished::Dead)
 }
 

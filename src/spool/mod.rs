@@ -11,8 +11,8 @@
 //!   lock              flock(2)ed by the one `mailhook serve` that works this spool
 //!   tmp/              files being written: drafts of raw messages, new metadata
 //!   msg/ID.eml        the raw message exactly as received; written once, never changed
-//!   incoming/ID.json  accepted, not yet judged by the rules
-//!   active/ID.json    claimed by the running server: being judged or delivered
+//!   incoming/ID.json  accepted; judged and sent a first time from here
+//!   active/ID.json    claimed by the running server for a retry round
 //!   deferred/ID.json  judged; some destination still to be tried at `next_attempt`
 //!   dead/ID.json      dead letter: kept with its reason for `queue retry` / `replay`
 //!   corrupt/          entries that could not be read; moved here, never deleted
