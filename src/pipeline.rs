@@ -318,14 +318,16 @@ async fn round(
                 // No destination takes more than the largest max_body among them: keep the
                 // stored payload within it (the spool need not hold a 25 MB text).
                 let limit = to_limit(&destinations, targets);
-                let size = serde_json::to_vec(&outcome.payload).map_or(0, |v| v.len());
+                let mut payload = outcome.payload;
+                shrink::pre_trim(&mut payload, limit);
+                let size = serde_json::to_vec(&payload).map_or(0, |v| v.len());
                 let payload = if size > limit {
-                    shrink::encode(&outcome.payload, limit)
+                    shrink::encode(&payload, limit)
                         .ok()
                         .and_then(|body| serde_json::from_slice(&body).ok())
-                        .unwrap_or(outcome.payload)
+                        .unwrap_or(payload)
                 } else {
-                    outcome.payload
+                    payload
                 };
                 meta.decision =
                     Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });

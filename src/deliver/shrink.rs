@@ -54,6 +54,31 @@ pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, S
     Ok(body)
 }
 
+/// Cheap first cut for very large payloads: an `html` or `text` value that alone is longer
+/// than `max_body` cannot be sent whole anyway, so it is dropped (`html`) or cut to `max_body`
+/// bytes (`text`) in place, before anything is serialised. [`encode`] does the exact fit.
+pub fn pre_trim(payload: &mut Map<String, Json>, max_body: usize) {
+    let mut trimmed = false;
+    if payload.get("html").and_then(Json::as_str).is_some_and(|h| h.len() > max_body) {
+        payload.shift_remove("html");
+        trimmed = true;
+    }
+    if let Some(Json::String(text)) = payload.get_mut("text")
+        && text.len() > max_body
+    {
+        let mut keep = max_body;
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        text.truncate(keep);
+        text.shrink_to_fit();
+        trimmed = true;
+    }
+    if trimmed {
+        payload.insert("truncated".into(), Json::Bool(true));
+    }
+}
+
 fn too_large(size: usize, max: usize) -> String {
     format!(
         "payload of {size} bytes cannot be shrunk under max_body ({max} bytes): fields other than html and text are too large"
@@ -98,6 +123,18 @@ mod tests {
                 assert!(max - body.len() <= 6, "{max} - {} too much slack", body.len());
             }
         }
+    }
+
+    #[test]
+    fn pre_trim_cuts_only_what_cannot_fit_anyway() {
+        let mut p = obj(json!({"text": "é".repeat(1000), "html": "x".repeat(5000), "subject": "s"}));
+        pre_trim(&mut p, 1001);
+        assert_eq!(p["text"].as_str().unwrap().len(), 1000, "cut on a char boundary");
+        assert!(p.get("html").is_none());
+        assert_eq!(p["truncated"], true);
+        let mut small = obj(json!({"text": "short", "html": "<p>x</p>"}));
+        pre_trim(&mut small, 1000);
+        assert_eq!(small, obj(json!({"text": "short", "html": "<p>x</p>"})));
     }
 
     #[test]
