@@ -24,7 +24,7 @@ use crate::parse::parse;
 use crate::rules::RuleSet;
 use crate::spool::{Decision, DestState, DestStatus, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -127,18 +127,28 @@ impl Pipeline {
         let mut due_of: HashMap<String, SystemTime> = HashMap::new();
         let mut last_scan: Option<tokio::time::Instant> = None;
         let mut woken = true;
+        // New messages found in incoming/ and not started yet, oldest first.
+        let mut backlog: VecDeque<String> = VecDeque::new();
+        let mut queued: HashSet<String> = HashSet::new();
 
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let scan = woken || last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
-            if scan {
+            let interval = last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
+            if interval || (woken && backlog.is_empty()) {
                 last_scan = Some(tokio::time::Instant::now());
-                self.scan_incoming(&mut tasks, &mut in_flight);
+                self.scan_incoming(&mut backlog, &mut queued, &in_flight);
+            }
+            if interval {
                 self.scan_deferred(&mut schedule, &mut due_of, &in_flight);
             }
             woken = false;
+            while in_flight.len() < MAX_IN_FLIGHT {
+                let Some(id) = backlog.pop_front() else { break };
+                queued.remove(&id);
+                self.start(&mut tasks, &mut in_flight, id, State::Incoming);
+            }
             let now = SystemTime::now();
             while in_flight.len() < MAX_IN_FLIGHT {
                 let Some((due, id)) = schedule.first().cloned() else {
@@ -166,7 +176,6 @@ impl Pipeline {
                             due_of.insert(id, due);
                         }
                     }
-                    woken = in_flight.len() + 1 >= MAX_IN_FLIGHT; // room again: look for more
                 }
             }
         }
@@ -179,7 +188,8 @@ impl Pipeline {
         }
     }
 
-    fn scan_incoming(&self, tasks: &mut JoinSet<(String, Finished)>, in_flight: &mut HashSet<String>) {
+    /// Adds the messages of incoming/ that are neither started nor queued to the backlog.
+    fn scan_incoming(&self, backlog: &mut VecDeque<String>, queued: &mut HashSet<String>, in_flight: &HashSet<String>) {
         let ids = match self.spool.list(State::Incoming) {
             Ok(ids) => ids,
             Err(e) => {
@@ -188,11 +198,9 @@ impl Pipeline {
             }
         };
         for id in ids {
-            if in_flight.len() >= MAX_IN_FLIGHT {
-                break;
-            }
-            if !in_flight.contains(&id) {
-                self.start(tasks, in_flight, id, State::Incoming);
+            if !in_flight.contains(&id) && !queued.contains(&id) {
+                queued.insert(id.clone());
+                backlog.push_back(id);
             }
         }
     }
