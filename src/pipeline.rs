@@ -317,12 +317,7 @@ async fn round(
             }
             Action::Deliver { to } => {
                 info!(id, rule = rule.as_deref().unwrap_or("-"), to = %to.join(","), "matched");
-                let destinations = to
-                    .into_iter()
-                    .map(|d| {
-                        (d, DestStatus { state: DestState::Pending, attempts: 0, next_attempt: None, last_error: None })
-                    })
-                    .collect();
+                let destinations = to.into_iter().map(|d| (d, DestStatus::pending())).collect();
                 // No destination takes more than the largest max_body among them: keep the
                 // stored payload within it (the spool need not hold a 25 MB text).
                 let limit = to_limit(&destinations, targets);

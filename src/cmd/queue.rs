@@ -369,20 +369,7 @@ pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
                     rule: outcome.rule,
                     decided_at: format_time(SystemTime::now()),
                     payload: outcome.payload,
-                    destinations: to
-                        .into_iter()
-                        .map(|d| {
-                            (
-                                d,
-                                DestStatus {
-                                    state: DestState::Pending,
-                                    attempts: 0,
-                                    next_attempt: None,
-                                    last_error: None,
-                                },
-                            )
-                        })
-                        .collect(),
+                    destinations: to.into_iter().map(|d| (d, DestStatus::pending())).collect(),
                 });
                 (Some(State::Deferred), line)
             }

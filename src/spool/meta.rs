@@ -55,6 +55,13 @@ pub struct DestStatus {
     pub last_error: Option<String>,
 }
 
+impl DestStatus {
+    /// A destination not tried yet.
+    pub fn pending() -> DestStatus {
+        DestStatus { state: DestState::Pending, attempts: 0, next_attempt: None, last_error: None }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DestState {
