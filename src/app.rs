@@ -72,7 +72,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     }
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
-        tasks.spawn(listener.run(spool.clone(), pipeline.waker(), stop_rx.clone(), SHUTDOWN_GRACE));
+        tasks.spawn(listener.run(spool.clone(), pipeline.inbox(), stop_rx.clone(), SHUTDOWN_GRACE));
     }
     let workers = tokio::spawn(pipeline.clone().run(stop_rx));
     info!(destinations = config.destination.len(), "mailhook serving");

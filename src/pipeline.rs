@@ -22,7 +22,7 @@ use crate::deliver::{Attempt, BuildError, Destination, shrink};
 use crate::model::Action;
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Spool, SpoolError, State, format_time, parse_time};
+use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -62,6 +62,47 @@ pub struct Target {
     max_body: usize,
 }
 
+/// A message a listener has just committed, handed over in memory so that the pipeline need not
+/// read back from disk what it was just given.
+pub struct Fresh {
+    pub meta: Meta,
+    /// The raw message, when it is small enough to have been kept.
+    pub raw: Option<Vec<u8>>,
+}
+
+/// Where listeners drop fresh messages; the pipeline takes them from there. Bounded: when it is
+/// full, a message is only announced, and the pipeline reads it from `incoming/` as usual.
+#[derive(Default)]
+pub struct Inbox {
+    queue: std::sync::Mutex<VecDeque<Fresh>>,
+    notify: Notify,
+}
+
+/// Fresh messages kept in the inbox at most.
+const INBOX_LIMIT: usize = 1024;
+
+impl Inbox {
+    /// Hands over a committed message (or only wakes the pipeline when the inbox is full).
+    pub fn push(&self, fresh: Fresh) {
+        {
+            let mut q = self.queue.lock().expect("inbox lock");
+            if q.len() < INBOX_LIMIT {
+                q.push_back(fresh);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Wakes the pipeline without handing anything over.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> VecDeque<Fresh> {
+        std::mem::take(&mut *self.queue.lock().expect("inbox lock"))
+    }
+}
+
 /// Shared, swappable rules: a message is always judged by one consistent set.
 pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
 
@@ -69,7 +110,7 @@ pub struct Pipeline {
     spool: Spool,
     rules: SharedRules,
     targets: HashMap<String, Arc<Target>>,
-    wake: Arc<Notify>,
+    inbox: Arc<Inbox>,
     judge_budget: Arc<Semaphore>,
 }
 
@@ -107,14 +148,14 @@ impl Pipeline {
             spool,
             rules,
             targets,
-            wake: Arc::new(Notify::new()),
+            inbox: Arc::new(Inbox::default()),
             judge_budget: Arc::new(Semaphore::new(JUDGE_BUDGET_MB as usize)),
         })
     }
 
-    /// Notified after a listener commits a message, so it is picked up at once.
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+    /// Where listeners hand over the messages they commit, so they are picked up at once.
+    pub fn inbox(&self) -> Arc<Inbox> {
+        self.inbox.clone()
     }
 
     /// Works the spool until `shutdown` turns true, then lets rounds in flight finish (up to
@@ -165,7 +206,21 @@ impl Pipeline {
             let next_due = schedule.first().map(|(due, _)| due.duration_since(now).unwrap_or_default());
             let wait = next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL);
             tokio::select! {
-                _ = self.wake.notified() => woken = true,
+                _ = self.inbox.notify.notified() => {
+                    for fresh in self.inbox.take() {
+                        let id = fresh.meta.id.clone();
+                        if in_flight.contains(&id) || queued.contains(&id) {
+                            continue;
+                        }
+                        if in_flight.len() < MAX_IN_FLIGHT {
+                            self.start_with(&mut tasks, &mut in_flight, id, State::Incoming, Some(fresh));
+                        } else {
+                            queued.insert(id.clone());
+                            backlog.push_back(id);
+                        }
+                    }
+                    woken = true;
+                }
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
@@ -243,13 +298,24 @@ impl Pipeline {
     }
 
     fn start(&self, tasks: &mut JoinSet<(String, Finished)>, in_flight: &mut HashSet<String>, id: String, from: State) {
+        self.start_with(tasks, in_flight, id, from, None);
+    }
+
+    fn start_with(
+        &self,
+        tasks: &mut JoinSet<(String, Finished)>,
+        in_flight: &mut HashSet<String>,
+        id: String,
+        from: State,
+        fresh: Option<Fresh>,
+    ) {
         in_flight.insert(id.clone());
         let spool = self.spool.clone();
         let rules = self.rules.read().expect("rules lock").clone();
         let targets = self.targets.clone();
         let budget = self.judge_budget.clone();
         tasks.spawn(async move {
-            let finished = process(&spool, &rules, &targets, &budget, &id, from).await;
+            let finished = process(&spool, &rules, &targets, &budget, &id, from, fresh).await;
             (id, finished)
         });
     }
@@ -262,8 +328,9 @@ async fn process(
     budget: &Semaphore,
     id: &str,
     from: State,
+    fresh: Option<Fresh>,
 ) -> Finished {
-    match round(spool, rules, targets, budget, id, from).await {
+    match round(spool, rules, targets, budget, id, from, fresh).await {
         Ok(f) => f,
         Err(SpoolError::NotFound(_)) => Finished::Released,
         Err(e) => {
@@ -281,8 +348,12 @@ async fn round(
     budget: &Semaphore,
     id: &str,
     from: State,
+    fresh: Option<Fresh>,
 ) -> Result<Finished, SpoolError> {
-    let mut meta = spool.read_meta(from, id)?;
+    let (mut meta, kept_raw) = match fresh {
+        Some(f) => (f.meta, f.raw),
+        None => (spool.read_meta(from, id)?, None),
+    };
     // Where the message is now.
     let mut at = from;
     // Held for the whole round: the payload (with the text) stays in memory until it is sent.
@@ -292,7 +363,11 @@ async fn round(
     if meta.decision.is_none() {
         let outcome = if meta.size <= INLINE_JUDGE_SIZE {
             // Small mail is parsed and judged in a few microseconds: no thread hand-off.
-            spool.read_raw(id).map(|raw| rules.evaluate(&parse(&raw), &meta.envelope))?
+            let raw = match kept_raw {
+                Some(raw) => raw,
+                None => spool.read_raw(id)?,
+            };
+            rules.evaluate(&parse(&raw), &meta.envelope)
         } else {
             let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
             let envelope = meta.envelope.clone();

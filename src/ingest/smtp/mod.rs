@@ -15,6 +15,7 @@ mod session;
 pub use session::{End, Session};
 
 use crate::config::{Config, ListenerConfig, Secret};
+use crate::pipeline::Inbox;
 use crate::spool::Spool;
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -26,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
@@ -186,7 +187,7 @@ impl Listener {
 
     /// Accepts connections until shutdown; then answers new ones `421` while the sessions
     /// still open finish (up to `grace`).
-    pub async fn run(self, spool: Spool, wake: Arc<Notify>, shutdown: watch::Receiver<bool>, grace: Duration) {
+    pub async fn run(self, spool: Spool, inbox: Arc<Inbox>, shutdown: watch::Receiver<bool>, grace: Duration) {
         let protocol = if self.cfg.lmtp { "lmtp" } else { "smtp" };
         let permits = Arc::new(Semaphore::new(self.cfg.max_connections));
         let mut loops = JoinSet::new();
@@ -195,7 +196,7 @@ impl Listener {
             let ctx = Accept {
                 cfg: self.cfg.clone(),
                 spool: spool.clone(),
-                wake: wake.clone(),
+                inbox: inbox.clone(),
                 shutdown: shutdown.clone(),
                 permits: permits.clone(),
                 protocol,
@@ -210,7 +211,7 @@ impl Listener {
 struct Accept {
     cfg: Arc<SessionConfig>,
     spool: Spool,
-    wake: Arc<Notify>,
+    inbox: Arc<Inbox>,
     shutdown: watch::Receiver<bool>,
     permits: Arc<Semaphore>,
     protocol: &'static str,
@@ -289,7 +290,7 @@ impl Accept {
             let session = Session::new(
                 self.cfg.clone(),
                 self.spool.clone(),
-                self.wake.clone(),
+                self.inbox.clone(),
                 self.shutdown.clone(),
                 stream,
                 peer,

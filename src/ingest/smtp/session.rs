@@ -9,6 +9,8 @@
 
 use super::{Conn, SessionConfig};
 use crate::model::{Envelope, Source};
+use crate::pipeline::{Fresh, Inbox};
+use crate::spool::Meta;
 use crate::spool::{Draft, Spool};
 use base64::Engine;
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver};
@@ -18,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4).
@@ -28,6 +30,8 @@ const MAX_TEXT_LINE: usize = 1000;
 /// Bad commands tolerated before the session is closed.
 const MAX_ERRORS: usize = 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// Messages up to this size are also kept in memory and handed to the pipeline with their id.
+const KEEP_COPY: usize = 64 * 1024;
 
 /// How a session ended (for logs and tests).
 #[derive(Debug, PartialEq, Eq)]
@@ -51,6 +55,8 @@ struct Transaction {
 /// A message body being received.
 struct Body {
     draft: Option<Draft>,
+    /// A copy of a small message, handed to the pipeline with it (no read back from disk).
+    copy: Option<Vec<u8>>,
     size: usize,
     line_len: usize,
     /// Why it will be refused at the end, if it will.
@@ -60,10 +66,10 @@ struct Body {
 impl Body {
     fn new(spool: &Spool) -> Body {
         match spool.draft() {
-            Ok(draft) => Body { draft: Some(draft), size: 0, line_len: 0, refused: None },
+            Ok(draft) => Body { draft: Some(draft), copy: Some(Vec::new()), size: 0, line_len: 0, refused: None },
             Err(e) => {
                 warn!(error = %e, "cannot start a spool draft");
-                Body { draft: None, size: 0, line_len: 0, refused: Some(REFUSE_SPOOL) }
+                Body { draft: None, copy: None, size: 0, line_len: 0, refused: Some(REFUSE_SPOOL) }
             }
         }
     }
@@ -90,6 +96,10 @@ impl Body {
                 }
             }
         }
+        match &mut self.copy {
+            Some(copy) if self.size <= KEEP_COPY => copy.extend_from_slice(bytes),
+            _ => self.copy = None,
+        }
         if let Some(d) = &mut self.draft
             && let Err(e) = d.write_all(bytes)
         {
@@ -100,6 +110,7 @@ impl Body {
 
     fn refuse(&mut self, why: &'static str) {
         self.refused = Some(why);
+        self.copy = None;
         self.draft = None; // dropping a draft deletes it: nothing half-written stays
     }
 }
@@ -119,7 +130,7 @@ enum Phase {
 pub struct Session<S> {
     cfg: Arc<SessionConfig>,
     spool: Spool,
-    wake: Arc<Notify>,
+    inbox: Arc<Inbox>,
     shutdown: watch::Receiver<bool>,
     conn: Conn<S>,
     peer: SocketAddr,
@@ -139,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     pub fn new(
         cfg: Arc<SessionConfig>,
         spool: Spool,
-        wake: Arc<Notify>,
+        inbox: Arc<Inbox>,
         shutdown: watch::Receiver<bool>,
         stream: S,
         peer: SocketAddr,
@@ -147,7 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         Session {
             cfg,
             spool,
-            wake,
+            inbox,
             shutdown,
             conn: Conn::Plain(stream),
             peer,
@@ -452,8 +463,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             None if ready => Body::new(&self.spool),
             None => {
                 // The chunk still has to be read (and thrown away) to stay in sync.
-                let mut body =
-                    Body { draft: None, size: 0, line_len: 0, refused: Some("503 5.5.1 Need MAIL and RCPT") };
+                let mut body = Body {
+                    draft: None,
+                    copy: None,
+                    size: 0,
+                    line_len: 0,
+                    refused: Some("503 5.5.1 Need MAIL and RCPT"),
+                };
                 self.read_chunk(&mut body, chunk_size).await?;
                 let _ = self.transaction_ready()?;
                 return Ok(());
@@ -523,16 +539,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return;
         };
         let mut envelope = Envelope::new(if self.cfg.lmtp { Source::Lmtp } else { Source::Smtp });
+        envelope.id = draft.id().to_string();
         envelope.mail_from = tx.mail_from.filter(|a| !a.is_empty());
         envelope.recipients = recipients.clone();
         envelope.client = Some(self.peer.ip().to_string());
         envelope.helo = self.helo.clone();
         envelope.tls = self.tls;
         envelope.auth_user = self.auth_user.clone();
+        let meta = Meta::new(envelope.clone(), body.size as u64);
         match draft.commit(envelope).await {
             Ok(id) => {
                 info!(id = %id, peer = %self.peer, size = body.size, recipients = recipients.len(), "accepted");
-                self.wake.notify_one();
+                self.inbox.push(Fresh { meta, raw: body.copy });
                 if self.cfg.lmtp {
                     for r in &recipients {
                         let line = format!("250 2.1.5 <{r}> Ok: queued as {id}");

@@ -43,8 +43,14 @@ impl Harness {
     async fn talk_from(&self, cfg: SessionConfig, script: &[u8], peer: &str) -> String {
         let (client, server) = duplex(1 << 20);
         let (_tx, rx) = watch::channel(false);
-        let session =
-            Session::new(Arc::new(cfg), self.spool.clone(), Arc::new(Notify::new()), rx, server, peer.parse().unwrap());
+        let session = Session::new(
+            Arc::new(cfg),
+            self.spool.clone(),
+            Arc::new(crate::pipeline::Inbox::default()),
+            rx,
+            server,
+            peer.parse().unwrap(),
+        );
         let task = tokio::spawn(session.run());
         let (mut read, mut write) = tokio::io::split(client);
         write.write_all(script).await.unwrap();
@@ -233,7 +239,7 @@ async fn silent_client_times_out() {
     let session = Session::new(
         Arc::new(cfg),
         h.spool.clone(),
-        Arc::new(Notify::new()),
+        Arc::new(crate::pipeline::Inbox::default()),
         rx,
         server,
         "127.0.0.1:1".parse().unwrap(),
@@ -266,7 +272,7 @@ async fn shutdown_refuses_idle_sessions_with_421() {
     let session = Session::new(
         Arc::new(config(false)),
         h.spool.clone(),
-        Arc::new(Notify::new()),
+        Arc::new(crate::pipeline::Inbox::default()),
         rx,
         server,
         "127.0.0.1:1".parse().unwrap(),
