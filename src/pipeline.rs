@@ -93,11 +93,6 @@ impl Inbox {
         self.notify.notify_one();
     }
 
-    /// Wakes the pipeline without handing anything over.
-    pub fn wake(&self) {
-        self.notify.notify_one();
-    }
-
     fn take(&self) -> VecDeque<Fresh> {
         std::mem::take(&mut *self.queue.lock().expect("inbox lock"))
     }
@@ -396,17 +391,7 @@ async fn round(
                 // No destination takes more than the largest max_body among them: keep the
                 // stored payload within it (the spool need not hold a 25 MB text).
                 let limit = to_limit(&destinations, targets);
-                let mut payload = outcome.payload;
-                shrink::pre_trim(&mut payload, limit);
-                let size = serde_json::to_vec(&payload).map_or(0, |v| v.len());
-                let payload = if size > limit {
-                    shrink::encode(&payload, limit)
-                        .ok()
-                        .and_then(|body| serde_json::from_slice(&body).ok())
-                        .unwrap_or(payload)
-                } else {
-                    payload
-                };
+                let payload = shrink::fit(outcome.payload, limit);
                 meta.decision =
                     Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });
                 // A new message is sent straight from incoming/: if every destination takes it,

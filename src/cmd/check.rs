@@ -3,7 +3,6 @@
 
 use super::{Exit, print_rule_errors};
 use crate::config::Config;
-use crate::rules::{RuleSet, Unmatched};
 use std::path::Path;
 
 pub fn run(config_path: &Path) -> Exit {
@@ -18,18 +17,13 @@ pub fn run(config_path: &Path) -> Exit {
         }
     };
     let rules_dir = config.resolve(&config.rules.dir);
-    let rules = match RuleSet::load_dir(&rules_dir, Unmatched::from_config(&config.rules.unmatched)) {
+    let rules = match crate::app::load_rules(&config) {
         Ok(r) => r,
         Err(errors) => {
             print_rule_errors(&errors);
             return Exit::Config;
         }
     };
-    let errors = rules.check_destinations(|d| config.destination.contains_key(d));
-    if !errors.is_empty() {
-        print_rule_errors(&errors);
-        return Exit::Config;
-    }
 
     println!("{}: ok", config_path.display());
     println!(

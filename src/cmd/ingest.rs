@@ -3,9 +3,7 @@
 //! take it, so the caller keeps the message and tries again later.
 
 use super::Exit;
-use crate::config::Config;
 use crate::model::{Envelope, Source};
-use crate::spool::{Spool, SpoolOptions};
 use std::io::Read;
 use std::path::Path;
 
@@ -16,26 +14,9 @@ pub struct IngestOptions<'a> {
 }
 
 pub fn run(opts: &IngestOptions<'_>, input: &mut dyn Read) -> Exit {
-    let config = match Config::load(opts.config) {
-        Ok(c) => c,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("{e}");
-            }
-            return Exit::Config;
-        }
-    };
-    let dir = config.resolve(&config.spool.dir);
-    if !dir.is_dir() {
-        eprintln!("mailhook ingest: spool directory {} does not exist (mailhook serve creates it)", dir.display());
-        return Exit::TempFail;
-    }
-    let spool = match Spool::open(&dir, SpoolOptions { fsync: config.spool.fsync }) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("mailhook ingest: cannot use the spool: {e}");
-            return Exit::TempFail;
-        }
+    let (_, spool) = match super::open_spool(opts.config) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let mut draft = match spool.draft() {
         Ok(d) => d,
@@ -56,8 +37,8 @@ pub fn run(opts: &IngestOptions<'_>, input: &mut dyn Read) -> Exit {
     envelope.mail_from = opts.mail_from.clone().filter(|a| !a.is_empty());
     envelope.recipients = opts.recipients.clone();
     match draft.commit_blocking(envelope) {
-        Ok(id) => {
-            println!("{id}");
+        Ok(meta) => {
+            println!("{}", meta.id);
             Exit::Ok
         }
         Err(e) => {

@@ -85,6 +85,28 @@ impl RulesSource {
     }
 }
 
+/// Loads the config and opens its spool, which must exist already (`serve` creates it).
+/// Prints what is wrong and returns the exit code: 78 for the config, 75 for the spool.
+pub(crate) fn open_spool(config_path: &Path) -> Result<(Config, crate::spool::Spool), Exit> {
+    let config = Config::load(config_path).map_err(|errors| {
+        for e in errors {
+            eprintln!("{e}");
+        }
+        Exit::Config
+    })?;
+    let dir = config.resolve(&config.spool.dir);
+    if !dir.is_dir() {
+        eprintln!("spool directory {} does not exist (mailhook serve creates it)", dir.display());
+        return Err(Exit::TempFail);
+    }
+    let options = crate::spool::SpoolOptions { fsync: config.spool.fsync };
+    let spool = crate::spool::Spool::open(&dir, options).map_err(|e| {
+        eprintln!("cannot use the spool: {e}");
+        Exit::TempFail
+    })?;
+    Ok((config, spool))
+}
+
 pub fn print_rule_errors(errors: &[RuleError]) {
     for e in errors {
         eprintln!("{e}");

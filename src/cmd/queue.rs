@@ -8,29 +8,10 @@ use crate::config::Config;
 use crate::model::Action;
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, SpoolOptions, State, format_time};
+use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time};
 use serde_json::{Value as Json, json};
 use std::path::Path;
 use std::time::SystemTime;
-
-fn open(config_path: &Path) -> Result<(Config, Spool), Exit> {
-    let config = Config::load(config_path).map_err(|errors| {
-        for e in errors {
-            eprintln!("{e}");
-        }
-        Exit::Config
-    })?;
-    let dir = config.resolve(&config.spool.dir);
-    if !dir.is_dir() {
-        eprintln!("spool directory {} does not exist", dir.display());
-        return Err(Exit::TempFail);
-    }
-    let spool = Spool::open(&dir, SpoolOptions { fsync: config.spool.fsync }).map_err(|e| {
-        eprintln!("{e}");
-        Exit::TempFail
-    })?;
-    Ok((config, spool))
-}
 
 fn rules(config: &Config) -> Result<RuleSet, Exit> {
     load_rules(config).map_err(|errors| {
@@ -76,7 +57,7 @@ fn age(secs: u64) -> String {
 }
 
 pub fn list(config_path: &Path, as_json: bool) -> Exit {
-    let (_, spool) = match open(config_path) {
+    let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -143,7 +124,7 @@ fn find(spool: &Spool, id: &str) -> Result<(State, Meta), Exit> {
 }
 
 pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
-    let (config, spool) = match open(config_path) {
+    let (config, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -220,7 +201,7 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
 /// `queue retry`: a dead letter goes back in line (destinations that failed are tried again;
 /// one never judged is judged again); a deferred message becomes due now.
 pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
-    let (_, spool) = match open(config_path) {
+    let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -276,7 +257,7 @@ pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
 }
 
 pub fn drop(config_path: &Path, ids: &[String]) -> Exit {
-    let (_, spool) = match open(config_path) {
+    let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -323,7 +304,7 @@ fn targets(spool: &Spool, ids: &[String], all_dead: bool) -> Result<Vec<String>,
 /// `replay`: judge stored messages again with the current rules, and queue them accordingly:
 /// the new decision replaces the old one (every destination of it is pending again).
 pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
-    let (config, spool) = match open(config_path) {
+    let (config, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };

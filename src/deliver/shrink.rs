@@ -10,13 +10,37 @@ pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, S
     if body.len() <= max_body {
         return Ok(body);
     }
-    let original = body.len();
+    shrink(payload, body.len(), max_body).map(|(body, _)| body)
+}
+
+/// `payload` made to fit `max_body` (see [`encode`]), as a map: what the spool keeps, so that
+/// it never stores more than any destination will take. A payload that fits, or that cannot
+/// be made to fit, is returned as it is (sending it will say why it failed).
+pub fn fit(mut payload: Map<String, Json>, max_body: usize) -> Map<String, Json> {
+    pre_trim(&mut payload, max_body);
+    let size = serde_json::to_vec(&payload).expect("JSON serialises").len();
+    if size <= max_body {
+        return payload;
+    }
+    match shrink(&payload, size, max_body) {
+        Ok((_, shrunk)) => shrunk,
+        Err(_) => payload,
+    }
+}
+
+/// The shrinking of [`encode`] for a payload whose serialisation is `original` bytes long:
+/// the body and the shrunk map.
+fn shrink(
+    payload: &Map<String, Json>,
+    original: usize,
+    max_body: usize,
+) -> Result<(Vec<u8>, Map<String, Json>), String> {
     let mut p = payload.clone();
     p.insert("truncated".into(), Json::Bool(true));
     p.shift_remove("html");
     let body = serde_json::to_vec(&p).expect("JSON serialises");
     if body.len() <= max_body {
-        return Ok(body);
+        return Ok((body, p));
     }
     let text = match p.get("text") {
         Some(Json::String(t)) => t.clone(),
@@ -51,7 +75,7 @@ pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, S
     p.insert("text".into(), Json::String(text[..keep].to_string()));
     let body = serde_json::to_vec(&p).expect("JSON serialises");
     debug_assert!(body.len() <= max_body);
-    Ok(body)
+    Ok((body, p))
 }
 
 /// Cheap first cut for very large payloads: an `html` or `text` value that alone is longer

@@ -15,8 +15,6 @@ const MAX_BATCH: usize = 512;
 pub(super) enum Op {
     /// A new message: `draft` (already written) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
     Commit { draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf, meta: Vec<u8> },
-    /// Replace a metadata file.
-    Put { tmp: PathBuf, dest: PathBuf, meta: Vec<u8> },
     /// Rename a metadata file to another state, after writing new content in place if given.
     Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
     /// Delete a message.
@@ -107,7 +105,6 @@ fn apply(batch: Vec<Job>, fsync: bool) {
     for job in &batch {
         let r = match &job.op {
             Op::Commit { meta_tmp, meta, .. } => write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)),
-            Op::Put { tmp, meta, .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
             Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
             Op::Move { write: None, .. } | Op::Remove { .. } => Ok(()),
         };
@@ -124,7 +121,7 @@ fn apply(batch: Vec<Job>, fsync: bool) {
             .flat_map(|(i, job)| {
                 let paths: Vec<&Path> = match &job.op {
                     Op::Commit { draft, meta_tmp, .. } => vec![draft.as_path(), meta_tmp.as_path()],
-                    Op::Put { tmp, .. } | Op::Move { write: Some((tmp, _)), .. } => vec![tmp.as_path()],
+                    Op::Move { write: Some((tmp, _)), .. } => vec![tmp.as_path()],
                     _ => Vec::new(),
                 };
                 paths.into_iter().map(move |p| (i, p))
@@ -164,16 +161,6 @@ fn apply(batch: Vec<Job>, fsync: bool) {
                     }
                 },
             },
-            Op::Put { tmp, dest, .. } => {
-                if dest.exists() {
-                    fs::rename(tmp, dest).map_err(|e| SpoolError::io(dest, e)).map(|()| {
-                        dirs.insert(parent(dest));
-                    })
-                } else {
-                    let _ = fs::remove_file(tmp);
-                    Err(SpoolError::NotFound(file_id(dest)))
-                }
-            }
             Op::Move { write, from, to } => {
                 let written = match write {
                     Some((tmp, _)) if from.exists() => fs::rename(tmp, from).map_err(|e| SpoolError::io(from, e)),
@@ -233,7 +220,7 @@ fn cleanup_tmp(op: &Op) {
         Op::Commit { meta_tmp, .. } => {
             let _ = fs::remove_file(meta_tmp);
         }
-        Op::Put { tmp, .. } | Op::Move { write: Some((tmp, _)), .. } => {
+        Op::Move { write: Some((tmp, _)), .. } => {
             let _ = fs::remove_file(tmp);
         }
         _ => {}

@@ -202,7 +202,7 @@ impl Spool {
     pub fn store(&self, envelope: Envelope, raw: &[u8]) -> Result<String, SpoolError> {
         let mut draft = self.draft()?;
         draft.write_all(raw).map_err(|e| SpoolError::io(&draft.path, e))?;
-        draft.commit_blocking(envelope)
+        draft.commit_blocking(envelope).map(|meta| meta.id)
     }
 
     /// Ids in `state`, oldest first.
@@ -245,18 +245,9 @@ impl Spool {
         v
     }
 
-    /// Replaces the metadata of `meta.id` in `state`, durably.
-    pub async fn put(&self, state: State, meta: &Meta) -> Result<(), SpoolError> {
-        let op = Op::Put {
-            tmp: self.tmp_path(&meta.id, "json"),
-            dest: self.path(state, &meta.id),
-            meta: Self::encode(meta),
-        };
-        self.inner.committer.submit(op).await
-    }
-
     /// Moves `id` from one state to another, durably, with new metadata if given (written in
     /// place first, then renamed: a crash in between leaves the new content in the old state).
+    /// With `from == to` it only replaces the metadata.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
         self.inner.committer.submit(self.transition_op(id, from, to, meta)).await
     }
@@ -379,34 +370,36 @@ impl Draft {
         self.size
     }
 
-    fn finish(&mut self, mut envelope: Envelope) -> Result<Op, SpoolError> {
+    fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
         let file = self.file.take().ok_or(SpoolError::Stopped)?;
         file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
         envelope.id = self.id.clone();
         let meta = Meta::new(envelope, self.size);
-        Ok(Op::Commit {
+        let op = Op::Commit {
             draft: self.path.clone(),
             raw: self.spool.raw_path(&self.id),
             meta_tmp: self.spool.tmp_path(&self.id, "json"),
             meta_dest: self.spool.path(State::Incoming, &self.id),
             meta: Spool::encode(&meta),
-        })
+        };
+        Ok((op, meta))
     }
 
-    /// Makes the message durable in `incoming/`. Only after `Ok` may the sender be told.
-    pub async fn commit(mut self, envelope: Envelope) -> Result<String, SpoolError> {
-        let op = self.finish(envelope)?;
+    /// Makes the message durable in `incoming/` and returns its metadata (`meta.id` is the
+    /// spool id). Only after `Ok` may the sender be told.
+    pub async fn commit(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        let (op, meta) = self.finish(envelope)?;
         self.spool.inner.committer.submit(op).await?;
         self.path = PathBuf::new(); // committed: nothing to clean up
-        Ok(std::mem::take(&mut self.id))
+        Ok(meta)
     }
 
     /// [`commit`](Self::commit) for non-async callers.
-    pub fn commit_blocking(mut self, envelope: Envelope) -> Result<String, SpoolError> {
-        let op = self.finish(envelope)?;
+    pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        let (op, meta) = self.finish(envelope)?;
         self.spool.inner.committer.submit_blocking(op)?;
         self.path = PathBuf::new();
-        Ok(std::mem::take(&mut self.id))
+        Ok(meta)
     }
 }
 

@@ -47,7 +47,7 @@ fn transitions_and_removal() {
     assert_eq!(spool.find(&id), Some(State::Deferred));
     assert_eq!(spool.read_meta(State::Deferred, &id).unwrap().attempts, 3);
     meta.attempts = 4;
-    block_on(spool.put(State::Deferred, &meta)).unwrap();
+    block_on(spool.transition(&id, State::Deferred, State::Deferred, Some(&meta))).unwrap();
     assert_eq!(spool.read_meta(State::Deferred, &id).unwrap().attempts, 4);
     // Moving from a state the message is not in is refused and changes nothing.
     let err = block_on(spool.transition(&id, State::Active, State::Dead, None)).unwrap_err();

@@ -10,7 +10,6 @@
 use super::{Conn, SessionConfig};
 use crate::model::{Envelope, Source};
 use crate::pipeline::{Fresh, Inbox};
-use crate::spool::Meta;
 use crate::spool::{Draft, Spool};
 use base64::Engine;
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver};
@@ -539,16 +538,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return;
         };
         let mut envelope = Envelope::new(if self.cfg.lmtp { Source::Lmtp } else { Source::Smtp });
-        envelope.id = draft.id().to_string();
         envelope.mail_from = tx.mail_from.filter(|a| !a.is_empty());
         envelope.recipients = recipients.clone();
         envelope.client = Some(self.peer.ip().to_string());
         envelope.helo = self.helo.clone();
         envelope.tls = self.tls;
         envelope.auth_user = self.auth_user.clone();
-        let meta = Meta::new(envelope.clone(), body.size as u64);
         match draft.commit(envelope).await {
-            Ok(id) => {
+            Ok(meta) => {
+                let id = meta.id.clone();
                 info!(id = %id, peer = %self.peer, size = body.size, recipients = recipients.len(), "accepted");
                 self.inbox.push(Fresh { meta, raw: body.copy });
                 if self.cfg.lmtp {
