@@ -209,44 +209,63 @@ pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
         Ok(ids) => ids,
         Err(code) => return code,
     };
+    each_message(&spool, ids, |id, state, mut meta| {
+        if state == State::Incoming {
+            println!("{id}: already waiting to be judged");
+            return Step::Skip(Exit::Ok);
+        }
+        meta.next_attempt = None;
+        meta.dead_reason = None;
+        let to = match &mut meta.decision {
+            Some(d) => {
+                for s in d.destinations.values_mut() {
+                    if s.state != DestState::Done {
+                        s.state = DestState::Pending;
+                        s.next_attempt = None;
+                    }
+                }
+                State::Deferred
+            }
+            None => State::Incoming,
+        };
+        Step::Move(to, Box::new(meta), format!("{id}: queued for delivery now"))
+    })
+}
+
+/// What `retry` or `replay` does with one message.
+enum Step {
+    Move(State, Box<Meta>, String),
+    Remove(String),
+    Skip(Exit),
+}
+
+/// Runs `decide` on each message (refusing those being delivered right now) and carries out
+/// what it says; returns the worst exit code.
+fn each_message(spool: &Spool, ids: Vec<String>, mut decide: impl FnMut(&str, State, Meta) -> Step) -> Exit {
     let mut exit = Exit::Ok;
     for id in ids {
-        let (state, mut meta) = match find(&spool, &id) {
+        let (state, meta) = match find(spool, &id) {
             Ok(x) => x,
             Err(code) => {
                 exit = exit.max(code);
                 continue;
             }
         };
-        let to = match state {
-            State::Active => {
-                eprintln!("{id}: being delivered right now; nothing to retry");
-                exit = exit.max(Exit::Failed);
+        if state == State::Active {
+            eprintln!("{id}: being delivered right now; try again in a moment");
+            exit = exit.max(Exit::Failed);
+            continue;
+        }
+        let (result, line) = match decide(&id, state, meta) {
+            Step::Move(to, meta, line) => (spool.transition_blocking(&id, state, to, Some(meta.as_ref())), line),
+            Step::Remove(line) => (spool.remove_blocking(&id, state), line),
+            Step::Skip(code) => {
+                exit = exit.max(code);
                 continue;
-            }
-            State::Incoming => {
-                println!("{id}: already waiting to be judged");
-                continue;
-            }
-            State::Deferred | State::Dead => {
-                meta.next_attempt = None;
-                meta.dead_reason = None;
-                match &mut meta.decision {
-                    Some(d) => {
-                        for s in d.destinations.values_mut() {
-                            if s.state != DestState::Done {
-                                s.state = DestState::Pending;
-                                s.next_attempt = None;
-                            }
-                        }
-                        State::Deferred
-                    }
-                    None => State::Incoming,
-                }
             }
         };
-        match spool.transition_blocking(&id, state, to, Some(&meta)) {
-            Ok(()) => println!("{id}: queued for delivery now"),
+        match result {
+            Ok(()) => println!("{line}"),
             Err(e) => {
                 eprintln!("{id}: {e}");
                 exit = exit.max(Exit::TempFail);
@@ -316,33 +335,19 @@ pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
         Ok(ids) => ids,
         Err(code) => return code,
     };
-    let mut exit = Exit::Ok;
-    for id in ids {
-        let (state, mut meta) = match find(&spool, &id) {
-            Ok(x) => x,
-            Err(code) => {
-                exit = exit.max(code);
-                continue;
-            }
-        };
-        if state == State::Active {
-            eprintln!("{id}: being delivered right now; try again in a moment");
-            exit = exit.max(Exit::Failed);
-            continue;
-        }
-        let raw = match spool.read_raw(&id) {
+    each_message(&spool, ids, |id, _state, mut meta| {
+        let raw = match spool.read_raw(id) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("{id}: {e}");
-                exit = exit.max(Exit::DataErr);
-                continue;
+                return Step::Skip(Exit::DataErr);
             }
         };
         let outcome = rules.evaluate(&parse(&raw), &meta.envelope);
         let rule = outcome.rule.clone().unwrap_or_else(|| "(no rule)".into());
         meta.next_attempt = None;
         meta.last_error = None;
-        let (to, line) = match outcome.action {
+        match outcome.action {
             Action::Deliver { to } => {
                 let line = format!("{id}: rule {rule} → {}", to.join(", "));
                 meta.dead_reason = None;
@@ -352,27 +357,15 @@ pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
                     payload: outcome.payload,
                     destinations: to.into_iter().map(|d| (d, DestStatus::pending())).collect(),
                 });
-                (Some(State::Deferred), line)
+                Step::Move(State::Deferred, Box::new(meta), line)
             }
             Action::Dead { reason } => {
                 let line = format!("{id}: still a dead letter: {reason}");
                 meta.decision = None;
                 meta.dead_reason = Some(reason);
-                (Some(State::Dead), line)
+                Step::Move(State::Dead, Box::new(meta), line)
             }
-            Action::Drop => (None, format!("{id}: rule {rule} drops it; removed")),
-        };
-        let result = match to {
-            Some(to) => spool.transition_blocking(&id, state, to, Some(&meta)),
-            None => spool.remove_blocking(&id, state),
-        };
-        match result {
-            Ok(()) => println!("{line}"),
-            Err(e) => {
-                eprintln!("{id}: {e}");
-                exit = exit.max(Exit::TempFail);
-            }
+            Action::Drop => Step::Remove(format!("{id}: rule {rule} drops it; removed")),
         }
-    }
-    exit
+    })
 }
