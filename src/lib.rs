@@ -21,6 +21,7 @@
 //! | [`spool`] | the durable queue on disk; the only owner of message state |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
+//! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
 //! | [`app`] | builds every stage from the config, runs `serve`, owns shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
 //!
@@ -32,6 +33,7 @@ pub mod config;
 pub mod deliver;
 pub mod ingest;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod parse;
 pub mod pipeline;
