@@ -4,6 +4,8 @@
 //! | source | where |
 //! |---|---|
 //! | SMTP and LMTP listeners | [`smtp`] |
+//! | IMAP folders (IDLE or poll) | [`imap`] |
 //! | stdin (`mailhook ingest`) | [`crate::cmd::ingest`] |
 
 pub mod smtp;
+pub mod imap;

@@ -1,0 +1,285 @@
+//! Opening an authenticated IMAP session: TCP, then TLS (implicit or STARTTLS, rustls with the
+//! web PKI roots plus an optional extra CA), then LOGIN, AUTHENTICATE PLAIN or XOAUTH2.
+//!
+//! Errors are worded for the operator and never contain the password or the access token.
+
+use crate::config::{ImapAuth, ImapConfig, ImapTls};
+use async_imap::{Authenticator, Client, Session};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+/// The connection under an IMAP session: plain TCP (loopback only) or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stream::Plain(_) => "Stream::Plain",
+            Stream::Tls(_) => "Stream::Tls",
+        })
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+pub type ImapSession = Session<Stream>;
+
+/// Why a connection could not be made. `Auth` means the server refused the credentials: an
+/// operator must act, retrying alone will not help.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Network(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("authentication refused for {user}: {reason}")]
+    Auth { user: String, reason: String },
+    #[error("{0}")]
+    Credentials(String),
+}
+
+/// Everything needed to (re)connect one account, prepared once from its config.
+#[derive(Clone)]
+pub struct Connector {
+    host: String,
+    port: u16,
+    tls: ImapTls,
+    tls_config: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    user: String,
+    auth: ImapAuth,
+    password: Option<crate::config::Secret>,
+    token_file: Option<PathBuf>,
+    token_command: Option<String>,
+    timeout: Duration,
+}
+
+impl Connector {
+    /// Builds a connector; paths in `account` are already resolved. Fails on an unreadable
+    /// `ca_file`.
+    pub fn new(account: &ImapConfig, ca_file: Option<&Path>, timeout: Duration) -> Result<Connector, String> {
+        let tls_config = match account.tls {
+            ImapTls::None => None,
+            ImapTls::Implicit | ImapTls::Starttls => Some(Arc::new(tls_config(ca_file)?)),
+        };
+        let port = account.port.unwrap_or(if account.tls == ImapTls::Implicit { 993 } else { 143 });
+        Ok(Connector {
+            host: account.host.clone(),
+            port,
+            tls: account.tls,
+            tls_config,
+            user: account.user.clone(),
+            auth: account.auth,
+            password: account.password.clone(),
+            token_file: account.token_file.clone(),
+            token_command: account.token_command.clone(),
+            timeout,
+        })
+    }
+
+    /// `host:port`, for logs.
+    pub fn server(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Connects, secures and authenticates; every step is bounded by the command timeout.
+    pub async fn connect(&self) -> Result<ImapSession, ConnectError> {
+        let server = self.server();
+        let tcp = within(self.timeout, TcpStream::connect((self.host.as_str(), self.port)))
+            .await
+            .map_err(|e| ConnectError::Network(format!("cannot connect to {server}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match self.tls {
+            ImapTls::None => Stream::Plain(tcp),
+            ImapTls::Implicit => Stream::Tls(Box::new(self.handshake(tcp).await?)),
+            ImapTls::Starttls => {
+                let mut client = Client::new(Stream::Plain(tcp));
+                self.greeting(&mut client).await?;
+                within(self.timeout, async {
+                    client.run_command_and_check_ok("STARTTLS", None).await.map_err(io::Error::other)
+                })
+                .await
+                .map_err(|e| ConnectError::Tls(format!("{server} refused STARTTLS: {e}")))?;
+                let Stream::Plain(tcp) = client.into_inner() else { unreachable!("STARTTLS on a plain stream") };
+                Stream::Tls(Box::new(self.handshake(tcp).await?))
+            }
+        };
+        let mut client = Client::new(stream);
+        if self.tls != ImapTls::Starttls {
+            self.greeting(&mut client).await?;
+        }
+        self.authenticate(client).await
+    }
+
+    async fn greeting(&self, client: &mut Client<Stream>) -> Result<(), ConnectError> {
+        let server = self.server();
+        match within(self.timeout, async { client.read_response().await }).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ConnectError::Network(format!("{server} closed the connection before its greeting"))),
+            Err(e) => Err(ConnectError::Network(format!("no greeting from {server}: {e}"))),
+        }
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, ConnectError> {
+        let config = self.tls_config.clone().expect("TLS configured");
+        let name = ServerName::try_from(self.host.clone())
+            .map_err(|e| ConnectError::Tls(format!("{:?} is not a valid TLS server name: {e}", self.host)))?;
+        within(self.timeout, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|e| ConnectError::Tls(format!("TLS with {}: {e}", self.server())))
+    }
+
+    async fn authenticate(&self, client: Client<Stream>) -> Result<ImapSession, ConnectError> {
+        let user = self.user.clone();
+        let refused = |e: async_imap::error::Error| match e {
+            async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
+                ConnectError::Auth { user: user.clone(), reason: reason.trim().to_string() }
+            }
+            other => ConnectError::Network(format!("{} during authentication: {other}", self.server())),
+        };
+        let secret = match self.auth {
+            ImapAuth::Login | ImapAuth::Plain => {
+                self.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default()
+            }
+            ImapAuth::Xoauth2 => self.access_token().await?,
+        };
+        let result = within(self.timeout, async {
+            Ok::<_, io::Error>(match self.auth {
+                ImapAuth::Login => client.login(&self.user, &secret).await.map_err(|(e, _)| e),
+                ImapAuth::Plain => client
+                    .authenticate("PLAIN", Sasl::once(format!("\0{}\0{}", self.user, secret)))
+                    .await
+                    .map_err(|(e, _)| e),
+                ImapAuth::Xoauth2 => client
+                    .authenticate("XOAUTH2", Sasl::once(format!("user={}\x01auth=Bearer {}\x01\x01", self.user, secret)))
+                    .await
+                    .map_err(|(e, _)| e),
+            })
+        })
+        .await
+        .map_err(|e| ConnectError::Network(format!("{} during authentication: {e}", self.server())))?;
+        result.map_err(refused)
+    }
+
+    /// The XOAUTH2 access token, read afresh at each connect (tokens expire within the hour).
+    async fn access_token(&self) -> Result<String, ConnectError> {
+        let token = if let Some(path) = &self.token_file {
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| ConnectError::Credentials(format!("token_file {}: {e}", path.display())))?
+        } else if let Some(command) = &self.token_command {
+            let output = within(
+                self.timeout,
+                tokio::process::Command::new("/bin/sh").arg("-c").arg(command).kill_on_drop(true).output(),
+            )
+            .await
+            .map_err(|e| ConnectError::Credentials(format!("token_command: {e}")))?;
+            if !output.status.success() {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let first = stderr.lines().next().unwrap_or("").chars().take(200).collect::<String>();
+                return Err(ConnectError::Credentials(format!("token_command failed ({}): {first}", output.status)));
+            }
+            String::from_utf8(output.stdout)
+                .map_err(|_| ConnectError::Credentials("token_command printed something that is not UTF-8".into()))?
+        } else {
+            return Err(ConnectError::Credentials("xoauth2 needs token_file or token_command".into()));
+        };
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(ConnectError::Credentials("the XOAUTH2 access token is empty".into()));
+        }
+        Ok(token)
+    }
+}
+
+/// A SASL mechanism that sends one initial response, then an empty one to any further challenge
+/// (with XOAUTH2 a refusal comes as a challenge holding a JSON error, to be answered empty).
+struct Sasl {
+    first: Option<String>,
+}
+
+impl Sasl {
+    fn once(response: String) -> Sasl {
+        Sasl { first: Some(response) }
+    }
+}
+
+impl Authenticator for Sasl {
+    type Response = String;
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        self.first.take().unwrap_or_default()
+    }
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("ca_file {}: no PEM certificate in it", path.display()));
+        }
+    }
+    Ok(tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Runs `f` with a deadline; a timeout becomes an `io::Error` saying how long was waited.
+pub async fn within<T, E: fmt::Display>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, E>>,
+) -> Result<T, io::Error> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {}", humantime::format_duration(limit)),
+        )),
+    }
+}

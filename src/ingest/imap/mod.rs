@@ -1,0 +1,544 @@
+//! imap: watches IMAP folders and hands every new message to the spool.
+//!
+//! One watcher per `[[imap]]` folder, each with its own connection (IMAP selects one folder
+//! per connection, and IDLE watches only the selected one):
+//!
+//! ```text
+//! connect ─► SELECT ─► sync: UID SEARCH past the checkpoint ─► UID FETCH BODY.PEEK[] in batches
+//!    ▲                        ─► spool commit (fsync) ─► checkpoint ─► after-action (seen/delete/move)
+//!    │                  ◄── IDLE until the server announces mail, or `poll` passes (then sync again)
+//!    └── backoff with jitter on any error, server BYE or silence
+//! ```
+//!
+//! Nothing is acknowledged to the server (flagged, moved or deleted) before it is durable in the
+//! spool, and the checkpoint (`UIDVALIDITY` + last UID handled, see [`checkpoint`]) is written
+//! before the after-action, so a failed after-action or a crash at any point never sends a
+//! message twice from one folder — except a message committed to the spool in the instant
+//! before a crash and not yet in the checkpoint (at-least-once, like every other way in).
+//!
+//! The first sync of a folder (no checkpoint yet) takes every message when the after-action
+//! removes messages (`delete`, `move:`), and the unread ones for `seen`. When the server
+//! changes `UIDVALIDITY`, the folder is read again from the start and messages already spooled
+//! from it (by content fingerprint) are not sent again.
+//!
+//! Health (connected, last sync, last error, reconnects) goes to [`FolderHealth`] for
+//! `/healthz` and `/metrics`.
+
+pub mod checkpoint;
+pub mod connect;
+
+use crate::config::{After, BackoffConfig, Config, ImapConfig, ImapTls};
+use crate::deliver::throttle::backoff;
+use crate::metrics::{FolderHealth, Metrics};
+use crate::model::{Envelope, Source};
+use crate::pipeline::{Fresh, Inbox};
+use crate::spool::Spool;
+use async_imap::types::Fetch;
+use checkpoint::{Checkpoint, Position, fingerprint};
+use connect::{ConnectError, Connector, ImapSession, within};
+use futures_util::StreamExt;
+use std::collections::{HashSet, VecDeque};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+/// How long one IMAP command (or connect, or one FETCH response) may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Messages fetched per `UID FETCH`: a backlog is worked through in batches this size, each
+/// checkpointed before the next.
+const BATCH: usize = 100;
+
+/// Bytes of fetched messages waiting for their spool commit at once (bounds memory when a
+/// batch holds large messages).
+const MAX_PENDING_BYTES: usize = 32 * 1024 * 1024;
+
+/// Messages up to this size are handed to the pipeline in memory (as the SMTP listener does).
+const KEEP_COPY: usize = 64 * 1024;
+
+/// IDLE is re-issued at least this often (RFC 2177 asks for less than 29 minutes).
+const MAX_IDLE: Duration = Duration::from_secs(25 * 60);
+
+/// Reconnect delays: exponential from 1 s to 2 min, with jitter.
+const RECONNECT: BackoffConfig = BackoffConfig { initial: Duration::from_secs(1), max: Duration::from_secs(120) };
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Imap(String),
+    #[error("spool: {0}")]
+    Spool(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(std::io::Error),
+}
+
+fn imap_err(what: &str) -> impl Fn(std::io::Error) -> WatchError + '_ {
+    move |e| WatchError::Imap(format!("{what}: {e}"))
+}
+
+/// One watched folder.
+pub struct Watcher {
+    account: String,
+    folder: String,
+    user: String,
+    tls: bool,
+    after: After,
+    idle: bool,
+    poll: Duration,
+    connector: Connector,
+    spool: Spool,
+    inbox: Arc<Inbox>,
+    checkpoint: Checkpoint,
+    health: Arc<FolderHealth>,
+}
+
+/// Builds a watcher for every folder of every `[[imap]]` account. Fails (naming the account) on
+/// an unreadable `ca_file`.
+pub fn watchers(
+    config: &Config,
+    spool: &Spool,
+    inbox: &Arc<Inbox>,
+    metrics: &Metrics,
+) -> Result<Vec<Watcher>, String> {
+    let mut out = Vec::new();
+    for account in &config.imap {
+        let ca = account.ca_file.as_ref().map(|p| config.resolve(p));
+        let mut resolved: ImapConfig = account.clone();
+        resolved.token_file = account.token_file.as_ref().map(|p| config.resolve(p));
+        let connector = Connector::new(&resolved, ca.as_deref(), COMMAND_TIMEOUT)
+            .map_err(|e| format!("imap account {:?}: {e}", account.name))?;
+        for folder in &account.folders {
+            out.push(Watcher {
+                account: account.name.clone(),
+                folder: folder.clone(),
+                user: account.user.clone(),
+                tls: account.tls != ImapTls::None,
+                after: account.after.clone(),
+                idle: account.idle,
+                poll: account.poll,
+                connector: connector.clone(),
+                spool: spool.clone(),
+                inbox: inbox.clone(),
+                checkpoint: Checkpoint::new(spool.dir(), &account.name, folder, config.spool.fsync),
+                health: metrics.folder(&account.name, folder, account.poll.min(MAX_IDLE)),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What the server supports, read once per connection.
+struct Caps {
+    idle: bool,
+    mv: bool,
+    uidplus: bool,
+}
+
+/// How a wait between syncs ended.
+#[derive(PartialEq)]
+enum Woken {
+    Sync,
+    Shutdown,
+}
+
+impl Watcher {
+    /// Watches the folder until `shutdown` turns true, reconnecting after any failure.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        info!(account = %self.account, folder = %self.folder, server = %self.connector.server(), "watching IMAP folder");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let error = match self.session(&mut failures, &mut shutdown).await {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            self.health.failed(&error.to_string());
+            failures = failures.saturating_add(1);
+            let delay = backoff(&RECONNECT, failures);
+            let retry_in = humantime::format_duration(Duration::from_secs(delay.as_secs().max(1)));
+            match &error {
+                WatchError::Connect(ConnectError::Auth { .. } | ConnectError::Credentials(_)) => error!(
+                    account = %self.account, folder = %self.folder, error = %error, retry_in = %retry_in,
+                    "IMAP login failed; check the account's user and password or token"
+                ),
+                _ => warn!(
+                    account = %self.account, folder = %self.folder, error = %error, retry_in = %retry_in,
+                    "IMAP connection lost; reconnecting"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+            self.health.reconnecting();
+        }
+        self.health.set_connected(false);
+        debug!(account = %self.account, folder = %self.folder, "IMAP watcher stopped");
+    }
+
+    /// One connection: sync, wait for news, sync again, until shutdown (`Ok`) or an error.
+    async fn session(&self, failures: &mut u32, shutdown: &mut watch::Receiver<bool>) -> Result<(), WatchError> {
+        let mut session = self.connector.connect().await?;
+        let caps = within(COMMAND_TIMEOUT, session.capabilities()).await.map_err(imap_err("CAPABILITY"))?;
+        let caps = Caps { idle: caps.has_str("IDLE"), mv: caps.has_str("MOVE"), uidplus: caps.has_str("UIDPLUS") };
+        if let After::Move(target) = &self.after {
+            // Creating a folder that exists fails harmlessly; any other problem shows at MOVE.
+            let _ = within(COMMAND_TIMEOUT, session.create(target)).await;
+        }
+        let mailbox = within(COMMAND_TIMEOUT, session.select(&self.folder))
+            .await
+            .map_err(imap_err(&format!("SELECT {:?}", self.folder)))?;
+        let uidvalidity = mailbox
+            .uid_validity
+            .ok_or_else(|| WatchError::Imap(format!("the server gave no UIDVALIDITY for {:?}", self.folder)))?;
+        self.health.set_connected(true);
+
+        let stored = self.checkpoint.load().map_err(WatchError::Checkpoint)?;
+        let (mut position, mut scan) = match stored {
+            Some(p) if p.uidvalidity == uidvalidity => (p, Scan::New),
+            Some(p) => {
+                warn!(
+                    account = %self.account, folder = %self.folder, old = p.uidvalidity, new = uidvalidity,
+                    "UIDVALIDITY changed; reading the folder again, skipping messages already spooled"
+                );
+                (Position { uidvalidity, last_uid: 0 }, Scan::Again)
+            }
+            None => (Position { uidvalidity, last_uid: 0 }, Scan::First { uid_next: mailbox.uid_next }),
+        };
+        info!(
+            account = %self.account, folder = %self.folder, messages = mailbox.exists, last_uid = position.last_uid,
+            idle = self.idle && caps.idle, "IMAP folder selected"
+        );
+
+        loop {
+            if self.sync(&mut session, &caps, &mut position, scan, shutdown).await? == Woken::Shutdown {
+                break;
+            }
+            scan = Scan::New;
+            self.health.synced();
+            *failures = 0;
+            while session.unsolicited_responses.try_recv().is_ok() {}
+
+            let woken = if self.idle && caps.idle {
+                let (s, woken) = self.idle_wait(session, shutdown).await?;
+                session = s;
+                woken
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll) => Woken::Sync,
+                    _ = shutdown.changed() => Woken::Shutdown,
+                }
+            };
+            if matches!(woken, Woken::Shutdown) {
+                break;
+            }
+        }
+        let _ = within(Duration::from_secs(5), session.logout()).await;
+        Ok(())
+    }
+
+    /// IDLE until the server sends something, `poll` passes (a resync that doubles as a
+    /// heartbeat: a dead connection fails it) or shutdown.
+    async fn idle_wait(
+        &self,
+        session: ImapSession,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(ImapSession, Woken), WatchError> {
+        let mut handle = session.idle();
+        within(COMMAND_TIMEOUT, handle.init()).await.map_err(imap_err("IDLE"))?;
+        let limit = self.poll.min(MAX_IDLE);
+        let woken = {
+            // `_stop` must stay alive while waiting: dropping it ends the wait at once.
+            let (wait, _stop) = handle.wait_with_timeout(limit);
+            tokio::select! {
+                r = tokio::time::timeout(limit, wait) => match r {
+                    Ok(Err(e)) => return Err(WatchError::Imap(format!("during IDLE: {e}"))),
+                    Ok(Ok(_)) | Err(_) => Woken::Sync,
+                },
+                _ = shutdown.changed() => Woken::Shutdown,
+            }
+        };
+        let session = within(COMMAND_TIMEOUT, handle.done()).await.map_err(imap_err("IDLE DONE"))?;
+        Ok((session, woken))
+    }
+
+    /// Spools every message past the checkpoint, batch by batch, each batch checkpointed and
+    /// then acknowledged to the server with the after-action.
+    async fn sync(
+        &self,
+        session: &mut ImapSession,
+        caps: &Caps,
+        position: &mut Position,
+        scan: Scan,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Woken, WatchError> {
+        let already = match scan {
+            Scan::Again => Some(self.checkpoint.seen().map_err(WatchError::Checkpoint)?),
+            _ => None,
+        };
+        let unseen_only = matches!(scan, Scan::First { .. }) && self.after == After::Seen;
+        loop {
+            let next = position.last_uid.saturating_add(1);
+            let query = if unseen_only { format!("UID {next}:* UNSEEN") } else { format!("UID {next}:*") };
+            let found = within(COMMAND_TIMEOUT, session.uid_search(&query)).await.map_err(imap_err("UID SEARCH"))?;
+            // `n:*` always includes the highest UID, even one below n.
+            let mut uids: Vec<u32> = found.into_iter().filter(|&u| u >= next).collect();
+            uids.sort_unstable();
+            if uids.is_empty() {
+                break;
+            }
+            for batch in uids.chunks(BATCH) {
+                self.batch(session, caps, batch, position, already.as_ref()).await?;
+                if *shutdown.borrow() {
+                    return Ok(Woken::Shutdown);
+                }
+            }
+        }
+        match scan {
+            Scan::New => {}
+            // The first sync records UIDVALIDITY even for an empty folder; read mail present at
+            // the first start is left alone for `seen`, and new mail is not.
+            Scan::First { uid_next } => {
+                position.last_uid = position.last_uid.max(uid_next.unwrap_or(1).saturating_sub(1));
+                self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
+            }
+            Scan::Again => self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?,
+        }
+        Ok(Woken::Sync)
+    }
+
+    /// Fetches one batch of UIDs (ascending), spools them, advances the checkpoint past every
+    /// UID that is durable (or skipped, or gone from the server), then runs the after-action.
+    async fn batch(
+        &self,
+        session: &mut ImapSession,
+        caps: &Caps,
+        batch: &[u32],
+        position: &mut Position,
+        already: Option<&HashSet<String>>,
+    ) -> Result<(), WatchError> {
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut done: Vec<(u32, String, Result<String, String>)> = Vec::new();
+        let mut skipped: Vec<u32> = Vec::new();
+        let mut pending_bytes = 0usize;
+        {
+            let mut stream = within(COMMAND_TIMEOUT, session.uid_fetch(uid_set(batch), "(UID BODY.PEEK[])"))
+                .await
+                .map_err(imap_err("UID FETCH"))?;
+            loop {
+                let item = tokio::time::timeout(COMMAND_TIMEOUT, stream.next())
+                    .await
+                    .map_err(|_| WatchError::Imap("UID FETCH: no data within 1m".into()))?;
+                let fetch: Fetch = match item {
+                    None => break,
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => return Err(WatchError::Imap(format!("UID FETCH: {e}"))),
+                };
+                let Some(uid) = fetch.uid.filter(|u| batch.binary_search(u).is_ok()) else { continue };
+                let Some(body) = fetch.body() else {
+                    return Err(WatchError::Imap(format!("the server sent no body for UID {uid}")));
+                };
+                let fp = fingerprint(body);
+                if already.is_some_and(|seen| seen.contains(&fp)) {
+                    info!(account = %self.account, folder = %self.folder, uid, "already spooled before UIDVALIDITY changed; not sent again");
+                    skipped.push(uid);
+                    continue;
+                }
+                pending_bytes += body.len();
+                let job = tokio::spawn(store(self.spool.clone(), self.inbox.clone(), self.envelope(), body.to_vec()));
+                pending.push_back((uid, fp, body.len(), job));
+                while pending_bytes > MAX_PENDING_BYTES {
+                    let Some((uid, fp, len, job)) = pending.pop_front() else { break };
+                    pending_bytes -= len;
+                    done.push((uid, fp, join(job).await));
+                }
+            }
+        }
+        for (uid, fp, _, job) in pending {
+            done.push((uid, fp, join(job).await));
+        }
+
+        // Advance over every UID of the batch up to the first that failed to commit.
+        let mut failed: Option<(u32, String)> = None;
+        let mut fingerprints = Vec::new();
+        let mut acknowledged: Vec<u32> = skipped;
+        done.sort_by_key(|(uid, _, _)| *uid);
+        for (uid, fp, result) in done {
+            match result {
+                Ok(id) if failed.is_none() || failed.as_ref().is_some_and(|(f, _)| uid < *f) => {
+                    info!(id = %id, account = %self.account, folder = %self.folder, uid, "received");
+                    fingerprints.push(fp);
+                    acknowledged.push(uid);
+                }
+                Ok(id) => {
+                    // Durable, but past a failed one: it will be fetched again; say so.
+                    info!(id = %id, account = %self.account, folder = %self.folder, uid, "received (will be fetched again after an earlier failure)");
+                }
+                Err(e) => {
+                    if failed.as_ref().is_none_or(|(f, _)| uid < *f) {
+                        failed = Some((uid, e));
+                    }
+                }
+            }
+        }
+        acknowledged.sort_unstable();
+        let limit = failed.as_ref().map_or(u32::MAX, |(f, _)| *f);
+        acknowledged.retain(|&u| u < limit);
+        let new_last = batch.iter().copied().filter(|&u| u < limit).max();
+        if let Some(last) = new_last {
+            self.checkpoint.remember(&fingerprints).map_err(WatchError::Checkpoint)?;
+            position.last_uid = position.last_uid.max(last);
+            self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
+            self.health.fetched(fingerprints.len() as u64);
+        }
+        if let Err(e) = self.after_action(session, caps, &acknowledged).await {
+            // The checkpoint already keeps these from being fetched again; a broken connection
+            // shows at the next command.
+            warn!(account = %self.account, folder = %self.folder, error = %e, "after-action failed; the messages stay on the server but will not be fetched again");
+        }
+        match failed {
+            Some((uid, e)) => Err(WatchError::Spool(format!("UID {uid}: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Acknowledges spooled messages to the server: flag seen, delete, or move.
+    async fn after_action(&self, session: &mut ImapSession, caps: &Caps, uids: &[u32]) -> Result<(), WatchError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set(uids);
+        match &self.after {
+            After::Seen => store_flags(session, &set, "+FLAGS.SILENT (\\Seen)").await,
+            After::Delete => {
+                store_flags(session, &set, "+FLAGS.SILENT (\\Deleted)").await?;
+                expunge(session, caps, &set).await
+            }
+            After::Move(target) if caps.mv => {
+                within(COMMAND_TIMEOUT, session.uid_mv(&set, target)).await.map_err(imap_err("UID MOVE"))
+            }
+            After::Move(target) => {
+                within(COMMAND_TIMEOUT, session.uid_copy(&set, target)).await.map_err(imap_err("UID COPY"))?;
+                store_flags(session, &set, "+FLAGS.SILENT (\\Deleted)").await?;
+                expunge(session, caps, &set).await
+            }
+        }
+    }
+
+    fn envelope(&self) -> Envelope {
+        let mut envelope = Envelope::new(Source::Imap { account: self.account.clone(), folder: self.folder.clone() });
+        envelope.recipients = vec![self.user.clone()];
+        envelope.tls = self.tls;
+        envelope
+    }
+}
+
+/// A message fetched and being committed: UID, fingerprint, size, the commit (spool id).
+type Pending = (u32, String, usize, JoinHandle<Result<String, String>>);
+
+/// Which messages a sync considers.
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// Past the checkpoint.
+    New,
+    /// No checkpoint yet: the folder's backlog (unread ones only for `seen`).
+    First { uid_next: Option<u32> },
+    /// UIDVALIDITY changed: everything, minus what was spooled before.
+    Again,
+}
+
+/// Writes one message to the spool and commits it; returns its spool id.
+async fn store(spool: Spool, inbox: Arc<Inbox>, envelope: Envelope, raw: Vec<u8>) -> Result<String, String> {
+    let (draft, raw) = tokio::task::spawn_blocking(move || {
+        let mut draft = spool.draft().map_err(|e| e.to_string())?;
+        draft.write_all(&raw).map_err(|e| e.to_string())?;
+        Ok::<_, String>((draft, raw))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let meta = draft.commit(envelope).await.map_err(|e| e.to_string())?;
+    let id = meta.id.clone();
+    let raw = (raw.len() <= KEEP_COPY).then_some(raw);
+    inbox.push(Fresh { meta, raw });
+    Ok(id)
+}
+
+async fn join(job: JoinHandle<Result<String, String>>) -> Result<String, String> {
+    job.await.unwrap_or_else(|e| Err(format!("spool task failed: {e}")))
+}
+
+async fn store_flags(session: &mut ImapSession, set: &str, flags: &str) -> Result<(), WatchError> {
+    within(COMMAND_TIMEOUT, async {
+        let mut responses = session.uid_store(set, flags).await?;
+        while let Some(r) = responses.next().await {
+            r?;
+        }
+        Ok::<_, async_imap::error::Error>(())
+    })
+    .await
+    .map_err(imap_err("UID STORE"))
+}
+
+async fn expunge(session: &mut ImapSession, caps: &Caps, set: &str) -> Result<(), WatchError> {
+    within(COMMAND_TIMEOUT, async {
+        if caps.uidplus {
+            let mut gone = std::pin::pin!(session.uid_expunge(set).await?);
+            while let Some(r) = gone.next().await {
+                r?;
+            }
+        } else {
+            let mut gone = std::pin::pin!(session.expunge().await?);
+            while let Some(r) = gone.next().await {
+                r?;
+            }
+        }
+        Ok::<_, async_imap::error::Error>(())
+    })
+    .await
+    .map_err(imap_err("EXPUNGE"))
+}
+
+/// An IMAP sequence set for ascending UIDs, with runs collapsed: `1:3,7,9:10`.
+fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_collapse_runs() {
+        assert_eq!(uid_set(&[1]), "1");
+        assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        assert_eq!(uid_set(&[4, 6, 8]), "4,6,8");
+        assert_eq!(uid_set(&[]), "");
+    }
+}
