@@ -418,7 +418,8 @@ url = "http://{addr}/hook"
         let lock = spool.lock().expect("lock spool");
         let recovery = spool.recover().expect("recover");
         assert!(recovery.corrupt.is_empty(), "fresh spool has corrupt entries: {:?}", recovery.corrupt);
-        let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules).expect("build pipeline"));
+        let metrics = mailhook::metrics::Metrics::new();
+        let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules, metrics).expect("build pipeline"));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let workers = tokio::spawn(pipeline.clone().run(stop_rx));
 

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::ingest::smtp::{Listener, ListenerError};
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -37,8 +38,10 @@ pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
 
 /// Runs `mailhook serve` until SIGTERM/SIGINT.
 pub async fn serve(config: Config) -> Result<(), AppError> {
+    let metrics = Metrics::new();
     let rules = load_rules(&config).map_err(AppError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
+    metrics.rules_loaded(rules.rules().iter().map(|r| r.name.as_str()));
     let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
 
     let spool_dir = config.resolve(&config.spool.dir);
@@ -59,16 +62,16 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         "spool recovered"
     );
 
-    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules)?);
+    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules, metrics.clone())?);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Listeners bind before anything runs, so a port in use refuses to start.
     let mut listeners = Vec::new();
     if let Some(smtp) = &config.smtp {
-        listeners.push(Listener::bind(smtp, false, &config).await?);
+        listeners.push(Listener::bind(smtp, false, &config, &metrics).await?);
     }
     if let Some(lmtp) = &config.lmtp {
-        listeners.push(Listener::bind(lmtp, true, &config).await?);
+        listeners.push(Listener::bind(lmtp, true, &config, &metrics).await?);
     }
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {

@@ -19,6 +19,7 @@
 use crate::config::{BackoffConfig, Config};
 use crate::deliver::throttle::{Bucket, backoff};
 use crate::deliver::{Attempt, BuildError, Destination, shrink};
+use crate::metrics::{Delivery, Metrics};
 use crate::model::Action;
 use crate::parse::parse;
 use crate::rules::RuleSet;
@@ -26,7 +27,7 @@ use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, Sta
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -98,15 +99,48 @@ impl Inbox {
     }
 }
 
+/// The ids of the last [`RECENT_LIMIT`] messages whose round ended.
+#[derive(Default)]
+struct Recent {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+/// More than the inbox can hold, so a stale hand-over is always recognised.
+const RECENT_LIMIT: usize = 4 * INBOX_LIMIT;
+
+impl Recent {
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > RECENT_LIMIT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+}
+
 /// Shared, swappable rules: a message is always judged by one consistent set.
 pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
 
 pub struct Pipeline {
-    spool: Spool,
     rules: SharedRules,
-    targets: HashMap<String, Arc<Target>>,
     inbox: Arc<Inbox>,
-    judge_budget: Arc<Semaphore>,
+    work: Arc<Work>,
+}
+
+/// What every round needs, shared by all of them.
+struct Work {
+    spool: Spool,
+    targets: HashMap<String, Arc<Target>>,
+    judge_budget: Semaphore,
+    metrics: Arc<Metrics>,
 }
 
 /// How a round left a message.
@@ -120,10 +154,16 @@ enum Finished {
 }
 
 impl Pipeline {
-    pub fn new(config: &Config, spool: Spool, rules: SharedRules) -> Result<Pipeline, BuildError> {
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        rules: SharedRules,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, BuildError> {
         let mut targets = HashMap::new();
         for (name, d) in &config.destination {
             let destination = Destination::build(name, d, config)?;
+            metrics.destination(name);
             let delivery = &config.delivery;
             targets.insert(
                 name.clone(),
@@ -139,12 +179,11 @@ impl Pipeline {
                 }),
             );
         }
+        let judge_budget = Semaphore::new(JUDGE_BUDGET_MB as usize);
         Ok(Pipeline {
-            spool,
             rules,
-            targets,
             inbox: Arc::new(Inbox::default()),
-            judge_budget: Arc::new(Semaphore::new(JUDGE_BUDGET_MB as usize)),
+            work: Arc::new(Work { spool, targets, judge_budget, metrics }),
         })
     }
 
@@ -166,6 +205,9 @@ impl Pipeline {
         // New messages found in incoming/ and not started yet, oldest first.
         let mut backlog: VecDeque<String> = VecDeque::new();
         let mut queued: HashSet<String> = HashSet::new();
+        // Messages whose round ended lately: a fresh hand-over of one of them that arrives after
+        // a directory scan already picked it up and finished it must not start it again.
+        let mut finished = Recent::default();
 
         loop {
             if *shutdown.borrow() {
@@ -204,7 +246,7 @@ impl Pipeline {
                 _ = self.inbox.notify.notified() => {
                     for fresh in self.inbox.take() {
                         let id = fresh.meta.id.clone();
-                        if in_flight.contains(&id) || queued.contains(&id) {
+                        if in_flight.contains(&id) || queued.contains(&id) || finished.contains(&id) {
                             continue;
                         }
                         if in_flight.len() < MAX_IN_FLIGHT {
@@ -219,9 +261,10 @@ impl Pipeline {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok((id, finished)) = done {
+                    if let Ok((id, outcome)) = done {
                         in_flight.remove(&id);
-                        if let Finished::Deferred(due) = finished {
+                        finished.insert(id.clone());
+                        if let Finished::Deferred(due) = outcome {
                             schedule.insert((due, id.clone()));
                             due_of.insert(id, due);
                         }
@@ -240,7 +283,7 @@ impl Pipeline {
 
     /// Adds the messages of incoming/ that are neither started nor queued to the backlog.
     fn scan_incoming(&self, backlog: &mut VecDeque<String>, queued: &mut HashSet<String>, in_flight: &HashSet<String>) {
-        let ids = match self.spool.list(State::Incoming) {
+        let ids = match self.work.spool.list(State::Incoming) {
             Ok(ids) => ids,
             Err(e) => {
                 error!(error = %e, "cannot read the spool's incoming/");
@@ -261,7 +304,7 @@ impl Pipeline {
         due_of: &mut HashMap<String, SystemTime>,
         in_flight: &HashSet<String>,
     ) {
-        let ids = match self.spool.list(State::Deferred) {
+        let ids = match self.work.spool.list(State::Deferred) {
             Ok(ids) => ids,
             Err(e) => {
                 error!(error = %e, "cannot read the spool's deferred/");
@@ -280,7 +323,7 @@ impl Pipeline {
             if due_of.contains_key(&id) || in_flight.contains(&id) {
                 continue;
             }
-            match self.spool.read_meta(State::Deferred, &id) {
+            match self.work.spool.read_meta(State::Deferred, &id) {
                 Ok(meta) => {
                     let due = meta.due();
                     schedule.insert((due, id.clone()));
@@ -305,27 +348,18 @@ impl Pipeline {
         fresh: Option<Fresh>,
     ) {
         in_flight.insert(id.clone());
-        let spool = self.spool.clone();
+        // One consistent set for the whole judgement, even if a reload swaps it meanwhile.
         let rules = self.rules.read().expect("rules lock").clone();
-        let targets = self.targets.clone();
-        let budget = self.judge_budget.clone();
+        let work = self.work.clone();
         tasks.spawn(async move {
-            let finished = process(&spool, &rules, &targets, &budget, &id, from, fresh).await;
+            let finished = process(&work, &rules, &id, from, fresh).await;
             (id, finished)
         });
     }
 }
 
-async fn process(
-    spool: &Spool,
-    rules: &Arc<RuleSet>,
-    targets: &HashMap<String, Arc<Target>>,
-    budget: &Semaphore,
-    id: &str,
-    from: State,
-    fresh: Option<Fresh>,
-) -> Finished {
-    match round(spool, rules, targets, budget, id, from, fresh).await {
+async fn process(work: &Work, rules: &Arc<RuleSet>, id: &str, from: State, fresh: Option<Fresh>) -> Finished {
+    match round(work, rules, id, from, fresh).await {
         Ok(f) => f,
         Err(SpoolError::NotFound(_)) => Finished::Released,
         Err(e) => {
@@ -337,14 +371,13 @@ async fn process(
 
 /// One round: judge if not yet judged, try every due destination, file the message.
 async fn round(
-    spool: &Spool,
+    work: &Work,
     rules: &Arc<RuleSet>,
-    targets: &HashMap<String, Arc<Target>>,
-    budget: &Semaphore,
     id: &str,
     from: State,
     fresh: Option<Fresh>,
 ) -> Result<Finished, SpoolError> {
+    let Work { spool, targets, judge_budget: budget, metrics } = work;
     let (mut meta, kept_raw) = match fresh {
         Some(f) => (f.meta, f.raw),
         None => (spool.read_meta(from, id)?, None),
@@ -373,6 +406,11 @@ async fn round(
             .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??
         };
         let rule = outcome.rule.clone();
+        metrics.received(meta.envelope.source.protocol());
+        match &rule {
+            Some(r) => metrics.rule_matched(r),
+            None => metrics.unmatched(),
+        }
         match outcome.action {
             Action::Drop => {
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
@@ -381,6 +419,9 @@ async fn round(
             }
             Action::Dead { reason } => {
                 warn!(id, rule = rule.as_deref().unwrap_or("-"), reason = %reason, "dead letter");
+                if let Some(r) = &rule {
+                    metrics.extraction_failed(r);
+                }
                 meta.dead_reason = Some(reason);
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
                 return Ok(Finished::Dead);
@@ -428,7 +469,7 @@ async fn round(
         async move {
             let attempt = match target {
                 None => Attempt::Fail { reason: format!("destination {name:?} is no longer configured") },
-                Some(t) => send(&t, id, payload).await,
+                Some(t) => send(&t, id, payload, metrics).await,
             };
             (name, attempt)
         }
@@ -443,12 +484,14 @@ async fn round(
         match attempt {
             Attempt::Done => {
                 info!(id, destination = %name, attempts = status.attempts, "delivered");
+                metrics.delivered(&name, Delivery::Delivered);
                 status.state = DestState::Done;
                 status.last_error = None;
                 status.next_attempt = None;
             }
             Attempt::Fail { reason } => {
                 warn!(id, destination = %name, reason = %reason, "delivery failed for good");
+                metrics.delivered(&name, Delivery::Dead);
                 status.state = DestState::Dead;
                 status.last_error = Some(reason.clone());
                 status.next_attempt = None;
@@ -460,12 +503,14 @@ async fn round(
                 if age + delay > target.retry_for {
                     let why = format!("gave up after {}: {reason}", humantime::format_duration(target.retry_for));
                     warn!(id, destination = %name, reason = %why, "delivery failed for good");
+                    metrics.delivered(&name, Delivery::Dead);
                     status.state = DestState::Dead;
                     status.last_error = Some(why.clone());
                     status.next_attempt = None;
                     errors.push(format!("{name}: {why}"));
                 } else {
                     info!(id, destination = %name, attempt = status.attempts, retry_in = %humantime::format_duration(round_secs(delay)), reason = %reason, "deferred");
+                    metrics.delivered(&name, Delivery::Deferred);
                     status.last_error = Some(reason.clone());
                     status.next_attempt = Some(format_time(now + delay));
                     errors.push(format!("{name}: {reason}"));
@@ -512,7 +557,7 @@ fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<Strin
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.
-async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>) -> Attempt {
+async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>, metrics: &Metrics) -> Attempt {
     let body = match shrink::encode(payload, target.max_body) {
         Ok(b) => b,
         Err(reason) => return Attempt::Fail { reason },
@@ -524,12 +569,14 @@ async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>
     debug!(id, destination = %target.name, bytes = body.len(), "sending");
     // The destination's own timeout applies; this one only guards against a hang past it.
     let guard = target.timeout + Duration::from_secs(30);
+    let started = Instant::now();
     let attempt = match tokio::time::timeout(guard, target.destination.send(id, &body)).await {
         Ok(a) => a,
         Err(_) => {
             Attempt::Retry { after: None, reason: format!("no answer within {}", humantime::format_duration(guard)) }
         }
     };
+    metrics.delivery_time(&target.name, started.elapsed());
     if let Attempt::Retry { after: Some(after), .. } = &attempt {
         // The receiver asked everyone to slow down: pause the whole destination.
         target.bucket.pause(*after);

@@ -15,6 +15,7 @@ mod session;
 pub use session::{End, Session};
 
 use crate::config::{Config, ListenerConfig, Secret};
+use crate::metrics::{ListenerHealth, Metrics};
 use crate::pipeline::Inbox;
 use crate::spool::Spool;
 use regex::Regex;
@@ -46,6 +47,8 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Where connections and refusals are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +62,21 @@ pub enum ListenerError {
 }
 
 impl SessionConfig {
-    pub fn build(l: &ListenerConfig, lmtp: bool, config: &Config) -> Result<SessionConfig, ListenerError> {
+    pub fn protocol(&self) -> &'static str {
+        if self.lmtp { "lmtp" } else { "smtp" }
+    }
+
+    /// Counts a refusal for `reason` (`not_allowed`, `unknown_recipient`, `too_big`, …).
+    pub fn rejected(&self, reason: &str) {
+        self.metrics.rejected(self.protocol(), reason);
+    }
+
+    pub fn build(
+        l: &ListenerConfig,
+        lmtp: bool,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<SessionConfig, ListenerError> {
         let protocol = if lmtp { "lmtp" } else { "smtp" };
         let tls = match &l.tls {
             Some(t) => Some(
@@ -86,6 +103,7 @@ impl SessionConfig {
             max_recipients: l.max_recipients,
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,
+            metrics,
         })
     }
 }
@@ -159,13 +177,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
 /// A bound SMTP or LMTP listener, ready to run.
 pub struct Listener {
     cfg: Arc<SessionConfig>,
-    sockets: Vec<(TcpListener, SocketAddr)>,
+    sockets: Vec<(TcpListener, SocketAddr, Arc<ListenerHealth>)>,
 }
 
 impl Listener {
     /// Binds every `listen` address (so a port in use is an error at start-up).
-    pub async fn bind(l: &ListenerConfig, lmtp: bool, config: &Config) -> Result<Listener, ListenerError> {
-        let cfg = Arc::new(SessionConfig::build(l, lmtp, config)?);
+    pub async fn bind(
+        l: &ListenerConfig,
+        lmtp: bool,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Listener, ListenerError> {
+        let cfg = Arc::new(SessionConfig::build(l, lmtp, config, metrics.clone())?);
         let protocol = if lmtp { "lmtp" } else { "smtp" };
         let mut sockets = Vec::new();
         for addr in &l.listen {
@@ -176,13 +199,14 @@ impl Listener {
             })?;
             let local =
                 listener.local_addr().map_err(|source| ListenerError::Bind { protocol, addr: addr.clone(), source })?;
-            sockets.push((listener, local));
+            let health = metrics.listener(protocol, &local.to_string());
+            sockets.push((listener, local, health));
         }
         Ok(Listener { cfg, sockets })
     }
 
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.sockets.iter().map(|(_, a)| *a).collect()
+        self.sockets.iter().map(|(_, a, _)| *a).collect()
     }
 
     /// Accepts connections until shutdown; then answers new ones `421` while the sessions
@@ -191,8 +215,9 @@ impl Listener {
         let protocol = if self.cfg.lmtp { "lmtp" } else { "smtp" };
         let permits = Arc::new(Semaphore::new(self.cfg.max_connections));
         let mut loops = JoinSet::new();
-        for (listener, addr) in self.sockets {
+        for (listener, addr, health) in self.sockets {
             info!(protocol, addr = %addr, "listening");
+            health.set_up(true);
             let ctx = Accept {
                 cfg: self.cfg.clone(),
                 spool: spool.clone(),
@@ -202,7 +227,10 @@ impl Listener {
                 protocol,
                 grace,
             };
-            loops.spawn(ctx.run(listener));
+            loops.spawn(async move {
+                ctx.run(listener, &health).await;
+                health.set_up(false);
+            });
         }
         while loops.join_next().await.is_some() {}
     }
@@ -219,7 +247,7 @@ struct Accept {
 }
 
 impl Accept {
-    async fn run(mut self, listener: TcpListener) {
+    async fn run(mut self, listener: TcpListener, health: &ListenerHealth) {
         let protocol = self.protocol;
         let mut sessions = JoinSet::new();
         let mut backoff = Duration::from_millis(10);
@@ -253,17 +281,21 @@ impl Accept {
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little, do not spin.
                     error!(protocol, error = %e, "accept failed");
+                    health.accept_failed(&e.to_string());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
+            self.cfg.metrics.connection(protocol);
             let ip = peer.ip().to_canonical();
             let refusal = if stopping {
+                self.cfg.rejected("shutting_down");
                 Some("421 4.3.2 Service shutting down, try again later".to_string())
             } else if !self.cfg.allow.iter().any(|net| net.contains(&ip)) {
                 info!(protocol, peer = %peer, "client network not allowed");
+                self.cfg.rejected("not_allowed");
                 Some(format!("554 5.7.1 {ip} is not allowed to connect"))
             } else {
                 None
@@ -274,6 +306,7 @@ impl Accept {
                     Ok(p) => Some(p),
                     Err(_) => {
                         warn!(protocol, peer = %peer, max = self.cfg.max_connections, "connection limit reached");
+                        self.cfg.rejected("too_many_connections");
                         None
                     }
                 },

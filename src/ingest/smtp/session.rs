@@ -118,6 +118,16 @@ const REFUSE_SIZE: &str = "552 5.3.4 Message size exceeds the fixed maximum";
 const REFUSE_LINE: &str = "500 5.5.2 Line too long";
 const REFUSE_SPOOL: &str = "451 4.3.0 Cannot store the message now, try again later";
 
+/// The metrics reason of a refusal at the end of a message.
+fn refusal_reason(reply: &str) -> &'static str {
+    match reply {
+        REFUSE_SIZE => "too_big",
+        REFUSE_LINE => "line_too_long",
+        REFUSE_SPOOL => "spool_unavailable",
+        _ => "bad_sequence",
+    }
+}
+
 enum Phase {
     Command,
     /// AUTH continuation: the next line is a response, not a command.
@@ -207,9 +217,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Ok(end) | Err(end) => end,
         };
         match end {
-            End::Timeout => self.reply("421 4.4.2 Timeout: closing connection"),
-            End::TooManyErrors => self.reply("421 4.7.0 Too many errors: closing connection"),
-            End::Shutdown => self.reply("421 4.3.2 Service shutting down, try again later"),
+            End::Timeout => {
+                self.cfg.rejected("timeout");
+                self.reply("421 4.4.2 Timeout: closing connection")
+            }
+            End::TooManyErrors => {
+                self.cfg.rejected("too_many_errors");
+                self.reply("421 4.7.0 Too many errors: closing connection")
+            }
+            End::Shutdown => {
+                self.cfg.rejected("shutting_down");
+                self.reply("421 4.3.2 Service shutting down, try again later")
+            }
             End::Quit | End::Closed => {}
         }
         let _ = self.flush().await;
@@ -242,11 +261,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             let line: Vec<u8> = self.buf.drain(..=pos).collect();
             if self.skipping_line {
                 self.skipping_line = false;
+                self.cfg.rejected("line_too_long");
                 self.reply("500 5.5.2 Line too long");
                 self.error()?;
                 continue;
             }
             if line.len() > MAX_COMMAND_LINE {
+                self.cfg.rejected("line_too_long");
                 self.reply("500 5.5.2 Line too long");
                 self.error()?;
                 continue;
@@ -371,10 +392,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return self.error();
         }
         if self.cfg.auth_required && self.auth_user.is_none() {
+            self.cfg.rejected("auth_required");
             self.reply("530 5.7.0 Authentication required");
             return self.error();
         }
         if size > self.cfg.max_size {
+            self.cfg.rejected("too_big");
             self.reply("552 5.3.4 Message size exceeds the fixed maximum");
             return Ok(());
         }
@@ -395,10 +418,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         if !self.cfg.recipients.is_empty() && !self.cfg.recipients.iter().any(|r| r.is_match(&address)) {
             debug!(peer = %self.peer, recipient = %address, "recipient refused");
+            self.cfg.rejected("unknown_recipient");
             self.reply("550 5.1.1 Recipient address rejected: not a hook address here");
             return self.error();
         }
         if self.tx.recipients.len() >= self.cfg.max_recipients {
+            self.cfg.rejected("too_many_recipients");
             self.reply("452 4.5.3 Too many recipients");
             return Ok(());
         }
@@ -530,10 +555,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         if let Some(why) = body.refused {
             info!(peer = %self.peer, size = body.size, reason = why, "message refused");
+            self.cfg.rejected(refusal_reason(why));
             reply_each(self, why);
             return;
         }
         let Some(draft) = body.draft else {
+            self.cfg.rejected(refusal_reason(REFUSE_SPOOL));
             reply_each(self, REFUSE_SPOOL);
             return;
         };
@@ -561,6 +588,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             Err(e) => {
                 warn!(peer = %self.peer, error = %e, "cannot store the message; answered 451");
+                self.cfg.rejected(refusal_reason(REFUSE_SPOOL));
                 reply_each(self, REFUSE_SPOOL);
             }
         }
@@ -691,6 +719,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.reply("235 2.7.0 Authentication successful");
         } else {
             warn!(peer = %self.peer, user = %user, "authentication failed");
+            self.cfg.rejected("auth_failed");
             self.reply("535 5.7.8 Authentication credentials invalid");
             self.errors += 1;
         }

@@ -24,6 +24,7 @@ fn config(lmtp: bool) -> SessionConfig {
         max_recipients: 3,
         command_timeout: Duration::from_secs(5),
         data_timeout: Duration::from_secs(5),
+        metrics: crate::metrics::Metrics::new(),
     }
 }
 
