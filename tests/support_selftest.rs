@@ -1,6 +1,6 @@
 //! The test-support servers in `tests/support/` behave as specified, checked with real clients:
 //! reqwest against `HookServer`, lettre (and a raw TCP client for protocol details) against
-//! `SmtpSink`.
+//! `SmtpSink`, and a raw IMAP client plus rustls against a real `Dovecot`.
 
 mod support;
 
@@ -8,9 +8,10 @@ use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+use support::dovecot::{Dovecot, DovecotOptions, OAUTH_TOKEN, OTHER_PASSWORD, OTHER_USER, PASSWORD, USER};
 use support::hook::{HookOptions, HookServer, Scripted};
 use support::smtp::{SmtpOptions, SmtpSink, json_ld, json_ld_in_html};
 
@@ -595,4 +596,284 @@ Content-Type: multipart/alternative; boundary=\"b1\"\r\n\r\n\
     let text_only = b"From: a@example.com\r\nSubject: s\r\n\r\n<script type=\"application/ld+json\" \
 data-kustomer-key=\"K\">{}</script>\r\n";
     assert_eq!(json_ld(text_only), None, "a text/plain body is not HTML");
+}
+
+// ---------------------------------------------------------------- dovecot
+
+/// A small message with CRLF line ends.
+fn mail(subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: sender@example.com\r\nTo: alice@example.com\r\nSubject: {subject}\r\n\
+         Message-ID: <{subject}@example.com>\r\n\r\n{body}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Reads from `stream` until a complete line starting with `tag ` (or, for `*`, any complete
+/// line) has arrived; returns everything read.
+fn read_until_tagged(stream: &mut impl Read, tag: &str) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&all).into_owned();
+        let done = text.ends_with("\r\n")
+            && (tag == "*" || text.starts_with(&format!("{tag} ")) || text.contains(&format!("\r\n{tag} ")));
+        if done {
+            return text;
+        }
+        let n = stream.read(&mut buf).unwrap_or_else(|e| panic!("read after {text:?}: {e}"));
+        assert!(n > 0, "connection closed after {text:?}");
+        all.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The greeting line of the IMAP server on `port`.
+fn imap_greeting(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to dovecot");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    read_until_tagged(&mut stream, "*")
+}
+
+/// A rustls client configuration that trusts only the CA in `ca_file`.
+fn trusting(ca_file: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    support::init_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_file).expect("read CA file");
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("CA PEM")).expect("add CA");
+    }
+    std::sync::Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+#[test]
+fn dovecot_append_fetch_flags_and_folders() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    for capability in ["IDLE", "UIDPLUS", "MOVE"] {
+        assert!(imap.has_capability(capability), "{capability} missing from {:?}", imap.capabilities());
+    }
+
+    let first = imap.append("INBOX", &mail("one", "first"));
+    let second = imap.append_with_flags("INBOX", "\\Seen", &mail("two", "second"));
+    // 8-bit text, lines that look like IMAP and SMTP syntax, no final line break.
+    let tricky = b"Subject: tricky\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ncaf\xc3\xa9 {5}\r\n\
+* 1 FETCH (FLAGS ())\r\n.\r\nt9 OK done\r\nno final line break"
+        .to_vec();
+    let third = imap.append_with_flags("INBOX", "(\\Flagged \\Seen)", &tricky);
+    assert!(first < second && second < third, "UIDs {first} {second} {third}");
+    assert_eq!(imap.uids("INBOX"), [first, second, third]);
+    assert_eq!(imap.count("INBOX"), 3);
+    assert_eq!(imap.fetch("INBOX", third), tricky);
+    assert_eq!(imap.fetch("INBOX", first), mail("one", "first"));
+
+    assert_eq!(imap.flags("INBOX", first), Vec::<String>::new());
+    assert_eq!(imap.flags("INBOX", second), ["\\Seen"]);
+    let mut flags = imap.flags("INBOX", third);
+    flags.sort();
+    assert_eq!(flags, ["\\Flagged", "\\Seen"]);
+    assert_eq!(imap.unseen("INBOX"), [first], "fetching does not mark messages seen");
+    imap.store("INBOX", first, "+FLAGS (\\Seen)");
+    assert_eq!(imap.unseen("INBOX"), Vec::<u32>::new());
+    imap.expunge("INBOX", second);
+    assert_eq!(imap.uids("INBOX"), [first, third]);
+    let fourth = imap.append("INBOX", &mail("four", "fourth"));
+    assert!(fourth > third, "UIDs are not reused");
+
+    assert!(imap.exists("INBOX") && imap.exists("inbox"));
+    for folder in ["Archive/2024", "Entrée & Co", "a.b"] {
+        assert!(!imap.exists(folder), "{folder}");
+        imap.create(folder);
+        assert!(imap.exists(folder), "{folder}");
+        let uid = imap.append(folder, &mail("filed", folder));
+        assert_eq!(imap.uids(folder), [uid]);
+        assert_eq!(imap.fetch(folder, uid), mail("filed", folder));
+    }
+    assert!(dovecot.dir().join("mail/alice/Entr&AOk-e &- Co/cur").is_dir(), "names are modified UTF-7 on disk");
+    imap.delete("a.b");
+    assert!(!imap.exists("a.b"));
+    imap.logout();
+
+    let mut bob = dovecot.client(OTHER_USER, OTHER_PASSWORD);
+    assert_eq!(bob.count("INBOX"), 0, "each user has their own mailboxes");
+    assert!(!bob.exists("Archive/2024"));
+}
+
+#[test]
+fn dovecot_ten_megabyte_message_round_trip() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    let mut message = b"From: big@example.com\r\nSubject: big\r\n\r\n".to_vec();
+    let line = format!("{}\r\n", "0123456789abcdefghijklmnopqrstuvwxyz".repeat(2));
+    while message.len() < 10 * 1024 * 1024 {
+        message.extend_from_slice(line.as_bytes());
+    }
+    let started = Instant::now();
+    let uid = imap.append("INBOX", &message);
+    let appended = started.elapsed();
+    assert!(imap.fetch("INBOX", uid) == message, "the 10 MB message comes back unchanged");
+    eprintln!("10 MB: append {appended:?}, append + fetch {:?}", started.elapsed());
+}
+
+#[test]
+fn dovecot_stop_and_restart_keep_messages_and_uidvalidity() {
+    let mut dovecot = Dovecot::start();
+    let port = dovecot.port();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    let uids = [imap.append("INBOX", &mail("a", "1")), imap.append_with_flags("INBOX", "\\Seen", &mail("b", "2"))];
+    imap.create("Archive");
+    imap.append("Archive", &mail("c", "3"));
+    let validity = imap.uidvalidity("INBOX");
+    let mut idle = dovecot.client(USER, PASSWORD);
+    idle.run("SELECT INBOX");
+
+    dovecot.stop();
+    assert!(!dovecot.is_running());
+    assert!(imap.try_run("NOOP").is_err(), "open connections drop");
+    assert!(idle.try_run("NOOP").is_err(), "open connections drop");
+    assert!(dovecot.try_client(USER, PASSWORD).is_err(), "nothing listens while stopped");
+    dovecot.stop();
+
+    dovecot.restart();
+    assert!(dovecot.is_running());
+    assert_eq!(dovecot.port(), port, "same port after restart");
+    let mut imap = dovecot.client(USER, PASSWORD);
+    assert_eq!(imap.uids("INBOX"), uids);
+    assert_eq!(imap.uidvalidity("INBOX"), validity);
+    assert_eq!(imap.fetch("INBOX", uids[0]), mail("a", "1"));
+    assert_eq!(imap.unseen("INBOX"), [uids[0]]);
+    assert_eq!(imap.count("Archive"), 1);
+
+    dovecot.restart();
+    assert_eq!(dovecot.client(USER, PASSWORD).count("INBOX"), 2, "restart also works while running");
+}
+
+#[test]
+fn dovecot_reset_uidvalidity_keeps_messages() {
+    let mut dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| mail(&format!("m{i}"), &format!("body {i}"))).collect();
+    imap.append("INBOX", &bodies[0]);
+    imap.append_with_flags("INBOX", "\\Seen", &bodies[1]);
+    imap.append("INBOX", &bodies[2]);
+    let oldest = imap.uids("INBOX")[0];
+    imap.expunge("INBOX", oldest);
+    imap.append("INBOX", &bodies[0]);
+    assert_eq!(imap.uids("INBOX"), [2, 3, 4]);
+    imap.create("Entrée/Sub");
+    imap.append("Entrée/Sub", &mail("sub", "sub"));
+    let (inbox_before, sub_before) = (imap.uidvalidity("INBOX"), imap.uidvalidity("Entrée/Sub"));
+
+    dovecot.reset_uidvalidity(USER, "INBOX");
+    assert!(dovecot.is_running(), "a running server is started again");
+    let mut imap = dovecot.client(USER, PASSWORD);
+    assert_ne!(imap.uidvalidity("INBOX"), inbox_before);
+    assert_eq!(imap.count("INBOX"), 3);
+    let uids = imap.uids("INBOX");
+    assert_eq!(uids, [1, 2, 3], "UIDs start again");
+    let mut fetched: Vec<Vec<u8>> = uids.iter().map(|&uid| imap.fetch("INBOX", uid)).collect();
+    fetched.sort();
+    assert_eq!(fetched, bodies, "same messages");
+    assert_eq!(imap.unseen("INBOX").len(), 2, "flags are kept");
+    assert_eq!(imap.uidvalidity("Entrée/Sub"), sub_before, "other folders keep theirs");
+
+    dovecot.stop();
+    dovecot.reset_uidvalidity(USER, "Entrée/Sub");
+    assert!(!dovecot.is_running(), "a stopped server stays stopped");
+    dovecot.restart();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    assert_ne!(imap.uidvalidity("Entrée/Sub"), sub_before);
+    assert_eq!(imap.fetch("Entrée/Sub", 1), mail("sub", "sub"));
+}
+
+#[test]
+fn dovecot_wrong_password_is_refused_at_once() {
+    let dovecot = Dovecot::start();
+    let started = Instant::now();
+    let refused = dovecot.try_client(USER, "wrong").err().expect("wrong password refused");
+    assert!(refused.contains("AUTHENTICATIONFAILED"), "{refused}");
+    assert!(dovecot.try_client("mallory", PASSWORD).is_err(), "unknown user");
+    assert!(dovecot.try_client(OTHER_USER, PASSWORD).is_err(), "alice's password is not bob's");
+    dovecot.client(USER, PASSWORD).logout();
+    dovecot.client(USER, PASSWORD).logout();
+    assert!(started.elapsed() < Duration::from_secs(1), "no failure delay: {:?}", started.elapsed());
+}
+
+#[test]
+fn dovecot_idle_can_be_left_out() {
+    let with = Dovecot::start();
+    assert!(with.client(USER, PASSWORD).has_capability("IDLE"));
+    assert!(imap_greeting(with.port()).contains(" IDLE "));
+
+    let without = Dovecot::start_with(DovecotOptions { idle: false, ..DovecotOptions::default() });
+    let greeting = imap_greeting(without.port());
+    assert!(greeting.starts_with("* OK") && !greeting.contains("IDLE"), "{greeting}");
+    let mut imap = without.client(USER, PASSWORD);
+    assert!(!imap.has_capability("IDLE"), "{:?}", imap.capabilities());
+    assert!(imap.has_capability("UIDPLUS") && imap.has_capability("MOVE"), "{:?}", imap.capabilities());
+    let listed = imap.run("CAPABILITY").join(" ");
+    assert!(listed.contains("UIDPLUS") && !listed.contains("IDLE"), "{listed}");
+}
+
+#[test]
+fn dovecot_tls_port_and_starttls() {
+    let dovecot = Dovecot::start_with(DovecotOptions { tls: true, ..DovecotOptions::default() });
+    let config = trusting(&dovecot.ca_file().expect("CA file with tls"));
+
+    // Implicit TLS, verified for the name "localhost".
+    let tcp = TcpStream::connect(("127.0.0.1", dovecot.tls_port().expect("tls port"))).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let conn = rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    assert!(read_until_tagged(&mut tls, "*").starts_with("* OK"));
+    tls.write_all(format!("a LOGIN {USER} {PASSWORD}\r\n").as_bytes()).unwrap();
+    assert!(read_until_tagged(&mut tls, "a").contains("a OK"));
+    assert!(tls.conn.protocol_version().is_some());
+
+    // STARTTLS on the plain port, verified for the address 127.0.0.1.
+    let mut tcp = TcpStream::connect(dovecot.addr()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    assert!(read_until_tagged(&mut tcp, "*").contains("STARTTLS"));
+    tcp.write_all(b"s STARTTLS\r\n").unwrap();
+    assert!(read_until_tagged(&mut tcp, "s").starts_with("s OK"));
+    let conn = rustls::ClientConnection::new(config, "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"c CAPABILITY\r\n").unwrap();
+    let capabilities = read_until_tagged(&mut tls, "c");
+    assert!(capabilities.contains("AUTH=PLAIN") && !capabilities.contains("STARTTLS"), "{capabilities}");
+    tls.write_all(format!("a LOGIN {USER} {PASSWORD}\r\n").as_bytes()).unwrap();
+    assert!(read_until_tagged(&mut tls, "a").contains("a OK"));
+
+    // Plain IMAP keeps working on the plain port.
+    dovecot.client(USER, PASSWORD).logout();
+}
+
+#[test]
+fn dovecot_xoauth2_checks_tokens() {
+    let dovecot = Dovecot::start_with(DovecotOptions { xoauth2: true, ..DovecotOptions::default() });
+    assert!(imap_greeting(dovecot.port()).contains("AUTH=XOAUTH2"));
+
+    let mut imap = dovecot.try_client_xoauth2(USER, OAUTH_TOKEN).expect("the known token is accepted");
+    let uid = imap.append("INBOX", &mail("oauth", "hello"));
+    assert_eq!(imap.uids("INBOX"), [uid]);
+    let refused = dovecot.try_client_xoauth2(USER, "wrong-token").err().expect("unknown token refused");
+    assert!(refused.contains("AUTHENTICATIONFAILED"), "{refused}");
+    assert!(dovecot.try_client_xoauth2(OTHER_USER, OAUTH_TOKEN).is_err(), "alice's token is not bob's");
+
+    dovecot.grant_token("bob-token", OTHER_USER);
+    assert_eq!(dovecot.try_client_xoauth2(OTHER_USER, "bob-token").expect("granted token").count("INBOX"), 0);
+    dovecot.revoke_token(OAUTH_TOKEN);
+    assert!(dovecot.try_client_xoauth2(USER, OAUTH_TOKEN).is_err(), "revoked token refused");
+    assert_eq!(dovecot.oauth_requests(), 5, "every attempt is checked, nothing cached");
+    assert_eq!(dovecot.client(USER, PASSWORD).count("INBOX"), 1, "passwords still work");
+}
+
+#[test]
+fn dovecot_instances_are_independent() {
+    let a = Dovecot::start();
+    let b = Dovecot::start();
+    assert_ne!(a.port(), b.port());
+    a.client(USER, PASSWORD).append("INBOX", &mail("only-a", "a"));
+    assert_eq!(b.client(USER, PASSWORD).count("INBOX"), 0);
+    drop(a);
+    assert_eq!(b.client(USER, PASSWORD).count("INBOX"), 0, "dropping one leaves the other running");
 }

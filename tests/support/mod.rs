@@ -8,12 +8,17 @@
 //! - [`smtp_client::SmtpClient`]: a raw-socket SMTP/LMTP client for scripted dialogues with
 //!   mailhook's own listeners (pipelining, STARTTLS, malformed input), printing the dialogue on
 //!   failure.
+//! - [`dovecot::Dovecot`]: a private Dovecot IMAP server (a real one, started as a child process
+//!   with its own temp dir and ports; optional TLS, IDLE off, XOAUTH2) for the IMAP watcher, with
+//!   [`dovecot::ImapClient`] to set up and inspect its mailboxes. Needs `dovecot-imapd` installed.
 //!
-//! Every server binds `127.0.0.1:0`, runs on its own thread with its own tokio runtime (so it works
-//! from sync tests, async tests and while a `mailhook` subprocess talks to it) and stops when
+//! Every in-process server binds `127.0.0.1:0`, runs on its own thread with its own tokio runtime
+//! (so it works from sync tests, async tests and while a `mailhook` subprocess talks to it) and
+//! stops when dropped; Dovecot runs as a child process on free loopback ports and is killed when
 //! dropped. Each test starts its own servers, so tests can run in parallel.
 #![allow(dead_code)]
 
+pub mod dovecot;
 pub mod gateway;
 pub mod hook;
 pub mod smtp;
