@@ -7,5 +7,5 @@
 //! | IMAP folders (IDLE or poll) | [`imap`] |
 //! | stdin (`mailhook ingest`) | [`crate::cmd::ingest`] |
 
-pub mod smtp;
 pub mod imap;
+pub mod smtp;

@@ -65,9 +65,9 @@ impl Checkpoint {
     /// a fresh start, which could send the whole folder again).
     pub fn load(&self) -> io::Result<Option<Position>> {
         match fs::read(&self.json) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.json.display()))
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.json.display()))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", self.json.display()))),
         }

@@ -191,7 +191,10 @@ impl Connector {
                     .await
                     .map_err(|(e, _)| e),
                 ImapAuth::Xoauth2 => client
-                    .authenticate("XOAUTH2", Sasl::once(format!("user={}\x01auth=Bearer {}\x01\x01", self.user, secret)))
+                    .authenticate(
+                        "XOAUTH2",
+                        Sasl::once(format!("user={}\x01auth=Bearer {}\x01\x01", self.user, secret)),
+                    )
                     .await
                     .map_err(|(e, _)| e),
             })

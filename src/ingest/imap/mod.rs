@@ -100,12 +100,7 @@ pub struct Watcher {
 
 /// Builds a watcher for every folder of every `[[imap]]` account. Fails (naming the account) on
 /// an unreadable `ca_file`.
-pub fn watchers(
-    config: &Config,
-    spool: &Spool,
-    inbox: &Arc<Inbox>,
-    metrics: &Metrics,
-) -> Result<Vec<Watcher>, String> {
+pub fn watchers(config: &Config, spool: &Spool, inbox: &Arc<Inbox>, metrics: &Metrics) -> Result<Vec<Watcher>, String> {
     let mut out = Vec::new();
     for account in &config.imap {
         let ca = account.ca_file.as_ref().map(|p| config.resolve(p));
