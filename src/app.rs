@@ -26,6 +26,8 @@ pub enum AppError {
     #[error(transparent)]
     Listener(#[from] ListenerError),
     #[error("{0}")]
+    Imap(String),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -73,7 +75,12 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     if let Some(lmtp) = &config.lmtp {
         listeners.push(Listener::bind(lmtp, true, &config, &metrics).await?);
     }
+    let watchers =
+        crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics).map_err(AppError::Imap)?;
     let mut tasks = tokio::task::JoinSet::new();
+    for watcher in watchers {
+        tasks.spawn(watcher.run(stop_rx.clone()));
+    }
     for listener in listeners {
         tasks.spawn(listener.run(spool.clone(), pipeline.inbox(), stop_rx.clone(), SHUTDOWN_GRACE));
     }
