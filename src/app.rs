@@ -2,13 +2,18 @@
 //! shutdown. The only module that knows all the others.
 //!
 //! Start-up order: rules and destinations are built first (any error refuses to start), then
-//! the spool is locked and recovered, and only then does work begin. SIGTERM or SIGINT stops
-//! claiming new work and lets rounds in flight finish within a grace period.
+//! the spool is locked and recovered, the listeners and the admin endpoint bind (a port in use
+//! refuses to start), and only then does work begin. SIGHUP or a change in the rules directory
+//! reloads the rules ([`crate::reload`]). SIGTERM or SIGINT stops claiming new work, closes the
+//! listeners, the admin endpoint and the rules watcher, and lets rounds in flight finish within
+//! a grace period.
 
+use crate::admin::{Admin, AdminError};
 use crate::config::Config;
 use crate::ingest::smtp::{Listener, ListenerError};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
+use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use std::sync::{Arc, RwLock};
@@ -25,6 +30,8 @@ pub enum AppError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     #[error("{0}")]
     Imap(String),
     #[error("{0}")]
@@ -64,10 +71,10 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         "spool recovered"
     );
 
-    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules, metrics.clone())?);
+    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules.clone(), metrics.clone())?);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Listeners bind before anything runs, so a port in use refuses to start.
+    // Listeners and the admin endpoint bind before anything runs, so a port in use refuses to start.
     let mut listeners = Vec::new();
     if let Some(smtp) = &config.smtp {
         listeners.push(Listener::bind(smtp, false, &config, &metrics).await?);
@@ -75,6 +82,11 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     if let Some(lmtp) = &config.lmtp {
         listeners.push(Listener::bind(lmtp, true, &config, &metrics).await?);
     }
+    let admin = match &config.admin {
+        Some(admin) => Some(Admin::bind(admin, metrics.clone(), spool.clone()).await?),
+        None => None,
+    };
+    let reloader = Reloader::start(&config, rules, metrics.clone())?;
     let watchers =
         crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics).map_err(AppError::Imap)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -84,6 +96,10 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     for listener in listeners {
         tasks.spawn(listener.run(spool.clone(), pipeline.inbox(), stop_rx.clone(), SHUTDOWN_GRACE));
     }
+    if let Some(admin) = admin {
+        tasks.spawn(admin.run(stop_rx.clone()));
+    }
+    tasks.spawn(reloader.run(stop_rx.clone()));
     let workers = tokio::spawn(pipeline.clone().run(stop_rx));
     info!(destinations = config.destination.len(), "mailhook serving");
 

@@ -22,11 +22,14 @@
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
 //! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
+//! | [`admin`] | the HTTP endpoint for operators: `/healthz`, `/metrics` |
+//! | [`reload`] | reloads the rules on a change in their directory or SIGHUP |
 //! | [`app`] | builds every stage from the config, runs `serve`, owns shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
 //!
 //! No stage imports a later one: `parse` knows nothing of rules, `rules` nothing of delivery.
 
+pub mod admin;
 pub mod app;
 pub mod cmd;
 pub mod config;
@@ -37,5 +40,6 @@ pub mod metrics;
 pub mod model;
 pub mod parse;
 pub mod pipeline;
+pub mod reload;
 pub mod rules;
 pub mod spool;

@@ -234,6 +234,10 @@ fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
                 _ => Exit::Config,
             }
         }
+        Err(mailhook::app::AppError::Admin(e)) => {
+            eprintln!("mailhook serve: not starting: {e}");
+            Exit::TempFail
+        }
         Err(mailhook::app::AppError::Destination(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
             Exit::Config

@@ -1,8 +1,10 @@
 //! [`Gateway`]: a `mailhook` installation in a temporary directory — config, rules, spool —
 //! driven through the real binary: `ingest` to spool mail, `serve` as a child process that a
 //! test can stop with SIGTERM or kill with SIGKILL, `queue` and `replay` to act on the spool.
-//! [`Gateway::listening`] finds the address an `[smtp]`/`[lmtp]` listener bound (configure
-//! `listen = ["127.0.0.1:0"]` and serve picks a free port and logs it).
+//! [`Gateway::listening`] finds the address an `[smtp]`/`[lmtp]` listener or the `[admin]`
+//! endpoint bound (configure `listen = ["127.0.0.1:0"]` / `listen = "127.0.0.1:0"` and serve
+//! picks a free port and logs it); [`Gateway::admin_get`] asks the admin endpoint;
+//! [`Gateway::hup`], [`Gateway::term`] and [`Gateway::wait_log`] drive and watch a running serve.
 
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -127,6 +129,62 @@ impl Gateway {
         self.serve.as_ref().map(Child::id)
     }
 
+    /// SIGHUP: serve reloads its rules.
+    pub fn hup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// SIGTERM without waiting (see [`Gateway::wait_exit`]).
+    pub fn term(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits (up to `timeout`) for the running serve to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let mut child = self.serve.take().expect("serve running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve did not exit within {timeout:?}; logs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The JSON log lines of the current serve run.
+    pub fn log_lines(&self) -> Vec<Value> {
+        let log = self.path().join(format!("serve-{}.log", self.runs));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect()
+    }
+
+    /// Waits (up to `timeout`) until the current run has logged `count` lines that `pred`
+    /// accepts; returns them. Panics with the logs otherwise.
+    pub fn wait_log(&self, what: &str, count: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<Value> = self.log_lines().into_iter().filter(|v| pred(v)).collect();
+            if found.len() >= count {
+                return found;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {count} log line(s): {what}; logs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` from the admin endpoint at `addr`, with `Authorization: Bearer <token>` when
+    /// given: (status, content type, body).
+    pub fn admin_get(&self, addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String, String) {
+        http_get(addr, path, token)
+    }
+
     fn signal(&self, sig: &str) {
         let pid = self.serve.as_ref().expect("serve running").id();
         let status = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
@@ -230,6 +288,46 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection: (status, content type, body).
+pub fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("GET {path}: no header end in {text:?}"));
+    let status: u16 =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {head}"));
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let body = if header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, header("content-type").unwrap_or_default(), body)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
 }
 
 /// A small test message.

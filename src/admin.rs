@@ -1,0 +1,248 @@
+//! admin: the operator's HTTP endpoint of `mailhook serve` (`[admin] listen`, loopback by
+//! default).
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /healthz` | `200 {"status":"ok"}` when every listener accepts, every IMAP folder synced within twice its interval and the spool takes a file; else `503 {"status":"unhealthy","problems":[...]}` |
+//! | `GET /metrics` | every counter of [`Metrics`], Prometheus text format 0.0.4 |
+//! | anything else | 404 |
+//!
+//! With `[admin] token`, every request must carry `Authorization: Bearer <token>` (else 401);
+//! the comparison takes the same time however much of the token is right, and the token is
+//! never logged. The socket is bound before `serve` starts working, so a port in use refuses to
+//! start; the server stops on shutdown.
+
+use crate::config::{AdminConfig, Secret};
+use crate::metrics::{Metrics, SpoolGauges};
+use crate::spool::{Spool, State};
+use axum::Router;
+use axum::extract::State as Extract;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How long requests in flight may take to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The content type of the Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// The bound admin endpoint, ready to run.
+pub struct Admin {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+}
+
+struct AdminState {
+    metrics: Arc<Metrics>,
+    spool: Spool,
+    token: Option<Secret>,
+    probes: AtomicU64,
+}
+
+impl Admin {
+    /// Binds `[admin] listen` (so a port in use is an error at start-up).
+    pub async fn bind(config: &AdminConfig, metrics: Arc<Metrics>, spool: Spool) -> Result<Admin, AdminError> {
+        let bind_error = |source| AdminError::Bind { addr: config.listen.clone(), source };
+        let listener = TcpListener::bind(&config.listen).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let state = Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0) });
+        Ok(Admin { listener, addr, state })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` turns true, then lets requests in flight finish (briefly).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let router = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics))
+            .fallback(not_found)
+            .with_state(self.state.clone());
+        info!(protocol = "admin", addr = %self.addr, auth = self.state.token.is_some(), "listening");
+        let mut stopping = shutdown.clone();
+        let signal = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let server = axum::serve(self.listener, router).with_graceful_shutdown(signal);
+        tokio::select! {
+            result = server => {
+                if let Err(e) = result {
+                    warn!(error = %e, "admin endpoint stopped");
+                }
+            }
+            // Keep-alive clients must not hold shutdown up.
+            _ = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {}
+        }
+    }
+}
+
+impl AdminState {
+    /// `None` when the request may go on; else the 401 answer.
+    fn refuse(&self, headers: &HeaderMap) -> Option<Response> {
+        let expected = self.token.as_ref()?;
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if same_secret(presented.as_bytes(), expected.expose().as_bytes()) {
+            return None;
+        }
+        let mut response =
+            (StatusCode::UNAUTHORIZED, "401 unauthorized: send Authorization: Bearer <token>\n").into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Some(response)
+    }
+
+    /// Every problem that makes the gateway unhealthy now.
+    async fn problems(&self) -> Vec<String> {
+        let now = SystemTime::now();
+        let mut problems: Vec<String> = Vec::new();
+        problems.extend(self.metrics.listeners().iter().filter_map(|l| l.problem(now)));
+        problems.extend(self.metrics.folders().iter().filter_map(|f| f.problem(now)));
+        let (spool, n) = (self.spool.clone(), self.probes.fetch_add(1, Ordering::Relaxed));
+        match tokio::task::spawn_blocking(move || probe_spool(&spool, n)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(p)) => problems.push(p),
+            Err(e) => problems.push(format!("spool: probe did not finish: {e}")),
+        }
+        problems
+    }
+}
+
+/// Creates, writes and removes a file in the spool's `tmp/`: what every message needs.
+fn probe_spool(spool: &Spool, n: u64) -> Result<(), String> {
+    let tmp = spool.dir().join("tmp");
+    let path = tmp.join(format!(".healthz-{}-{n}", std::process::id()));
+    let result = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"ok"))
+        .and_then(|()| std::fs::remove_file(&path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&path);
+        format!("spool {}: cannot write: {e}", tmp.display())
+    })
+}
+
+async fn healthz(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = state.refuse(&headers) {
+        return refused;
+    }
+    let problems = state.problems().await;
+    if problems.is_empty() {
+        return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
+    }
+    warn!(problems = %problems.join("; "), "unhealthy");
+    json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "unhealthy", "problems": problems}))
+}
+
+async fn metrics(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = state.refuse(&headers) {
+        return refused;
+    }
+    let spool = state.spool.clone();
+    match tokio::task::spawn_blocking(move || count_spool(&spool)).await {
+        Ok(Ok(gauges)) => state.metrics.set_spool(gauges),
+        Ok(Err(e)) => warn!(error = %e, "cannot count the spool for /metrics"),
+        Err(e) => warn!(error = %e, "cannot count the spool for /metrics"),
+    }
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+    response
+}
+
+async fn not_found(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = state.refuse(&headers) {
+        return refused;
+    }
+    (StatusCode::NOT_FOUND, "404 not found: try /healthz or /metrics\n").into_response()
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut response = (status, format!("{body}\n")).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// What the spool holds: a directory listing per state (no metadata is read: a spool id is a
+/// ULID, which carries the time the message was received).
+pub fn count_spool(spool: &Spool) -> Result<SpoolGauges, crate::spool::SpoolError> {
+    let deferred = spool.list(State::Deferred)?;
+    let oldest_deferred_age = deferred
+        .first()
+        .and_then(|id| ulid::Ulid::from_string(id).ok())
+        .map(|u| SystemTime::now().duration_since(u.datetime()).unwrap_or_default());
+    Ok(SpoolGauges {
+        incoming: spool.list(State::Incoming)?.len() as u64 + spool.list(State::Active)?.len() as u64,
+        deferred: deferred.len() as u64,
+        oldest_deferred_age,
+        dead: spool.list(State::Dead)?.len() as u64,
+    })
+}
+
+/// Compares a presented secret with the expected one in a time that depends only on the
+/// expected one's length, not on how many leading bytes are right.
+fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    let mut diff = presented.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        let p = presented.get(i).copied().unwrap_or(!*e);
+        diff |= usize::from(p ^ e);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        assert!(!same_secret(b"s3cre", b"s3cret"));
+        assert!(!same_secret(b"s3cretX", b"s3cret"));
+        assert!(!same_secret(b"S3cret", b"s3cret"));
+        assert!(!same_secret(b"", b"s3cret"));
+        assert!(same_secret(b"", b""));
+    }
+
+    #[test]
+    fn spool_is_counted_by_state_with_the_oldest_deferred_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), crate::spool::SpoolOptions { fsync: false }).unwrap();
+        let envelope = || crate::model::Envelope::new(crate::model::Source::Stdin);
+        let a = spool.store(envelope(), b"Subject: a\r\n\r\na\r\n").unwrap();
+        let b = spool.store(envelope(), b"Subject: b\r\n\r\nb\r\n").unwrap();
+        spool.store(envelope(), b"Subject: c\r\n\r\nc\r\n").unwrap();
+        spool.transition_blocking(&a, State::Incoming, State::Deferred, None).unwrap();
+        spool.transition_blocking(&b, State::Incoming, State::Dead, None).unwrap();
+        let g = count_spool(&spool).unwrap();
+        assert_eq!((g.incoming, g.deferred, g.dead), (1, 1, 1));
+        let age = g.oldest_deferred_age.expect("a deferred message has an age");
+        assert!(age < Duration::from_secs(60), "{age:?}");
+        assert!(probe_spool(&spool, 0).is_ok());
+        assert!(std::fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none(), "the probe file is gone");
+    }
+}
