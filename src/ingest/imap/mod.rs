@@ -13,8 +13,10 @@
 //! Nothing is acknowledged to the server (flagged, moved or deleted) before it is durable in the
 //! spool, and the checkpoint (`UIDVALIDITY` + last UID handled, see [`checkpoint`]) is written
 //! before the after-action, so a failed after-action or a crash at any point never sends a
-//! message twice from one folder — except a message committed to the spool in the instant
-//! before a crash and not yet in the checkpoint (at-least-once, like every other way in).
+//! message twice from one folder. A message committed to the spool just before a crash, too
+//! late for the checkpoint, is fetched again after the restart but recognised by its content
+//! fingerprint (kept right after the commit); only a crash between those two steps can send it
+//! twice (at-least-once, like every other way in).
 //!
 //! The first sync of a folder (no checkpoint yet) takes every message when the after-action
 //! removes messages (`delete`, `move:`), and the unread ones for `seen`. When the server
@@ -146,12 +148,13 @@ impl Watcher {
     /// Watches the folder until `shutdown` turns true, reconnecting after any failure.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut failures = 0u32;
+        let mut resumed = false;
         info!(account = %self.account, folder = %self.folder, server = %self.connector.server(), "watching IMAP folder");
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let error = match self.session(&mut failures, &mut shutdown).await {
+            let error = match self.session(&mut failures, &mut resumed, &mut shutdown).await {
                 Ok(()) => break,
                 Err(e) => e,
             };
@@ -180,7 +183,12 @@ impl Watcher {
     }
 
     /// One connection: sync, wait for news, sync again, until shutdown (`Ok`) or an error.
-    async fn session(&self, failures: &mut u32, shutdown: &mut watch::Receiver<bool>) -> Result<(), WatchError> {
+    async fn session(
+        &self,
+        failures: &mut u32,
+        resumed: &mut bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), WatchError> {
         let mut session = self.connector.connect().await?;
         let caps = within(COMMAND_TIMEOUT, session.capabilities()).await.map_err(imap_err("CAPABILITY"))?;
         let caps = Caps { idle: caps.has_str("IDLE"), mv: caps.has_str("MOVE"), uidplus: caps.has_str("UIDPLUS") };
@@ -198,7 +206,7 @@ impl Watcher {
 
         let stored = self.checkpoint.load().map_err(WatchError::Checkpoint)?;
         let (mut position, mut scan) = match stored {
-            Some(p) if p.uidvalidity == uidvalidity => (p, Scan::New),
+            Some(p) if p.uidvalidity == uidvalidity => (p, if *resumed { Scan::New } else { Scan::Resume }),
             Some(p) => {
                 warn!(
                     account = %self.account, folder = %self.folder, old = p.uidvalidity, new = uidvalidity,
@@ -218,6 +226,7 @@ impl Watcher {
                 break;
             }
             scan = Scan::New;
+            *resumed = true;
             self.health.synced();
             *failures = 0;
             while session.unsolicited_responses.try_recv().is_ok() {}
@@ -276,7 +285,7 @@ impl Watcher {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Woken, WatchError> {
         let already = match scan {
-            Scan::Again => Some(self.checkpoint.seen().map_err(WatchError::Checkpoint)?),
+            Scan::Again | Scan::Resume => Some(self.checkpoint.seen().map_err(WatchError::Checkpoint)?),
             _ => None,
         };
         let unseen_only = matches!(scan, Scan::First { .. }) && self.after == After::Seen;
@@ -298,7 +307,7 @@ impl Watcher {
             }
         }
         match scan {
-            Scan::New => {}
+            Scan::New | Scan::Resume => {}
             // The first sync records UIDVALIDITY even for an empty folder; read mail present at
             // the first start is left alone for `seen`, and new mail is not.
             Scan::First { uid_next } => {
@@ -343,7 +352,7 @@ impl Watcher {
                 };
                 let fp = fingerprint(body);
                 if already.is_some_and(|seen| seen.contains(&fp)) {
-                    info!(account = %self.account, folder = %self.folder, uid, "already spooled before UIDVALIDITY changed; not sent again");
+                    info!(account = %self.account, folder = %self.folder, uid, "already spooled from this folder; not sent again");
                     skipped.push(uid);
                     continue;
                 }
@@ -444,6 +453,9 @@ type Pending = (u32, String, usize, JoinHandle<Result<String, String>>);
 enum Scan {
     /// Past the checkpoint.
     New,
+    /// Past the checkpoint, at the first sync since the process started: a message spooled
+    /// just before a crash, too late to be checkpointed, is recognised by its fingerprint.
+    Resume,
     /// No checkpoint yet: the folder's backlog (unread ones only for `seen`).
     First { uid_next: Option<u32> },
     /// UIDVALIDITY changed: everything, minus what was spooled before.
