@@ -71,8 +71,14 @@ impl FolderStatus {
         now.duration_since(self.last_sync.unwrap_or(self.since)).unwrap_or_default()
     }
 
-    /// What is wrong with the folder, if anything: no sync within twice its interval.
+    /// What is wrong with the folder, if anything: its connection failed and is not back yet,
+    /// or no sync within twice its interval.
     pub fn problem(&self, now: SystemTime) -> Option<String> {
+        if !self.connected
+            && let Some(e) = &self.last_error
+        {
+            return Some(format!("imap {}/{}: not connected: {e}", self.account, self.folder));
+        }
         let ago = self.since_sync(now);
         let limit = self.interval * 2;
         if ago <= limit {
@@ -775,13 +781,19 @@ mod tests {
     }
 
     #[test]
-    fn stale_folder_is_a_problem_naming_the_limit_and_error() {
+    fn a_failed_or_stale_folder_is_a_problem_naming_the_limit_and_error() {
         let m = Metrics::new();
         let f = m.folder("alerts", "INBOX", Duration::from_secs(60));
         let status = f.status();
         let later = status.since + Duration::from_secs(130);
-        assert_eq!(status.problem(status.since + Duration::from_secs(100)), None);
+        assert_eq!(status.problem(status.since + Duration::from_secs(100)), None, "still connecting is no problem");
         f.failed("connection refused");
+        assert_eq!(
+            f.status().problem(status.since + Duration::from_secs(1)).as_deref(),
+            Some("imap alerts/INBOX: not connected: connection refused"),
+            "a lost connection is a problem at once"
+        );
+        f.set_connected(true);
         assert_eq!(
             f.status().problem(later).as_deref(),
             Some("imap alerts/INBOX: no sync in the 130s since start (limit 120s): connection refused")

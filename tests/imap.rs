@@ -438,3 +438,33 @@ fn kill_9_during_a_backlog_loses_nothing_and_resends_almost_nothing() {
 fn fastrand_ms(round: usize) -> u64 {
     (round as u64 * 7 + 3) % 10
 }
+
+#[test]
+fn healthz_turns_503_when_the_imap_server_goes_away_and_200_when_it_returns() {
+    use support::gateway::http_get;
+    let mut dovecot = Dovecot::start();
+    let config = format!("{}\n[admin]\nlisten = \"127.0.0.1:0\"\n", config(&dovecot, "poll = \"1h\""));
+    let mut gw = Gateway::new(&config, RULES).env("IMAP_PASSWORD", PASSWORD);
+    gw.start();
+    let admin = gw.listening("admin");
+    let health = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, _, body) = http_get(admin, "/healthz", None);
+            if status == want {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/healthz stayed {status} ({body}), wanted {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    health(200);
+    dovecot.stop();
+    let body: Value = serde_json::from_str(&health(503)).unwrap();
+    let problems = body["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{body}");
+    assert!(problems[0].as_str().unwrap().starts_with("imap alerts/INBOX: not connected"), "{body}");
+    dovecot.restart();
+    health(200);
+    assert_eq!(gw.stop(), 0);
+}
