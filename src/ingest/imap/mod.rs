@@ -64,6 +64,11 @@ const KEEP_COPY: usize = 64 * 1024;
 /// IDLE is re-issued at least this often (RFC 2177 asks for less than 29 minutes).
 const MAX_IDLE: Duration = Duration::from_secs(25 * 60);
 
+/// An IDLE connection on which the server has said nothing (not even a keep-alive; Dovecot
+/// sends one every 2 minutes) for this long is checked with a command: a connection that died
+/// without a reset is found within this time plus [`COMMAND_TIMEOUT`], even with a long `poll`.
+const IDLE_QUIET: Duration = Duration::from_secs(5 * 60);
+
 /// Reconnect delays: exponential from 1 s to 2 min, with jitter.
 const RECONNECT: BackoffConfig = BackoffConfig { initial: Duration::from_secs(1), max: Duration::from_secs(120) };
 
@@ -249,8 +254,9 @@ impl Watcher {
         Ok(())
     }
 
-    /// IDLE until the server sends something, `poll` passes (a resync that doubles as a
-    /// heartbeat: a dead connection fails it) or shutdown.
+    /// IDLE until the server sends something, `poll` passes, the server has been quiet for
+    /// [`IDLE_QUIET`] (each ends in a resync, which doubles as the heartbeat: a dead connection
+    /// fails it), or shutdown.
     async fn idle_wait(
         &self,
         session: ImapSession,
@@ -261,7 +267,7 @@ impl Watcher {
         let limit = self.poll.min(MAX_IDLE);
         let woken = {
             // `_stop` must stay alive while waiting: dropping it ends the wait at once.
-            let (wait, _stop) = handle.wait_with_timeout(limit);
+            let (wait, _stop) = handle.wait_with_timeout(limit.min(IDLE_QUIET));
             tokio::select! {
                 r = tokio::time::timeout(limit, wait) => match r {
                     Ok(Err(e)) => return Err(WatchError::Imap(format!("during IDLE: {e}"))),
