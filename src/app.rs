@@ -18,7 +18,7 @@ use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -61,7 +61,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     for item in &recovery.corrupt {
-        warn!(entry = %item, "moved to corrupt/");
+        error!(entry = %item, "moved to corrupt/: unreadable, needs a look");
     }
     info!(
         spool = %spool_dir.display(),

@@ -330,7 +330,7 @@ impl Pipeline {
                     due_of.insert(id, due);
                 }
                 Err(SpoolError::NotFound(_)) => {}
-                Err(e) => warn!(id = %id, error = %e, "cannot read deferred message; it stays where it is"),
+                Err(e) => error!(id = %id, error = %e, "cannot read deferred message; it stays where it is"),
             }
         }
     }
@@ -418,9 +418,14 @@ async fn round(
                 return Ok(Finished::Removed);
             }
             Action::Dead { reason } => {
-                warn!(id, rule = rule.as_deref().unwrap_or("-"), reason = %reason, "dead letter");
-                if let Some(r) = &rule {
-                    metrics.extraction_failed(r);
+                match &rule {
+                    // A rule matched but could not make its payload: the rule needs fixing.
+                    Some(r) => {
+                        error!(id, rule = %r, reason = %reason, "dead letter");
+                        metrics.extraction_failed(r);
+                    }
+                    // Unmatched mail kept as the `unmatched = "dead"` policy says.
+                    None => warn!(id, rule = "-", reason = %reason, "dead letter"),
                 }
                 meta.dead_reason = Some(reason);
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
@@ -490,7 +495,7 @@ async fn round(
                 status.next_attempt = None;
             }
             Attempt::Fail { reason } => {
-                warn!(id, destination = %name, reason = %reason, "delivery failed for good");
+                error!(id, destination = %name, reason = %reason, "delivery failed for good");
                 metrics.delivered(&name, Delivery::Dead);
                 status.state = DestState::Dead;
                 status.last_error = Some(reason.clone());
@@ -502,7 +507,7 @@ async fn round(
                 let delay = after.unwrap_or_else(|| backoff(&target.backoff, status.attempts));
                 if age + delay > target.retry_for {
                     let why = format!("gave up after {}: {reason}", humantime::format_duration(target.retry_for));
-                    warn!(id, destination = %name, reason = %why, "delivery failed for good");
+                    error!(id, destination = %name, reason = %why, "delivery failed for good");
                     metrics.delivered(&name, Delivery::Dead);
                     status.state = DestState::Dead;
                     status.last_error = Some(why.clone());

@@ -167,6 +167,17 @@ fn metrics_count_the_mail_sent_in_prometheus_text_format() {
     assert_eq!(sample(&s, "mailhook_listener_up", &[("protocol", "smtp"), ("addr", &smtp.to_string())]), 1.0);
     assert_eq!(sample(&s, "mailhook_rules", &[]), 2.0);
     assert_eq!(sample(&s, "mailhook_rules_reloads_total", &[("result", "ok")]), 0.0);
+
+    // Every log line about a message carries its spool id.
+    let about = |id: &str| -> Vec<String> {
+        gw.log_lines().iter().filter(|v| v["id"] == id).map(|v| v["message"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(about(&o1), ["accepted", "matched", "delivered"]);
+    assert_eq!(about(&stdin), ["matched", "delivered"]);
+    let dead: Vec<Value> = gw.log_lines().into_iter().filter(|v| v["message"] == "dead letter").collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0]["level"].as_str(), dead[0]["rule"].as_str()), (Some("ERROR"), Some("invoices")));
+    assert_eq!(dead[0]["id"].as_str().map(str::len), Some(26));
     assert_eq!(gw.stop(), 0);
 }
 

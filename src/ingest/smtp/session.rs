@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4).
 const MAX_COMMAND_LINE: usize = 1000;
@@ -67,7 +67,7 @@ impl Body {
         match spool.draft() {
             Ok(draft) => Body { draft: Some(draft), copy: Some(Vec::new()), size: 0, line_len: 0, refused: None },
             Err(e) => {
-                warn!(error = %e, "cannot start a spool draft");
+                error!(error = %e, "cannot start a spool draft; answering 451");
                 Body { draft: None, copy: None, size: 0, line_len: 0, refused: Some(REFUSE_SPOOL) }
             }
         }
@@ -102,7 +102,7 @@ impl Body {
         if let Some(d) = &mut self.draft
             && let Err(e) = d.write_all(bytes)
         {
-            warn!(error = %e, "cannot write to the spool");
+            error!(error = %e, "cannot write to the spool; answering 451");
             self.refuse(REFUSE_SPOOL);
         }
     }
@@ -587,7 +587,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 }
             }
             Err(e) => {
-                warn!(peer = %self.peer, error = %e, "cannot store the message; answered 451");
+                error!(peer = %self.peer, error = %e, "cannot store the message; answered 451");
                 self.cfg.rejected(refusal_reason(REFUSE_SPOOL));
                 reply_each(self, REFUSE_SPOOL);
             }
