@@ -77,6 +77,9 @@ impl Admin {
             .fallback(not_found)
             .with_state(self.state.clone());
         info!(protocol = "admin", addr = %self.addr, auth = self.state.token.is_some(), "listening");
+        if !self.addr.ip().is_loopback() && self.state.token.is_none() {
+            warn!(addr = %self.addr, "the admin endpoint is reachable beyond this machine without [admin] token");
+        }
         let mut stopping = shutdown.clone();
         let signal = async move {
             let _ = stopping.wait_for(|stop| *stop).await;

@@ -585,6 +585,11 @@ impl Config {
         {
             err("admin.listen".into(), format!("{:?} is not an IP:port address", admin.listen));
         }
+        if let Some(token) = self.admin.as_ref().and_then(|a| a.token.as_ref())
+            && token.expose().trim().is_empty()
+        {
+            err("admin.token".into(), "is empty: remove it for no token, or set one".into());
+        }
         errs
     }
 }

@@ -210,3 +210,11 @@ fn values_from_the_environment_are_masked_in_errors() {
     let errs = messages(parse_with("[admin]\nlisten = \"${SECRET2}\"\n", &[("SECRET2", "pw-9876")]));
     assert!(errs[0].contains("admin.listen") && errs[0].contains("***"), "{errs:?}");
 }
+
+#[test]
+fn an_empty_admin_token_is_refused() {
+    let errs = messages(parse_with("[admin]\ntoken = \"${ADMIN_TOKEN}\"\n", &[("ADMIN_TOKEN", "")]));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("admin.token") && errs[0].contains("is empty"), "{errs:?}");
+    assert!(parse_with("[admin]\ntoken = \"${ADMIN_TOKEN}\"\n", &[("ADMIN_TOKEN", "t0ken")]).is_ok());
+}

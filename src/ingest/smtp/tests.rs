@@ -288,3 +288,24 @@ async fn shutdown_refuses_idle_sessions_with_421() {
     assert_eq!(task.await.unwrap(), End::Shutdown);
     assert!(String::from_utf8_lossy(&out).ends_with("421 4.3.2 Service shutting down, try again later\r\n"));
 }
+
+#[tokio::test]
+async fn refusals_are_counted_by_reason() {
+    let h = Harness::new();
+    let cfg = with_auth(false);
+    let metrics = cfg.metrics.clone();
+    use base64::Engine;
+    let wrong = base64::engine::general_purpose::STANDARD.encode(b"\0legacy\0wrong");
+    let long = "x".repeat(1200);
+    let script = format!(
+        "EHLO c\r\nAUTH PLAIN {wrong}\r\nMAIL FROM:<s@x.test> SIZE=999999\r\nMAIL FROM:<s@x.test>\r\n\
+         RCPT TO:<a@elsewhere.test>\r\nRCPT TO:<a@hooks.example>\r\nDATA\r\n{long}\r\n.\r\nQUIT\r\n"
+    );
+    let out = h.talk(cfg, script.as_bytes()).await;
+    assert_eq!(codes(&out), ["220", "250", "535", "552", "250", "550", "250", "354", "500", "221"], "{out}");
+    let text = metrics.render();
+    for reason in ["auth_failed", "too_big", "unknown_recipient", "line_too_long"] {
+        let line = format!("mailhook_rejections_total{{protocol=\"smtp\",reason=\"{reason}\"}} 1\n");
+        assert!(text.contains(&line), "{reason} not counted once:\n{text}");
+    }
+}
