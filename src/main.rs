@@ -33,8 +33,10 @@ enum Command {
     /// Run the delivery workers (and every configured listener) until SIGTERM or SIGINT
     #[command(after_help = "Checks the config and the rules first and refuses to start, listing every problem,\n\
         when anything is wrong. Then it locks and recovers the spool and delivers what is in it;\n\
-        mail spooled by `mailhook ingest` is picked up within a second. SIGTERM/SIGINT stop\n\
-        claiming work and let deliveries in flight finish.\n\n\
+        mail spooled by `mailhook ingest` is picked up within a second. A change in the rules\n\
+        directory or SIGHUP reloads the rules (a set with errors is refused and the last good one\n\
+        keeps serving). [admin] listen serves /healthz and /metrics. SIGTERM/SIGINT stop claiming\n\
+        work, close the listeners and let deliveries in flight finish; exit 0.\n\n\
         Example:\n  mailhook serve --config /etc/mailhook/mailhook.toml")]
     Serve {
         /// The config file
