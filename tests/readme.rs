@@ -12,8 +12,9 @@
 //! - `127.0.0.1:2525` and `127.0.0.1:9025` become free ports, in the copied config and in
 //!   every command;
 //! - delivery is asynchronous: a command that reads an output file (`cat`, `grep`) is tried
-//!   again for up to 20 s until it succeeds, and after a command that writes into `rules/` the
-//!   test waits for serve to log the reload.
+//!   again for up to 20 s until it succeeds and prints something (the file may exist, empty,
+//!   before the line is written), and after a command that writes into `rules/` the test waits
+//!   for serve to log the reload.
 //!
 //! Blocks tagged `sh outside` need what this machine does not have (Postfix, systemd as PID 1,
 //! root on a server): they are checked with `bash -n`, every repository file they name must
@@ -234,14 +235,15 @@ impl Guide {
                 .stdin(Stdio::null())
                 .output()
                 .unwrap();
-            if out.status.success() || !reads_output || Instant::now() > deadline {
+            let done = out.status.success() && !(reads_output && out.stdout.is_empty());
+            if done || Instant::now() > deadline {
                 break out;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            out.status.success(),
+            out.status.success() && !(reads_output && stdout.is_empty()),
             "README.md block at line {}: `{cmd}` failed ({})\nstdout:\n{stdout}\nstderr:\n{}\nserve log:\n{}",
             block.line,
             out.status,
