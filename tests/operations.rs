@@ -45,11 +45,12 @@ fn send(addr: SocketAddr, rcpt: &str, n: usize, subject: &str) -> String {
     reply.text().rsplit(' ').next().unwrap().to_string()
 }
 
-/// The JSON lines a `file` destination has written so far.
+/// The JSON lines a `file` destination has written so far (whole lines only).
 fn lines(gw: &Gateway, dest: &str) -> Vec<Value> {
     std::fs::read_to_string(gw.path().join("out").join(format!("{dest}.jsonl")))
         .unwrap_or_default()
-        .lines()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
 }

@@ -272,7 +272,8 @@ impl Guide {
     fn jsonl(&self, file: &str) -> Vec<Value> {
         std::fs::read_to_string(self.path().join(file))
             .unwrap_or_else(|e| panic!("{file}: {e}"))
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
