@@ -6,7 +6,7 @@
 //! `.address` and `.name`; `to`, `cc` and `reply_to` are lists of them; `headers` is a map
 //! looked up case-insensitively (`headers["x-job-id"]`).
 
-use super::Spec;
+use super::{Part, Spec};
 use crate::model::{Address, Email, Envelope};
 use minijinja::value::{Enumerator, Kwargs, Object, Value};
 use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
@@ -33,6 +33,25 @@ pub(crate) const RESERVED: &[&str] = &[
     "rule",
     "fields",
 ];
+
+/// Which of the [`RESERVED`] names a rule's templates refer to (bit `i` for `RESERVED[i]`).
+/// Only those are built into a message's context: most rules never look at the text, the HTML
+/// or the headers, and copying them for every message would cost more than the rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Uses(u32);
+
+impl Uses {
+    /// Everything (for callers that cannot tell).
+    pub(crate) const ALL: Uses = Uses(u32::MAX);
+
+    fn has(self, name: &str) -> bool {
+        RESERVED.iter().position(|r| *r == name).is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+
+    pub(crate) fn union(self, other: Uses) -> Uses {
+        Uses(self.0 | other.0)
+    }
+}
 
 /// Instructions one evaluation may spend: generous for real templates, a stop for runaways.
 const FUEL: u64 = 200_000;
@@ -87,6 +106,26 @@ impl Templates {
         self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))
     }
 
+    /// The reserved names the compiled template or expression `name` refers to.
+    pub(crate) fn uses(&self, name: &str) -> Uses {
+        let Ok(t) = self.env.get_template(name) else { return Uses::ALL };
+        let names = t.undeclared_variables(false);
+        Uses(RESERVED.iter().enumerate().filter(|(_, r)| names.contains(**r)).fold(0, |acc, (i, _)| acc | (1 << i)))
+    }
+
+    /// The reserved names any template of `spec` refers to.
+    pub(crate) fn spec_uses(&self, spec: &Spec) -> Uses {
+        match spec {
+            Spec::Literal(_) => Uses::default(),
+            Spec::Field { template, .. }
+            | Spec::Simple { template, .. }
+            | Spec::Template(template)
+            | Spec::Expr(template) => self.uses(template),
+            Spec::Array(items) => items.iter().fold(Uses::default(), |u, s| u.union(self.spec_uses(s))),
+            Spec::Object(entries) => entries.iter().fold(Uses::default(), |u, (_, s)| u.union(self.spec_uses(s))),
+        }
+    }
+
     pub(crate) fn eval(&self, spec: &Spec, ctx: &Context<'_>) -> Result<Json, String> {
         match spec {
             Spec::Literal(v) => Ok(v.clone()),
@@ -95,6 +134,19 @@ impl Templates {
                 Some(Json::String(s)) => Ok(Json::String(s.clone())),
                 _ => self.render(template, ctx),
             },
+            Spec::Simple { parts, template } => {
+                let mut out = String::new();
+                for part in parts {
+                    match part {
+                        Part::Text(t) => out.push_str(t),
+                        Part::Path(name, attr) => match ctx.text_of(name, attr.as_deref()) {
+                            Some(text) => out.push_str(text),
+                            None => return self.render(template, ctx),
+                        },
+                    }
+                }
+                Ok(Json::String(out))
+            }
             Spec::Template(name) => self.render(name, ctx),
             Spec::Expr(name) => {
                 let t = self.env.get_template(name).map_err(|e| describe(&e))?;
@@ -150,6 +202,7 @@ pub(crate) struct Context<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
     rule: &'a str,
+    uses: Uses,
     base: OnceCell<Arc<BTreeMap<&'static str, Value>>>,
     /// The fields as they go into the payload.
     fields: Map<String, Json>,
@@ -162,10 +215,11 @@ impl<'a> Context<'a> {
         email: &'a Email,
         envelope: &'a Envelope,
         rule: &'a str,
+        uses: Uses,
         fields: Map<String, Json>,
     ) -> Context<'a> {
         let values = fields.iter().map(|(k, v)| (k.clone(), Value::from(minijinja::value::Serde(v)))).collect();
-        Context { email, envelope, rule, base: OnceCell::new(), fields, values: Arc::new(values) }
+        Context { email, envelope, rule, uses, base: OnceCell::new(), fields, values: Arc::new(values) }
     }
 
     pub(crate) fn fields(&self) -> &Map<String, Json> {
@@ -182,31 +236,69 @@ impl<'a> Context<'a> {
         self.fields.insert(key.to_string(), value);
     }
 
+    /// What `{{ name }}` or `{{ name.attr }}` renders to, when that is plain text known
+    /// without the template engine; `None` when the engine must decide (numbers, lists,
+    /// undefined names, unknown attributes).
+    fn text_of(&self, name: &str, attr: Option<&str>) -> Option<&str> {
+        let email = self.email;
+        let envelope = self.envelope;
+        Some(match (name, attr) {
+            ("subject", None) => &email.subject,
+            ("date", None) => &email.date,
+            ("message_id", None) => &email.message_id,
+            ("text", None) => &email.text,
+            ("html", None) => &email.html,
+            ("rule", None) => self.rule,
+            ("from", None | Some("address")) => email.from.first().map_or("", |a| a.address.as_str()),
+            ("from", Some("name")) => email.from.first().map_or("", |a| a.name.as_str()),
+            ("envelope", Some("id")) => &envelope.id,
+            ("envelope", Some("received_at")) => &envelope.received_at,
+            ("envelope", Some("mail_from")) => envelope.mail_from.as_deref().unwrap_or(""),
+            ("envelope", Some("client")) => envelope.client.as_deref().unwrap_or(""),
+            ("envelope", Some("helo")) => envelope.helo.as_deref().unwrap_or(""),
+            ("envelope", Some("auth_user")) => envelope.auth_user.as_deref().unwrap_or(""),
+            (_, Some(_)) => return None,
+            (field, None) if !RESERVED.contains(&field) => match self.fields.get(field)? {
+                Json::String(s) => s,
+                _ => return None,
+            },
+            _ => return None,
+        })
+    }
+
     fn value(&self) -> Value {
-        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule)));
+        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule, self.uses)));
         Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
     }
 }
 
-fn base_values(email: &Email, envelope: &Envelope, rule: &str) -> BTreeMap<&'static str, Value> {
+fn base_values(email: &Email, envelope: &Envelope, rule: &str, uses: Uses) -> BTreeMap<&'static str, Value> {
     let addresses = |list: &[Address]| Value::from(list.iter().map(AddressObject::value).collect::<Vec<_>>());
     let mut base = BTreeMap::new();
-    base.insert("from", AddressObject::value(email.from.first().unwrap_or(&Address::default())));
-    base.insert("to", addresses(&email.to));
-    base.insert("cc", addresses(&email.cc));
-    base.insert("reply_to", addresses(&email.reply_to));
-    base.insert("subject", Value::from(email.subject.as_str()));
-    base.insert("date", Value::from(email.date.as_str()));
-    base.insert("message_id", Value::from(email.message_id.as_str()));
-    base.insert("text", Value::from(email.text.as_str()));
-    base.insert("html", Value::from(email.html.as_str()));
-    base.insert(
-        "headers",
-        Value::from_object(HeadersObject(email.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect())),
-    );
-    base.insert("attachments", Value::from(minijinja::value::Serde(&email.attachments)));
-    base.insert("envelope", envelope_value(envelope));
-    base.insert("rule", Value::from(rule));
+    for &name in RESERVED {
+        if !uses.has(name) {
+            continue;
+        }
+        let value = match name {
+            "from" => AddressObject::value(email.from.first().unwrap_or(&Address::default())),
+            "to" => addresses(&email.to),
+            "cc" => addresses(&email.cc),
+            "reply_to" => addresses(&email.reply_to),
+            "subject" => Value::from(email.subject.as_str()),
+            "date" => Value::from(email.date.as_str()),
+            "message_id" => Value::from(email.message_id.as_str()),
+            "text" => Value::from(email.text.as_str()),
+            "html" => Value::from(email.html.as_str()),
+            "headers" => Value::from_object(HeadersObject(
+                email.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
+            )),
+            "attachments" => Value::from(minijinja::value::Serde(&email.attachments)),
+            "envelope" => envelope_value(envelope),
+            "rule" => Value::from(rule),
+            _ => continue, // `fields` is served by the context object itself
+        };
+        base.insert(name, value);
+    }
     base
 }
 

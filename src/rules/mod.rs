@@ -146,7 +146,7 @@ impl Target {
             Target::To => email.to.iter().any(|a| f(&a.address)),
             Target::Cc => email.cc.iter().any(|a| f(&a.address)),
             Target::Recipient => input.envelope.recipients.iter().any(|r| f(r)),
-            Target::Source => f(&input.source),
+            Target::Source => f(input.source.get_or_init(|| input.envelope.source.to_string())),
             Target::Subject => f(&email.subject),
             Target::Body => f(&email.text),
             Target::Html => f(&email.html),
@@ -160,7 +160,8 @@ impl Target {
 struct Input<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
-    source: String,
+    /// `envelope.source` as rules see it, made when a rule first asks.
+    source: std::cell::OnceCell<String>,
 }
 
 #[derive(Debug)]
@@ -186,6 +187,12 @@ pub(crate) enum Spec {
         template: String,
     },
     /// Name of a compiled `{% set %}` template holding an expression; a typed result.
+    /// Literal text and `{{ name.attr }}` references only (no filters, no tags): rendered by
+    /// looking the names up directly when each is text, else by the template `template`.
+    Simple {
+        parts: Vec<Part>,
+        template: String,
+    },
     Expr(String),
     Literal(Json),
     Array(Vec<Spec>),
@@ -193,6 +200,14 @@ pub(crate) enum Spec {
 }
 
 /// One compiled rule.
+/// A piece of a [`Spec::Simple`] template.
+#[derive(Debug)]
+pub(crate) enum Part {
+    Text(String),
+    /// `name` or `name.attr`.
+    Path(String, Option<String>),
+}
+
 #[derive(Debug)]
 pub struct Rule {
     pub name: String,
@@ -205,6 +220,8 @@ pub struct Rule {
     extract: Vec<Extractor>,
     fields: Vec<(String, Spec)>,
     payload: Option<Vec<(String, Spec)>>,
+    /// The context names its templates refer to.
+    uses: context::Uses,
 }
 
 /// Every rule of a rules directory, compiled, plus what to do with unmatched mail.
@@ -288,7 +305,7 @@ impl RuleSet {
 
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
-        let input = Input { email, envelope, source: envelope.source.to_string() };
+        let input = Input { email, envelope, source: std::cell::OnceCell::new() };
         for rule in &self.rules {
             let matched = rule.when.iter().all(|m| m.target.any(&input, |v| m.regex.is_match(v)));
             if matched {
@@ -347,7 +364,7 @@ impl RuleSet {
             return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Map::new() };
         }
 
-        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, fields);
+        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, rule.uses, fields);
         for (key, spec) in &rule.fields {
             match self.templates.eval(spec, &ctx) {
                 Ok(value) => ctx.set(key, value),

@@ -13,7 +13,7 @@ pub fn default_payload(
 ) -> Map<String, Json> {
     let joined = |list: &[Address]| list.iter().map(|a| a.address.as_str()).collect::<Vec<_>>().join(", ");
     let from = email.from.first();
-    let mut p = Map::new();
+    let mut p = Map::with_capacity(15);
     p.insert("id".into(), envelope.id.clone().into());
     p.insert("rule".into(), rule.map_or(Json::Null, Json::from));
     p.insert("receivedAt".into(), envelope.received_at.clone().into());

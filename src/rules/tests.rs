@@ -463,3 +463,74 @@ fn catch_all_rule_without_when_matches_everything() {
     let set = rules("[[rule]]\nname = \"all\"\nto = [\"x\"]\n");
     assert_eq!(set.evaluate(&Email::default(), &envelope()).rule.as_deref(), Some("all"));
 }
+
+#[test]
+fn every_context_name_is_there_when_a_template_uses_it_and_only_then() {
+    // Each field uses one name, so each rule's context is built from just what it refers to.
+    let mut email = ups_email();
+    email.reply_to = vec![addr("replies@ups.com", "")];
+    let expected = [
+        ("from", "{{ from.name }} <{{ from }}>", "UPS <pkginfo@ups.com>"),
+        ("to", "{{ to[1] }}", "ops@shop.example"),
+        ("cc", "{{ cc[0].address }}", "audit@shop.example"),
+        ("reply_to", "{{ reply_to[0] }}", "replies@ups.com"),
+        ("subject", "{{ subject }}", "UPS Update: Order 4711 shipped"),
+        ("date", "{{ date }}", "2026-12-01T09:30:00+01:00"),
+        ("message_id", "{{ message_id }}", "m1@ups.com"),
+        ("headers", "{{ headers['x-customer-id'] }}", "C-991"),
+        ("text", "{{ 'Tracking Number' in text }}", "True"),
+        ("html", "{{ html }}", "<p>Tracking</p>"),
+        ("attachments", "{{ attachments[0].name }}", "label.pdf"),
+        ("envelope", "{{ envelope.client }}", "127.0.0.1"),
+        ("rule", "{{ rule }}", "uses-rule"),
+        ("fields", "{{ fields.x }}", "1"),
+    ];
+    for (name, template, want) in expected {
+        let text = format!(
+            "[[rule]]\nname = \"uses-{name}\"\nto = [\"d\"]\n[rule.fields]\nx = \"1\"\nout = \"{}\"\n",
+            template.replace('"', "\\\"")
+        );
+        let out = rules(&text).evaluate(&email, &envelope());
+        assert_eq!(out.payload["fields"]["out"], json!(want), "{name}: {template}");
+    }
+    // A rule whose templates use none of them still renders its fields.
+    let out = rules("[[rule]]\nname = \"plain\"\nto = [\"d\"]\n[rule.fields]\na = \"x\"\nb = \"{{ a }}-y\"\n")
+        .evaluate(&email, &envelope());
+    assert_eq!(out.payload["fields"]["b"], json!("x-y"));
+}
+
+#[test]
+fn simple_templates_render_exactly_as_the_template_engine_does() {
+    // Each template once as it is (fast path when it is simple) and once with a comment, which
+    // always goes through the template engine: both must give the same text.
+    let templates = [
+        "{{ envelope.id }}",
+        "{{ envelope.received_at }}/{{ envelope.mail_from }}/{{ envelope.client }}/{{ envelope.helo }}/{{ envelope.auth_user }}",
+        "{{ envelope.source }} {{ envelope.tls }}",
+        "{{ rule }}: {{ subject }} at {{ date }} ({{ message_id }})",
+        "{{ from }} | {{ from.address }} | {{ from.name }}",
+        "{{ host }}/{{ service }} is {{ state }}",
+        "{{ host }} {{ missing }} {{ count }} {{ ratio }} {{ flag }}",
+        "{{ from.nothing }}{{ host.upper }}{{ to }}",
+        "{{text}}{{ html }}",
+        "literal only, no braces } {",
+        "{{ host }}\n",
+        "ends with braces }}",
+        "{{ headers.x }}",
+    ];
+    let mut email = ups_email();
+    email.subject = "Ä \"quoted\" <b>".into();
+    let env = envelope();
+    for t in templates {
+        let escaped = t.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let rule = |template: &str| {
+            format!(
+                "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\nhost = \"db-01\"\nservice = \"disk\"\nstate = \"OK\"\n\
+                 count = {{ expr = \"3\" }}\nratio = {{ expr = \"2.5\" }}\nflag = {{ expr = \"true\" }}\nout = \"{template}\"\n"
+            )
+        };
+        let fast = rules(&rule(&escaped)).evaluate(&email, &env);
+        let slow = rules(&rule(&format!("{{# engine #}}{escaped}"))).evaluate(&email, &env);
+        assert_eq!(fast.payload["fields"]["out"], slow.payload["fields"]["out"], "template {t:?}");
+    }
+}
