@@ -29,6 +29,9 @@ const MAX_TEXT_LINE: usize = 1000;
 /// Bad commands tolerated before the session is closed.
 const MAX_ERRORS: usize = 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// Replies queued past this size are written out before more pipelined commands are handled,
+/// so a client that sends commands without reading the replies cannot make them pile up.
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
 /// Messages up to this size are also kept in memory and handed to the pipeline with their id.
 const KEEP_COPY: usize = 64 * 1024;
 
@@ -188,13 +191,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// Writes the queued replies. A client that does not take them within the command
+    /// timeout is given up on (the replies are dropped, the connection is to be closed), so a
+    /// client that never reads cannot hold a session open.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.conn.write_all(&self.out).await?;
-            self.conn.flush().await?;
-            self.out.clear();
+        if self.out.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let (conn, out) = (&mut self.conn, &self.out);
+        let write = async {
+            conn.write_all(out).await?;
+            conn.flush().await
+        };
+        let result = match tokio::time::timeout(self.cfg.command_timeout, write).await {
+            Ok(result) => result,
+            Err(_) => {
+                debug!(peer = %self.peer, "the client does not read its replies: closing");
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
+        };
+        self.out.clear();
+        result
     }
 
     /// Reads more bytes into `buf`; `Ok(false)` at end of stream.
@@ -232,7 +249,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             End::Quit | End::Closed => {}
         }
         let _ = self.flush().await;
-        let _ = self.conn.shutdown().await;
+        // A TLS close writes too: bounded like every other write.
+        let _ = tokio::time::timeout(self.cfg.command_timeout, self.conn.shutdown()).await;
         debug!(peer = %self.peer, end = ?end, "session ended");
         end
     }
@@ -240,6 +258,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn serve(&mut self) -> Result<End, End> {
         loop {
             // Handle every complete line already buffered (pipelining), then flush and read.
+            if self.out.len() >= MAX_PENDING_REPLIES {
+                self.flush().await.map_err(|_| End::Closed)?;
+            }
             let Some(pos) = self.buf.iter().position(|&b| b == b'\n') else {
                 if self.skipping_line || self.buf.len() >= MAX_COMMAND_LINE {
                     // An over-long line: drop what we have, keep dropping up to its end.
@@ -462,11 +483,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let mut decoded = Vec::with_capacity(READ_CHUNK);
         loop {
             let mut iter = self.buf.iter();
-            // Decoded bytes go to the draft and are dropped from memory; once the message is
-            // refused (too big, line too long) they are only counted.
-            decoded.clear();
             let done = receiver.ingest(&mut iter, &mut decoded);
-            body.push(&decoded, self.cfg.max_size);
+            // Decoded bytes go to the draft and are dropped from memory; once the message is
+            // refused (too big, line too long) they are only counted. The receiver takes the CR
+            // of the final CRLF.CRLF back out of `decoded` only when the LF comes: a CR that
+            // ends this read waits there for the next one.
+            let settled = if !done && decoded.last() == Some(&b'\r') { decoded.len() - 1 } else { decoded.len() };
+            body.push(&decoded[..settled], self.cfg.max_size);
+            decoded.drain(..settled);
             let consumed = self.buf.len() - iter.as_slice().len();
             self.buf.drain(..consumed);
             if done {

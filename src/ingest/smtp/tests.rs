@@ -42,7 +42,13 @@ impl Harness {
     }
 
     async fn talk_from(&self, cfg: SessionConfig, script: &[u8], peer: &str) -> String {
-        let (client, server) = duplex(1 << 20);
+        self.talk_through(cfg, script, peer, 1 << 20).await
+    }
+
+    /// [`Harness::talk_from`] through a pipe that holds `pipe` bytes: with 1, the session reads
+    /// the script one byte at a time.
+    async fn talk_through(&self, cfg: SessionConfig, script: &[u8], peer: &str, pipe: usize) -> String {
+        let (client, server) = duplex(pipe);
         let (_tx, rx) = watch::channel(false);
         let session = Session::new(
             Arc::new(cfg),
@@ -54,10 +60,16 @@ impl Harness {
         );
         let task = tokio::spawn(session.run());
         let (mut read, mut write) = tokio::io::split(client);
-        write.write_all(script).await.unwrap();
+        // Written while the replies are read, so that a small pipe cannot block both sides.
+        let script = script.to_vec();
+        let writer = tokio::spawn(async move {
+            write.write_all(&script).await.unwrap();
+            write
+        });
         let mut out = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut out)).await.expect("session ends").unwrap();
         task.await.unwrap();
+        drop(writer.await.unwrap());
         String::from_utf8_lossy(&out).into_owned()
     }
 
@@ -109,6 +121,23 @@ async fn bare_lf_is_kept_and_does_not_end_data() {
     let out = h.talk(config(false), script.as_bytes()).await;
     assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "250", "221"], "{out}");
     assert_eq!(h.stored()[0].1, b"a\nb\n.\nc\r\n");
+}
+
+#[tokio::test]
+async fn a_session_read_one_byte_at_a_time_stores_exactly_what_was_sent() {
+    // Every read boundary falls somewhere: between the CR and LF of the final CRLF.CRLF too,
+    // where the end of data used to leave the CR in the message.
+    let h = Harness::new();
+    let script = format!("{TX}Subject: one\r\n\r\nline\r\n..dot\r\n.\r\n{TX}bare\n.\nlf\r\r\n.\r\nQUIT\r\n");
+    let out = h.talk_through(config(false), script.as_bytes(), "127.0.0.1:40000", 1).await;
+    assert_eq!(
+        codes(&out),
+        ["220", "250", "250", "250", "354", "250", "250", "250", "250", "354", "250", "221"],
+        "{out}"
+    );
+    let mut raws: Vec<Vec<u8>> = h.stored().into_iter().map(|(_, raw)| raw).collect();
+    raws.sort();
+    assert_eq!(raws, [b"Subject: one\r\n\r\nline\r\n.dot\r\n".to_vec(), b"bare\n.\nlf\r\r\n".to_vec()]);
 }
 
 #[tokio::test]
