@@ -13,7 +13,8 @@
 //! well-formed replies (`ddd-text` / `ddd text` lines ending in CRLF, one code per reply, the
 //! first one `220`, a `221` last after QUIT, `421` last after too many errors); every message
 //! acknowledged with "queued as ID" is in the spool, nothing else is, and nothing half-written
-//! is left in `tmp/`.
+//! is left in `tmp/`. Input cut into several writes is also run as one write: the end, the
+//! reply codes and the messages stored must be the same.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -83,10 +84,10 @@ fn chunks(input: &[u8], seed: u8) -> Vec<&[u8]> {
 
 /// Checks the server's output is a sequence of well-formed replies; returns their codes and
 /// the spool ids named in them.
-fn replies(out: &[u8]) -> (Vec<u16>, BTreeSet<String>) {
+fn replies(out: &[u8]) -> (Vec<u16>, Vec<String>) {
     assert!(out.ends_with(b"\r\n"), "the output ends with CRLF: {:?}", String::from_utf8_lossy(out));
     let mut codes = Vec::new();
-    let mut ids = BTreeSet::new();
+    let mut ids: Vec<String> = Vec::new();
     let mut open: Option<u16> = None;
     for line in out.split_inclusive(|&b| b == b'\n') {
         let line = line
@@ -107,25 +108,36 @@ fn replies(out: &[u8]) -> (Vec<u16>, BTreeSet<String>) {
             }
             _ => panic!("a reply line is `ddd text` or `ddd-text`: {text:?}"),
         }
-        if let Some((_, after)) = text.split_once("queued as ") {
-            ids.insert(after.to_string());
+        // LMTP names the same id once per recipient.
+        if let Some((_, id)) = text.split_once("queued as ")
+            && ids.last().is_none_or(|last| last != id)
+        {
+            ids.push(id.to_string());
         }
     }
     assert!(open.is_none(), "the last reply is complete: {:?}", String::from_utf8_lossy(out));
     (codes, ids)
 }
 
-fuzz_target!(|data: &[u8]| {
-    let (flags, seed, input) = match data {
-        [flags, seed, rest @ ..] => (*flags, *seed, rest),
-        _ => return,
-    };
+/// What one session did: how it ended, the reply codes, and the messages stored, in the order
+/// they were acknowledged.
+struct Run {
+    end: End,
+    codes: Vec<u16>,
+    stored: Vec<Vec<u8>>,
+}
+
+/// Runs one session on `input` cut by `seed` (0: one write through a pipe large enough for all
+/// of it, so the session reads it at once), checks what can be checked of it alone, and
+/// empties the spool again.
+fn session(flags: u8, seed: u8, input: &[u8]) -> Run {
     let world = world();
     let cfg = Arc::new(config(flags));
     let peer = if flags & 16 != 0 { "192.0.2.7:5000" } else { "127.0.0.1:40000" };
     let (end, out) = world.runtime.block_on(async {
-        // A small pipe, so that reads on the server side are partial too.
-        let (client, server) = tokio::io::duplex(64 + usize::from(seed));
+        // Cut input goes through a small pipe, so that reads on the server side are partial too.
+        let pipe = if seed == 0 { 1 << 20 } else { 64 + usize::from(seed) };
+        let (client, server) = tokio::io::duplex(pipe);
         let (_shutdown, rx) = watch::channel(false);
         let session =
             Session::new(cfg, world.spool.clone(), Arc::new(Inbox::default()), rx, server, peer.parse().unwrap());
@@ -161,11 +173,28 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let spool = &world.spool;
-    let stored: BTreeSet<String> = spool.list(State::Incoming).expect("list").into_iter().collect();
-    assert_eq!(stored, ids, "the messages acknowledged are exactly those in the spool");
+    let listed: BTreeSet<String> = spool.list(State::Incoming).expect("list").into_iter().collect();
+    assert_eq!(listed, ids.iter().cloned().collect(), "the messages acknowledged are exactly those in the spool");
     let tmp = std::fs::read_dir(spool.dir().join("tmp")).expect("tmp").count();
     assert_eq!(tmp, 0, "nothing half-written is left in tmp/");
-    for id in stored {
-        spool.remove_blocking(&id, State::Incoming).expect("clean up");
+    let stored = ids.iter().map(|id| spool.read_raw(id).expect("stored message")).collect();
+    for id in &ids {
+        spool.remove_blocking(id, State::Incoming).expect("clean up");
+    }
+    Run { end, codes, stored }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (flags, seed, input) = match data {
+        [flags, seed, rest @ ..] => (*flags, *seed, rest),
+        _ => return,
+    };
+    let cut = session(flags, seed, input);
+    if seed != 0 {
+        // However the input is cut into reads, the session must do the same.
+        let whole = session(flags, 0, input);
+        assert_eq!(cut.end, whole.end, "the same end however the input is cut");
+        assert_eq!(cut.codes, whole.codes, "the same replies however the input is cut");
+        assert_eq!(cut.stored, whole.stored, "the same messages stored however the input is cut");
     }
 });
