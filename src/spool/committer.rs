@@ -13,8 +13,9 @@ const MAX_BATCH: usize = 512;
 
 /// One mutation of the spool.
 pub(super) enum Op {
-    /// A new message: `draft` (already written) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
-    Commit { draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf, meta: Vec<u8> },
+    /// A new message: `draft` (already written, still open as `draft_file`, so that flushing
+    /// it needs no second open) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
+    Commit { draft_file: File, draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf, meta: Vec<u8> },
     /// Rename a metadata file to another state, after writing new content in place if given.
     Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
     /// Delete a message.
@@ -33,7 +34,8 @@ pub(super) struct Committer {
 impl Committer {
     pub(super) fn start(fsync: bool) -> io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(rx, fsync))?;
+        let flushers = if fsync { Some(Flushers::start()?) } else { None };
+        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(rx, flushers))?;
         Ok(Committer { tx })
     }
 
@@ -52,7 +54,7 @@ impl Committer {
     }
 }
 
-fn run(rx: mpsc::Receiver<Job>, fsync: bool) {
+fn run(rx: mpsc::Receiver<Job>, flushers: Option<Flushers>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -61,33 +63,94 @@ fn run(rx: mpsc::Receiver<Job>, fsync: bool) {
                 Err(_) => break,
             }
         }
-        apply(batch, fsync);
+        apply(batch, flushers.as_ref());
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let mut f = File::create(path)?;
-    f.write_all(bytes)
+    f.write_all(bytes)?;
+    Ok(f)
 }
 
-/// Most flushes issued at once.
-const SYNC_THREADS: usize = 16;
+/// Flushing threads, kept for the life of the spool: flushes issued together are committed
+/// together by the file system, and a pool spares a thread start per batch.
+const FLUSH_THREADS: usize = 16;
 
-/// `fdatasync`s the files, several at a time; returns the index and error of each failure.
-fn sync_files(files: &[(usize, &Path)]) -> Vec<(usize, SpoolError)> {
-    let sync =
-        |(i, p): &(usize, &Path)| File::open(p).and_then(|f| f.sync_data()).err().map(|e| (*i, SpoolError::io(*p, e)));
-    if files.len() <= 1 {
-        return files.iter().filter_map(sync).collect();
+/// A file to flush: its batch index, path (for errors) and handle.
+type Flush = (usize, PathBuf, File);
+
+/// A share of a batch's flushes, and where to report failures (`None` once a share is done).
+struct FlushWork {
+    files: Vec<Flush>,
+    done: mpsc::Sender<Option<(usize, SpoolError)>>,
+}
+
+struct Flushers {
+    tx: mpsc::Sender<FlushWork>,
+}
+
+impl Flushers {
+    fn start() -> io::Result<Flushers> {
+        let (tx, rx) = mpsc::channel::<FlushWork>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..FLUSH_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new().name(format!("spool-flush-{n}")).spawn(move || {
+                loop {
+                    let work = match rx.lock() {
+                        Ok(rx) => match rx.recv() {
+                            Ok(work) => work,
+                            Err(_) => return,
+                        },
+                        Err(_) => return,
+                    };
+                    for (i, path, file) in work.files {
+                        if let Err(e) = file.sync_data() {
+                            let _ = work.done.send(Some((i, SpoolError::io(&path, e))));
+                        }
+                    }
+                    let _ = work.done.send(None);
+                }
+            })?;
+        }
+        Ok(Flushers { tx })
     }
-    let chunk = files.len().div_ceil(SYNC_THREADS);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().filter_map(sync).collect::<Vec<_>>()))
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    })
+
+    /// `fdatasync`s the files, several at a time; returns the index and error of each failure.
+    fn sync(&self, files: Vec<Flush>) -> Vec<(usize, SpoolError)> {
+        let sync_here = |files: Vec<Flush>| {
+            files.into_iter().filter_map(|(i, path, f)| f.sync_data().err().map(|e| (i, SpoolError::io(&path, e)))).collect()
+        };
+        if files.len() <= 1 {
+            return sync_here(files);
+        }
+        let chunk = files.len().div_ceil(FLUSH_THREADS);
+        let (done, results) = mpsc::channel();
+        let mut shares = 0;
+        let mut rest = files;
+        while !rest.is_empty() {
+            let tail = rest.split_off(chunk.min(rest.len()));
+            let work = FlushWork { files: std::mem::replace(&mut rest, tail), done: done.clone() };
+            if let Err(mpsc::SendError(work)) = self.tx.send(work) {
+                // No flushing thread left: do it here.
+                let mut failed: Vec<(usize, SpoolError)> = sync_here(work.files);
+                failed.extend(sync_here(std::mem::take(&mut rest)));
+                return failed;
+            }
+            shares += 1;
+        }
+        drop(done);
+        let mut failed = Vec::new();
+        while shares > 0 {
+            match results.recv() {
+                Ok(Some(f)) => failed.push(f),
+                Ok(None) => shares -= 1,
+                Err(_) => break,
+            }
+        }
+        failed
+    }
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -98,14 +161,31 @@ fn parent(p: &Path) -> PathBuf {
     p.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-fn apply(batch: Vec<Job>, fsync: bool) {
+fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
+    let fsync = flushers.is_some();
     let mut results: Vec<Result<(), SpoolError>> = Vec::with_capacity(batch.len());
+    let mut to_flush: Vec<Flush> = Vec::new();
 
     // Phase 1: file contents.
-    for job in &batch {
+    for (i, job) in batch.iter().enumerate() {
         let r = match &job.op {
-            Op::Commit { meta_tmp, meta, .. } => write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)),
-            Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta).map_err(|e| SpoolError::io(tmp, e)),
+            Op::Commit { draft_file, draft, meta_tmp, meta, .. } => {
+                write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)).and_then(|written| {
+                    if fsync {
+                        let draft_file = draft_file.try_clone().map_err(|e| SpoolError::io(draft, e))?;
+                        to_flush.push((i, draft.clone(), draft_file));
+                        to_flush.push((i, meta_tmp.clone(), written));
+                    }
+                    Ok(())
+                })
+            }
+            Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta)
+                .map(|written| {
+                    if fsync {
+                        to_flush.push((i, tmp.clone(), written));
+                    }
+                })
+                .map_err(|e| SpoolError::io(tmp, e)),
             Op::Move { write: None, .. } | Op::Remove { .. } => Ok(()),
         };
         results.push(r);
@@ -113,21 +193,8 @@ fn apply(batch: Vec<Job>, fsync: bool) {
 
     // Flush every file of the batch (drafts written by their producers included), all at
     // once: concurrent flushes are committed together by the file system's journal.
-    if fsync {
-        let files: Vec<(usize, &Path)> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_ok())
-            .flat_map(|(i, job)| {
-                let paths: Vec<&Path> = match &job.op {
-                    Op::Commit { draft, meta_tmp, .. } => vec![draft.as_path(), meta_tmp.as_path()],
-                    Op::Move { write: Some((tmp, _)), .. } => vec![tmp.as_path()],
-                    _ => Vec::new(),
-                };
-                paths.into_iter().map(move |p| (i, p))
-            })
-            .collect();
-        for (i, e) in sync_files(&files) {
+    if let Some(flushers) = flushers {
+        for (i, e) in flushers.sync(to_flush) {
             if results[i].is_ok() {
                 results[i] = Err(e);
             }

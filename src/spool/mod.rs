@@ -372,10 +372,11 @@ impl Draft {
 
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
         let file = self.file.take().ok_or(SpoolError::Stopped)?;
-        file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
+        let file = file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
         envelope.id = self.id.clone();
         let meta = Meta::new(envelope, self.size);
         let op = Op::Commit {
+            draft_file: file,
             draft: self.path.clone(),
             raw: self.spool.raw_path(&self.id),
             meta_tmp: self.spool.tmp_path(&self.id, "json"),
