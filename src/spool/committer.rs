@@ -120,7 +120,10 @@ impl Flushers {
     /// `fdatasync`s the files, several at a time; returns the index and error of each failure.
     fn sync(&self, files: Vec<Flush>) -> Vec<(usize, SpoolError)> {
         let sync_here = |files: Vec<Flush>| {
-            files.into_iter().filter_map(|(i, path, f)| f.sync_data().err().map(|e| (i, SpoolError::io(&path, e)))).collect()
+            files
+                .into_iter()
+                .filter_map(|(i, path, f)| f.sync_data().err().map(|e| (i, SpoolError::io(&path, e))))
+                .collect()
         };
         if files.len() <= 1 {
             return sync_here(files);
