@@ -1,0 +1,396 @@
+//! End to end: SMTP in, webhook out, through the real `mailhook serve` (release build, spool
+//! fsync on), measured from the client's end of DATA to the webhook's receipt.
+//!
+//! For each case (message size × concurrent sessions, `--messages` each, default 5,000):
+//!
+//! 1. a fresh spool directory under `$MAILHOOK_BENCH_DIR` (default `target/bench-e2e/`);
+//! 2. a webhook sink in this process (axum on its own thread and current-thread runtime, on
+//!    127.0.0.1) answers 200 and notes, for every request, the message's sequence number (from
+//!    the payload's `subject`) and the time it arrived;
+//! 3. `mailhook serve` with `[smtp]` on a free loopback port, one catch-all rule to a `webhook`
+//!    destination pointing at the sink, `[delivery] rate = "off"`, `concurrency = 32`;
+//! 4. a load client of ours: one thread per session, raw SMTP with PIPELINING (MAIL, RCPT and
+//!    DATA in one write), each message carrying its sequence number; the client notes the time
+//!    just before it writes the final `.` of DATA, and which messages were answered 250;
+//! 5. the case ends when the sink has seen every acknowledged message (or after 120 s).
+//!
+//! Reported: messages/s end to end (first send to last receipt), latency p50/p99 (end of DATA
+//! → webhook receipt), CPU of `serve` per message (utime+stime from `/proc`), `serve`'s peak RSS
+//! (`VmHWM`), messages acknowledged but never received (lost; must be 0) and received more
+//! than once (duplicates; must be 0 without crashes).
+//!
+//! ```text
+//! cargo bench --bench e2e
+//! cargo bench --bench e2e -- --messages 2000 --cases 2k:20,50k:20
+//! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
+//! ```
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State as AxState};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailhook");
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// The sink
+
+#[derive(Default)]
+struct Received {
+    /// (sequence number, arrival) of every request.
+    arrivals: Mutex<Vec<(u64, Instant)>>,
+}
+
+struct Sink {
+    addr: SocketAddr,
+    received: Arc<Received>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let addr = listener.local_addr().expect("sink address");
+        let received = Arc::new(Received::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = received.clone();
+        let thread = std::thread::Builder::new()
+            .name("e2e-sink".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("sink runtime");
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    let app = Router::new().fallback(handler).with_state(state);
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .expect("spawn sink");
+        Sink { addr, received, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Response {
+    let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
+    let now = Instant::now();
+    let seq = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["subject"].as_str().and_then(|s| s.strip_prefix("e2e ")).and_then(|n| n.parse().ok()));
+    if let Some(seq) = seq {
+        state.arrivals.lock().unwrap().push((seq, now));
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{}"))
+        .expect("response")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load client
+
+fn message(seq: u64, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Legacy ERP <erp@example.com>\r\nTo: hook@example.com\r\nSubject: e2e {seq}\r\n\
+         Message-ID: <e2e-{seq}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\n"
+    );
+    while m.len() < size {
+        m.push_str("Job NIGHTLY_EXPORT finished with warnings; see the attached log for details.\r\n");
+    }
+    m.push_str(".\r\n");
+    m.into_bytes()
+}
+
+fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
+    }
+}
+
+/// One session sending `seqs`; returns (seq, time just before the end of DATA) of each
+/// message answered 250.
+fn session(addr: SocketAddr, seqs: Vec<u64>, size: usize) -> Vec<(u64, Instant)> {
+    let stream = TcpStream::connect(addr).expect("connect to serve");
+    stream.set_nodelay(true).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(reply(&mut reader), 220);
+    writer.write_all(b"EHLO load.example\r\n").unwrap();
+    assert_eq!(reply(&mut reader), 250);
+    let mut acked = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        let body = message(seq, size);
+        writer.write_all(b"MAIL FROM:<erp@example.com>\r\nRCPT TO:<hook@example.com>\r\nDATA\r\n").unwrap();
+        let (mail, rcpt, data) = (reply(&mut reader), reply(&mut reader), reply(&mut reader));
+        if (mail, rcpt, data) != (250, 250, 354) {
+            continue;
+        }
+        let (head, end) = body.split_at(body.len() - 3);
+        writer.write_all(head).unwrap();
+        let sent = Instant::now();
+        writer.write_all(end).unwrap();
+        if reply(&mut reader) == 250 {
+            acked.push((seq, sent));
+        }
+    }
+    let _ = writer.write_all(b"QUIT\r\n");
+    acked
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct Serve {
+    child: Child,
+    smtp: SocketAddr,
+}
+
+impl Serve {
+    fn start(dir: &Path, sink: SocketAddr) -> Serve {
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        std::fs::write(
+            dir.join("mailhook.toml"),
+            format!(
+                "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\n\
+                 [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
+                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
+        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        // With RUST_LOG=warn the "listening" line is not logged: find the port from /proc.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let smtp = loop {
+            if let Some(addr) = listening_port(child.id()) {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "serve did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Serve { child, smtp }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The loopback TCP port a process listens on, from /proc/net/tcp and its socket inodes.
+fn listening_port(pid: u32) -> Option<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str().and_then(|s| s.strip_prefix("socket:[")).map(|s| s.trim_end_matches(']').to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // state 0A = LISTEN, local address 0100007F:PORT = 127.0.0.1
+        if f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
+            let port = u16::from_str_radix(f[1].split(':').nth(1)?, 16).ok()?;
+            Some(SocketAddr::from(([127, 0, 0, 1], port)))
+        } else {
+            None
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Row {
+    case: String,
+    acked: usize,
+    secs: f64,
+    p50: f64,
+    p99: f64,
+    cpu_ms: f64,
+    rss_mb: f64,
+    lost: usize,
+    dups: usize,
+}
+
+fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
+    let dir = base.join(format!("{}-{}k-{sessions}", std::process::id(), size / 1024));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sink = Sink::start();
+    let serve = Serve::start(&dir, sink.addr);
+    let pid = serve.child.id();
+    let cpu0 = cpu_ticks(pid);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..sessions)
+        .map(|s| {
+            let seqs: Vec<u64> = (0..messages as u64).filter(|n| (*n as usize) % sessions == s).collect();
+            let addr = serve.smtp;
+            std::thread::spawn(move || session(addr, seqs, size))
+        })
+        .collect();
+    let acked: HashMap<u64, Instant> = threads.into_iter().flat_map(|t| t.join().expect("session")).collect();
+    let deadline = Instant::now() + GIVE_UP;
+    loop {
+        let arrived: std::collections::HashSet<u64> =
+            sink.received.arrivals.lock().unwrap().iter().map(|(s, _)| *s).collect();
+        if acked.keys().all(|s| arrived.contains(s)) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let arrivals = sink.received.arrivals.lock().unwrap().clone();
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks();
+    let rss = proc_field(pid, "status", "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    serve.stop();
+    drop(sink);
+
+    let mut first: HashMap<u64, Instant> = HashMap::new();
+    let mut dups = 0;
+    for (seq, at) in &arrivals {
+        if first.insert(*seq, *at).is_some() {
+            dups += 1;
+        }
+    }
+    let last = arrivals.iter().map(|(_, at)| *at).max().unwrap_or(start);
+    let mut latencies: Vec<f64> = acked
+        .iter()
+        .filter_map(|(seq, sent)| first.get(seq).map(|at| at.saturating_duration_since(*sent).as_secs_f64() * 1000.0))
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Row {
+        case: format!("{} KB × {sessions}", size / 1024),
+        acked: acked.len(),
+        secs: last.duration_since(start).as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        cpu_ms: cpu * 1000.0 / acked.len().max(1) as f64,
+        rss_mb: rss,
+        lost: acked.keys().filter(|s| !first.contains_key(s)).count(),
+        dups,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let messages: usize = value("--messages").and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let cases: Vec<(usize, usize)> = value("--cases")
+        .unwrap_or_else(|| "2k:1,2k:20,50k:1,50k:20".into())
+        .split(',')
+        .filter_map(|c| {
+            let (size, sessions) = c.split_once(':')?;
+            Some((size.trim_end_matches('k').parse::<usize>().ok()? * 1024, sessions.parse().ok()?))
+        })
+        .collect();
+    let base = std::env::var_os("MAILHOOK_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench-e2e");
+    std::fs::create_dir_all(&base).unwrap();
+
+    let mut rows = Vec::new();
+    for (size, sessions) in cases {
+        let row = run_case(&base, size, sessions, messages);
+        eprintln!("{}: {} acknowledged, {:.2} s", row.case, row.acked, row.secs);
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| case | acknowledged | messages/s | p50 latency | p99 latency | CPU per message | peak RSS | lost | duplicates |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut bad = false;
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.2} ms | {:.1} MB | {} | {} |",
+            r.case,
+            r.acked,
+            r.acked as f64 / r.secs,
+            r.p50,
+            r.p99,
+            r.cpu_ms,
+            r.rss_mb,
+            r.lost,
+            r.dups
+        );
+        bad |= r.lost > 0 || r.dups > 0 || r.acked < messages;
+    }
+    if bad {
+        eprintln!("FAILED: messages refused, lost or duplicated");
+        std::process::exit(1);
+    }
+}
