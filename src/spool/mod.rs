@@ -161,14 +161,21 @@ impl Spool {
     }
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.
+    ///
+    /// The lock file is held open read-only (`flock(2)` needs no more): a file open for writing
+    /// for the life of `serve` would keep the spool's file system from being remounted
+    /// read-only, and an operator from doing so.
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
         let path = self.inner.dir.join("lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| SpoolError::io(&path, e))?;
+        if !path.exists() {
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| SpoolError::io(&path, e))?;
+        }
+        let file = File::open(&path).map_err(|e| SpoolError::io(&path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(SpoolLock { _file: file }),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(SpoolError::Locked(self.inner.dir.clone())),

@@ -83,6 +83,25 @@ fn the_lock_is_exclusive() {
 }
 
 #[test]
+fn the_lock_file_is_not_held_open_for_writing() {
+    let (_d, spool) = open();
+    let _lock = spool.lock().unwrap();
+    let lock_path = fs::canonicalize(spool.dir().join("lock")).unwrap();
+    // The access mode of every descriptor of this process that is open on the lock file.
+    let modes: Vec<u32> = fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == lock_path))
+        .map(|fd| {
+            let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap();
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+            u32::from_str_radix(flags, 8).unwrap() & 0o3
+        })
+        .collect();
+    assert_eq!(modes, [0], "held once, read-only (O_RDONLY), so the file system can be remounted read-only");
+}
+
+#[test]
 fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
     let (_d, spool) = open();
     let undecided = spool.store(envelope(), b"a").unwrap();
