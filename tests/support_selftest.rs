@@ -374,6 +374,37 @@ async fn data_replies_451_is_transient_554_is_permanent() {
 }
 
 #[tokio::test]
+async fn a_standing_data_reply_refuses_every_message_until_cleared() {
+    let sink = SmtpSink::start(SmtpOptions::default());
+    let mailer = transport(&sink);
+    sink.push_data_reply(554, "5.6.0 one-off first");
+    sink.set_data_reply(Some((451, "4.3.0 Busy")));
+    assert!(mailer.send(simple_email()).await.expect_err("554").is_permanent());
+    for _ in 0..3 {
+        assert!(mailer.send(simple_email()).await.expect_err("451").is_transient());
+    }
+    sink.set_data_reply(None);
+    mailer.send(simple_email()).await.expect("accepted once cleared");
+    assert_eq!(sink.messages().len(), 1);
+    assert_eq!(sink.rejected().iter().map(|m| m.reply).collect::<Vec<_>>(), [554, 451, 451, 451]);
+}
+
+#[tokio::test]
+async fn dropping_connections_also_closes_open_sessions() {
+    let sink = SmtpSink::start(SmtpOptions::default());
+    // A pooled transport keeps its connection open between messages.
+    let mailer = transport(&sink);
+    mailer.send(simple_email()).await.expect("first message");
+    sink.set_drop_connections(true);
+    let e = mailer.send(simple_email()).await.expect_err("the open session is closed without an answer");
+    assert!(!e.is_permanent(), "{e:?}");
+    sink.set_drop_connections(false);
+    mailer.send(simple_email()).await.expect("accepted again");
+    assert_eq!(sink.messages().len(), 2);
+    assert!(sink.rejected().is_empty(), "a dropped message is neither accepted nor answered");
+}
+
+#[tokio::test]
 async fn lettre_auth_plain_and_login_on_a_plain_connection() {
     let sink = SmtpSink::with_auth("hookuser", "hookpass");
 

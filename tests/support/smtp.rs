@@ -82,6 +82,8 @@ struct Shared {
     accepted: Mutex<Vec<Message>>,
     rejected: Mutex<Vec<Message>>,
     data_replies: Mutex<VecDeque<(u16, String)>>,
+    /// Answer for every DATA while set (after the one-off replies queued).
+    data_reply: Mutex<Option<(u16, String)>>,
     drop_connections: AtomicBool,
     connections: AtomicUsize,
 }
@@ -102,6 +104,7 @@ impl SmtpSink {
             accepted: Mutex::new(Vec::new()),
             rejected: Mutex::new(Vec::new()),
             data_replies: Mutex::new(VecDeque::new()),
+            data_reply: Mutex::new(None),
             drop_connections: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         });
@@ -149,7 +152,16 @@ impl SmtpSink {
         self.shared.data_replies.lock().unwrap().push_back((code, text.to_string()));
     }
 
-    /// While on, every new connection is closed right after it is accepted (no greeting).
+    /// While set, every DATA is answered with `code` and `text` (once the one-off replies of
+    /// [`SmtpSink::push_data_reply`] are used up), like a relay refusing mail for a while;
+    /// `None` goes back to accepting.
+    pub fn set_data_reply(&self, reply: Option<(u16, &str)>) {
+        *self.shared.data_reply.lock().unwrap() = reply.map(|(code, text)| (code, text.to_string()));
+    }
+
+    /// While on, every new connection is closed right after it is accepted (no greeting), and
+    /// every open session is closed when its next command line (or the end of its DATA) arrives,
+    /// without an answer: a relay that crashes or drops its connections.
     pub fn set_drop_connections(&self, drop: bool) {
         self.shared.drop_connections.store(drop, Ordering::SeqCst);
     }
@@ -268,6 +280,9 @@ async fn session(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
         let Some(raw) = read_line(&mut r, MAX_LINE).await? else {
             return Ok(());
         };
+        if shared.drop_connections.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let line = trim_eol(&raw);
         let (verb, arg) = match line.split_once(' ') {
             Some((v, a)) => (v.to_ascii_uppercase(), a.trim().to_string()),
@@ -321,11 +336,15 @@ async fn session(stream: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
                     let Some((data, too_big)) = read_data(&mut r, shared.opts.max_size).await? else {
                         return Ok(());
                     };
+                    if shared.drop_connections.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
                     let (code, text) = if too_big {
                         (552, "5.3.4 Message too big".to_string())
                     } else {
                         let scripted = shared.data_replies.lock().unwrap().pop_front();
-                        scripted.unwrap_or_else(|| (250, "2.0.0 OK: queued".to_string()))
+                        let standing = || shared.data_reply.lock().unwrap().clone();
+                        scripted.or_else(standing).unwrap_or_else(|| (250, "2.0.0 OK: queued".to_string()))
                     };
                     let message = Message {
                         at: Instant::now(),
