@@ -1,0 +1,305 @@
+//! Checking the invariants of a scenario and printing the results table.
+
+use crate::sink::Seen;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// One line of the results table, with what went wrong.
+#[derive(Debug, Default)]
+pub struct Row {
+    pub scenario: String,
+    /// One line saying what the scenario does.
+    pub what: String,
+    /// Distinct messages offered to mailhook.
+    pub sent: usize,
+    /// Distinct messages mailhook acknowledged (250, exit 0, or simply present on the IMAP
+    /// server: every one of those must be delivered).
+    pub acknowledged: usize,
+    /// Acknowledged messages that reached the destination at least once.
+    pub delivered: usize,
+    /// Acknowledged messages that never reached it. Must be 0.
+    pub lost: usize,
+    /// Extra deliveries under a spool id already delivered (a delivery in flight at a kill, or
+    /// one the receiver took after the sender had given up on it).
+    pub redelivered: usize,
+    /// Extra deliveries of a message under another spool id (the sender sent it again because it
+    /// never got the answer, or the IMAP watcher fetched it again after a kill).
+    pub resent: usize,
+    /// From the end of the fault (the last restart, the receiver back, the file system writable
+    /// again), or from the last acknowledgement if that came later, until every acknowledged
+    /// message was delivered.
+    pub drain: Option<Duration>,
+    pub notes: Vec<String>,
+    pub violations: Vec<String>,
+}
+
+impl Row {
+    pub fn new(scenario: &str, what: &str) -> Row {
+        Row { scenario: scenario.to_string(), what: what.to_string(), ..Row::default() }
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    pub fn violation(&mut self, v: impl Into<String>) {
+        let v = v.into();
+        eprintln!("    VIOLATION: {v}");
+        self.violations.push(v);
+    }
+
+    /// Records a violation unless `ok`.
+    pub fn check(&mut self, ok: bool, v: impl FnOnce() -> String) {
+        if !ok {
+            self.violation(v());
+        }
+    }
+}
+
+/// When a spool id may be delivered more than once.
+pub enum Redelivery<'a> {
+    /// Only when its first delivery was in flight at one of these kills: at most `window` before it.
+    NearKills(&'a [Instant], Duration),
+    /// Expected in this scenario (counted, not a violation).
+    Allowed,
+    /// Never.
+    Forbidden,
+}
+
+/// When a message may be delivered under more than one spool id.
+pub enum Resend<'a> {
+    /// At most once per attempt whose outcome the sender could not know.
+    Unknown(&'a dyn Fn(u64) -> u32),
+    /// Only when its first delivery came at most `window` before one of these kills.
+    NearKills(&'a [Instant], Duration),
+}
+
+/// Fills in `delivered`, `lost`, `redelivered` and `resent` from what the destination saw, and
+/// checks the invariants: nothing acknowledged is lost, every duplicate is explained, every
+/// request carries its spool id as `Idempotency-Key` (when it has one), and nothing arrives
+/// that was never sent.
+pub fn tally(row: &mut Row, acked: &HashSet<u64>, seen: &[Seen], redelivery: Redelivery<'_>, resend: Resend<'_>) {
+    let mut by_seq: BTreeMap<u64, BTreeMap<&str, Vec<Instant>>> = BTreeMap::new();
+    for s in seen {
+        let Some(seq) = s.seq else {
+            row.violation(format!("a delivery of no test message arrived (payload id {:?})", s.id));
+            continue;
+        };
+        if let Some(key) = &s.key
+            && key != &s.id
+        {
+            row.violation(format!("message {seq}: Idempotency-Key {key:?} is not its payload id {:?}", s.id));
+        }
+        by_seq.entry(seq).or_default().entry(s.id.as_str()).or_default().push(s.at);
+    }
+    let lost: Vec<u64> = {
+        let mut l: Vec<u64> = acked.iter().copied().filter(|s| !by_seq.contains_key(s)).collect();
+        l.sort_unstable();
+        l
+    };
+    row.acknowledged = acked.len();
+    row.delivered = acked.len() - lost.len();
+    row.lost = lost.len();
+    if !lost.is_empty() {
+        let shown: Vec<String> = lost.iter().take(20).map(u64::to_string).collect();
+        row.violation(format!("{} acknowledged message(s) never delivered: {}", lost.len(), shown.join(", ")));
+    }
+    let near = |kills: &[Instant], first: Instant, window: Duration| {
+        kills.iter().any(|k| *k >= first && k.duration_since(first) <= window)
+    };
+    let mut worst_gap: Option<Duration> = None;
+    for (seq, ids) in &by_seq {
+        for (id, times) in ids {
+            if times.len() < 2 {
+                continue;
+            }
+            row.redelivered += times.len() - 1;
+            let first = *times.iter().min().expect("not empty");
+            match &redelivery {
+                Redelivery::Allowed => {}
+                Redelivery::Forbidden => {
+                    row.violation(format!("message {seq} (spool id {id}) was delivered {} times", times.len()))
+                }
+                Redelivery::NearKills(kills, window) => {
+                    if let Some(gap) = kills.iter().filter(|k| **k >= first).map(|k| k.duration_since(first)).min() {
+                        worst_gap = worst_gap.max(Some(gap));
+                    }
+                    if !near(kills, first, *window) {
+                        row.violation(format!(
+                            "message {seq} (spool id {id}) was delivered {} times, but its first delivery was not in flight at a kill ({})",
+                            times.len(),
+                            relative(kills, times)
+                        ));
+                    }
+                }
+            }
+        }
+        if ids.len() > 1 {
+            row.resent += ids.len() - 1;
+            match &resend {
+                Resend::Unknown(unknown) => {
+                    let allowed = unknown(*seq) as usize;
+                    if ids.len() - 1 > allowed {
+                        row.violation(format!(
+                            "message {seq} was delivered under {} spool ids, but only {allowed} of its attempts went unanswered",
+                            ids.len()
+                        ));
+                    }
+                }
+                Resend::NearKills(kills, window) => {
+                    let first = ids.values().flatten().min().copied().expect("not empty");
+                    if !near(kills, first, *window) {
+                        let times: Vec<Instant> = ids.values().flatten().copied().collect();
+                        row.violation(format!(
+                            "message {seq} was delivered under {} spool ids, but its first delivery was not near a kill ({})",
+                            ids.len(),
+                            relative(kills, &times)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(gap) = worst_gap {
+        row.note(format!("redelivered at most {:.2} s before a kill", gap.as_secs_f64()));
+    }
+}
+
+/// `times` in seconds relative to the first kill, and the kills, for a violation message.
+fn relative(kills: &[Instant], times: &[Instant]) -> String {
+    let Some(origin) = kills.iter().chain(times).min().copied() else { return String::new() };
+    let fmt = |v: &[Instant]| {
+        let mut v = v.to_vec();
+        v.sort();
+        let v: Vec<String> = v.iter().map(|t| format!("{:.3}", t.duration_since(origin).as_secs_f64())).collect();
+        v.join(", ")
+    };
+    format!("deliveries at {} s, kills at {} s", fmt(times), fmt(kills))
+}
+
+/// Waits until every message of `acked` is delivered; returns when that happened.
+pub fn wait_delivered(has_all: impl Fn() -> bool, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if has_all() {
+            return Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `drain` from the end of the fault (or the last acknowledgement, if later) to `done`.
+pub fn drain(row: &mut Row, recovered: Instant, last_ack: Option<Instant>, done: Option<Instant>, timeout: Duration) {
+    match done {
+        Some(done) => {
+            let from = last_ack.map_or(recovered, |a| a.max(recovered));
+            row.drain = Some(done.saturating_duration_since(from));
+        }
+        None => row.violation(format!("not everything acknowledged was delivered within {timeout:?}")),
+    }
+}
+
+/// How many entries each spool directory holds.
+pub fn spool_counts(spool: &Path) -> BTreeMap<&'static str, usize> {
+    ["tmp", "msg", "incoming", "active", "deferred", "dead", "corrupt"]
+        .into_iter()
+        .map(|d| (d, std::fs::read_dir(spool.join(d)).map(|r| r.count()).unwrap_or(0)))
+        .collect()
+}
+
+/// Waits until nothing is left to do in the spool (`incoming/`, `active/`, `deferred/` empty).
+pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = spool_counts(spool);
+        if c["incoming"] + c["active"] + c["deferred"] == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            row.violation(format!("the spool still has work after {timeout:?}: {c:?}"));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks what is left in the spool once everything was delivered: no dead letters (unless
+/// expected), nothing in `msg/` without metadata, and `corrupt/` holding only raw messages
+/// (never metadata) of messages that were delivered or never acknowledged; `tmp/` leftovers are
+/// counted (unacknowledged drafts of killed processes; recovery removes them once 10 minutes
+/// old).
+pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delivered: &HashSet<u64>) -> usize {
+    let c = spool_counts(spool);
+    row.check(c["dead"] == 0, || format!("{} dead letter(s) left", c["dead"]));
+    row.check(c["msg"] == 0, || format!("{} raw message(s) left in msg/ after everything was delivered", c["msg"]));
+    let mut corrupt = 0;
+    for entry in std::fs::read_dir(spool.join("corrupt")).into_iter().flatten().flatten() {
+        corrupt += 1;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".eml") {
+            row.violation(format!("corrupt/{name}: metadata was quarantined"));
+            continue;
+        }
+        let raw = std::fs::read(entry.path()).unwrap_or_default();
+        let seq = crate::subject_seq(&raw);
+        match seq {
+            Some(seq) if acked.contains(&seq) && !delivered.contains(&seq) => {
+                row.violation(format!("corrupt/{name}: acknowledged message {seq} was quarantined and never delivered"))
+            }
+            _ => {}
+        }
+    }
+    if corrupt > 0 {
+        row.note(format!(
+            "{corrupt} raw message(s) in corrupt/ (copies that were delivered or never acknowledged, cut off by a kill)"
+        ));
+    }
+    c["tmp"]
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("–".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+}
+
+/// The results table, in Markdown.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | sent | acknowledged | delivered | lost | duplicates (same id + resent) | drain after recovery | notes |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let dups = r.redelivered + r.resent;
+        let dups = if dups == 0 { "0".to_string() } else { format!("{dups} ({} + {})", r.redelivered, r.resent) };
+        let mut notes = r.notes.join("; ");
+        if !r.violations.is_empty() {
+            notes = format!("**FAILED: {} violation(s)**; {notes}", r.violations.len());
+        }
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.sent,
+            r.acknowledged,
+            r.delivered,
+            r.lost,
+            dups,
+            secs(r.drain),
+            notes
+        ));
+    }
+    out
+}
+
+/// Seen deliveries by message, for quick lookups.
+pub fn delivered_set(seen: &[Seen]) -> HashSet<u64> {
+    seen.iter().filter_map(|s| s.seq).collect()
+}
+
+/// Counts log lines of every serve run whose `message` is `what`.
+pub fn log_count(logs: &str, what: &str) -> usize {
+    let needle = format!("\"message\":\"{what}\"");
+    logs.lines().filter(|l| l.contains(&needle)).count()
+}
