@@ -13,9 +13,10 @@ const MAX_BATCH: usize = 512;
 
 /// One mutation of the spool.
 pub(super) enum Op {
-    /// A new message: `draft` (already written, still open as `draft_file`, so that flushing
-    /// it needs no second open) → `raw`; `meta` → `meta_tmp` → `meta_dest`.
-    Commit { draft_file: File, draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf, meta: Vec<u8> },
+    /// A new message: `draft` → `raw`, `meta_tmp` → `meta_dest`. Both files are already
+    /// written by the producer and still open (`draft_file`, `meta_file`), so that flushing
+    /// them needs no second open.
+    Commit { draft_file: File, draft: PathBuf, raw: PathBuf, meta_file: File, meta_tmp: PathBuf, meta_dest: PathBuf },
     /// Rename a metadata file to another state, after writing new content in place if given.
     Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
     /// Delete a message.
@@ -83,7 +84,13 @@ type Flush = (usize, PathBuf, File);
 /// A share of a batch's flushes, and where to report failures (`None` once a share is done).
 struct FlushWork {
     files: Vec<Flush>,
+    /// `fsync` (directories) rather than `fdatasync`.
+    all: bool,
     done: mpsc::Sender<Option<(usize, SpoolError)>>,
+}
+
+fn flush(file: &File, all: bool) -> io::Result<()> {
+    if all { file.sync_all() } else { file.sync_data() }
 }
 
 struct Flushers {
@@ -106,7 +113,7 @@ impl Flushers {
                         Err(_) => return,
                     };
                     for (i, path, file) in work.files {
-                        if let Err(e) = file.sync_data() {
+                        if let Err(e) = flush(&file, work.all) {
                             let _ = work.done.send(Some((i, SpoolError::io(&path, e))));
                         }
                     }
@@ -119,10 +126,19 @@ impl Flushers {
 
     /// `fdatasync`s the files, several at a time; returns the index and error of each failure.
     fn sync(&self, files: Vec<Flush>) -> Vec<(usize, SpoolError)> {
+        self.flush(files, false)
+    }
+
+    /// [`sync`](Self::sync) with `fsync`, for directories.
+    fn sync_all(&self, files: Vec<Flush>) -> Vec<(usize, SpoolError)> {
+        self.flush(files, true)
+    }
+
+    fn flush(&self, files: Vec<Flush>, all: bool) -> Vec<(usize, SpoolError)> {
         let sync_here = |files: Vec<Flush>| {
             files
                 .into_iter()
-                .filter_map(|(i, path, f)| f.sync_data().err().map(|e| (i, SpoolError::io(&path, e))))
+                .filter_map(|(i, path, f)| flush(&f, all).err().map(|e| (i, SpoolError::io(&path, e))))
                 .collect()
         };
         if files.len() <= 1 {
@@ -134,7 +150,7 @@ impl Flushers {
         let mut rest = files;
         while !rest.is_empty() {
             let tail = rest.split_off(chunk.min(rest.len()));
-            let work = FlushWork { files: std::mem::replace(&mut rest, tail), done: done.clone() };
+            let work = FlushWork { files: std::mem::replace(&mut rest, tail), all, done: done.clone() };
             if let Err(mpsc::SendError(work)) = self.tx.send(work) {
                 // No flushing thread left: do it here.
                 let mut failed: Vec<(usize, SpoolError)> = sync_here(work.files);
@@ -172,16 +188,15 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
     // Phase 1: file contents.
     for (i, job) in batch.iter().enumerate() {
         let r = match &job.op {
-            Op::Commit { draft_file, draft, meta_tmp, meta, .. } => {
-                write_file(meta_tmp, meta).map_err(|e| SpoolError::io(meta_tmp, e)).and_then(|written| {
-                    if fsync {
-                        let draft_file = draft_file.try_clone().map_err(|e| SpoolError::io(draft, e))?;
-                        to_flush.push((i, draft.clone(), draft_file));
-                        to_flush.push((i, meta_tmp.clone(), written));
-                    }
+            Op::Commit { draft_file, draft, meta_file, meta_tmp, .. } if fsync => {
+                draft_file.try_clone().map_err(|e| SpoolError::io(draft, e)).and_then(|draft_file| {
+                    let meta_file = meta_file.try_clone().map_err(|e| SpoolError::io(meta_tmp, e))?;
+                    to_flush.push((i, draft.clone(), draft_file));
+                    to_flush.push((i, meta_tmp.clone(), meta_file));
                     Ok(())
                 })
             }
+            Op::Commit { .. } => Ok(()),
             Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta)
                 .map(|written| {
                     if fsync {
@@ -270,15 +285,22 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
         };
     }
 
-    if fsync {
+    if let Some(flushers) = flushers {
+        // The directories of the batch, flushed together too.
+        let mut opened = Vec::new();
+        let mut failed = None;
         for dir in &dirs {
-            if let Err(e) = sync_dir(dir) {
-                for r in results.iter_mut() {
-                    if r.is_ok() {
-                        *r = Err(SpoolError::io(dir, io::Error::new(e.kind(), e.to_string())));
-                    }
+            match File::open(dir) {
+                Ok(f) => opened.push((0, dir.clone(), f)),
+                Err(e) => failed = Some(SpoolError::io(dir, e)),
+            }
+        }
+        let failed = failed.or_else(|| flushers.sync_all(opened).into_iter().next().map(|(_, e)| e));
+        if let Some(SpoolError::Io { path, source }) = failed {
+            for r in results.iter_mut() {
+                if r.is_ok() {
+                    *r = Err(SpoolError::io(&path, io::Error::new(source.kind(), source.to_string())));
                 }
-                break;
             }
         }
     }

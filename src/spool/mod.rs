@@ -382,13 +382,21 @@ impl Draft {
         let file = file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
         envelope.id = self.id.clone();
         let meta = Meta::new(envelope, self.size);
+        // The metadata is written here, by the producer, so that the spool's writer thread
+        // only has to flush and rename.
+        let meta_tmp = self.spool.tmp_path(&self.id, "json");
+        let meta_file =
+            File::create(&meta_tmp).and_then(|mut f| f.write_all(&Spool::encode(&meta)).map(|()| f)).map_err(|e| {
+                let _ = fs::remove_file(&meta_tmp);
+                SpoolError::io(&meta_tmp, e)
+            })?;
         let op = Op::Commit {
             draft_file: file,
             draft: self.path.clone(),
             raw: self.spool.raw_path(&self.id),
-            meta_tmp: self.spool.tmp_path(&self.id, "json"),
+            meta_file,
+            meta_tmp,
             meta_dest: self.spool.path(State::Incoming, &self.id),
-            meta: Spool::encode(&meta),
         };
         Ok((op, meta))
     }
