@@ -40,8 +40,9 @@
 //! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
 //!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); `active/` entries
 //!    go back in line (`incoming/`, or `deferred/` due now when already judged); metadata that
-//!    cannot be read, metadata without its raw message, and raw messages without metadata are
-//!    moved to `corrupt/`.
+//!    cannot be read, metadata without its raw message, and raw messages without metadata older
+//!    than [`TMP_GRACE`] are moved to `corrupt/` (a younger raw message may be an `ingest`
+//!    between its two renames).
 
 mod committer;
 mod meta;
@@ -288,12 +289,7 @@ impl Spool {
         let tmp = self.inner.dir.join("tmp");
         let now = SystemTime::now();
         for entry in fs::read_dir(&tmp).map_err(|e| SpoolError::io(&tmp, e))?.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| now.duration_since(t).unwrap_or_default() >= TMP_GRACE)
-                .unwrap_or(true);
-            if old && fs::remove_file(entry.path()).is_ok() {
+            if older_than(&entry, now, TMP_GRACE) && fs::remove_file(entry.path()).is_ok() {
                 report.tmp_removed += 1;
             }
         }
@@ -335,7 +331,10 @@ impl Spool {
         for entry in fs::read_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(id) = name.strip_suffix(".eml") else { continue };
-            if !known.contains(id) && self.find(id).is_none() {
+            // A young one may be an `ingest` committing right now, between the rename of its raw
+            // message and that of its metadata: taking the raw message away would leave it
+            // acknowledged without one. Only older ones are orphans for sure.
+            if !known.contains(id) && self.find(id).is_none() && older_than(&entry, now, TMP_GRACE) {
                 self.quarantine(&entry.path())?;
                 report.corrupt.push(format!("msg/{name}: no metadata"));
             }
@@ -349,6 +348,15 @@ impl Spool {
         fs::rename(path, &dest).map_err(|e| SpoolError::io(path, e))?;
         committer::sync_dir(&self.inner.dir.join("corrupt")).map_err(|e| SpoolError::io(&dest, e))
     }
+}
+
+/// Whether `entry` was last modified at least `age` before `now` (or cannot tell).
+fn older_than(entry: &fs::DirEntry, now: SystemTime, age: Duration) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .map(|t| now.duration_since(t).unwrap_or_default() >= age)
+        .unwrap_or(true)
 }
 
 /// Holds the spool's exclusive lock.

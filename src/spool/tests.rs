@@ -120,7 +120,9 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
     fs::write(spool.dir().join("deferred").join(format!("{broken}.json")), b"{ not json").unwrap();
     fs::remove_file(spool.dir().join("incoming").join(format!("{broken}.json"))).unwrap();
     fs::remove_file(spool.raw_path(&rawless)).unwrap();
-    fs::write(spool.dir().join("msg").join("01ORPHAN.eml"), b"orphan").unwrap();
+    let orphan = spool.dir().join("msg").join("01ORPHAN.eml");
+    fs::write(&orphan, b"orphan").unwrap();
+    File::options().write(true).open(&orphan).unwrap().set_modified(SystemTime::now() - TMP_GRACE).unwrap();
     fs::write(spool.dir().join("tmp").join("fresh.eml"), b"being written").unwrap();
 
     let report = spool.recover().unwrap();
@@ -141,6 +143,30 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
     // A young tmp file may belong to an ingest still writing: it stays.
     assert!(spool.dir().join("tmp/fresh.eml").exists());
     assert_eq!(report.tmp_removed, 0);
+}
+
+#[test]
+fn recovery_leaves_alone_a_message_being_committed_by_another_process() {
+    let (_d, spool) = open();
+    // An `ingest` committing while `serve` recovers: its raw message has been renamed into
+    // msg/, its metadata not yet.
+    let mut draft = spool.draft().unwrap();
+    draft.write_all(b"Subject: acknowledged\r\n\r\nbody\r\n").unwrap();
+    let id = draft.id().to_string();
+    let (op, _) = draft.finish(envelope()).unwrap();
+    let committer::Op::Commit { draft: written, raw, meta_tmp, meta_dest, .. } = op else { unreachable!() };
+    fs::rename(&written, &raw).unwrap();
+
+    let report = spool.recover().unwrap();
+    assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
+    assert!(raw.is_file(), "the raw message stays where it is");
+
+    // The ingest finishes its commit and exits 0: the message is whole.
+    fs::rename(&meta_tmp, &meta_dest).unwrap();
+    drop(draft);
+    assert_eq!(spool.find(&id), Some(State::Incoming));
+    assert_eq!(spool.read_raw(&id).unwrap(), b"Subject: acknowledged\r\n\r\nbody\r\n");
+    assert!(spool.recover().unwrap().corrupt.is_empty());
 }
 
 #[test]
