@@ -23,7 +23,7 @@
 //! right after its first delivery (fetched and spooled, killed before the checkpoint).
 
 use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, message};
-use crate::report::{self, Redelivery, Resend, Row};
+use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::Sink;
 use crate::support::dovecot::{Dovecot, PASSWORD, USER};
 use crate::support::gateway::Gateway;
@@ -96,18 +96,19 @@ pub fn smtp(ctx: &mut Ctx) -> Row {
         kills.push(kill_and_restart(ctx, &mut gw, Some("smtp")));
         eprintln!("    killed serve at {} acknowledged", load.tally.acked());
     }
-    let recovered = Instant::now();
+    let recovered = Recovered::now(load.tally.acked_set());
     if let Err(e) = load.wait(LOAD_TIMEOUT) {
         row.violation(e);
     }
     let tally = load.tally.clone();
     let acked = tally.acked_set();
     let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
-    report::drain(&mut row, recovered, tally.last_ack(), done, DRAIN_TIMEOUT);
+    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
     let spool = gw.path().join("spool");
     report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(&mut row, &mut gw);
     let seen = sink.seen();
+    report::drain(&mut row, &recovered, &seen);
     row.sent = tally.offered();
     let unknown = |seq| tally.unknown(seq);
     report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills, IN_FLIGHT), Resend::Unknown(&unknown));
@@ -151,18 +152,19 @@ pub fn ingest(ctx: &mut Ctx) -> Row {
         kills.push(kill_and_restart(ctx, &mut gw, None));
         eprintln!("    killed serve at {} acknowledged", load.tally.acked());
     }
-    let recovered = Instant::now();
+    let recovered = Recovered::now(load.tally.acked_set());
     if let Err(e) = load.wait(LOAD_TIMEOUT) {
         row.violation(e);
     }
     let tally = load.tally.clone();
     let acked = tally.acked_set();
     let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
-    report::drain(&mut row, recovered, tally.last_ack(), done, DRAIN_TIMEOUT);
+    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
     let spool = gw.path().join("spool");
     report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(&mut row, &mut gw);
     let seen = sink.seen();
+    report::drain(&mut row, &recovered, &seen);
     row.sent = tally.offered();
     let unknown = |seq| tally.unknown(seq);
     report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills, IN_FLIGHT), Resend::Unknown(&unknown));
@@ -208,10 +210,10 @@ pub fn imap(ctx: &mut Ctx) -> Row {
         kills.push(kill_and_restart(ctx, &mut gw, None));
         eprintln!("    killed serve at {} delivered", sink.distinct());
     }
-    let recovered = Instant::now();
     let acked: HashSet<u64> = (0..total as u64).collect();
+    let recovered = Recovered::now(acked.clone());
     let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
-    report::drain(&mut row, recovered, None, done, DRAIN_TIMEOUT);
+    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let (mut inbox, mut moved) = (imap.count("INBOX"), imap.count("Done"));
     while (inbox, moved) != (0, total) && Instant::now() < deadline {
@@ -223,6 +225,7 @@ pub fn imap(ctx: &mut Ctx) -> Row {
     report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(&mut row, &mut gw);
     let seen = sink.seen();
+    report::drain(&mut row, &recovered, &seen);
     row.sent = total;
     report::tally(
         &mut row,

@@ -25,7 +25,7 @@
 //!   writable again, and then everything drains.
 
 use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, Tally};
-use crate::report::{self, Redelivery, Resend, Row};
+use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::{Mode, Seen, Sink};
 use crate::support::smtp::{SmtpOptions, SmtpSink};
 use crate::{Ctx, RULE, free_port, webhook_destination};
@@ -65,7 +65,7 @@ fn sleep_until(t: Instant) {
 /// What every fault scenario does once the fault is over: let the load finish, wait for the
 /// drain, stop serve, and check the invariants.
 struct Finish<'a> {
-    recovered: Instant,
+    recovered: Recovered,
     /// Another load into the same destination, checked together with the SMTP one.
     also: Option<&'a Tally>,
     seen: &'a dyn Fn() -> Vec<Seen>,
@@ -81,12 +81,12 @@ fn finish(ctx: &Ctx, row: &mut Row, gw: &mut crate::support::gateway::Gateway, l
     let mut acked = tally.acked_set();
     acked.extend(f.also.map(Tally::acked_set).unwrap_or_default());
     let done = report::wait_delivered(|| (f.has_all)(&acked), DRAIN_TIMEOUT);
-    let last_ack = tally.last_ack().max(f.also.and_then(Tally::last_ack));
-    report::drain(row, f.recovered, last_ack, done, DRAIN_TIMEOUT);
+    report::delivered_in_time(row, done, DRAIN_TIMEOUT);
     let spool = gw.path().join("spool");
     report::wait_spool_idle(row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(row, gw);
     let seen = (f.seen)();
+    report::drain(row, &f.recovered, &seen);
     row.sent = tally.offered() + f.also.map_or(0, Tally::offered);
     let unknown = |seq| tally.unknown(seq) + f.also.map_or(0, |t| t.unknown(seq));
     report::tally(row, &acked, &seen, f.redelivery, Resend::Unknown(&unknown));
@@ -123,7 +123,7 @@ pub fn webhook_down(ctx: &mut Ctx) -> Row {
     let acked_before = load.tally.acked();
     sleep_until(t0 + from + outage);
     sink.resume();
-    let recovered = Instant::now();
+    let recovered = Recovered::now(load.tally.acked_set());
     row.note(format!("{} messages acknowledged while the webhook was down", load.tally.acked() - acked_before));
     finish(
         ctx,
@@ -160,7 +160,7 @@ pub fn webhook_429(ctx: &mut Ctx) -> Row {
     sink.set_mode(Mode::TooMany { retry_after_secs: 2 });
     sleep_until(t0 + from + window);
     sink.set_mode(Mode::Accept);
-    let recovered = Instant::now();
+    let recovered = Recovered::now(load.tally.acked_set());
     finish(
         ctx,
         &mut row,
@@ -232,7 +232,8 @@ fn webhook_slow(ctx: &mut Ctx, name: &str, timeout: &str, below: bool) -> Row {
     let slow_from = Instant::now();
     sleep_until(t0 + from + window);
     sink.set_mode(Mode::Accept);
-    let recovered = Instant::now();
+    let recovered = Recovered::now(load.tally.acked_set());
+    let fast_again = recovered.at;
     finish(
         ctx,
         &mut row,
@@ -247,7 +248,7 @@ fn webhook_slow(ctx: &mut Ctx, name: &str, timeout: &str, below: bool) -> Row {
         },
     );
     let seen = sink.seen();
-    let during = seen.iter().filter(|s| s.at >= slow_from && s.at < recovered).count();
+    let during = seen.iter().filter(|s| s.at >= slow_from && s.at < fast_again).count();
     let timeouts = report::log_count(&gw.logs(), "deferred");
     if below {
         row.check(timeouts > 0, || "no attempt timed out".into());
@@ -316,7 +317,7 @@ fn relay(ctx: &mut Ctx, name: &str, fault: RelayFault) -> Row {
     sleep_until(t0 + from + window);
     relay.set_data_reply(None);
     relay.set_drop_connections(false);
-    let mut recovered = Instant::now();
+    let mut recovered = Recovered::now(load.tally.acked_set());
     if fault == RelayFault::Refuse554 {
         // Wait for the refused messages to settle as dead letters, then send them again.
         if let Err(e) = load.wait(LOAD_TIMEOUT) {
@@ -331,7 +332,7 @@ fn relay(ctx: &mut Ctx, name: &str, fault: RelayFault) -> Row {
         });
         let out = gw.run(&["queue", "retry", "--config", "mailhook.toml", "--all-dead"]);
         row.check(out.status.success(), || format!("queue retry failed: {}", String::from_utf8_lossy(&out.stderr)));
-        recovered = Instant::now();
+        recovered = Recovered::now(load.tally.acked_set());
         row.note(format!("{dead} dead letters after the 554s, all sent by `queue retry --all-dead`"));
     }
     let has_all = |acked: &HashSet<u64>| {
@@ -485,7 +486,10 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     if let Err(e) = tmpfs.remount(false) {
         row.violation(format!("could not remount the spool read-write: {e}"));
     }
-    let recovered = Instant::now();
+    let mut backlog = load.tally.acked_set();
+    backlog.extend(ingest.tally.acked_set());
+    let recovered = Recovered::now(backlog);
+    let writable_again = recovered.at;
     let bad = half_written(&spool);
     row.check(bad.is_empty(), || format!("half-written entries right after the remount: {bad:?}"));
     if let Err(e) = ingest.wait(LOAD_TIMEOUT) {
@@ -510,7 +514,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     let wrong: Vec<&String> = smtp.iter().map(|(_, r)| r).filter(|r| *r != "451 4.3.0").collect();
     row.check(!smtp.is_empty(), || "SMTP was never refused while the spool was read-only".into());
     row.check(wrong.is_empty(), || format!("SMTP refusals other than 451 4.3.0: {wrong:?}"));
-    let outside = smtp.iter().filter(|(t, _)| *t < ro_from || *t > recovered + Duration::from_secs(1)).count();
+    let outside = smtp.iter().filter(|(t, _)| *t < ro_from || *t > writable_again + Duration::from_secs(1)).count();
     row.check(outside == 0, || format!("{outside} SMTP refusals while the spool was writable"));
     let codes = ingest.tally.refusals();
     let wrong: Vec<&String> = codes.iter().map(|(_, r)| r).filter(|r| *r != "exit 75").collect();

@@ -55,7 +55,6 @@ pub struct Tally {
     per_second: Option<f64>,
     acked: Vec<AtomicBool>,
     acked_count: AtomicUsize,
-    last_ack: Mutex<Option<Instant>>,
     /// Per message: attempts whose outcome is unknown (SMTP: answer lost after the final dot;
     /// ingest: process killed).
     unknown: Vec<AtomicU32>,
@@ -83,7 +82,6 @@ impl Tally {
             per_second,
             acked: (0..total).map(|_| AtomicBool::new(false)).collect(),
             acked_count: AtomicUsize::new(0),
-            last_ack: Mutex::new(None),
             unknown: (0..total).map(|_| AtomicU32::new(0)).collect(),
             retry: Mutex::new(VecDeque::new()),
             next_new: AtomicUsize::new(0),
@@ -122,7 +120,6 @@ impl Tally {
         if !self.acked[self.index(seq)].swap(true, Ordering::SeqCst) {
             self.acked_count.fetch_add(1, Ordering::SeqCst);
         }
-        *self.last_ack.lock().unwrap() = Some(Instant::now());
     }
 
     fn again(&self, seq: u64) {
@@ -149,10 +146,6 @@ impl Tally {
     /// Distinct messages offered at least once.
     pub fn offered(&self) -> usize {
         self.next_new.load(Ordering::SeqCst)
-    }
-
-    pub fn last_ack(&self) -> Option<Instant> {
-        *self.last_ack.lock().unwrap()
     }
 
     /// Attempts of message `seq` whose outcome the sender could not know.

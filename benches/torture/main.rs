@@ -2,7 +2,7 @@
 //! release binary), on loopback, each checking that nothing mailhook acknowledged is lost.
 //!
 //! ```text
-//! scripts/torture [crash|faults|all|SCENARIO...] [--quick] [--seed N]
+//! scripts/torture [crash|faults|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]
 //! cargo bench --bench torture -- crash
 //! ```
 //!
@@ -21,8 +21,8 @@
 //! in serve's logs. At the end a table gives, per scenario, the messages sent, acknowledged,
 //! delivered, lost (must be 0), the duplicates and the drain time after recovery; every
 //! violated invariant is listed and the process exits 1. `--quick` runs every scenario small
-//! and short, to try the suites out. The serve logs of a failed scenario are copied to
-//! `target/torture/<scenario>/`.
+//! and short, to try the suites out. The serve logs of a failed scenario (of all, with
+//! `--keep-logs`) are copied to `target/torture/<scenario>/`.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -64,6 +64,8 @@ pub struct Ctx {
     pub rng: fastrand::Rng,
     quick: bool,
     logs: PathBuf,
+    /// Keep the serve logs of every scenario, not only of failed ones.
+    keep_logs: bool,
 }
 
 impl Ctx {
@@ -99,9 +101,10 @@ impl Ctx {
         }
     }
 
-    /// Copies the serve logs of a failed scenario to `target/torture/<scenario>/`.
+    /// Copies the serve logs of a failed scenario (of every one, with `--keep-logs`) to
+    /// `target/torture/<scenario>/`.
     pub fn keep_logs_if_failed(&self, row: &Row, gw: &Gateway) {
-        if row.violations.is_empty() {
+        if row.violations.is_empty() && !self.keep_logs {
             return;
         }
         let dir = self.logs.join(&row.scenario);
@@ -143,7 +146,10 @@ pub fn subject_seq(raw: &[u8]) -> Option<u64> {
 
 fn usage() -> ! {
     let names: Vec<&str> = CRASH.iter().chain(FAULTS).map(|(n, _)| *n).collect();
-    eprintln!("usage: torture [crash|faults|all|SCENARIO...] [--quick] [--seed N]\nscenarios: {}", names.join(", "));
+    eprintln!(
+        "usage: torture [crash|faults|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]\nscenarios: {}",
+        names.join(", ")
+    );
     std::process::exit(64);
 }
 
@@ -172,12 +178,14 @@ fn main() {
         return;
     }
     let mut quick = false;
+    let mut keep_logs = false;
     let mut seed = None;
     let mut names = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--keep-logs" => keep_logs = true,
             "--seed" => seed = Some(it.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => usage(),
@@ -201,7 +209,7 @@ fn main() {
     }
     let seed = seed.unwrap_or_else(|| fastrand::u64(..));
     let logs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/torture");
-    let mut ctx = Ctx { rng: fastrand::Rng::with_seed(seed), quick, logs };
+    let mut ctx = Ctx { rng: fastrand::Rng::with_seed(seed), quick, logs, keep_logs };
     let machine_before = machine();
     eprintln!("torture: seed {seed}{}; {machine_before}", if quick { ", quick" } else { "" });
 

@@ -1,7 +1,7 @@
 //! Checking the invariants of a scenario and printing the results table.
 
 use crate::sink::Seen;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,7 @@ pub struct Row {
     /// never got the answer, or the IMAP watcher fetched it again after a kill).
     pub resent: usize,
     /// From the end of the fault (the last restart, the receiver back, the file system writable
-    /// again), or from the last acknowledgement if that came later, until every acknowledged
-    /// message was delivered.
+    /// again) until every message acknowledged by then was delivered.
     pub drain: Option<Duration>,
     pub notes: Vec<String>,
     pub violations: Vec<String>,
@@ -192,15 +191,38 @@ pub fn wait_delivered(has_all: impl Fn() -> bool, timeout: Duration) -> Option<I
     }
 }
 
-/// `drain` from the end of the fault (or the last acknowledgement, if later) to `done`.
-pub fn drain(row: &mut Row, recovered: Instant, last_ack: Option<Instant>, done: Option<Instant>, timeout: Duration) {
-    match done {
-        Some(done) => {
-            let from = last_ack.map_or(recovered, |a| a.max(recovered));
-            row.drain = Some(done.saturating_duration_since(from));
-        }
-        None => row.violation(format!("not everything acknowledged was delivered within {timeout:?}")),
+/// The moment a fault ended (the last restart, the receiver back, the file system writable
+/// again, the dead letters retried), and the messages acknowledged by then: the backlog.
+pub struct Recovered {
+    pub at: Instant,
+    pub backlog: HashSet<u64>,
+}
+
+impl Recovered {
+    pub fn now(backlog: HashSet<u64>) -> Recovered {
+        Recovered { at: Instant::now(), backlog }
     }
+}
+
+/// Records a violation unless everything acknowledged was delivered (`done`) in time.
+pub fn delivered_in_time(row: &mut Row, done: Option<Instant>, timeout: Duration) {
+    if done.is_none() {
+        row.violation(format!("not everything acknowledged was delivered within {timeout:?}"));
+    }
+}
+
+/// `drain`: from the recovery until the last message of its backlog was first delivered (zero
+/// when all of it had been delivered before).
+pub fn drain(row: &mut Row, recovered: &Recovered, seen: &[Seen]) {
+    let mut first: HashMap<u64, Instant> = HashMap::new();
+    for s in seen {
+        if let Some(seq) = s.seq {
+            let t = first.entry(seq).or_insert(s.at);
+            *t = (*t).min(s.at);
+        }
+    }
+    let last = recovered.backlog.iter().filter_map(|seq| first.get(seq)).max();
+    row.drain = Some(last.map_or(Duration::ZERO, |t| t.saturating_duration_since(recovered.at)));
 }
 
 /// How many entries each spool directory holds.
@@ -227,36 +249,37 @@ pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
     }
 }
 
-/// Checks what is left in the spool once everything was delivered: no dead letters (unless
-/// expected), nothing in `msg/` without metadata, and `corrupt/` holding only raw messages
-/// (never metadata) of messages that were delivered or never acknowledged; `tmp/` leftovers are
-/// counted (unacknowledged drafts of killed processes; recovery removes them once 10 minutes
-/// old).
+/// Checks what is left in the spool once everything was delivered: no dead letters, no
+/// metadata in `corrupt/`, and any raw message left without metadata (in `msg/`, where a kill
+/// between the two steps of a commit or of a removal leaves it, or in `corrupt/`, where
+/// recovery moves such orphans once they are 10 minutes old) is a copy that was delivered or
+/// never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
+/// recovery removes once they are 10 minutes old).
 pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delivered: &HashSet<u64>) -> usize {
     let c = spool_counts(spool);
     row.check(c["dead"] == 0, || format!("{} dead letter(s) left", c["dead"]));
-    row.check(c["msg"] == 0, || format!("{} raw message(s) left in msg/ after everything was delivered", c["msg"]));
-    let mut corrupt = 0;
-    for entry in std::fs::read_dir(spool.join("corrupt")).into_iter().flatten().flatten() {
-        corrupt += 1;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".eml") {
-            row.violation(format!("corrupt/{name}: metadata was quarantined"));
-            continue;
+    let mut orphans = 0;
+    let mut check_raw = |row: &mut Row, path: &Path, name: &str| {
+        orphans += 1;
+        let seq = crate::subject_seq(&std::fs::read(path).unwrap_or_default());
+        if let Some(seq) = seq.filter(|s| acked.contains(s) && !delivered.contains(s)) {
+            row.violation(format!("{name}: acknowledged message {seq} has no metadata and was never delivered"));
         }
-        let raw = std::fs::read(entry.path()).unwrap_or_default();
-        let seq = crate::subject_seq(&raw);
-        match seq {
-            Some(seq) if acked.contains(&seq) && !delivered.contains(&seq) => {
-                row.violation(format!("corrupt/{name}: acknowledged message {seq} was quarantined and never delivered"))
-            }
-            _ => {}
+    };
+    for entry in std::fs::read_dir(spool.join("msg")).into_iter().flatten().flatten() {
+        let name = format!("msg/{}", entry.file_name().to_string_lossy());
+        check_raw(row, &entry.path(), &name);
+    }
+    for entry in std::fs::read_dir(spool.join("corrupt")).into_iter().flatten().flatten() {
+        let name = format!("corrupt/{}", entry.file_name().to_string_lossy());
+        if name.ends_with(".eml") {
+            check_raw(row, &entry.path(), &name);
+        } else {
+            row.violation(format!("{name}: metadata was quarantined"));
         }
     }
-    if corrupt > 0 {
-        row.note(format!(
-            "{corrupt} raw message(s) in corrupt/ (copies that were delivered or never acknowledged, cut off by a kill)"
-        ));
+    if orphans > 0 {
+        row.note(format!("{orphans} raw message(s) left without metadata by a kill (delivered or never acknowledged)"));
     }
     c["tmp"]
 }
