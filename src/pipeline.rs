@@ -15,6 +15,11 @@
 //! still pending, each with its own attempts, backoff and last error. A destination has a
 //! token bucket (`rate`), a concurrency cap, and is paused as a whole when a receiver asks for
 //! a delay (429 with `Retry-After`).
+//!
+//! When a round cannot write the spool (a read-only or failing file system), no round starts
+//! until a probe write succeeds: a message delivered but not recorded as such is still in
+//! `incoming/`, and would otherwise be sent again at every scan for as long as the trouble
+//! lasts. It is sent again once, when the spool is writable again.
 
 use crate::config::{BackoffConfig, Config};
 use crate::deliver::throttle::{Bucket, backoff};
@@ -26,6 +31,7 @@ use crate::rules::RuleSet;
 use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -141,6 +147,8 @@ struct Work {
     targets: HashMap<String, Arc<Target>>,
     judge_budget: Semaphore,
     metrics: Arc<Metrics>,
+    /// Set when a round could not write the spool; see [`Pipeline::paused`].
+    spool_trouble: AtomicBool,
 }
 
 /// How a round left a message.
@@ -183,7 +191,7 @@ impl Pipeline {
         Ok(Pipeline {
             rules,
             inbox: Arc::new(Inbox::default()),
-            work: Arc::new(Work { spool, targets, judge_budget, metrics }),
+            work: Arc::new(Work { spool, targets, judge_budget, metrics, spool_trouble: AtomicBool::new(false) }),
         })
     }
 
@@ -208,11 +216,14 @@ impl Pipeline {
         // Messages whose round ended lately: a fresh hand-over of one of them that arrives after
         // a directory scan already picked it up and finished it must not start it again.
         let mut finished = Recent::default();
+        let mut pause_logged = false;
 
         loop {
             if *shutdown.borrow() {
                 break;
             }
+            let paused = self.paused(&mut pause_logged);
+            let limit = if paused { 0 } else { MAX_IN_FLIGHT };
             let interval = last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
             if interval || (woken && backlog.is_empty()) {
                 last_scan = Some(tokio::time::Instant::now());
@@ -222,13 +233,13 @@ impl Pipeline {
                 self.scan_deferred(&mut schedule, &mut due_of, &in_flight);
             }
             woken = false;
-            while in_flight.len() < MAX_IN_FLIGHT {
+            while in_flight.len() < limit {
                 let Some(id) = backlog.pop_front() else { break };
                 queued.remove(&id);
                 self.start(&mut tasks, &mut in_flight, id, State::Incoming);
             }
             let now = SystemTime::now();
-            while in_flight.len() < MAX_IN_FLIGHT {
+            while in_flight.len() < limit {
                 let Some((due, id)) = schedule.first().cloned() else {
                     break;
                 };
@@ -241,7 +252,7 @@ impl Pipeline {
             }
 
             let next_due = schedule.first().map(|(due, _)| due.duration_since(now).unwrap_or_default());
-            let wait = next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL);
+            let wait = if paused { SCAN_INTERVAL } else { next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL) };
             tokio::select! {
                 _ = self.inbox.notify.notified() => {
                     for fresh in self.inbox.take() {
@@ -249,7 +260,7 @@ impl Pipeline {
                         if in_flight.contains(&id) || queued.contains(&id) || finished.contains(&id) {
                             continue;
                         }
-                        if in_flight.len() < MAX_IN_FLIGHT {
+                        if in_flight.len() < limit {
                             self.start_with(&mut tasks, &mut in_flight, id, State::Incoming, Some(fresh));
                         } else {
                             queued.insert(id.clone());
@@ -278,6 +289,31 @@ impl Pipeline {
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
             warn!(left = tasks.len(), "grace period over; unfinished messages stay in active/ for the next start");
             tasks.abort_all();
+        }
+    }
+
+    /// Whether no round may start: one could not write the spool, and a probe write still fails.
+    /// A message delivered whose removal (or move to deferred/) failed is still in incoming/;
+    /// starting rounds again would send it once more at every scan, as long as the spool stays
+    /// read-only or broken. Paused, it is sent again once, when the spool is writable again.
+    fn paused(&self, logged: &mut bool) -> bool {
+        if !self.work.spool_trouble.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.work.spool.probe() {
+            Ok(()) => {
+                self.work.spool_trouble.store(false, Ordering::SeqCst);
+                if std::mem::take(logged) {
+                    info!("the spool can be written again; deliveries resume");
+                }
+                false
+            }
+            Err(e) => {
+                if !std::mem::replace(logged, true) {
+                    error!(error = %e, "the spool cannot be written; deliveries pause until it can");
+                }
+                true
+            }
         }
     }
 
@@ -363,7 +399,8 @@ async fn process(work: &Work, rules: &Arc<RuleSet>, id: &str, from: State, fresh
         Ok(f) => f,
         Err(SpoolError::NotFound(_)) => Finished::Released,
         Err(e) => {
-            error!(id, error = %e, "spool error; the message stays where it is until the next start");
+            error!(id, error = %e, "spool error; the message stays where it is");
+            work.spool_trouble.store(true, Ordering::SeqCst);
             Finished::Released
         }
     }
@@ -377,7 +414,7 @@ async fn round(
     from: State,
     fresh: Option<Fresh>,
 ) -> Result<Finished, SpoolError> {
-    let Work { spool, targets, judge_budget: budget, metrics } = work;
+    let Work { spool, targets, judge_budget: budget, metrics, .. } = work;
     let (mut meta, kept_raw) = match fresh {
         Some(f) => (f.meta, f.raw),
         None => (spool.read_meta(from, id)?, None),

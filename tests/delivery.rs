@@ -465,3 +465,47 @@ fn ingest_refuses_with_75_when_the_spool_cannot_take_the_message() {
     let (code, _, err) = gw.ingest_raw(&message(3, "read-only"), &["a@example.com"]);
     assert_eq!(code, 75, "read-only: {err}");
 }
+
+#[test]
+fn a_read_only_spool_pauses_deliveries_instead_of_repeating_them() {
+    let hook = HookServer::start(HookOptions::default());
+    // The answer comes 1.5 s after the request: time to turn the spool read-only meanwhile.
+    hook.set_delay(Duration::from_millis(1500));
+    let mut gw = Gateway::new(&format!("{DELIVERY}{}", form_hook("form", &hook)), &rule_to(&["form"]));
+    let mnt = gw.path().join("spool");
+    let mount =
+        |args: &[&str]| std::process::Command::new("mount").args(args).arg(&mnt).status().is_ok_and(|s| s.success());
+    if !mount(&["-t", "tmpfs", "-o", "size=64m", "tmpfs"]) {
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let id = gw.ingest(&message(1, "read-only"));
+    gw.start();
+    hook.wait_for_requests(1, WAIT);
+    // The kernel refuses while a file on it is open for writing (serve holds none for long).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mount(&["-o", "remount,ro"]) {
+        assert!(Instant::now() < deadline, "cannot remount the spool read-only");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The delivery succeeds but cannot be recorded: the message stays in incoming/. It must not
+    // be sent again at every scan while the spool stays read-only.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(hook.requests().len(), 1, "sent again while the spool could not record it");
+    gw.wait_log("the pause", 1, WAIT, |v| v["message"] == "the spool cannot be written; deliveries pause until it can");
+    assert!(mount(&["-o", "remount,rw"]));
+    gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
+    gw.wait_log("the resumption", 1, WAIT, |v| v["message"] == "the spool can be written again; deliveries resume");
+    // Sent once more (it was never recorded as delivered), with the same id.
+    let requests = hook.requests();
+    assert_eq!(requests.len(), 2, "{:?}", requests.iter().map(|r| r.summary()).collect::<Vec<_>>());
+    assert!(requests.iter().all(|r| r.idempotency_key.as_deref() == Some(id.as_str())));
+    assert_eq!(gw.stop(), 0);
+}

@@ -151,14 +151,18 @@ impl Spool {
             fs::create_dir_all(&p).map_err(|e| SpoolError::io(&p, e))?;
         }
         // Prove the spool is writable now rather than at the first message.
-        let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
-        File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))?;
+        probe(dir)?;
         let committer = Committer::start(options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool { inner: Arc::new(Inner { dir: dir.to_path_buf(), committer, seq: AtomicU64::new(0) }) })
     }
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Whether the spool can be written now: creates and removes a file in `tmp/`.
+    pub fn probe(&self) -> Result<(), SpoolError> {
+        probe(&self.inner.dir)
     }
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.
@@ -348,6 +352,11 @@ impl Spool {
         fs::rename(path, &dest).map_err(|e| SpoolError::io(path, e))?;
         committer::sync_dir(&self.inner.dir.join("corrupt")).map_err(|e| SpoolError::io(&dest, e))
     }
+}
+
+fn probe(dir: &Path) -> Result<(), SpoolError> {
+    let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
+    File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))
 }
 
 /// Whether `entry` was last modified at least `age` before `now` (or cannot tell).
