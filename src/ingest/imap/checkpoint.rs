@@ -5,9 +5,10 @@
 //!   directory fsync) only after every message up to `U` is durable in the spool, so a restart
 //!   never fetches a message twice and never skips one.
 //! - `<folder>.seen`: one line per spooled message, the SHA-256 of its raw bytes (which include
-//!   its Message-ID). Consulted only when the server changes UIDVALIDITY: the folder is then
-//!   read again from the start, and a message already in this list is not sent again. The list
-//!   keeps the newest [`SEEN_LIMIT`] entries.
+//!   its Message-ID), added the moment the message is durable in the spool. Consulted when the
+//!   server changes UIDVALIDITY (the folder is then read again from the start) and at the first
+//!   sync after a start (a message spooled just before a crash, past the checkpoint): a message
+//!   already in this list is not sent again. The list keeps the newest [`SEEN_LIMIT`] entries.
 //!
 //! Folder names are percent-encoded into file names (`INBOX/Sub` → `INBOX%2FSub`).
 
@@ -88,19 +89,34 @@ impl Checkpoint {
         self.sync_dir()
     }
 
-    /// Adds fingerprints of messages now durable in the spool.
+    /// Adds fingerprints of messages now durable in the spool, flushed.
     pub fn remember(&self, fingerprints: &[String]) -> io::Result<()> {
-        if fingerprints.is_empty() {
-            return Ok(());
+        for fp in fingerprints {
+            self.remember_now(fp)?;
         }
+        self.settle()
+    }
+
+    /// Adds the fingerprint of one message the moment it is durable in the spool, without
+    /// flushing: if the process dies before the folder's checkpoint moves past it, the next
+    /// start still finds it (the kernel has it) and does not spool the message a second time.
+    /// Safe to call from several tasks at once (each line is one append). [`Checkpoint::settle`]
+    /// flushes the list.
+    pub fn remember_now(&self, fingerprint: &str) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let mut f = OpenOptions::new().create(true).append(true).open(&self.seen)?;
-        let mut text = String::with_capacity(fingerprints.len() * 65);
-        for fp in fingerprints {
-            text.push_str(fp);
-            text.push('\n');
-        }
-        f.write_all(text.as_bytes())?;
+        f.write_all(format!("{fingerprint}\n").as_bytes())
+    }
+
+    /// Flushes the fingerprints added so far, and keeps only the newest [`SEEN_LIMIT`] once the
+    /// list has grown half as long again. Not to be called while [`Checkpoint::remember_now`]
+    /// may run.
+    pub fn settle(&self) -> io::Result<()> {
+        let f = match OpenOptions::new().append(true).open(&self.seen) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         if self.fsync {
             f.sync_data()?;
         }
@@ -175,6 +191,25 @@ mod tests {
         fs::write(dir.path().join("imap/a/INBOX.json"), b"{\"uidval").unwrap();
         let err = cp.load().unwrap_err();
         assert!(err.to_string().contains("INBOX.json"), "{err}");
+    }
+
+    #[test]
+    fn a_fingerprint_remembered_now_is_seen_at_once_and_settled_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path(), "a", "INBOX", true);
+        cp.settle().unwrap();
+        let fps: Vec<String> = (0..64).map(|i| fingerprint(format!("message {i}").as_bytes())).collect();
+        std::thread::scope(|s| {
+            for chunk in fps.chunks(8) {
+                let cp = cp.clone();
+                s.spawn(move || chunk.iter().for_each(|fp| cp.remember_now(fp).unwrap()));
+            }
+        });
+        // What a restart after a crash right now would read.
+        let again = Checkpoint::new(dir.path(), "a", "INBOX", true);
+        assert_eq!(again.seen().unwrap(), fps.iter().cloned().collect::<HashSet<_>>());
+        cp.settle().unwrap();
+        assert_eq!(cp.seen().unwrap().len(), 64);
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! before the after-action, so a failed after-action or a crash at any point never sends a
 //! message twice from one folder. A message committed to the spool just before a crash, too
 //! late for the checkpoint, is fetched again after the restart but recognised by its content
-//! fingerprint (kept right after the commit); only a crash between those two steps can send it
-//! twice (at-least-once, like every other way in).
+//! fingerprint (added to the folder's list the moment its commit returns, before the pipeline
+//! can deliver it); only a crash between those two steps can send it twice (at-least-once,
+//! like every other way in).
 //!
 //! The first sync of a folder (no checkpoint yet) takes every message when the after-action
 //! removes messages (`delete`, `move:`), and the unread ones for `seen`. When the server
@@ -363,7 +364,13 @@ impl Watcher {
                     continue;
                 }
                 pending_bytes += body.len();
-                let job = tokio::spawn(store(self.spool.clone(), self.inbox.clone(), self.envelope(), body.to_vec()));
+                let job = tokio::spawn(store(
+                    self.spool.clone(),
+                    self.inbox.clone(),
+                    self.envelope(),
+                    body.to_vec(),
+                    (self.checkpoint.clone(), fp.clone()),
+                ));
                 pending.push_back((uid, fp, body.len(), job));
                 while pending_bytes > MAX_PENDING_BYTES {
                     let Some((uid, fp, len, job)) = pending.pop_front() else { break };
@@ -404,7 +411,8 @@ impl Watcher {
         acknowledged.retain(|&u| u < limit);
         let new_last = batch.iter().copied().filter(|&u| u < limit).max();
         if let Some(last) = new_last {
-            self.checkpoint.remember(&fingerprints).map_err(WatchError::Checkpoint)?;
+            // Each message's fingerprint was added as soon as it was durable (see `store`).
+            self.checkpoint.settle().map_err(WatchError::Checkpoint)?;
             position.last_uid = position.last_uid.max(last);
             self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
             self.health.fetched(fingerprints.len() as u64);
@@ -468,8 +476,17 @@ enum Scan {
     Again,
 }
 
-/// Writes one message to the spool and commits it; returns its spool id.
-async fn store(spool: Spool, inbox: Arc<Inbox>, envelope: Envelope, raw: Vec<u8>) -> Result<String, String> {
+/// Writes one message to the spool and commits it, then at once remembers its fingerprint (the
+/// pipeline may deliver and remove it long before the batch is checkpointed; if the process
+/// dies meanwhile, the fingerprint keeps the next start from spooling it again); returns its
+/// spool id.
+async fn store(
+    spool: Spool,
+    inbox: Arc<Inbox>,
+    envelope: Envelope,
+    raw: Vec<u8>,
+    (checkpoint, fp): (Checkpoint, String),
+) -> Result<String, String> {
     let (draft, raw) = tokio::task::spawn_blocking(move || {
         let mut draft = spool.draft().map_err(|e| e.to_string())?;
         draft.write_all(&raw).map_err(|e| e.to_string())?;
@@ -479,6 +496,10 @@ async fn store(spool: Spool, inbox: Arc<Inbox>, envelope: Envelope, raw: Vec<u8>
     .map_err(|e| e.to_string())??;
     let meta = draft.commit(envelope).await.map_err(|e| e.to_string())?;
     let id = meta.id.clone();
+    if let Err(e) = checkpoint.remember_now(&fp) {
+        // Only a crash before the checkpoint could then send it twice.
+        warn!(id = %id, error = %e, "cannot remember the fingerprint of a spooled message");
+    }
     let raw = (raw.len() <= KEEP_COPY).then_some(raw);
     inbox.push(Fresh { meta, raw });
     Ok(id)
