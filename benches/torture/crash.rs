@@ -20,7 +20,7 @@
 //! had its first delivery in flight at a kill (at most [`IN_FLIGHT`] before it); a message
 //! delivered under two spool ids must have had an attempt whose answer was lost (SMTP: the
 //! connection broke after the final dot; ingest: the process was killed), or for IMAP a kill
-//! right after its first delivery (fetched and spooled, killed before the checkpoint).
+//! right after its first copy was spooled (before the watcher had recorded it as spooled).
 
 use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, message};
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
@@ -29,7 +29,7 @@ use crate::support::dovecot::{Dovecot, PASSWORD, USER};
 use crate::support::gateway::Gateway;
 use crate::{Ctx, RULE, free_port, webhook_destination};
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A delivery counts as in flight at a kill when it reached the receiver at most this long
 /// before it (the spool has not recorded it yet).
@@ -45,17 +45,24 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Short retries: a crash scenario is about kills, not about a slow receiver.
 const DELIVERY: &str = "[delivery]\ntimeout = \"10s\"\nretry_for = \"1h\"\nbackoff = { initial = \"1s\", max = \"10s\" }\nrate = \"off\"\n";
 
-/// Kills serve, waits a random moment, starts it again; returns when the killed process was
-/// gone (every delivery it made had reached the receiver by then).
-fn kill_and_restart(ctx: &mut Ctx, gw: &mut Gateway, listener: Option<&str>) -> Instant {
+/// When a killed serve was gone (every delivery it made had reached the receiver by then,
+/// every message it spooled had its spool id), on the monotonic and on the wall clock.
+#[derive(Default)]
+struct Kills {
+    at: Vec<Instant>,
+    wall: Vec<SystemTime>,
+}
+
+/// Kills serve, waits a random moment, starts it again.
+fn kill_and_restart(ctx: &mut Ctx, gw: &mut Gateway, listener: Option<&str>, kills: &mut Kills) {
     gw.kill9();
-    let at = Instant::now();
+    kills.at.push(Instant::now());
+    kills.wall.push(SystemTime::now());
     std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..500)));
     gw.start();
     if let Some(protocol) = listener {
         gw.listening(protocol);
     }
-    at
 }
 
 /// `count` kill points spread at random over `total` (each in 5–90 %), in order.
@@ -89,11 +96,11 @@ pub fn smtp(ctx: &mut Ctx) -> Row {
         per_second: None,
         tag: "crash-smtp",
     });
-    let mut kills = Vec::new();
+    let mut kills = Kills::default();
     for point in kill_points(ctx, 5, total) {
         load.tally.wait_acked(point, STALL).unwrap_or_else(|e| panic!("{e}"));
         std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..50)));
-        kills.push(kill_and_restart(ctx, &mut gw, Some("smtp")));
+        kill_and_restart(ctx, &mut gw, Some("smtp"), &mut kills);
         eprintln!("    killed serve at {} acknowledged", load.tally.acked());
     }
     let recovered = Recovered::now(load.tally.acked_set());
@@ -111,7 +118,7 @@ pub fn smtp(ctx: &mut Ctx) -> Row {
     report::drain(&mut row, &recovered, &seen);
     row.sent = tally.offered();
     let unknown = |seq| tally.unknown(seq);
-    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills, IN_FLIGHT), Resend::Unknown(&unknown));
+    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
     let tmp = report::check_spool_end(&mut row, &spool, &acked, &report::delivered_set(&seen));
     row.note(format!(
         "{} answers lost to a kill after the final dot; {} connections refused while serve was down; {} drafts of cut sessions left in tmp/",
@@ -145,11 +152,11 @@ pub fn ingest(ctx: &mut Ctx) -> Row {
         tag: "crash-ingest",
         seed: ctx.rng.u64(..),
     });
-    let mut kills = Vec::new();
+    let mut kills = Kills::default();
     for point in kill_points(ctx, 5, total) {
         load.tally.wait_acked(point, STALL).unwrap_or_else(|e| panic!("{e}"));
         std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..50)));
-        kills.push(kill_and_restart(ctx, &mut gw, None));
+        kill_and_restart(ctx, &mut gw, None, &mut kills);
         eprintln!("    killed serve at {} acknowledged", load.tally.acked());
     }
     let recovered = Recovered::now(load.tally.acked_set());
@@ -167,7 +174,7 @@ pub fn ingest(ctx: &mut Ctx) -> Row {
     report::drain(&mut row, &recovered, &seen);
     row.sent = tally.offered();
     let unknown = |seq| tally.unknown(seq);
-    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills, IN_FLIGHT), Resend::Unknown(&unknown));
+    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
     let odd: Vec<String> = tally.refusal_counts().into_iter().map(|(k, n)| format!("{k} × {n}")).collect();
     row.check(odd.is_empty(), || format!("ingest processes that were not killed failed: {}", odd.join(", ")));
     let tmp = report::check_spool_end(&mut row, &spool, &acked, &report::delivered_set(&seen));
@@ -203,11 +210,11 @@ pub fn imap(ctx: &mut Ctx) -> Row {
     );
     let mut gw = ctx.gateway(&config, RULE).env("IMAP_PASSWORD", PASSWORD);
     gw.start();
-    let mut kills = Vec::new();
+    let mut kills = Kills::default();
     for point in kill_points(ctx, 5, total) {
         wait_for("the drain to reach the next kill point", LOAD_TIMEOUT, || sink.distinct() >= point);
         std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..30)));
-        kills.push(kill_and_restart(ctx, &mut gw, None));
+        kill_and_restart(ctx, &mut gw, None, &mut kills);
         eprintln!("    killed serve at {} delivered", sink.distinct());
     }
     let acked: HashSet<u64> = (0..total as u64).collect();
@@ -231,8 +238,8 @@ pub fn imap(ctx: &mut Ctx) -> Row {
         &mut row,
         &acked,
         &seen,
-        Redelivery::NearKills(&kills, IN_FLIGHT),
-        Resend::NearKills(&kills, IN_FLIGHT),
+        Redelivery::NearKills(&kills.at, IN_FLIGHT),
+        Resend::SpooledAcrossKill(&kills.wall, IN_FLIGHT),
     );
     report::check_spool_end(&mut row, &spool, &acked, &report::delivered_set(&seen));
     let logs = gw.logs();

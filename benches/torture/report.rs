@@ -3,7 +3,7 @@
 use crate::sink::Seen;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One line of the results table, with what went wrong.
 #[derive(Debug, Default)]
@@ -60,6 +60,8 @@ impl Row {
 pub enum Redelivery<'a> {
     /// Only when its first delivery was in flight at one of these kills: at most `window` before it.
     NearKills(&'a [Instant], Duration),
+    /// Only when its first delivery came within `window` of this moment, before or after.
+    Around(Instant, Duration),
     /// Expected in this scenario (counted, not a violation).
     Allowed,
     /// Never.
@@ -70,8 +72,11 @@ pub enum Redelivery<'a> {
 pub enum Resend<'a> {
     /// At most once per attempt whose outcome the sender could not know.
     Unknown(&'a dyn Fn(u64) -> u32),
-    /// Only when its first delivery came at most `window` before one of these kills.
-    NearKills(&'a [Instant], Duration),
+    /// Only when a kill (wall-clock time) came between the creation of its first spool id and
+    /// that of the next one, at most `window` after the first (the spool id is a ULID: it
+    /// carries its creation time): the copy spooled before the kill was not yet remembered as
+    /// such, and the restarted serve spooled the message again.
+    SpooledAcrossKill(&'a [SystemTime], Duration),
 }
 
 /// Fills in `delivered`, `lost`, `redelivered` and `resent` from what the destination saw, and
@@ -108,6 +113,7 @@ pub fn tally(row: &mut Row, acked: &HashSet<u64>, seen: &[Seen], redelivery: Red
         kills.iter().any(|k| *k >= first && k.duration_since(first) <= window)
     };
     let mut worst_gap: Option<Duration> = None;
+    let mut worst_spool_gap: Option<Duration> = None;
     for (seq, ids) in &by_seq {
         for (id, times) in ids {
             if times.len() < 2 {
@@ -119,6 +125,16 @@ pub fn tally(row: &mut Row, acked: &HashSet<u64>, seen: &[Seen], redelivery: Red
                 Redelivery::Allowed => {}
                 Redelivery::Forbidden => {
                     row.violation(format!("message {seq} (spool id {id}) was delivered {} times", times.len()))
+                }
+                Redelivery::Around(moment, window) => {
+                    let gap = if first > *moment { first - *moment } else { *moment - first };
+                    if gap > *window {
+                        row.violation(format!(
+                            "message {seq} (spool id {id}) was delivered {} times, first {:.3} s away from the fault",
+                            times.len(),
+                            gap.as_secs_f64()
+                        ));
+                    }
                 }
                 Redelivery::NearKills(kills, window) => {
                     if let Some(gap) = kills.iter().filter(|k| **k >= first).map(|k| k.duration_since(first)).min() {
@@ -146,22 +162,47 @@ pub fn tally(row: &mut Row, acked: &HashSet<u64>, seen: &[Seen], redelivery: Red
                         ));
                     }
                 }
-                Resend::NearKills(kills, window) => {
-                    let first = ids.values().flatten().min().copied().expect("not empty");
-                    if !near(kills, first, *window) {
-                        let times: Vec<Instant> = ids.values().flatten().copied().collect();
+                Resend::SpooledAcrossKill(kills, window) => {
+                    let created = |id: &str| {
+                        ulid::Ulid::from_string(id)
+                            .map(|u| SystemTime::UNIX_EPOCH + Duration::from_millis(u.timestamp_ms()))
+                            .ok()
+                    };
+                    let mut times: Vec<Option<SystemTime>> = ids.keys().map(|id| created(id)).collect();
+                    times.sort();
+                    let explained = times.windows(2).all(|w| match (w[0], w[1]) {
+                        (Some(a), Some(b)) => kills.iter().any(|k| {
+                            let gap = k.duration_since(a).unwrap_or_default();
+                            let across = a <= *k && *k <= b && gap <= *window;
+                            if across {
+                                worst_spool_gap = worst_spool_gap.max(Some(gap));
+                            }
+                            across
+                        }),
+                        _ => false,
+                    });
+                    if !explained {
                         row.violation(format!(
-                            "message {seq} was delivered under {} spool ids, but its first delivery was not near a kill ({})",
+                            "message {seq} was spooled {} times, not across a kill (spool ids {:?})",
                             ids.len(),
-                            relative(kills, &times)
+                            ids.keys().collect::<Vec<_>>()
                         ));
                     }
                 }
             }
         }
     }
+    if let Some(gap) = worst_spool_gap {
+        row.note(format!(
+            "each message spooled twice had its first copy spooled at most {} ms before a kill",
+            gap.as_millis()
+        ));
+    }
     if let Some(gap) = worst_gap {
-        row.note(format!("redelivered at most {:.2} s before a kill", gap.as_secs_f64()));
+        row.note(format!(
+            "each redelivered spool id was first delivered at most {:.2} s before a kill",
+            gap.as_secs_f64()
+        ));
     }
 }
 
