@@ -140,6 +140,26 @@ fn hundred_kb_command_and_text_lines_get_500_and_memory_does_not_grow() {
 }
 
 #[test]
+fn bdat_chunks_holding_100_kb_lines_are_stored_verbatim() {
+    // BDAT is binary-clean: the text-line limit of DATA does not apply to it.
+    let (gw, addr) = keeping_smtp("");
+    let mut c = SmtpClient::connect(addr);
+    c.hello("EHLO", "client.test");
+    let content = mail("long bdat lines", &format!("{}\r\n{}", "x".repeat(100 * 1024), "y".repeat(100 * 1024)));
+    c.expect("MAIL FROM:<erp@legacy.example>", &["250 2.1.0"]);
+    c.expect("RCPT TO:<orders@hooks.example.com>", &["250 2.1.5"]);
+    let (first, second) = content.split_at(150 * 1024);
+    c.send_bulk(format!("BDAT {}\r\n{first}", first.len()).as_bytes(), "150 KB of a BDAT chunk");
+    c.expect_reply(&["250 2.0.0"]);
+    c.send_bulk(format!("BDAT {} LAST\r\n{second}", second.len()).as_bytes(), "the rest in a last chunk");
+    let reply = c.expect_reply(&["250 2.0.0"]);
+    let id = queued_id(&reply).unwrap_or_else(|| c.fail("no spool id"));
+    c.expect("QUIT", &["221"]);
+    wait_kept(&gw, &[&id]);
+    assert!(gw.raw_message(&id) == content.as_bytes(), "the stored message is not what was sent");
+}
+
+#[test]
 fn a_data_that_never_ends_is_cut_by_the_data_timeout_while_others_are_served() {
     let (gw, addr) = keeping_smtp("data_timeout = \"1s\"\ncommand_timeout = \"10s\"\n");
     let mut endless = SmtpClient::connect(addr);

@@ -60,18 +60,22 @@ struct Body {
     /// A copy of a small message, handed to the pipeline with it (no read back from disk).
     copy: Option<Vec<u8>>,
     size: usize,
-    line_len: usize,
+    /// Length of the text line being received (DATA); `None` for BDAT, whose chunks are
+    /// binary-clean: long lines are the client's business.
+    line_len: Option<usize>,
     /// Why it will be refused at the end, if it will.
     refused: Option<&'static str>,
 }
 
 impl Body {
-    fn new(spool: &Spool) -> Body {
+    /// A body for DATA (`text`: the line length limit applies) or BDAT.
+    fn new(spool: &Spool, text: bool) -> Body {
+        let line_len = text.then_some(0);
         match spool.draft() {
-            Ok(draft) => Body { draft: Some(draft), copy: Some(Vec::new()), size: 0, line_len: 0, refused: None },
+            Ok(draft) => Body { draft: Some(draft), copy: Some(Vec::new()), size: 0, line_len, refused: None },
             Err(e) => {
                 error!(error = %e, "cannot start a spool draft; answering 451");
-                Body { draft: None, copy: None, size: 0, line_len: 0, refused: Some(REFUSE_SPOOL) }
+                Body { draft: None, copy: None, size: 0, line_len, refused: Some(REFUSE_SPOOL) }
             }
         }
     }
@@ -86,16 +90,23 @@ impl Body {
             self.refuse(REFUSE_SIZE);
             return;
         }
-        for &b in bytes {
-            if b == b'\n' {
-                self.line_len = 0;
-            } else {
-                self.line_len += 1;
-                // 998 octets of text and the CR of the CRLF.
-                if self.line_len > MAX_TEXT_LINE - 1 {
-                    self.refuse(REFUSE_LINE);
-                    return;
+        if let Some(line_len) = &mut self.line_len {
+            let mut too_long = false;
+            for &b in bytes {
+                if b == b'\n' {
+                    *line_len = 0;
+                } else {
+                    *line_len += 1;
+                    // 998 octets of text and the CR of the CRLF.
+                    if *line_len > MAX_TEXT_LINE - 1 {
+                        too_long = true;
+                        break;
+                    }
                 }
+            }
+            if too_long {
+                self.refuse(REFUSE_LINE);
+                return;
             }
         }
         match &mut self.copy {
@@ -478,7 +489,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.reply("354 2.0.0 Start mail input; end with <CRLF>.<CRLF>");
         self.flush().await.map_err(|_| End::Closed)?;
 
-        let mut body = Body::new(&self.spool);
+        let mut body = Body::new(&self.spool, true);
         let mut receiver = DataReceiver::new();
         let mut decoded = Vec::with_capacity(READ_CHUNK);
         loop {
@@ -508,14 +519,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let ready = self.tx.mail_from.is_some() && !self.tx.recipients.is_empty();
         let mut body = match self.tx.bdat.take() {
             Some(b) => b,
-            None if ready => Body::new(&self.spool),
+            None if ready => Body::new(&self.spool, false),
             None => {
                 // The chunk still has to be read (and thrown away) to stay in sync.
                 let mut body = Body {
                     draft: None,
                     copy: None,
                     size: 0,
-                    line_len: 0,
+                    line_len: None,
                     refused: Some("503 5.5.1 Need MAIL and RCPT"),
                 };
                 self.read_chunk(&mut body, chunk_size).await?;
@@ -523,8 +534,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 return Ok(());
             }
         };
-        // BDAT content is binary-clean: long lines are the client's business.
-        body.line_len = 0;
         self.read_chunk(&mut body, chunk_size).await?;
         if is_last {
             self.finish(body).await;
@@ -548,13 +557,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             let done = receiver.ingest(&mut iter, &mut decoded);
             let consumed = self.buf.len() - iter.as_slice().len();
             self.buf.drain(..consumed);
-            // Count the chunk's bytes but do not apply the text-line limit to binary chunks.
-            let line_len = body.line_len;
             body.push(&decoded, self.cfg.max_size);
-            if body.refused == Some(REFUSE_LINE) {
-                body.refused = None;
-            }
-            body.line_len = line_len;
             if done {
                 return Ok(());
             }
