@@ -1,6 +1,7 @@
 //! Hostile SMTP clients against a real `mailhook serve` on loopback: over-long command and text
-//! lines, a DATA that never ends, a thousand idle connections, a pipelining flood, a flood from
-//! a client that never reads its replies, and bytes dripped one at a time. `tests/smtp.rs` has
+//! lines (and long lines in BDAT chunks, which are allowed), a DATA that never ends, a thousand
+//! idle connections, a pipelining flood, a flood from a client that never reads its replies,
+//! and bytes dripped one at a time. `tests/smtp.rs` has
 //! the protocol itself; this file checks that abuse stays contained: the abuser gets the right
 //! answer or a clean close, other clients are served meanwhile, and the memory of the serve
 //! process (its VmRSS / VmHWM in `/proc/PID/status`) stays within a stated bound.
