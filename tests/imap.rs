@@ -26,12 +26,13 @@ fn gateway(dovecot: &Dovecot, extra: &str) -> Gateway {
     Gateway::new(&config(dovecot, extra), RULES).env("IMAP_PASSWORD", PASSWORD)
 }
 
-/// Every payload delivered so far.
+/// Every payload delivered so far (a line still being written is not one yet).
 fn delivered(gw: &Gateway) -> Vec<Value> {
     std::fs::read_to_string(gw.path().join("out.jsonl"))
         .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect()
 }
 

@@ -24,8 +24,13 @@ impl FileDestination {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let file =
-            OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        drop_partial_line(&file).map_err(|e| format!("{}: {e}", path.display()))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let shown = path.display().to_string();
         std::thread::Builder::new()
@@ -51,6 +56,30 @@ impl FileDestination {
     }
 }
 
+/// Cuts a line left unfinished by a crash or a failed write (it was never reported as
+/// delivered, so it will be written again whole), so that the next line does not run into it.
+fn drop_partial_line(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end != len {
+        file.set_len(end)?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
 fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -64,6 +93,8 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
         for (line, _) in &batch {
             if let Err(e) = file.write_all(line) {
                 result = Err(format!("{path}: {e}"));
+                // Take back what part of the batch was written: it is sent again later.
+                let _ = drop_partial_line(&file);
                 break;
             }
         }
@@ -75,5 +106,29 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
         for (_, reply) in batch {
             let _ = reply.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_left_unfinished_by_a_crash_is_cut_before_new_lines_are_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let long = "x".repeat(10_000);
+        std::fs::write(&path, format!("{{\"a\":1}}\n{{\"b\":\"{long}")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dest = FileDestination::open(&path).unwrap();
+        assert!(matches!(rt.block_on(dest.send(b"{\"c\":3}")), Attempt::Done));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"c\":3}\n");
+
+        // No newline at all: the whole file was one unfinished line.
+        std::fs::write(&path, "{\"unfinished").unwrap();
+        drop(dest);
+        let dest = FileDestination::open(&path).unwrap();
+        assert!(matches!(rt.block_on(dest.send(b"{}")), Attempt::Done));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
     }
 }
