@@ -14,7 +14,8 @@
 //! spool, and the checkpoint (`UIDVALIDITY` + last UID handled, see [`checkpoint`]) is written
 //! before the after-action, so a failed after-action or a crash at any point never sends a
 //! message twice from one folder. A message committed to the spool just before a crash, too
-//! late for the checkpoint, is fetched again after the restart but recognised by its content
+//! late for the checkpoint (or just after a batch failed on a later message), is fetched again
+//! by the next connection, whose first sync recognises it by its content
 //! fingerprint (added to the folder's list the moment its commit returns, before the pipeline
 //! can deliver it); only a crash between those two steps can send it twice (at-least-once,
 //! like every other way in).
@@ -154,13 +155,12 @@ impl Watcher {
     /// Watches the folder until `shutdown` turns true, reconnecting after any failure.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut failures = 0u32;
-        let mut resumed = false;
         info!(account = %self.account, folder = %self.folder, server = %self.connector.server(), "watching IMAP folder");
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let error = match self.session(&mut failures, &mut resumed, &mut shutdown).await {
+            let error = match self.session(&mut failures, &mut shutdown).await {
                 Ok(()) => break,
                 Err(e) => e,
             };
@@ -189,12 +189,7 @@ impl Watcher {
     }
 
     /// One connection: sync, wait for news, sync again, until shutdown (`Ok`) or an error.
-    async fn session(
-        &self,
-        failures: &mut u32,
-        resumed: &mut bool,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), WatchError> {
+    async fn session(&self, failures: &mut u32, shutdown: &mut watch::Receiver<bool>) -> Result<(), WatchError> {
         let mut session = self.connector.connect().await?;
         let caps = within(COMMAND_TIMEOUT, session.capabilities()).await.map_err(imap_err("CAPABILITY"))?;
         let caps = Caps { idle: caps.has_str("IDLE"), mv: caps.has_str("MOVE"), uidplus: caps.has_str("UIDPLUS") };
@@ -221,7 +216,7 @@ impl Watcher {
 
         let stored = self.checkpoint.load().map_err(WatchError::Checkpoint)?;
         let (mut position, mut scan) = match stored {
-            Some(p) if p.uidvalidity == uidvalidity => (p, if *resumed { Scan::New } else { Scan::Resume }),
+            Some(p) if p.uidvalidity == uidvalidity => (p, Scan::Resume),
             Some(p) => {
                 warn!(
                     account = %self.account, folder = %self.folder, old = p.uidvalidity, new = uidvalidity,
@@ -241,7 +236,6 @@ impl Watcher {
                 break;
             }
             scan = Scan::New;
-            *resumed = true;
             self.health.synced();
             *failures = 0;
             while session.unsolicited_responses.try_recv().is_ok() {}
@@ -346,7 +340,7 @@ impl Watcher {
         already: Option<&HashSet<String>>,
     ) -> Result<(), WatchError> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut done: Vec<(u32, String, Result<String, String>)> = Vec::new();
+        let mut done: Vec<(u32, Result<String, String>)> = Vec::new();
         let mut skipped: Vec<u32> = Vec::new();
         let mut pending_bytes = 0usize;
         {
@@ -378,53 +372,43 @@ impl Watcher {
                     self.inbox.clone(),
                     self.envelope(),
                     body.to_vec(),
-                    (self.checkpoint.clone(), fp.clone()),
+                    (self.checkpoint.clone(), fp),
                 ));
-                pending.push_back((uid, fp, body.len(), job));
+                pending.push_back((uid, body.len(), job));
                 while pending_bytes > MAX_PENDING_BYTES {
-                    let Some((uid, fp, len, job)) = pending.pop_front() else { break };
+                    let Some((uid, len, job)) = pending.pop_front() else { break };
                     pending_bytes -= len;
-                    done.push((uid, fp, join(job).await));
+                    done.push((uid, join(job).await));
                 }
             }
         }
-        for (uid, fp, _, job) in pending {
-            done.push((uid, fp, join(job).await));
+        for (uid, _, job) in pending {
+            done.push((uid, join(job).await));
         }
 
         // Advance over every UID of the batch up to the first that failed to commit.
-        let mut failed: Option<(u32, String)> = None;
-        let mut fingerprints = Vec::new();
-        let mut acknowledged: Vec<u32> = skipped;
-        done.sort_by_key(|(uid, _, _)| *uid);
-        for (uid, fp, result) in done {
-            match result {
-                Ok(id) if failed.is_none() || failed.as_ref().is_some_and(|(f, _)| uid < *f) => {
-                    info!(id = %id, account = %self.account, folder = %self.folder, uid, "received");
-                    fingerprints.push(fp);
-                    acknowledged.push(uid);
-                }
-                Ok(id) => {
-                    // Durable, but past a failed one: it will be fetched again; say so.
-                    info!(id = %id, account = %self.account, folder = %self.folder, uid, "received (will be fetched again after an earlier failure)");
-                }
-                Err(e) => {
-                    if failed.as_ref().is_none_or(|(f, _)| uid < *f) {
-                        failed = Some((uid, e));
-                    }
-                }
+        done.sort_by_key(|(uid, _)| *uid);
+        let failed = done.iter().find_map(|(uid, r)| r.as_ref().err().map(|e| (*uid, e.clone())));
+        let limit = failed.as_ref().map_or(u32::MAX, |(f, _)| *f);
+        let mut received = 0;
+        for (uid, result) in &done {
+            if let Ok(id) = result {
+                // One past a failure is durable too (and its fingerprint known): the next
+                // connection fetches it again and recognises it.
+                info!(id = %id, account = %self.account, folder = %self.folder, uid, "received");
+                received += u64::from(*uid < limit);
             }
         }
-        acknowledged.sort_unstable();
-        let limit = failed.as_ref().map_or(u32::MAX, |(f, _)| *f);
+        let mut acknowledged: Vec<u32> =
+            skipped.into_iter().chain(done.iter().filter(|(_, r)| r.is_ok()).map(|(uid, _)| *uid)).collect();
         acknowledged.retain(|&u| u < limit);
-        let new_last = batch.iter().copied().filter(|&u| u < limit).max();
-        if let Some(last) = new_last {
+        acknowledged.sort_unstable();
+        if let Some(last) = batch.iter().copied().filter(|&u| u < limit).max() {
             // Each message's fingerprint was added as soon as it was durable (see `store`).
             self.checkpoint.settle().map_err(WatchError::Checkpoint)?;
             position.last_uid = position.last_uid.max(last);
             self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
-            self.health.fetched(fingerprints.len() as u64);
+            self.health.fetched(received);
         }
         if let Err(e) = self.after_action(session, caps, &acknowledged).await {
             // The checkpoint already keeps these from being fetched again; a broken connection
@@ -468,16 +452,16 @@ impl Watcher {
     }
 }
 
-/// A message fetched and being committed: UID, fingerprint, size, the commit (spool id).
-type Pending = (u32, String, usize, JoinHandle<Result<String, String>>);
+/// A message fetched and being committed: UID, size, the commit (spool id).
+type Pending = (u32, usize, JoinHandle<Result<String, String>>);
 
 /// Which messages a sync considers.
 #[derive(Debug, Clone, Copy)]
 enum Scan {
     /// Past the checkpoint.
     New,
-    /// Past the checkpoint, at the first sync since the process started: a message spooled
-    /// just before a crash, too late to be checkpointed, is recognised by its fingerprint.
+    /// Past the checkpoint, at the first sync of a connection: a message spooled just before
+    /// a crash or a failed batch, too late for the checkpoint, is recognised by its fingerprint.
     Resume,
     /// No checkpoint yet: the folder's backlog (unread ones only for `seen`).
     First { uid_next: Option<u32> },
