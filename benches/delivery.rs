@@ -26,6 +26,9 @@
 //! cargo bench --bench delivery -- --messages 2000 --concurrency 32,8,64
 //! ```
 
+#[path = "common/sink.rs"]
+mod sink;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State as AxState};
@@ -36,6 +39,7 @@ use mailhook::config::Config;
 use mailhook::model::{Envelope, Source};
 use mailhook::pipeline::{Pipeline, SharedRules};
 use mailhook::spool::{Spool, SpoolOptions, State};
+use sink::Sink;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -56,55 +60,6 @@ struct SinkState {
     tid: AtomicI64,
     first: Mutex<Option<Instant>>,
     last: Mutex<Option<Instant>>,
-}
-
-struct Sink {
-    addr: std::net::SocketAddr,
-    state: Arc<SinkState>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start() -> Sink {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind sink on 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("non-blocking listener");
-        let addr = listener.local_addr().expect("sink address");
-        let state = Arc::new(SinkState::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("bench-sink".into())
-            .spawn(move || {
-                st.tid.store(current_tid(), Ordering::SeqCst);
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("sink runtime");
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    let app = Router::new().fallback(sink_handler).with_state(st);
-                    tokio::select! {
-                        _ = axum::serve(listener, app) => {}
-                        _ = stopped => {}
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_millis(200));
-            })
-            .expect("spawn sink thread");
-        while state.tid.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Sink { addr, state, stop: Some(stop), thread: Some(thread) }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 async fn sink_handler(AxState(state): AxState<Arc<SinkState>>, request: Request) -> Response {
@@ -372,7 +327,11 @@ fn run_once(base: &Path, root: &Path, concurrency: usize, n: usize) -> Row {
     let fill_took = fill(&spool_dir, n);
     eprintln!("delivery: concurrency {concurrency}: spool filled in {:.2} s; delivering", fill_took.as_secs_f64());
 
-    let sink = Sink::start();
+    let state = Arc::new(SinkState::default());
+    let st = state.clone();
+    let sink = Sink::start(Router::new().fallback(sink_handler).with_state(state.clone()), move || {
+        st.tid.store(current_tid(), Ordering::SeqCst)
+    });
     std::fs::write(dir.join("rules/all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").expect("write rules");
     let config_text = format!(
         r#"[spool]
@@ -429,7 +388,7 @@ url = "http://{addr}/hook"
                 .all(|s| spool.list(s).map(|l| l.is_empty()).unwrap_or(false))
         };
         let wall = loop {
-            if sink.state.requests.load(Ordering::SeqCst) >= n as u64 && empty(&spool) {
+            if state.requests.load(Ordering::SeqCst) >= n as u64 && empty(&spool) {
                 break start.elapsed();
             }
             if !spool.dir().join("incoming").is_dir() {
@@ -442,7 +401,7 @@ url = "http://{addr}/hook"
                     .collect();
                 panic!(
                     "concurrency {concurrency}: not done after {GIVE_UP:?}: sink saw {} request(s); spool {}",
-                    sink.state.requests.load(Ordering::SeqCst),
+                    state.requests.load(Ordering::SeqCst),
                     counts.join(" ")
                 );
             }
@@ -480,13 +439,13 @@ url = "http://{addr}/hook"
     drop(spool);
     drop(runtime);
 
-    let keys = sink.state.keys.lock().unwrap().clone();
+    let keys = state.keys.lock().unwrap().clone();
     let missing_key = keys.get("").copied().unwrap_or(0) as u64;
     let distinct = keys.keys().filter(|k| !k.is_empty()).count();
     let duplicates: u64 = keys.iter().filter(|(k, _)| !k.is_empty()).map(|(_, c)| (*c as u64).saturating_sub(1)).sum();
-    let first_request = sink.state.first.lock().unwrap().map(|t| t.saturating_duration_since(start));
-    let last_request = sink.state.last.lock().unwrap().map(|t| t.saturating_duration_since(start));
-    let requests = sink.state.requests.load(Ordering::SeqCst);
+    let first_request = state.first.lock().unwrap().map(|t| t.saturating_duration_since(start));
+    let last_request = state.last.lock().unwrap().map(|t| t.saturating_duration_since(start));
+    let requests = state.requests.load(Ordering::SeqCst);
     drop(sink);
     delete_and_mark(base, &dir);
 

@@ -25,11 +25,15 @@
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
 //! ```
 
+#[path = "common/sink.rs"]
+mod sink;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
+use sink::Sink;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -48,50 +52,6 @@ const GIVE_UP: Duration = Duration::from_secs(120);
 struct Received {
     /// (sequence number, arrival) of every request.
     arrivals: Mutex<Vec<(u64, Instant)>>,
-}
-
-struct Sink {
-    addr: SocketAddr,
-    received: Arc<Received>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start() -> Sink {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind sink");
-        listener.set_nonblocking(true).expect("non-blocking listener");
-        let addr = listener.local_addr().expect("sink address");
-        let received = Arc::new(Received::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = received.clone();
-        let thread = std::thread::Builder::new()
-            .name("e2e-sink".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("sink runtime");
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    let app = Router::new().fallback(handler).with_state(state);
-                    tokio::select! {
-                        _ = axum::serve(listener, app) => {}
-                        _ = stopped => {}
-                    }
-                });
-            })
-            .expect("spawn sink");
-        Sink { addr, received, stop: Some(stop), thread: Some(thread) }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Response {
@@ -280,7 +240,8 @@ struct Row {
 fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     let dir = base.join(format!("{}-{}k-{sessions}", std::process::id(), size / 1024));
     let _ = std::fs::remove_dir_all(&dir);
-    let sink = Sink::start();
+    let received = Arc::new(Received::default());
+    let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
     let serve = Serve::start(&dir, sink.addr);
     let pid = serve.child.id();
     let cpu0 = cpu_ticks(pid);
@@ -296,13 +257,13 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     let deadline = Instant::now() + GIVE_UP;
     loop {
         let arrived: std::collections::HashSet<u64> =
-            sink.received.arrivals.lock().unwrap().iter().map(|(s, _)| *s).collect();
+            received.arrivals.lock().unwrap().iter().map(|(s, _)| *s).collect();
         if acked.keys().all(|s| arrived.contains(s)) || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let arrivals = sink.received.arrivals.lock().unwrap().clone();
+    let arrivals = received.arrivals.lock().unwrap().clone();
     let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks();
     let rss = proc_field(pid, "status", "VmHWM:").unwrap_or(0) as f64 / 1024.0;
     serve.stop();
