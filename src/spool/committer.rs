@@ -14,9 +14,9 @@ const MAX_BATCH: usize = 512;
 /// One mutation of the spool.
 pub(super) enum Op {
     /// A new message: `draft` → `raw`, `meta_tmp` → `meta_dest`. Both files are already
-    /// written by the producer and still open (`draft_file`, `meta_file`), so that flushing
-    /// them needs no second open.
-    Commit { draft_file: File, draft: PathBuf, raw: PathBuf, meta_file: File, meta_tmp: PathBuf, meta_dest: PathBuf },
+    /// written by the producer and still open (`files`: the draft's and the metadata's), so
+    /// that flushing them needs no second open; the writer takes them to flush them.
+    Commit { files: Option<(File, File)>, draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf },
     /// Rename a metadata file to another state, after writing new content in place if given.
     Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
     /// Delete a message.
@@ -186,24 +186,23 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
     let mut to_flush: Vec<Flush> = Vec::new();
 
     // Phase 1: file contents.
-    for (i, job) in batch.iter().enumerate() {
-        let r = match &job.op {
-            Op::Commit { draft_file, draft, meta_file, meta_tmp, .. } if fsync => {
-                draft_file.try_clone().map_err(|e| SpoolError::io(draft, e)).and_then(|draft_file| {
-                    let meta_file = meta_file.try_clone().map_err(|e| SpoolError::io(meta_tmp, e))?;
+    let mut batch = batch;
+    for (i, job) in batch.iter_mut().enumerate() {
+        let r = match &mut job.op {
+            Op::Commit { files, draft, meta_tmp, .. } => {
+                if let Some((draft_file, meta_file)) = files.take().filter(|_| fsync) {
                     to_flush.push((i, draft.clone(), draft_file));
                     to_flush.push((i, meta_tmp.clone(), meta_file));
-                    Ok(())
-                })
+                }
+                Ok(())
             }
-            Op::Commit { .. } => Ok(()),
             Op::Move { write: Some((tmp, meta)), .. } => write_file(tmp, meta)
                 .map(|written| {
                     if fsync {
                         to_flush.push((i, tmp.clone(), written));
                     }
                 })
-                .map_err(|e| SpoolError::io(tmp, e)),
+                .map_err(|e| SpoolError::io(&*tmp, e)),
             Op::Move { write: None, .. } | Op::Remove { .. } => Ok(()),
         };
         results.push(r);

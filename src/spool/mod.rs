@@ -408,10 +408,9 @@ impl Draft {
                 SpoolError::io(&meta_tmp, e)
             })?;
         let op = Op::Commit {
-            draft_file: file,
+            files: Some((file, meta_file)),
             draft: self.path.clone(),
             raw: self.spool.raw_path(&self.id),
-            meta_file,
             meta_tmp,
             meta_dest: self.spool.path(State::Incoming, &self.id),
         };
