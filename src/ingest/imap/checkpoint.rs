@@ -103,8 +103,15 @@ impl Checkpoint {
     /// Safe to call from several tasks at once (each line is one append). [`Checkpoint::settle`]
     /// flushes the list.
     pub fn remember_now(&self, fingerprint: &str) -> io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.seen)?;
+        let open = || OpenOptions::new().create(true).append(true).open(&self.seen);
+        let mut f = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Only the first message of a folder finds no directory yet.
+                fs::create_dir_all(&self.dir)?;
+                open()?
+            }
+            other => other?,
+        };
         f.write_all(format!("{fingerprint}\n").as_bytes())
     }
 
