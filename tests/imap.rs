@@ -448,8 +448,10 @@ fn healthz_turns_503_when_the_imap_server_goes_away_and_200_when_it_returns() {
     let mut gw = Gateway::new(&config, RULES).env("IMAP_PASSWORD", PASSWORD);
     gw.start();
     let admin = gw.listening("admin");
+    // Coming back can take up to the watcher's 60 s command timeout plus a backoff: a
+    // connection made while the server was going down may hang until that timeout ends it.
     let health = |want: u16| {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let (status, _, body) = http_get(admin, "/healthz", None);
             if status == want {

@@ -197,18 +197,11 @@ impl Watcher {
             // Creating a folder that exists fails harmlessly; any other problem shows at MOVE.
             let _ = within(COMMAND_TIMEOUT, session.create(target)).await;
         }
-        let mut mailbox = within(COMMAND_TIMEOUT, session.select(&self.folder))
+        // A SELECT cut short by a server going down can come back without UIDVALIDITY: that
+        // is an error like any other, and the next connection selects again.
+        let mailbox = within(COMMAND_TIMEOUT, session.select(&self.folder))
             .await
             .map_err(imap_err(&format!("SELECT {:?}", self.folder)))?;
-        if mailbox.uid_validity.is_none() {
-            // Seen right after a server restart: the SELECT answer came without it. STATUS
-            // asks for it explicitly.
-            let status = within(COMMAND_TIMEOUT, session.status(&self.folder, "(UIDVALIDITY UIDNEXT)"))
-                .await
-                .map_err(imap_err(&format!("STATUS {:?}", self.folder)))?;
-            mailbox.uid_validity = status.uid_validity;
-            mailbox.uid_next = mailbox.uid_next.or(status.uid_next);
-        }
         let uidvalidity = mailbox
             .uid_validity
             .ok_or_else(|| WatchError::Imap(format!("the server gave no UIDVALIDITY for {:?}", self.folder)))?;
