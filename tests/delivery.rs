@@ -457,8 +457,8 @@ fn ingest_refuses_with_75_when_the_spool_cannot_take_the_message() {
     let (code, _, err) = gw.ingest_raw(&big, &["a@example.com"]);
     assert_eq!(code, 75, "disk full: {err}");
     assert!(std::fs::read_dir(mnt.join("tmp")).unwrap().next().is_none(), "nothing half-written is left in tmp/");
-    assert_eq!(std::fs::read_dir(mnt.join("incoming")).unwrap().count(), 1);
-    assert_eq!(std::fs::read_dir(mnt.join("msg")).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(mnt.join("incoming")).unwrap().count(), 1, "the one message file");
+    assert_eq!(std::fs::read_dir(mnt.join("msg")).unwrap().count(), 0);
 
     let remount = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).status().unwrap();
     assert!(remount.success());

@@ -49,7 +49,7 @@ fn email_hook_uses_starttls_with_an_extra_ca_and_auth() {
     assert_eq!(envelope["tls"], true, "the relay was reached over STARTTLS: {shown}");
     assert_eq!(envelope["auth_user"], "hookrelay");
     assert_eq!(envelope["recipients"], serde_json::json!(["abc@hooks.kustomerapp.com"]));
-    let raw = std::fs::read(relay.path().join("spool/msg").join(format!("{relayed}.eml"))).unwrap();
+    let raw = relay.raw_message(&relayed);
     let (key, payload) = support::smtp::json_ld(&raw).expect("JSON-LD in the relayed mail");
     assert_eq!(key, "the-hook-key");
     assert_eq!(payload["id"], id.as_str());

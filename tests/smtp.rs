@@ -6,7 +6,7 @@
 //!
 //! Messages that should stay in the spool for inspection go to a gateway whose only rule never
 //! matches and whose `unmatched` policy is `dead`: each accepted message is then a dead letter
-//! whose envelope (`queue show --json`) and raw bytes (`spool/msg/ID.eml`) can be checked.
+//! whose envelope (`queue show --json`) and raw bytes (the message file in the spool) can be checked.
 //! Failed expectations print the whole SMTP dialogue.
 
 mod support;

@@ -409,22 +409,36 @@ fn run_mount(args: &[&str], at: &Path) -> Result<(), String> {
     if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
 }
 
-/// Metadata in `incoming/` that does not parse or has no raw message.
+/// Entries of `incoming/` that are not whole: a message file (`ID.msg`: the raw message, a line
+/// of metadata, and the footer `mailhook-spool-1 <size, 20 digits>\n`) whose footer or metadata
+/// does not read, or metadata (`ID.json`) that does not parse or has no message file.
 fn half_written(spool: &Path) -> Vec<String> {
+    const FOOTER: usize = "mailhook-spool-1 ".len() + 20 + 1;
+    let meta_of_file = |bytes: &[u8]| -> Option<serde_json::Value> {
+        let end = bytes.len().checked_sub(FOOTER)?;
+        let footer = std::str::from_utf8(&bytes[end..]).ok()?;
+        let size: usize = footer.strip_prefix("mailhook-spool-1 ")?.strip_suffix('\n')?.parse().ok()?;
+        serde_json::from_slice(bytes.get(size..end)?).ok()
+    };
     let mut bad = Vec::new();
     for entry in std::fs::read_dir(spool.join("incoming")).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".json") else {
-            bad.push(format!("incoming/{name}"));
-            continue;
+        let whole = match (name.strip_suffix(".msg"), name.strip_suffix(".json")) {
+            (Some(id), _) => {
+                std::fs::read(entry.path()).ok().and_then(|b| meta_of_file(&b)).is_some_and(|v| v["id"] == id)
+            }
+            (None, Some(id)) => {
+                let parses = std::fs::read(entry.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v["id"] == id);
+                parses
+                    && [format!("incoming/{id}.msg"), format!("msg/{id}.msg")].iter().any(|p| spool.join(p).is_file())
+            }
+            (None, None) => false,
         };
-        let parses = std::fs::read(entry.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["id"] == id);
         // Delivered and removed meanwhile is fine.
-        let gone = !entry.path().exists();
-        if !gone && (!parses || !spool.join("msg").join(format!("{id}.eml")).is_file()) {
+        if !whole && entry.path().exists() {
             bad.push(format!("incoming/{name}"));
         }
     }

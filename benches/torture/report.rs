@@ -291,10 +291,9 @@ pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
 }
 
 /// Checks what is left in the spool once everything was delivered: no dead letters, no
-/// metadata in `corrupt/`, and any raw message left without metadata (in `msg/`, where a kill
-/// between the two steps of a commit or of a removal leaves it, or in `corrupt/`, where
-/// recovery moves such orphans once they are 10 minutes old) is a copy that was delivered or
-/// never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
+/// metadata in `corrupt/`, and any message file left without metadata (in `msg/`, where a kill
+/// between the two steps of a removal leaves it, or in `corrupt/`, where recovery moves such
+/// orphans) is a copy that was delivered or never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
 /// recovery removes once they are 10 minutes old).
 pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delivered: &HashSet<u64>) -> usize {
     let c = spool_counts(spool);
@@ -313,7 +312,7 @@ pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delive
     }
     for entry in std::fs::read_dir(spool.join("corrupt")).into_iter().flatten().flatten() {
         let name = format!("corrupt/{}", entry.file_name().to_string_lossy());
-        if name.ends_with(".eml") {
+        if name.ends_with(".msg") || name.ends_with(".eml") {
             check_raw(row, &entry.path(), &name);
         } else {
             row.violation(format!("{name}: metadata was quarantined"));

@@ -13,14 +13,24 @@ const MAX_BATCH: usize = 512;
 
 /// One mutation of the spool.
 pub(super) enum Op {
-    /// A new message: `draft` → `raw`, `meta_tmp` → `meta_dest`. Both files are already
-    /// written by the producer and still open (`files`: the draft's and the metadata's), so
-    /// that flushing them needs no second open; the writer takes them to flush them.
-    Commit { files: Option<(File, File)>, draft: PathBuf, raw: PathBuf, meta_tmp: PathBuf, meta_dest: PathBuf },
+    /// A new message: `draft` → `dest` (`incoming/ID.msg`). The file is already written by the
+    /// producer and still open (`file`), so that flushing it needs no second open; the writer
+    /// takes it to flush it.
+    Commit { file: Option<File>, draft: PathBuf, dest: PathBuf },
     /// Rename a metadata file to another state, after writing new content in place if given.
-    Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf },
-    /// Delete a message.
-    Remove { meta: PathBuf, raw: PathBuf },
+    /// `body` is the message file in `incoming/` of a message leaving from there: when `from`
+    /// does not exist its metadata is only in that file, and `write` becomes `to` directly.
+    Move { write: Option<(PathBuf, Vec<u8>)>, from: PathBuf, to: PathBuf, body: Option<Body> },
+    /// Delete a message: its metadata `meta` (or, when there is none, its message file `body`
+    /// in `incoming/`), then the first of `raw` that exists.
+    Remove { meta: PathBuf, body: Option<PathBuf>, raw: [PathBuf; 3] },
+}
+
+/// The message file of a message moving out of `incoming/`.
+pub(super) struct Body {
+    pub(super) at: PathBuf,
+    /// Where it goes once the metadata is in its new state (`msg/`); `None`: it stays.
+    pub(super) carry_to: Option<PathBuf>,
 }
 
 struct Job {
@@ -189,10 +199,9 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
     let mut batch = batch;
     for (i, job) in batch.iter_mut().enumerate() {
         let r = match &mut job.op {
-            Op::Commit { files, draft, meta_tmp, .. } => {
-                if let Some((draft_file, meta_file)) = files.take().filter(|_| fsync) {
-                    to_flush.push((i, draft.clone(), draft_file));
-                    to_flush.push((i, meta_tmp.clone(), meta_file));
+            Op::Commit { file, draft, .. } => {
+                if let Some(file) = file.take().filter(|_| fsync) {
+                    to_flush.push((i, draft.clone(), file));
                 }
                 Ok(())
             }
@@ -217,8 +226,7 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
             }
         }
     }
-    // Phase 2: names. Each op's renames are ordered so that a crash never leaves metadata
-    // without its raw message (invariant 2).
+    // Phase 2: names. Metadata never appears before its message file (invariant 2).
     let mut dirs = BTreeSet::new();
     for (job, r) in batch.iter().zip(results.iter_mut()) {
         if r.is_err() {
@@ -226,61 +234,18 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
             continue;
         }
         *r = match &job.op {
-            Op::Commit { draft, raw, meta_tmp, meta_dest, .. } => match fs::rename(draft, raw) {
-                Err(e) => {
-                    let _ = fs::remove_file(meta_tmp);
-                    Err(SpoolError::io(draft, e))
-                }
-                Ok(()) => match fs::rename(meta_tmp, meta_dest) {
-                    Ok(()) => {
-                        dirs.insert(parent(raw));
-                        dirs.insert(parent(meta_dest));
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // Not acknowledged: take the message back out rather than leave an orphan.
-                        let _ = fs::remove_file(meta_tmp);
-                        let _ = fs::remove_file(raw);
-                        Err(SpoolError::io(meta_dest, e))
-                    }
-                },
-            },
-            Op::Move { write, from, to } => {
-                let written = match write {
-                    Some((tmp, _)) if from.exists() => fs::rename(tmp, from).map_err(|e| SpoolError::io(from, e)),
-                    Some((tmp, _)) => {
-                        let _ = fs::remove_file(tmp);
-                        Err(SpoolError::NotFound(file_id(from)))
-                    }
-                    None => Ok(()),
-                };
-                written
-                    .and_then(|()| {
-                        fs::rename(from, to).map_err(|e| match e.kind() {
-                            io::ErrorKind::NotFound => SpoolError::NotFound(file_id(from)),
-                            _ => SpoolError::io(to, e),
-                        })
-                    })
-                    .map(|()| {
-                        dirs.insert(parent(from));
-                        dirs.insert(parent(to));
-                    })
-            }
-            Op::Remove { meta, raw } => match fs::remove_file(meta) {
+            Op::Commit { draft, dest, .. } => match fs::rename(draft, dest) {
                 Ok(()) => {
-                    dirs.insert(parent(meta));
-                    match fs::remove_file(raw) {
-                        Ok(()) => {
-                            dirs.insert(parent(raw));
-                            Ok(())
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                        Err(e) => Err(SpoolError::io(raw, e)),
-                    }
+                    dirs.insert(parent(dest));
+                    Ok(())
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SpoolError::NotFound(file_id(meta))),
-                Err(e) => Err(SpoolError::io(meta, e)),
+                Err(e) => {
+                    let _ = fs::remove_file(draft);
+                    Err(SpoolError::io(dest, e))
+                }
             },
+            Op::Move { write, from, to, body } => move_meta(write.as_ref(), from, to, body.as_ref(), &mut dirs),
+            Op::Remove { meta, body, raw } => remove(meta, body.as_deref(), raw, &mut dirs),
         };
     }
 
@@ -306,10 +271,83 @@ fn apply(batch: Vec<Job>, flushers: Option<&Flushers>) {
     finish(batch, results);
 }
 
+/// Phase 2 of [`Op::Move`].
+fn move_meta(
+    write: Option<&(PathBuf, Vec<u8>)>,
+    from: &Path,
+    to: &Path,
+    body: Option<&Body>,
+    dirs: &mut BTreeSet<PathBuf>,
+) -> Result<(), SpoolError> {
+    let not_found = || SpoolError::NotFound(file_id(from));
+    let rename = |a: &Path, b: &Path| {
+        fs::rename(a, b).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => not_found(),
+            _ => SpoolError::io(b, e),
+        })
+    };
+    if from.exists() {
+        if let Some((tmp, _)) = write {
+            rename(tmp, from)?;
+        }
+        rename(from, to)?;
+        dirs.insert(parent(from));
+    } else {
+        // Its only metadata is inside its message file in incoming/.
+        let tmp = match (body, write) {
+            (Some(body), Some((tmp, _))) if body.at.exists() => tmp,
+            _ => {
+                if let Some((tmp, _)) = write {
+                    let _ = fs::remove_file(tmp);
+                }
+                return Err(not_found());
+            }
+        };
+        rename(tmp, to)?;
+    }
+    dirs.insert(parent(to));
+    if let Some(Body { at, carry_to: Some(dest) }) = body {
+        match fs::rename(at, dest) {
+            Ok(()) => {
+                dirs.insert(parent(at));
+                dirs.insert(parent(dest));
+            }
+            // Not there: it was in msg/ already (a message set back in line), or a bare raw one.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io(dest, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Phase 2 of [`Op::Remove`].
+fn remove(meta: &Path, body: Option<&Path>, raw: &[PathBuf], dirs: &mut BTreeSet<PathBuf>) -> Result<(), SpoolError> {
+    let unlink = |p: &Path, dirs: &mut BTreeSet<PathBuf>| match fs::remove_file(p) {
+        Ok(()) => {
+            dirs.insert(parent(p));
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(SpoolError::io(p, e)),
+    };
+    if unlink(meta, dirs)? {
+        for p in raw {
+            if unlink(p, dirs)? {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    match body {
+        Some(body) if unlink(body, dirs)? => Ok(()),
+        _ => Err(SpoolError::NotFound(file_id(meta))),
+    }
+}
+
 fn cleanup_tmp(op: &Op) {
     match op {
-        Op::Commit { meta_tmp, .. } => {
-            let _ = fs::remove_file(meta_tmp);
+        Op::Commit { draft, .. } => {
+            let _ = fs::remove_file(draft);
         }
         Op::Move { write: Some((tmp, _)), .. } => {
             let _ = fs::remove_file(tmp);

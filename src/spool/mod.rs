@@ -9,28 +9,36 @@
 //! ```text
 //! SPOOL/
 //!   lock              flock(2)ed by the one `mailhook serve` that works this spool
-//!   tmp/              files being written: drafts of raw messages, new metadata
-//!   msg/ID.eml        the raw message exactly as received; written once, never changed
-//!   incoming/ID.json  accepted; judged and sent a first time from here
+//!   tmp/              files being written: new messages, new metadata
+//!   incoming/ID.msg   accepted: the raw message followed by its first metadata (see `file.rs`);
+//!                     judged and sent a first time from here
+//!   incoming/ID.json  newer metadata of a message in line again (`queue retry`, recovery)
+//!   msg/ID.msg        the message file of a message whose metadata is in another state
 //!   active/ID.json    claimed by the running server for a retry round
 //!   deferred/ID.json  judged; some destination still to be tried at `next_attempt`
 //!   dead/ID.json      dead letter: kept with its reason for `queue retry` / `replay`
 //!   corrupt/          entries that could not be read; moved here, never deleted
 //! ```
 //!
-//! `ID` is a ULID (time-ordered). `ID.json` is the [`Meta`] of the message: envelope, size,
-//! attempts, next attempt, the rules' decision (rule, payload, and the status of each
-//! destination) and the last error. A delivered (or dropped) message is removed, raw and
-//! metadata both.
+//! `ID` is a ULID (time-ordered). A message's [`Meta`] (envelope, size, attempts, next
+//! attempt, the rules' decision — rule, payload, the status of each destination — and the last
+//! error) is its `ID.json` where it has one, else the metadata inside its `incoming/ID.msg`. A
+//! delivered (or dropped) message is removed: a message delivered at once from `incoming/` is
+//! one file written, flushed, renamed and removed.
+//!
+//! Spools written before the message file existed hold `incoming/ID.json` and a bare raw
+//! message `msg/ID.eml`; both are still read, moved and removed.
 //!
 //! # Invariants
 //!
-//! 1. **A message's state is the directory its `ID.json` is in**, and it is in exactly one of
-//!    them. A state change is one `rename(2)`.
+//! 1. **A message's state is the directory its `ID.json` is in**, or `incoming/` when it has
+//!    none and its `ID.msg` is there. A state change is one `rename(2)` of the `ID.json` (a
+//!    message leaving `incoming/` for the first time gets its `ID.json` in the new state first;
+//!    its `ID.msg` then moves to `msg/`, and recovery finishes that second step if a crash
+//!    came in between).
 //! 2. **Nothing is acknowledged before it is durable.** Every write goes to `tmp/`, is flushed,
 //!    then renamed into place, and the directory is flushed; only then does the call return.
-//!    When a message is committed, `msg/ID.eml` is renamed into place *before*
-//!    `incoming/ID.json`, so a metadata file always has its raw message.
+//!    An `ID.json` never appears before its message file is in place.
 //! 3. **The raw message is never rewritten**; replays and retries read it again.
 //! 4. **Group commit**: one thread applies every mutation. It takes all the requests waiting,
 //!    writes their files, flushes them all at once (`fdatasync(2)` from several threads, which
@@ -38,17 +46,18 @@
 //!    touched once, then answers them all. Under load the cost of a flush is shared by every
 //!    message in the batch.
 //! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
-//!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); `active/` entries
-//!    go back in line (`incoming/`, or `deferred/` due now when already judged); metadata that
-//!    cannot be read, metadata without its raw message, and raw messages without metadata older
-//!    than [`TMP_GRACE`] are moved to `corrupt/` (a younger raw message may be an `ingest`
-//!    between its two renames).
+//!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); an `incoming/ID.msg`
+//!    whose `ID.json` is in another state moves to `msg/`; `active/` entries go back in line
+//!    (`incoming/`, or `deferred/` due now when already judged); metadata that cannot be read,
+//!    metadata without its message file, and message files without metadata (a removal cut
+//!    short; a bare `ID.eml` only once older than [`TMP_GRACE`]) are moved to `corrupt/`.
 
 mod committer;
+mod file;
 mod meta;
 
 use crate::model::Envelope;
-use committer::{Committer, Op};
+use committer::{Body, Committer, Op};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -192,9 +201,26 @@ impl Spool {
         self.inner.dir.join(state.dir_name()).join(format!("{id}.json"))
     }
 
-    /// Path of the raw message `id`.
-    pub fn raw_path(&self, id: &str) -> PathBuf {
+    /// The message file of `id` while it is in line in `incoming/`.
+    fn incoming_file(&self, id: &str) -> PathBuf {
+        self.inner.dir.join("incoming").join(format!("{id}.msg"))
+    }
+
+    /// The message file of `id` once its metadata is elsewhere.
+    fn moved_file(&self, id: &str) -> PathBuf {
+        self.inner.dir.join("msg").join(format!("{id}.msg"))
+    }
+
+    /// The bare raw message of a spool written before message files existed.
+    fn legacy_raw(&self, id: &str) -> PathBuf {
         self.inner.dir.join("msg").join(format!("{id}.eml"))
+    }
+
+    /// Where the raw bytes of `id` are, if anywhere: `(path, is a message file)`.
+    fn raw_location(&self, id: &str) -> Option<(PathBuf, bool)> {
+        [(self.moved_file(id), true), (self.incoming_file(id), true), (self.legacy_raw(id), false)]
+            .into_iter()
+            .find(|(p, _)| p.is_file())
     }
 
     fn tmp_path(&self, id: &str, ext: &str) -> PathBuf {
@@ -205,7 +231,7 @@ impl Spool {
     /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
     pub fn draft(&self) -> Result<Draft, SpoolError> {
         let id = ulid::Ulid::generate().to_string();
-        let path = self.tmp_path(&id, "eml");
+        let path = self.tmp_path(&id, "msg");
         let file = File::create(&path).map_err(|e| SpoolError::io(&path, e))?;
         Ok(Draft { spool: self.clone(), id, path, file: Some(io::BufWriter::with_capacity(64 * 1024, file)), size: 0 })
     }
@@ -220,35 +246,55 @@ impl Spool {
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
         let dir = self.inner.dir.join(state.dir_name());
+        let incoming = state == State::Incoming;
         let mut ids: Vec<String> = fs::read_dir(&dir)
             .map_err(|e| SpoolError::io(&dir, e))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
+            .filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                name.strip_suffix(".json")
+                    .or_else(|| name.strip_suffix(".msg").filter(|_| incoming))
+                    .map(str::to_string)
+            })
             .collect();
         ids.sort();
+        ids.dedup();
         Ok(ids)
     }
 
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
-        State::ALL.into_iter().find(|s| self.path(*s, id).exists())
+        State::ALL
+            .into_iter()
+            .find(|s| self.path(*s, id).exists())
+            .or_else(|| self.incoming_file(id).exists().then_some(State::Incoming))
     }
 
     pub fn read_meta(&self, state: State, id: &str) -> Result<Meta, SpoolError> {
         let path = self.path(state, id);
+        let not_found = |path: &Path, e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::io(path, e),
+        };
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.to_string() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && state == State::Incoming => {
+                let file = self.incoming_file(id);
+                file::read_meta(&file, id).map_err(|e| not_found(&file, e))?
+            }
+            Err(e) => Err(not_found(&path, e)),
+        }
+    }
+
+    pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+        let (path, message_file) = self.raw_location(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let bytes = fs::read(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
             _ => SpoolError::io(&path, e),
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.to_string() })
-    }
-
-    pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let path = self.raw_path(id);
-        fs::read(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::io(&path, e),
-        })
+        if message_file { file::split(bytes, id).map(|(raw, _)| raw) } else { Ok(bytes) }
     }
 
     fn encode(meta: &Meta) -> Vec<u8> {
@@ -261,30 +307,52 @@ impl Spool {
     /// place first, then renamed: a crash in between leaves the new content in the old state).
     /// With `from == to` it only replaces the metadata.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.committer.submit(self.transition_op(id, from, to, meta)).await
+        self.inner.committer.submit(self.transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(self.transition_op(id, from, to, meta))
+        self.inner.committer.submit_blocking(self.transition_op(id, from, to, meta)?)
     }
 
-    fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Op {
-        Op::Move {
-            write: meta.map(|m| (self.tmp_path(id, "json"), Self::encode(m))),
-            from: self.path(from, id),
+    fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
+        let from_path = self.path(from, id);
+        let body = (from == State::Incoming).then(|| Body {
+            at: self.incoming_file(id),
+            carry_to: (to != State::Incoming).then(|| self.moved_file(id)),
+        });
+        let meta = match meta {
+            Some(m) => Some(Self::encode(m)),
+            // Still only in its message file: the new state gets a copy of that metadata.
+            None if from == State::Incoming && !from_path.exists() => {
+                Some(Self::encode(&self.read_meta(State::Incoming, id)?))
+            }
+            None => None,
+        };
+        Ok(Op::Move {
+            write: meta.map(|m| (self.tmp_path(id, "json"), m)),
+            from: from_path,
             to: self.path(to, id),
+            body,
+        })
+    }
+
+    fn remove_op(&self, id: &str, from: State) -> Op {
+        Op::Remove {
+            meta: self.path(from, id),
+            body: (from == State::Incoming).then(|| self.incoming_file(id)),
+            raw: [self.moved_file(id), self.incoming_file(id), self.legacy_raw(id)],
         }
     }
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit(Op::Remove { meta: self.path(from, id), raw: self.raw_path(id) }).await
+        self.inner.committer.submit(self.remove_op(id, from)).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(Op::Remove { meta: self.path(from, id), raw: self.raw_path(id) })
+        self.inner.committer.submit_blocking(self.remove_op(id, from))
     }
 
     /// The recovery pass of invariant 5. Call with the lock held, before serving.
@@ -298,11 +366,31 @@ impl Spool {
             }
         }
 
+        // A move out of incoming/ cut short: the metadata is in its new state, the message
+        // file not yet in msg/.
+        let incoming = self.inner.dir.join("incoming");
+        for entry in fs::read_dir(&incoming).map_err(|e| SpoolError::io(&incoming, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".msg") else { continue };
+            if !self.path(State::Incoming, id).exists()
+                && State::ALL.iter().any(|s| *s != State::Incoming && self.path(*s, id).exists())
+            {
+                let dest = self.moved_file(id);
+                fs::rename(entry.path(), &dest).map_err(|e| SpoolError::io(&dest, e))?;
+                for dir in [&incoming, &self.inner.dir.join("msg")] {
+                    committer::sync_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
+                }
+            }
+        }
+
         let mut known = std::collections::HashSet::new();
         for state in State::ALL {
             for id in self.list(state)? {
+                let head = self.path(state, &id);
+                let head = if head.exists() { head } else { self.incoming_file(&id) };
+                let label = format!("{}/{}", state.dir_name(), head.file_name().unwrap_or_default().to_string_lossy());
                 match self.read_meta(state, &id) {
-                    Ok(mut meta) if self.raw_path(&id).is_file() => {
+                    Ok(mut meta) if self.raw_location(&id).is_some() => {
                         known.insert(id.clone());
                         if state == State::Active {
                             let to = if meta.decision.is_some() {
@@ -316,15 +404,15 @@ impl Spool {
                         }
                     }
                     Ok(_) => {
-                        self.quarantine(&self.path(state, &id))?;
-                        report.corrupt.push(format!("{}/{id}.json: its raw message is missing", state.dir_name()));
+                        self.quarantine(&head)?;
+                        report.corrupt.push(format!("{label}: its raw message is missing"));
                     }
                     Err(SpoolError::Corrupt { reason, .. }) => {
-                        self.quarantine(&self.path(state, &id))?;
-                        if self.raw_path(&id).is_file() {
-                            self.quarantine(&self.raw_path(&id))?;
+                        self.quarantine(&head)?;
+                        while let Some((raw, _)) = self.raw_location(&id) {
+                            self.quarantine(&raw)?;
                         }
-                        report.corrupt.push(format!("{}/{id}.json: {reason}", state.dir_name()));
+                        report.corrupt.push(format!("{label}: {reason}"));
                     }
                     Err(SpoolError::NotFound(_)) => {} // removed meanwhile (queue drop)
                     Err(e) => return Err(e),
@@ -334,11 +422,15 @@ impl Spool {
         let msg = self.inner.dir.join("msg");
         for entry in fs::read_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".eml") else { continue };
-            // A young one may be an `ingest` committing right now, between the rename of its raw
-            // message and that of its metadata: taking the raw message away would leave it
-            // acknowledged without one. Only older ones are orphans for sure.
-            if !known.contains(id) && self.find(id).is_none() && older_than(&entry, now, TMP_GRACE) {
+            let (id, bare) = match (name.strip_suffix(".msg"), name.strip_suffix(".eml")) {
+                (Some(id), _) => (id, false),
+                (None, Some(id)) => (id, true),
+                (None, None) => continue,
+            };
+            // A message file here without metadata is what a removal cut short leaves. A young
+            // bare raw message may be an older `ingest` committing right now, between its two
+            // renames: only older ones are orphans for sure.
+            if !known.contains(id) && self.find(id).is_none() && (!bare || older_than(&entry, now, TMP_GRACE)) {
                 self.quarantine(&entry.path())?;
                 report.corrupt.push(format!("msg/{name}: no metadata"));
             }
@@ -395,25 +487,14 @@ impl Draft {
     }
 
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
-        let file = self.file.take().ok_or(SpoolError::Stopped)?;
-        let file = file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
+        let mut file = self.file.take().ok_or(SpoolError::Stopped)?;
         envelope.id = self.id.clone();
         let meta = Meta::new(envelope, self.size);
-        // The metadata is written here, by the producer, so that the spool's writer thread
-        // only has to flush and rename.
-        let meta_tmp = self.spool.tmp_path(&self.id, "json");
-        let meta_file =
-            File::create(&meta_tmp).and_then(|mut f| f.write_all(&Spool::encode(&meta)).map(|()| f)).map_err(|e| {
-                let _ = fs::remove_file(&meta_tmp);
-                SpoolError::io(&meta_tmp, e)
-            })?;
-        let op = Op::Commit {
-            files: Some((file, meta_file)),
-            draft: self.path.clone(),
-            raw: self.spool.raw_path(&self.id),
-            meta_tmp,
-            meta_dest: self.spool.path(State::Incoming, &self.id),
-        };
+        // The metadata follows the raw bytes in the same file, written here by the producer:
+        // the spool's writer thread only has to flush and rename it.
+        file::write_tail(&mut file, &meta, self.size).map_err(|e| SpoolError::io(&self.path, e))?;
+        let file = file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
+        let op = Op::Commit { file: Some(file), draft: self.path.clone(), dest: self.spool.incoming_file(&self.id) };
         Ok((op, meta))
     }
 

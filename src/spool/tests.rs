@@ -55,8 +55,63 @@ fn transitions_and_removal() {
     assert_eq!(spool.find(&id), Some(State::Deferred));
     block_on(spool.remove(&id, State::Deferred)).unwrap();
     assert_eq!(spool.find(&id), None);
-    assert!(!spool.raw_path(&id).exists());
+    assert!(matches!(spool.read_raw(&id), Err(SpoolError::NotFound(_))));
     assert!(matches!(block_on(spool.remove(&id, State::Deferred)), Err(SpoolError::NotFound(_))));
+    for dir in ["tmp", "msg", "incoming", "active", "deferred", "dead"] {
+        assert_eq!(entries(&spool, dir), Vec::<String>::new(), "{dir}/ is empty");
+    }
+}
+
+/// The names in a spool directory, sorted.
+fn entries(spool: &Spool, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(spool.dir().join(dir)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_new_message_is_one_file_and_leaves_incoming_with_its_metadata() {
+    let (_d, spool) = open();
+    let raw = b"Subject: one file\r\n\r\nbody\r\n";
+    let id = spool.store(envelope(), raw).unwrap();
+    assert_eq!(entries(&spool, "incoming"), [format!("{id}.msg")]);
+    assert_eq!(entries(&spool, "msg"), Vec::<String>::new());
+    let file = fs::read(spool.dir().join("incoming").join(format!("{id}.msg"))).unwrap();
+    assert!(file.starts_with(raw), "the raw message comes first, as received");
+
+    // Leaving incoming/: metadata in the new state, the message file in msg/.
+    block_on(spool.transition(&id, State::Incoming, State::Deferred, None)).unwrap();
+    assert_eq!(entries(&spool, "incoming"), Vec::<String>::new());
+    assert_eq!(entries(&spool, "msg"), [format!("{id}.msg")]);
+    assert_eq!(entries(&spool, "deferred"), [format!("{id}.json")]);
+    assert_eq!(spool.read_meta(State::Deferred, &id).unwrap().size, raw.len() as u64);
+    assert_eq!(spool.read_raw(&id).unwrap(), raw);
+
+    // Back in line (`queue retry` of an undecided message): its metadata goes to incoming/.
+    let mut meta = spool.read_meta(State::Deferred, &id).unwrap();
+    meta.attempts = 2;
+    block_on(spool.transition(&id, State::Deferred, State::Incoming, Some(&meta))).unwrap();
+    assert_eq!(spool.list(State::Incoming).unwrap(), std::slice::from_ref(&id));
+    assert_eq!(spool.read_meta(State::Incoming, &id).unwrap().attempts, 2);
+    assert_eq!(spool.read_raw(&id).unwrap(), raw);
+    block_on(spool.remove(&id, State::Incoming)).unwrap();
+    for dir in ["msg", "incoming", "deferred"] {
+        assert_eq!(entries(&spool, dir), Vec::<String>::new(), "{dir}/ is empty");
+    }
+
+    // Replacing the metadata of a message still in incoming/ keeps it there, once.
+    let id = spool.store(envelope(), raw).unwrap();
+    let mut meta = spool.read_meta(State::Incoming, &id).unwrap();
+    meta.attempts = 5;
+    block_on(spool.transition(&id, State::Incoming, State::Incoming, Some(&meta))).unwrap();
+    assert_eq!(spool.list(State::Incoming).unwrap(), std::slice::from_ref(&id));
+    assert_eq!(spool.read_meta(State::Incoming, &id).unwrap().attempts, 5);
+    block_on(spool.transition(&id, State::Incoming, State::Dead, None)).unwrap();
+    assert_eq!(spool.read_meta(State::Dead, &id).unwrap().attempts, 5);
+    assert_eq!(entries(&spool, "incoming"), Vec::<String>::new());
+    block_on(spool.remove(&id, State::Dead)).unwrap();
+    assert_eq!(entries(&spool, "msg"), Vec::<String>::new());
 }
 
 #[test]
@@ -108,6 +163,8 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
     let decided = spool.store(envelope(), b"b").unwrap();
     let broken = spool.store(envelope(), b"c").unwrap();
     let rawless = spool.store(envelope(), b"d").unwrap();
+    let damaged = spool.store(envelope(), b"e").unwrap();
+    let removed = spool.store(envelope(), b"f").unwrap();
     block_on(spool.transition(&undecided, State::Incoming, State::Active, None)).unwrap();
     let mut meta = spool.read_meta(State::Incoming, &decided).unwrap();
     meta.decision = Some(Decision {
@@ -117,56 +174,98 @@ fn recovery_requeues_active_and_quarantines_what_it_cannot_read() {
         destinations: Default::default(),
     });
     block_on(spool.transition(&decided, State::Incoming, State::Active, Some(&meta))).unwrap();
+    for id in [&broken, &rawless, &removed] {
+        block_on(spool.transition(id, State::Incoming, State::Deferred, None)).unwrap();
+    }
     fs::write(spool.dir().join("deferred").join(format!("{broken}.json")), b"{ not json").unwrap();
-    fs::remove_file(spool.dir().join("incoming").join(format!("{broken}.json"))).unwrap();
-    fs::remove_file(spool.raw_path(&rawless)).unwrap();
+    fs::remove_file(spool.dir().join("msg").join(format!("{rawless}.msg"))).unwrap();
+    // A message file whose footer was damaged.
+    let damaged_file = spool.dir().join("incoming").join(format!("{damaged}.msg"));
+    let mut bytes = fs::read(&damaged_file).unwrap();
+    bytes.truncate(bytes.len() - 2);
+    fs::write(&damaged_file, bytes).unwrap();
+    // A removal cut short: metadata gone, the message file left.
+    fs::remove_file(spool.dir().join("deferred").join(format!("{removed}.json"))).unwrap();
     let orphan = spool.dir().join("msg").join("01ORPHAN.eml");
     fs::write(&orphan, b"orphan").unwrap();
     File::options().write(true).open(&orphan).unwrap().set_modified(SystemTime::now() - TMP_GRACE).unwrap();
-    fs::write(spool.dir().join("tmp").join("fresh.eml"), b"being written").unwrap();
+    fs::write(spool.dir().join("msg").join("01YOUNG.eml"), b"an older ingest committing").unwrap();
+    fs::write(spool.dir().join("tmp").join("fresh.msg"), b"being written").unwrap();
 
     let report = spool.recover().unwrap();
     assert_eq!(report.requeued, 2);
     assert_eq!(spool.find(&undecided), Some(State::Incoming));
+    assert_eq!(spool.read_raw(&undecided).unwrap(), b"a");
     assert_eq!(spool.find(&decided), Some(State::Deferred));
     assert!(spool.read_meta(State::Deferred, &decided).unwrap().due() <= SystemTime::now());
-    assert_eq!(report.corrupt.len(), 3, "{:?}", report.corrupt);
-    assert_eq!(spool.find(&broken), None);
-    assert_eq!(spool.find(&rawless), None);
-    let corrupt: Vec<String> = fs::read_dir(spool.dir().join("corrupt"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    for name in [format!("{broken}.json"), format!("{broken}.eml"), format!("{rawless}.json"), "01ORPHAN.eml".into()] {
+    assert_eq!(report.corrupt.len(), 5, "{:?}", report.corrupt);
+    for id in [&broken, &rawless, &damaged, &removed] {
+        assert_eq!(spool.find(id), None);
+    }
+    let corrupt = entries(&spool, "corrupt");
+    for name in [
+        format!("{broken}.json"),
+        format!("{broken}.msg"),
+        format!("{rawless}.json"),
+        format!("{damaged}.msg"),
+        format!("{removed}.msg"),
+        "01ORPHAN.eml".into(),
+    ] {
         assert!(corrupt.contains(&name), "{name} not in corrupt/: {corrupt:?}");
     }
-    // A young tmp file may belong to an ingest still writing: it stays.
-    assert!(spool.dir().join("tmp/fresh.eml").exists());
+    // A young bare raw message and a young tmp file may belong to an ingest still writing.
+    assert!(spool.dir().join("msg/01YOUNG.eml").exists());
+    assert!(spool.dir().join("tmp/fresh.msg").exists());
     assert_eq!(report.tmp_removed, 0);
 }
 
 #[test]
-fn recovery_leaves_alone_a_message_being_committed_by_another_process() {
+fn recovery_finishes_a_move_out_of_incoming_cut_short() {
     let (_d, spool) = open();
-    // An `ingest` committing while `serve` recovers: its raw message has been renamed into
-    // msg/, its metadata not yet.
-    let mut draft = spool.draft().unwrap();
-    draft.write_all(b"Subject: acknowledged\r\n\r\nbody\r\n").unwrap();
-    let id = draft.id().to_string();
-    let (op, _) = draft.finish(envelope()).unwrap();
-    let committer::Op::Commit { draft: written, raw, meta_tmp, meta_dest, .. } = op else { unreachable!() };
-    fs::rename(&written, &raw).unwrap();
-
-    let report = spool.recover().unwrap();
-    assert!(report.corrupt.is_empty(), "{:?}", report.corrupt);
-    assert!(raw.is_file(), "the raw message stays where it is");
-
-    // The ingest finishes its commit and exits 0: the message is whole.
-    fs::rename(&meta_tmp, &meta_dest).unwrap();
-    drop(draft);
-    assert_eq!(spool.find(&id), Some(State::Incoming));
-    assert_eq!(spool.read_raw(&id).unwrap(), b"Subject: acknowledged\r\n\r\nbody\r\n");
+    let id = spool.store(envelope(), b"Subject: moved\r\n\r\n").unwrap();
+    let mut meta = spool.read_meta(State::Incoming, &id).unwrap();
+    meta.attempts = 1;
+    // The first step only: the metadata in deferred/, the message file still in incoming/.
+    fs::write(spool.dir().join("deferred").join(format!("{id}.json")), Spool::encode(&meta)).unwrap();
     assert!(spool.recover().unwrap().corrupt.is_empty());
+    assert_eq!(spool.list(State::Incoming).unwrap(), Vec::<String>::new(), "not judged a second time");
+    assert_eq!(spool.find(&id), Some(State::Deferred));
+    assert_eq!(spool.read_meta(State::Deferred, &id).unwrap().attempts, 1);
+    assert_eq!(entries(&spool, "msg"), [format!("{id}.msg")]);
+    assert_eq!(spool.read_raw(&id).unwrap(), b"Subject: moved\r\n\r\n");
+}
+
+#[test]
+fn a_spool_of_bare_raw_messages_is_still_worked() {
+    let (_d, spool) = open();
+    // The layout written before message files: incoming/ID.json beside msg/ID.eml.
+    let mut e = envelope();
+    let raws: Vec<(String, &[u8])> = ["01LEGACYA", "01LEGACYB", "01LEGACYC"]
+        .into_iter()
+        .zip([&b"Subject: a\r\n\r\n"[..], b"Subject: b\r\n\r\n", b"Subject: c\r\n\r\n"])
+        .map(|(id, raw)| (id.to_string(), raw))
+        .collect();
+    for (id, raw) in &raws {
+        e.id = id.clone();
+        fs::write(spool.dir().join("msg").join(format!("{id}.eml")), raw).unwrap();
+        fs::write(spool.dir().join("incoming").join(format!("{id}.json")), Spool::encode(&Meta::new(e.clone(), 3)))
+            .unwrap();
+    }
+    assert!(spool.recover().unwrap().corrupt.is_empty());
+    let ids: Vec<String> = raws.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(spool.list(State::Incoming).unwrap(), ids);
+    for (id, raw) in &raws {
+        assert_eq!(spool.read_meta(State::Incoming, id).unwrap().id, *id);
+        assert_eq!(&spool.read_raw(id).unwrap(), raw);
+    }
+    let [(a, _), (b, raw_b), (c, _)] = &raws[..] else { unreachable!() };
+    block_on(spool.remove(a, State::Incoming)).unwrap();
+    block_on(spool.transition(b, State::Incoming, State::Dead, None)).unwrap();
+    assert_eq!(spool.find(b), Some(State::Dead));
+    assert_eq!(&spool.read_raw(b).unwrap(), raw_b);
+    block_on(spool.remove(b, State::Dead)).unwrap();
+    assert_eq!(entries(&spool, "msg"), [format!("{c}.eml")]);
+    assert_eq!(entries(&spool, "incoming"), [format!("{c}.json")]);
 }
 
 #[test]

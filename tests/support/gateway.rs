@@ -245,10 +245,21 @@ impl Gateway {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The raw message `id` as the spool holds it (`spool/msg/ID.eml`).
+    /// The raw message `id` as the spool holds it: the first bytes of its message file
+    /// (`spool/incoming/ID.msg`, or `spool/msg/ID.msg` once it has left `incoming/`), as many
+    /// as the fixed-length footer at its end says (`mailhook-spool-1 <20 digits>\n`).
     pub fn raw_message(&self, id: &str) -> Vec<u8> {
-        let path = self.path().join("spool/msg").join(format!("{id}.eml"));
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        let spool = self.path().join("spool");
+        let path = [spool.join("incoming"), spool.join("msg")]
+            .into_iter()
+            .map(|dir| dir.join(format!("{id}.msg")))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("no message file for {id} in {}", spool.display()));
+        let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let footer = String::from_utf8(bytes.split_off(bytes.len() - 38)).unwrap();
+        let size: usize = footer.strip_prefix("mailhook-spool-1 ").unwrap().trim_end().parse().unwrap();
+        bytes.truncate(size);
+        bytes
     }
 
     /// Every log line of every serve run so far.
