@@ -21,8 +21,21 @@
 //! cargo bench --bench pipeline
 //! scripts/bench-core
 //! ```
+//!
+//! With `PIPELINE_ROUNDS=<n>` in the environment the binary skips criterion and runs the
+//! fixtures through `parse` then `evaluate` n times (as `parse+rules` does), so that a run
+//! under callgrind counts a known number of calls:
+//!
+//! ```text
+//! cargo bench --bench pipeline --no-run
+//! PIPELINE_ROUNDS=100 valgrind --tool=callgrind --toggle-collect='mailhook::rules::RuleSet::evaluate' \
+//!     target/release/deps/pipeline-<hash>
+//! ```
+//!
+//! gives the instructions of `evaluate` for 100 × 22 emails (`--toggle-collect='mailhook::parse::parse'`
+//! those of parsing).
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use mailhook::model::{Email, Envelope, Outcome, Source};
 use mailhook::parse::parse;
 use mailhook::rules::{RuleSet, Unmatched};
@@ -292,16 +305,36 @@ fn fixtures(root: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The rule set of the benchmark: the generated rules, then those of `rules/`.
+fn bench_rules(root: &Path) -> (RuleSet, Vec<(PathBuf, String)>) {
+    let real = real_sources(root);
+    let mut sources = generated_sources();
+    sources.extend(real.iter().cloned());
+    (compile(&sources), real)
+}
+
+/// `PIPELINE_ROUNDS` mode: parse and evaluate every fixture `rounds` times, nothing else.
+fn count_rounds(rounds: usize) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let raw = fixtures(root);
+    let (rules, _) = bench_rules(root);
+    let envelope = Envelope::new(Source::Smtp);
+    for _ in 0..rounds {
+        for (_, bytes) in &raw {
+            let email = parse(black_box(bytes));
+            black_box(rules.evaluate(&email, &envelope));
+        }
+    }
+    eprintln!("pipeline: {rounds} rounds of {} fixtures parsed and evaluated", raw.len());
+}
+
 fn pipeline(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let raw = fixtures(root);
     assert!(!raw.is_empty(), "no fixtures/*.eml");
     let total_bytes: usize = raw.iter().map(|(_, b)| b.len()).sum();
 
-    let real = real_sources(root);
-    let mut sources = generated_sources();
-    sources.extend(real.iter().cloned());
-    let rules = compile(&sources);
+    let (rules, real) = bench_rules(root);
     let real_only = compile(&real);
     let generated = rules.rules().len() - real_only.rules().len();
     assert_eq!(generated, GENERATED_RULES, "generated rule count");
@@ -364,4 +397,12 @@ fn pipeline(c: &mut Criterion) {
 }
 
 criterion_group!(benches, pipeline);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(rounds) = std::env::var("PIPELINE_ROUNDS").ok().and_then(|n| n.parse().ok()) {
+        count_rounds(rounds);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
