@@ -220,7 +220,7 @@ impl FileCompiler<'_> {
                 match value.get_ref() {
                     DeValue::String(s) => {
                         if let Some(regex) = self.regex(s, value.span().start, &k) {
-                            when.push(Matcher { target, regex });
+                            when.push(Matcher::new(target, regex));
                         }
                     }
                     _ => self.error(value.span().start, Some(k), "must be a regex string"),

@@ -24,6 +24,7 @@
 mod context;
 mod load;
 mod payload;
+mod prefilter;
 
 use crate::model::{Action, Email, Envelope, Outcome};
 use regex::Regex;
@@ -138,6 +139,12 @@ impl Target {
         }
     }
 
+    /// Whether values of this target are short (addresses, subject, headers, names): worth a
+    /// literal check before the regex.
+    fn is_short(&self) -> bool {
+        !matches!(self, Target::Body | Target::Html)
+    }
+
     /// Calls `f` on each value of this target until it returns true; true if one did.
     fn any(&self, input: &Input<'_>, mut f: impl FnMut(&str) -> bool) -> bool {
         let email = input.email;
@@ -168,6 +175,23 @@ struct Input<'a> {
 struct Matcher {
     target: Target,
     regex: Regex,
+    /// A necessary condition checked before the regex (short targets only).
+    prefilter: Option<prefilter::Prefilter>,
+}
+
+impl Matcher {
+    fn new(target: Target, regex: Regex) -> Matcher {
+        let prefilter = if target.is_short() { prefilter::Prefilter::new(regex.as_str()) } else { None };
+        Matcher { target, regex, prefilter }
+    }
+
+    /// Whether the regex matches one of the target's values.
+    fn matches(&self, input: &Input<'_>) -> bool {
+        match &self.prefilter {
+            Some(pre) => self.target.any(input, |v| pre.may_match(v) && self.regex.is_match(v)),
+            None => self.target.any(input, |v| self.regex.is_match(v)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -307,8 +331,7 @@ impl RuleSet {
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let input = Input { email, envelope, source: std::cell::OnceCell::new() };
         for rule in &self.rules {
-            let matched = rule.when.iter().all(|m| m.target.any(&input, |v| m.regex.is_match(v)));
-            if matched {
+            if rule.when.iter().all(|m| m.matches(&input)) {
                 return self.apply(rule, &input);
             }
         }

@@ -1,0 +1,338 @@
+//! A cheap necessary condition for a `when` regex on short values (addresses, subject,
+//! headers), checked before the regex itself.
+//!
+//! Most rules of a large rules directory fail on their first `when` key, and a failing regex
+//! search on a 50-byte subject still costs a few hundred instructions (more when the regex
+//! crate's own prefilter runs a vector search for many case variants of a word). Here the
+//! regex's prefix literals are extracted once, at load time, from the pattern with every ASCII
+//! letter lower-cased (so `(?i)alert` yields the one literal `alert` instead of 32 case
+//! variants): every match of the regex starts with one of those literals, ASCII case ignored.
+//! A value that holds none of them cannot match, and the regex is not run.
+//!
+//! The check is only ever a filter: when it passes, the regex decides. It never rejects a value
+//! the regex matches (tests compare both over many patterns and values).
+
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
+use regex_syntax::hir::{
+    Capture, Class, ClassBytes, ClassBytesRange, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look, Repetition,
+};
+
+/// More needles than this and the regex crate's own search is as good.
+const MAX_NEEDLES: usize = 16;
+
+/// Literals one of which every match starts with, ASCII letters lower-cased.
+#[derive(Debug)]
+pub(crate) struct Prefilter {
+    /// The regex can only match at the start of a value (`^` / `\A`, not `(?m)^`).
+    anchored: bool,
+    /// Lower-cased (ASCII) literals; none is empty and none contains another.
+    needles: Vec<Box<[u8]>>,
+    /// The first bytes of the needles, both cases of a letter: bit `b % 64` of word `b / 64`.
+    first: [u64; 4],
+    /// The length of the shortest needle.
+    min_len: usize,
+}
+
+impl Prefilter {
+    /// The prefilter of `pattern` (as the `regex` crate reads it by default), or `None` when
+    /// there is no useful one (no finite literal set, an empty literal, too many literals).
+    pub(crate) fn new(pattern: &str) -> Option<Prefilter> {
+        let hir = regex_syntax::ParserBuilder::new().build().parse(pattern).ok()?;
+        let anchored = hir.properties().look_set_prefix().contains(Look::Start);
+        let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&fold_ascii(&hir));
+        let mut needles: Vec<Vec<u8>> = seq.literals()?.iter().map(|l| l.as_bytes().to_vec()).collect();
+        if needles.is_empty() || needles.iter().any(Vec::is_empty) {
+            return None;
+        }
+        // Shortest first, so that a needle is only kept when no shorter kept one is in it
+        // (any value holding the longer one holds the shorter one too).
+        needles.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        needles.dedup();
+        let mut kept: Vec<Box<[u8]>> = Vec::new();
+        for n in needles {
+            let implied = kept.iter().any(|k| if anchored { n.starts_with(k) } else { contains(&n, k) });
+            if !implied {
+                kept.push(n.into_boxed_slice());
+            }
+        }
+        if kept.len() > MAX_NEEDLES {
+            return None;
+        }
+        let mut first = [0u64; 4];
+        for n in &kept {
+            for b in [n[0], n[0].to_ascii_uppercase()] {
+                first[usize::from(b / 64)] |= 1 << (b % 64);
+            }
+        }
+        let min_len = kept.iter().map(|n| n.len()).min().unwrap_or(0);
+        Some(Prefilter { anchored, needles: kept, first, min_len })
+    }
+
+    fn is_first(&self, b: u8) -> bool {
+        self.first[usize::from(b / 64)] & (1 << (b % 64)) != 0
+    }
+
+    /// Whether a needle starts at `hay[at..]`.
+    fn needle_at(&self, hay: &[u8], at: usize) -> bool {
+        let rest = &hay[at..];
+        let b = rest[0].to_ascii_lowercase();
+        self.needles.iter().any(|n| {
+            n[0] == b
+                && rest.len() >= n.len()
+                // The second byte alone rules out most places before the whole comparison.
+                && (n.len() == 1 || n[1] == rest[1].to_ascii_lowercase())
+                && rest[..n.len()].eq_ignore_ascii_case(n)
+        })
+    }
+
+    /// False only if the regex cannot match `value`.
+    pub(crate) fn may_match(&self, value: &str) -> bool {
+        let hay = value.as_bytes();
+        if hay.len() < self.min_len {
+            return false;
+        }
+        if self.anchored {
+            return self.is_first(hay[0]) && self.needle_at(hay, 0);
+        }
+        (0..=hay.len() - self.min_len).any(|at| self.is_first(hay[at]) && self.needle_at(hay, at))
+    }
+}
+
+/// Whether `hay` contains `needle` exactly.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `hir` with every ASCII upper-case letter replaced by its lower-case one, in literals and
+/// classes. It matches the lower-cased form of every value `hir` matches, at the same places.
+fn fold_ascii(hir: &Hir) -> Hir {
+    match hir.kind() {
+        HirKind::Empty => Hir::empty(),
+        HirKind::Literal(lit) => Hir::literal(lit.0.to_ascii_lowercase()),
+        HirKind::Class(Class::Unicode(class)) => Hir::class(Class::Unicode(fold_unicode_class(class))),
+        HirKind::Class(Class::Bytes(class)) => Hir::class(Class::Bytes(fold_bytes_class(class))),
+        HirKind::Look(look) => Hir::look(*look),
+        HirKind::Repetition(rep) => Hir::repetition(Repetition { sub: Box::new(fold_ascii(&rep.sub)), ..rep.clone() }),
+        HirKind::Capture(cap) => Hir::capture(Capture { sub: Box::new(fold_ascii(&cap.sub)), ..cap.clone() }),
+        HirKind::Concat(subs) => Hir::concat(subs.iter().map(fold_ascii).collect()),
+        HirKind::Alternation(subs) => Hir::alternation(subs.iter().map(fold_ascii).collect()),
+    }
+}
+
+/// Splits `[start, end]` around `A-Z`: the parts outside it as they are, the part inside it
+/// moved to `a-z`.
+fn fold_range(start: u32, end: u32, mut push: impl FnMut(u32, u32)) {
+    let (upper_a, upper_z) = (u32::from(b'A'), u32::from(b'Z'));
+    let to_lower = u32::from(b'a' - b'A');
+    if start < upper_a {
+        push(start, end.min(upper_a - 1));
+    }
+    if start <= upper_z && end >= upper_a {
+        push(start.max(upper_a) + to_lower, end.min(upper_z) + to_lower);
+    }
+    if end > upper_z {
+        push(start.max(upper_z + 1), end);
+    }
+}
+
+fn fold_unicode_class(class: &ClassUnicode) -> ClassUnicode {
+    let mut ranges = Vec::new();
+    for r in class.ranges() {
+        fold_range(u32::from(r.start()), u32::from(r.end()), |s, e| {
+            // Both ends are chars of the original range or ASCII letters: valid chars.
+            if let (Some(s), Some(e)) = (char::from_u32(s), char::from_u32(e)) {
+                ranges.push(ClassUnicodeRange::new(s, e));
+            }
+        });
+    }
+    ClassUnicode::new(ranges)
+}
+
+fn fold_bytes_class(class: &ClassBytes) -> ClassBytes {
+    let mut ranges = Vec::new();
+    for r in class.ranges() {
+        fold_range(u32::from(r.start()), u32::from(r.end()), |s, e| {
+            if let (Ok(s), Ok(e)) = (u8::try_from(s), u8::try_from(e)) {
+                ranges.push(ClassBytesRange::new(s, e));
+            }
+        });
+    }
+    ClassBytes::new(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use regex::Regex;
+    use std::sync::LazyLock;
+
+    /// Patterns of the kinds rules use on short values.
+    const PATTERNS: &[&str] = &[
+        r"(?i)\b(?:alert|warning|threshold|quota)\b",
+        r"(?i)^(?:Invoice|Rechnung|Facture|Factura)\s+(?:No\.?|Nr\.?|#)\s*[A-Z]{0,3}-?\d{4,}",
+        r"^\[(?:ACME|Acme)(?:-| )(?:Ticket|Case|Incident)\s*#?\d+\]\s*(?:New|Updated|Resolved|Closed)\b",
+        r"^\[ACME-CI\] (?:Build|Pipeline|Deploy) #?\d+ (?:failed|errored|timed out)\b",
+        r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$",
+        r"(?i)@(?:billing\.|mail\.|noreply\.)?acme\.example\.(?:com|net|de)$",
+        r"(?i)^(?:alerts|notifications|no-?reply)@acme\.example\.io$",
+        r"(?i)^[a-z0-9._-]+@(?:[a-z0-9-]+\.)*example\.(?:com|de|net|org)$",
+        r"^v1=[0-9a-f]{64}$",
+        r"(?i)@ups\.com$",
+        r"@ups\.com$",
+        r"(?i)^UPS Update:.* Order \d+",
+        r"^(nagios|icinga)@monitor\.example\.com$",
+        r"(?i)oscommerce",
+        r"^Cron <[^>]+> ",
+        r"(?i)thresholds",
+        r"(?i)kelvin|straße",
+        r"(?i)[Ä-Öx]yz",
+        r"(?i:A)B[C-Fa]",
+        r"(?m)^Status: FAILED$",
+        r"\Aexact\z",
+        r"(?i)^",
+        r"x*",
+        r"",
+        r"[^\s\S]",
+        r"\bJob\b|(?i)job-\d+",
+    ];
+
+    const VALUES: &[&str] = &[
+        "",
+        "** PROBLEM Service Alert: web01.example.com/HTTP is CRITICAL **",
+        "Disk QUOTA exceeded",
+        "quotas",
+        "Invoice No. ABC-12345",
+        "INVOICE nr 123456",
+        "invoice",
+        "[ACME Ticket #12] Updated",
+        "[Acme-Case 7] Closed now",
+        "[ACME-CI] Build #88 failed",
+        "ops@ACME-LOGISTICS.example.DE",
+        "billing@mail.acme.example.com",
+        "No-Reply@Acme.Example.IO",
+        "root@batch01.example.com",
+        "v1=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "pkginfo@UPS.com",
+        "pkginfo@ups.com",
+        "ups update: something Order 4711",
+        "nagios@monitor.example.com",
+        "X-Mailer: osCommerce 2.2",
+        "Cron <root@batch01> /usr/local/bin/x",
+        "THRESHOLDS and thre\u{17F}holds",
+        "\u{212A}ELVIN scale",
+        "STRASSE or STRAẞE or straße",
+        "CAFé",
+        "äYZ öyz ÖYZ",
+        "aBc ABf",
+        "line\nStatus: FAILED\n",
+        "exact",
+        "a Job here",
+        "JOB-42",
+    ];
+
+    /// Every pattern compiled, with its prefilter.
+    static COMPILED: LazyLock<Vec<(Regex, Option<Prefilter>)>> = LazyLock::new(|| {
+        PATTERNS.iter().map(|p| (Regex::new(p).expect("pattern compiles"), Prefilter::new(p))).collect()
+    });
+
+    fn check(value: &str) {
+        for (regex, pre) in COMPILED.iter() {
+            if let Some(pre) = pre
+                && regex.is_match(value)
+            {
+                assert!(pre.may_match(value), "prefilter {pre:?} of {regex} rejects {value:?}, which matches");
+            }
+        }
+    }
+
+    #[test]
+    fn never_rejects_a_matching_value() {
+        for value in VALUES {
+            check(value);
+        }
+        assert!(COMPILED.iter().filter(|(_, pre)| pre.is_some()).count() > PATTERNS.len() / 2);
+    }
+
+    #[test]
+    fn rejects_values_without_the_literals() {
+        let pre = Prefilter::new(r"(?i)\b(?:alert|warning|threshold|quota)\b").expect("a prefilter");
+        // alert, quota, warning, threshold and its long-s variant (`(?i)s` also matches `ſ`).
+        assert_eq!(pre.needles.len(), 5, "{pre:?}");
+        assert!(pre.may_match("Service ALERT"));
+        assert!(!pre.may_match("Your statement for November 2026 is ready"));
+        let pre = Prefilter::new(r"^\[ACME-CI\] (?:Build|Pipeline) #?\d+").expect("a prefilter");
+        assert!(pre.anchored);
+        assert!(!pre.may_match("Re: [ACME-CI] Build #1"), "anchored at the start");
+        assert!(pre.may_match("[acme-ci] build 1"), "case is ignored: the regex decides");
+        let pre = Prefilter::new(r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
+        assert!(!pre.may_match("orders@globex.example.com"));
+        // Nothing to filter on: every value may match.
+        for pattern in [r"x*", r"", r"(?i)^[a-z0-9._-]+@example\.com$", r"(?m)^", r"."] {
+            assert!(Prefilter::new(pattern).is_none(), "{pattern}");
+        }
+    }
+
+    #[test]
+    fn needles_are_found_anywhere_in_any_case() {
+        let pre = Prefilter::new(r"(?i)alert|\[x").expect("a prefilter");
+        for value in ["xxALErt", "alert", "[X", "a[x", "aaALERT"] {
+            assert!(pre.may_match(value), "{value}");
+        }
+        for value in ["", "aler", "alerAlerAler", "x[", "[", "a"] {
+            assert!(!pre.may_match(value), "{value}");
+        }
+        let pre = Prefilter::new("\u{212A}").expect("a prefilter");
+        assert!(pre.may_match("x\u{212A}y"));
+        assert!(!pre.may_match("xky"));
+    }
+
+    /// A value built from pieces of the patterns' literals, in any case, with noise between.
+    fn value() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            "alert",
+            "quota",
+            "Invoice",
+            "No. ",
+            "ABC-",
+            "1234",
+            "[ACME",
+            "-CI] ",
+            "Build ",
+            "#",
+            "@",
+            "acme",
+            ".example.",
+            "com",
+            "de",
+            "ups",
+            "UPS Update:",
+            " Order ",
+            "oscommerce",
+            "Cron <",
+            "> ",
+            "\u{212A}",
+            "ſ",
+            "é",
+            "Ä",
+            " ",
+            "\n",
+            "v1=",
+            "Job",
+            "job-",
+            "straße",
+        ]);
+        prop::collection::vec((pieces, any::<bool>()), 0..8).prop_map(|parts| {
+            parts.into_iter().map(|(p, upper)| if upper { p.to_uppercase() } else { p.to_string() }).collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn prefilter_agrees_with_the_regex(value in value(), noise in "\\PC{0,6}") {
+            check(&value);
+            check(&format!("{noise}{value}"));
+            check(&format!("{value}{noise}"));
+        }
+    }
+}
