@@ -40,7 +40,8 @@
 //!    then renamed into place, and the directory is flushed; only then does the call return.
 //!    An `ID.json` never appears before its message file is in place.
 //! 3. **The raw message is never rewritten**; replays and retries read it again.
-//! 4. **Group commit**: one thread applies every mutation. It takes all the requests waiting,
+//! 4. **Group commit**: one thread applies every mutation (removals have a thread of their own,
+//!    so that slow `unlink(2)`s never hold up a commit). It takes all the requests waiting,
 //!    writes their files, flushes them all at once (`fdatasync(2)` from several threads, which
 //!    the file system's journal commits together), does the renames, flushes each directory
 //!    touched once, then answers them all. Under load the cost of a flush is shared by every
