@@ -7,6 +7,7 @@ use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -63,9 +64,17 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut rules = Vec::new();
     let mut errors = Vec::new();
     let mut names = Vec::new();
+    let mut regexes = HashMap::new();
     for (file, text) in sources {
-        let mut c =
-            FileCompiler { file, text, templates: &mut templates, errors: &mut errors, names: &mut names, rule: None };
+        let mut c = FileCompiler {
+            file,
+            text,
+            templates: &mut templates,
+            errors: &mut errors,
+            names: &mut names,
+            regexes: &mut regexes,
+            rule: None,
+        };
         c.compile_file(&mut rules);
     }
     // Names are checked over every rule, including those with other errors.
@@ -88,7 +97,33 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         errors.sort_by_key(|e| (file_index(&e.file), e.line));
         return Err(errors);
     }
-    Ok(RuleSet { rules, unmatched, templates, files: sources.iter().map(|(f, _)| f.clone()).collect() })
+    let memo_slots = assign_memo_slots(&mut rules);
+    Ok(RuleSet { rules, unmatched, templates, files: sources.iter().map(|(f, _)| f.clone()).collect(), memo_slots })
+}
+
+/// Gives every `when` condition that more than one rule has (same key, same pattern) a slot in
+/// the per-message memo, so that it is evaluated once per message; returns the slot count.
+fn assign_memo_slots(rules: &mut [Rule]) -> usize {
+    let mut count: HashMap<(&Target, &str), usize> = HashMap::new();
+    for m in rules.iter().flat_map(|r| &r.when) {
+        *count.entry((&m.target, m.regex.as_str())).or_default() += 1;
+    }
+    let mut slots: HashMap<(Target, String), usize> = count
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|((target, pattern), _)| ((target.clone(), pattern.to_string()), 0))
+        .collect();
+    let mut next = 0;
+    for m in rules.iter_mut().flat_map(|r| &mut r.when) {
+        if let Some(slot) = slots.get_mut(&(m.target.clone(), m.regex.as_str().to_string())) {
+            if *slot == 0 {
+                next += 1;
+                *slot = next;
+            }
+            m.memo = Some(*slot - 1);
+        }
+    }
+    next
 }
 
 struct FileCompiler<'a> {
@@ -98,6 +133,9 @@ struct FileCompiler<'a> {
     errors: &'a mut Vec<RuleError>,
     /// `(name, file, line)` of every named rule, for the duplicate check.
     names: &'a mut Vec<(String, PathBuf, usize)>,
+    /// Every regex compiled so far, by pattern: rules that use the same pattern share it (and
+    /// its search caches).
+    regexes: &'a mut HashMap<String, Arc<Regex>>,
     /// Label of the rule being compiled.
     rule: Option<String>,
 }
@@ -380,9 +418,16 @@ impl FileCompiler<'_> {
         target
     }
 
-    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<Regex> {
+    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<Arc<Regex>> {
+        if let Some(r) = self.regexes.get(pattern) {
+            return Some(r.clone());
+        }
         match RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).build() {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                let r = Arc::new(r);
+                self.regexes.insert(pattern.to_string(), r.clone());
+                Some(r)
+            }
             Err(e) => {
                 self.error(at, Some(key.to_string()), format!("invalid regex {pattern:?}: {}", regex_error_reason(&e)));
                 None

@@ -31,6 +31,7 @@ use regex::Regex;
 use serde_json::{Map, Value as Json};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use load::RULE_FILE_EXTENSION;
 pub use payload::default_payload;
@@ -91,7 +92,7 @@ impl fmt::Display for RuleError {
 }
 
 /// What a `when` or `extract` key looks at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Target {
     From,
     To,
@@ -174,30 +175,40 @@ struct Input<'a> {
 #[derive(Debug)]
 struct Matcher {
     target: Target,
-    regex: Regex,
+    regex: Arc<Regex>,
     /// A necessary condition checked before the regex (short targets only).
     prefilter: Option<prefilter::Prefilter>,
+    /// The slot of the message's memo that keeps the result, when other rules have the same
+    /// condition.
+    memo: Option<usize>,
 }
 
 impl Matcher {
-    fn new(target: Target, regex: Regex) -> Matcher {
+    fn new(target: Target, regex: Arc<Regex>) -> Matcher {
         let prefilter = if target.is_short() { prefilter::Prefilter::new(regex.as_str()) } else { None };
-        Matcher { target, regex, prefilter }
+        Matcher { target, regex, prefilter, memo: None }
     }
 
     /// Whether the regex matches one of the target's values.
-    fn matches(&self, input: &Input<'_>) -> bool {
-        match &self.prefilter {
+    fn matches(&self, input: &Input<'_>, memo: &mut [Option<bool>]) -> bool {
+        if let Some(known) = self.memo.and_then(|slot| memo[slot]) {
+            return known;
+        }
+        let matched = match &self.prefilter {
             Some(pre) => self.target.any(input, |v| pre.may_match(v) && self.regex.is_match(v)),
             None => self.target.any(input, |v| self.regex.is_match(v)),
+        };
+        if let Some(slot) = self.memo {
+            memo[slot] = Some(matched);
         }
+        matched
     }
 }
 
 #[derive(Debug)]
 struct Extractor {
     target: Target,
-    regexes: Vec<Regex>,
+    regexes: Vec<Arc<Regex>>,
 }
 
 /// A computed value: `[rule.fields]` and `[rule.payload]` entries.
@@ -254,6 +265,8 @@ pub struct RuleSet {
     unmatched: Unmatched,
     templates: context::Templates,
     files: Vec<PathBuf>,
+    /// Number of `when` conditions shared by several rules (see `Matcher::memo`).
+    memo_slots: usize,
 }
 
 impl fmt::Debug for RuleSet {
@@ -330,8 +343,9 @@ impl RuleSet {
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let input = Input { email, envelope, source: std::cell::OnceCell::new() };
+        let mut memo = vec![None; self.memo_slots];
         for rule in &self.rules {
-            if rule.when.iter().all(|m| m.matches(&input)) {
+            if rule.when.iter().all(|m| m.matches(&input, &mut memo)) {
                 return self.apply(rule, &input);
             }
         }

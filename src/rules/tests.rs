@@ -534,3 +534,47 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         assert_eq!(fast.payload["fields"]["out"], slow.payload["fields"]["out"], "template {t:?}");
     }
 }
+
+#[test]
+fn conditions_shared_by_rules_give_the_same_outcomes_as_separate_ones() {
+    // Three rules with the same subject condition (one memo slot, evaluated once per message)
+    // and the same rules with the condition spelled differently in each (no sharing).
+    let rule = |name: &str, subject: &str, from: &str| {
+        format!("[[rule]]\nname = \"{name}\"\nto = [\"x\"]\n[rule.when]\nsubject = '{subject}'\nfrom = '{from}'\n")
+    };
+    let shared = [
+        rule("a", "(?i)order", "@fedex\\.com$"),
+        rule("b", "(?i)order", "@ups\\.com$"),
+        rule("c", "(?i)order", "@"),
+        rule("d", "(?i)shipped", "\\."),
+    ]
+    .concat();
+    let separate = [
+        rule("a", "(?i)order", "@fedex\\.com$"),
+        rule("b", "(?i)(?:order)", "@ups\\.com$"),
+        rule("c", "(?i)(?:(?:order))", "@"),
+        rule("d", "(?i)shipped", "\\."),
+    ]
+    .concat();
+    let (shared, separate) = (rules(&shared), rules(&separate));
+    assert_eq!(shared.memo_slots, 1);
+    assert_eq!(separate.memo_slots, 0);
+    let mut emails = vec![ups_email()];
+    for (subject, from) in [("Order 1", "x@fedex.com"), ("order", "x@dhl.com"), ("shipped", "a@ups.com"), ("none", "")]
+    {
+        let mut email = ups_email();
+        email.subject = subject.into();
+        email.from = vec![addr(from, "")];
+        emails.push(email);
+    }
+    for email in &emails {
+        let (a, b) = (shared.evaluate(email, &envelope()), separate.evaluate(email, &envelope()));
+        assert_eq!(a, b, "{:?} from {:?}", email.subject, email.from);
+    }
+    let outcome = |i: usize| shared.evaluate(&emails[i], &envelope()).rule;
+    assert_eq!(outcome(0).as_deref(), Some("b"));
+    assert_eq!(outcome(1).as_deref(), Some("a"));
+    assert_eq!(outcome(2).as_deref(), Some("c"));
+    assert_eq!(outcome(3).as_deref(), Some("d"));
+    assert_eq!(outcome(4), None);
+}
