@@ -83,6 +83,8 @@ pub struct Fresh {
 pub struct Inbox {
     queue: std::sync::Mutex<VecDeque<Fresh>>,
     notify: Notify,
+    /// A message was only announced: `incoming/` must be read to find it.
+    overflow: AtomicBool,
 }
 
 /// Fresh messages kept in the inbox at most.
@@ -95,6 +97,8 @@ impl Inbox {
             let mut q = self.queue.lock().expect("inbox lock");
             if q.len() < INBOX_LIMIT {
                 q.push_back(fresh);
+            } else {
+                self.overflow.store(true, Ordering::SeqCst);
             }
         }
         self.notify.notify_one();
@@ -209,7 +213,6 @@ impl Pipeline {
         let mut schedule: BTreeSet<(SystemTime, String)> = BTreeSet::new();
         let mut due_of: HashMap<String, SystemTime> = HashMap::new();
         let mut last_scan: Option<tokio::time::Instant> = None;
-        let mut woken = true;
         // New messages found in incoming/ and not started yet, oldest first.
         let mut backlog: VecDeque<String> = VecDeque::new();
         let mut queued: HashSet<String> = HashSet::new();
@@ -225,14 +228,17 @@ impl Pipeline {
             let paused = self.paused(&mut pause_logged);
             let limit = if paused { 0 } else { MAX_IN_FLIGHT };
             let interval = last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
-            if interval || (woken && backlog.is_empty()) {
+            // Between scans, incoming/ is read only when the inbox overflowed: every other new
+            // message was handed over in memory, and a scan would find those committed but not
+            // yet taken from the inbox, and read them back from disk.
+            if interval || (backlog.is_empty() && self.inbox.overflow.load(Ordering::SeqCst)) {
+                self.inbox.overflow.store(false, Ordering::SeqCst);
                 last_scan = Some(tokio::time::Instant::now());
                 self.scan_incoming(&mut backlog, &mut queued, &in_flight);
             }
             if interval {
                 self.scan_deferred(&mut schedule, &mut due_of, &in_flight);
             }
-            woken = false;
             while in_flight.len() < limit {
                 let Some(id) = backlog.pop_front() else { break };
                 queued.remove(&id);
@@ -267,7 +273,6 @@ impl Pipeline {
                             backlog.push_back(id);
                         }
                     }
-                    woken = true;
                 }
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
@@ -628,4 +633,30 @@ async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>
 
 fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Envelope, Source};
+
+    fn fresh(n: usize) -> Fresh {
+        let mut envelope = Envelope::new(Source::Stdin);
+        envelope.id = format!("01FRESH{n:05}");
+        Fresh { meta: Meta::new(envelope, 1), raw: None }
+    }
+
+    #[test]
+    fn an_inbox_that_overflows_says_so_and_keeps_what_fits() {
+        let inbox = Inbox::default();
+        for n in 0..INBOX_LIMIT {
+            inbox.push(fresh(n));
+        }
+        assert!(!inbox.overflow.load(Ordering::SeqCst), "everything fitted: no directory scan needed");
+        inbox.push(fresh(INBOX_LIMIT));
+        assert!(inbox.overflow.load(Ordering::SeqCst), "one was only announced: incoming/ must be read");
+        let taken = inbox.take();
+        assert_eq!(taken.len(), INBOX_LIMIT);
+        assert_eq!(taken.back().unwrap().meta.id, format!("01FRESH{:05}", INBOX_LIMIT - 1));
+    }
 }

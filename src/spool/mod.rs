@@ -143,6 +143,8 @@ struct Inner {
     dir: PathBuf,
     committer: Committer,
     seq: AtomicU64,
+    /// This process's id, part of every `tmp/` name (read once: it is a system call).
+    pid: u32,
 }
 
 /// What [`Spool::recover`] did.
@@ -163,7 +165,14 @@ impl Spool {
         // Prove the spool is writable now rather than at the first message.
         probe(dir)?;
         let committer = Committer::start(options.fsync).map_err(|e| SpoolError::io(dir, e))?;
-        Ok(Spool { inner: Arc::new(Inner { dir: dir.to_path_buf(), committer, seq: AtomicU64::new(0) }) })
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                committer,
+                seq: AtomicU64::new(0),
+                pid: std::process::id(),
+            }),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -226,7 +235,7 @@ impl Spool {
 
     fn tmp_path(&self, id: &str, ext: &str) -> PathBuf {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.dir.join("tmp").join(format!("{id}.{}.{seq}.{ext}", std::process::id()))
+        self.inner.dir.join("tmp").join(format!("{id}.{}.{seq}.{ext}", self.inner.pid))
     }
 
     /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
