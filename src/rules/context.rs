@@ -6,7 +6,7 @@
 //! `.address` and `.name`; `to`, `cc` and `reply_to` are lists of them; `headers` is a map
 //! looked up case-insensitively (`headers["x-job-id"]`).
 
-use super::{Part, Spec};
+use super::{Spec, fast};
 use crate::model::{Address, Email, Envelope};
 use minijinja::value::{Enumerator, Kwargs, Object, Value};
 use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
@@ -119,6 +119,7 @@ impl Templates {
             Spec::Literal(_) => Uses::default(),
             Spec::Field { template, .. }
             | Spec::Simple { template, .. }
+            | Spec::FastExpr { template, .. }
             | Spec::Template(template)
             | Spec::Expr(template) => self.uses(template),
             Spec::Array(items) => items.iter().fold(Uses::default(), |u, s| u.union(self.spec_uses(s))),
@@ -134,25 +135,17 @@ impl Templates {
                 Some(Json::String(s)) => Ok(Json::String(s.clone())),
                 _ => self.render(template, ctx),
             },
-            Spec::Simple { parts, template } => {
-                let mut out = String::new();
-                for part in parts {
-                    match part {
-                        Part::Text(t) => out.push_str(t),
-                        Part::Path(name, attr) => match ctx.text_of(name, attr.as_deref()) {
-                            Some(text) => out.push_str(text),
-                            None => return self.render(template, ctx),
-                        },
-                    }
-                }
-                Ok(Json::String(out))
-            }
+            Spec::Simple { parts, template } => match fast::render(parts, ctx) {
+                Some(text) => Ok(Json::String(text)),
+                None => self.render(template, ctx),
+            },
             Spec::Template(name) => self.render(name, ctx),
-            Spec::Expr(name) => {
-                let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-                let captured = t.render_captured(ctx.value()).map_err(|e| describe(&e))?;
-                let value = captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED);
-                to_json(&value)
+            Spec::Expr(name) => self.eval_expr(name, ctx),
+            Spec::FastExpr { expr, template } => {
+                match fast::evaluate(expr, ctx, |name| self.env.globals().any(|(g, _)| g == name)) {
+                    Some(value) => Ok(value),
+                    None => self.eval_expr(template, ctx),
+                }
             }
             Spec::Array(items) => {
                 items.iter().map(|s| self.eval(s, ctx)).collect::<Result<Vec<_>, _>>().map(Json::Array)
@@ -165,6 +158,13 @@ impl Templates {
                 Ok(Json::Object(map))
             }
         }
+    }
+
+    fn eval_expr(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
+        let t = self.env.get_template(name).map_err(|e| describe(&e))?;
+        let captured = t.render_captured(ctx.value()).map_err(|e| describe(&e))?;
+        let value = captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED);
+        to_json(&value)
     }
 
     fn render(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
@@ -196,8 +196,9 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
 
 /// What templates of one message can see, and the fields of the rule being applied.
 ///
-/// Cheap to create: the values derived from the email are built on the first template
-/// evaluation only, and the fields are shared with each evaluation (copy on write), not copied.
+/// Cheap to create: the values derived from the email, and the fields as template values, are
+/// built on the first evaluation that needs the template engine only; the fields are then
+/// shared with each evaluation (copy on write), not copied.
 pub(crate) struct Context<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
@@ -206,8 +207,8 @@ pub(crate) struct Context<'a> {
     base: OnceCell<Arc<BTreeMap<&'static str, Value>>>,
     /// The fields as they go into the payload.
     fields: Map<String, Json>,
-    /// The same fields as template values.
-    values: Arc<BTreeMap<String, Value>>,
+    /// The same fields as template values, once the engine needs them.
+    values: OnceCell<Arc<BTreeMap<String, Value>>>,
 }
 
 impl<'a> Context<'a> {
@@ -218,8 +219,11 @@ impl<'a> Context<'a> {
         uses: Uses,
         fields: Map<String, Json>,
     ) -> Context<'a> {
-        let values = fields.iter().map(|(k, v)| (k.clone(), Value::from(minijinja::value::Serde(v)))).collect();
-        Context { email, envelope, rule, uses, base: OnceCell::new(), fields, values: Arc::new(values) }
+        Context { email, envelope, rule, uses, base: OnceCell::new(), fields, values: OnceCell::new() }
+    }
+
+    pub(crate) fn email(&self) -> &Email {
+        self.email
     }
 
     pub(crate) fn fields(&self) -> &Map<String, Json> {
@@ -232,14 +236,16 @@ impl<'a> Context<'a> {
 
     /// Adds or replaces a field; later evaluations see it.
     pub(crate) fn set(&mut self, key: &str, value: Json) {
-        Arc::make_mut(&mut self.values).insert(key.to_string(), Value::from(minijinja::value::Serde(&value)));
+        if let Some(values) = self.values.get_mut() {
+            Arc::make_mut(values).insert(key.to_string(), template_value(&value));
+        }
         self.fields.insert(key.to_string(), value);
     }
 
     /// What `{{ name }}` or `{{ name.attr }}` renders to, when that is plain text known
     /// without the template engine; `None` when the engine must decide (numbers, lists,
     /// undefined names, unknown attributes).
-    fn text_of(&self, name: &str, attr: Option<&str>) -> Option<&str> {
+    pub(crate) fn text_of(&self, name: &str, attr: Option<&str>) -> Option<&str> {
         let email = self.email;
         let envelope = self.envelope;
         Some(match (name, attr) {
@@ -268,7 +274,18 @@ impl<'a> Context<'a> {
 
     fn value(&self) -> Value {
         let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule, self.uses)));
-        Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
+        let values = self
+            .values
+            .get_or_init(|| Arc::new(self.fields.iter().map(|(k, v)| (k.clone(), template_value(v))).collect()));
+        Value::from_object(ContextObject { base: base.clone(), fields: values.clone() })
+    }
+}
+
+/// A field as the template engine sees it.
+fn template_value(value: &Json) -> Value {
+    match value {
+        Json::String(s) => Value::from(s.as_str()),
+        other => Value::from(minijinja::value::Serde(other)),
     }
 }
 

@@ -2,7 +2,7 @@
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
 use super::context::{RESERVED, Templates, Uses};
-use super::{Extractor, Matcher, Part, Rule, RuleError, RuleSet, Spec, Target, Unmatched};
+use super::{Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
 use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -446,7 +446,7 @@ impl FileCompiler<'_> {
                 match self.templates.add_template(&name, s) {
                     Ok(()) => Some(match lone_variable(s) {
                         Some(var) => Spec::Field { name: var.to_string(), template: name },
-                        None => match simple_parts(s) {
+                        None => match fast::template_parts(s) {
                             Some(parts) => Spec::Simple { parts, template: name },
                             None => Spec::Template(name),
                         },
@@ -494,7 +494,10 @@ impl FileCompiler<'_> {
                         return None;
                     };
                     return match self.templates.add_expr(&name, source) {
-                        Ok(()) => Some(Spec::Expr(name)),
+                        Ok(()) => Some(match fast::expression(source) {
+                            Some(expr) => Spec::FastExpr { expr, template: name },
+                            None => Spec::Expr(name),
+                        }),
                         Err(e) => {
                             self.error(expr.span().start, Some(key.into()), format!("invalid expression: {e}"));
                             None
@@ -516,49 +519,6 @@ impl FileCompiler<'_> {
 }
 
 /// `x` when the template is exactly `{{ x }}` (spaces allowed), a plain name.
-/// The parts of a template made only of text and `{{ name }}` / `{{ name.attr }}`
-/// references; `None` for anything else (filters, tags, comments, whitespace control, a
-/// trailing newline, which the template engine would drop).
-fn simple_parts(template: &str) -> Option<Vec<Part>> {
-    let is_ident = |s: &str| {
-        let mut chars = s.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    if template.contains("{%") || template.contains("{#") || template.ends_with('\n') {
-        return None;
-    }
-    let mut parts = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        if start > 0 {
-            parts.push(Part::Text(rest[..start].to_string()));
-        }
-        let after = &rest[start + 2..];
-        let end = after.find("}}")?;
-        let inner = &after[..end];
-        if inner.starts_with(['-', '+']) || inner.ends_with(['-', '+']) {
-            return None;
-        }
-        let mut path = inner.trim().splitn(2, '.');
-        let name = path.next().filter(|n| is_ident(n))?;
-        let attr = match path.next() {
-            Some(a) if is_ident(a) => Some(a.to_string()),
-            Some(_) => return None,
-            None => None,
-        };
-        parts.push(Part::Path(name.to_string(), attr));
-        rest = &after[end + 2..];
-    }
-    if rest.contains("}}") {
-        return None;
-    }
-    if !rest.is_empty() {
-        parts.push(Part::Text(rest.to_string()));
-    }
-    Some(parts)
-}
-
 fn lone_variable(template: &str) -> Option<&str> {
     let inner = template.strip_prefix("{{")?.strip_suffix("}}")?.trim();
     let mut chars = inner.chars();

@@ -22,6 +22,7 @@
 //! on every evaluation.
 
 mod context;
+mod fast;
 mod load;
 mod payload;
 mod prefilter;
@@ -221,28 +222,26 @@ pub(crate) enum Spec {
         name: String,
         template: String,
     },
-    /// Name of a compiled `{% set %}` template holding an expression; a typed result.
-    /// Literal text and `{{ name.attr }}` references only (no filters, no tags): rendered by
-    /// looking the names up directly when each is text, else by the template `template`.
+    /// Text and `{{ ... }}` pieces simple enough to be rendered directly (see `fast`) when
+    /// every value they refer to is text, else by the template `template`.
     Simple {
-        parts: Vec<Part>,
+        parts: Vec<fast::Part>,
         template: String,
     },
+    /// Name of a compiled `{% set %}` template holding an expression; a typed result.
     Expr(String),
+    /// An expression simple enough to be computed directly (see `fast`) when its values are
+    /// plain, else by the expression template `template`.
+    FastExpr {
+        expr: fast::Expr,
+        template: String,
+    },
     Literal(Json),
     Array(Vec<Spec>),
     Object(Vec<(String, Spec)>),
 }
 
 /// One compiled rule.
-/// A piece of a [`Spec::Simple`] template.
-#[derive(Debug)]
-pub(crate) enum Part {
-    Text(String),
-    /// `name` or `name.attr`.
-    Path(String, Option<String>),
-}
-
 #[derive(Debug)]
 pub struct Rule {
     pub name: String,

@@ -517,22 +517,39 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         "{{ host }}\n",
         "ends with braces }}",
         "{{ headers.x }}",
+        "{{ host | upper }}-{{ service|lower }}-{{ state | trim | lower }}",
+        "{{ padded | trim }}|{{ mixed | lower }}|{{ mixed | upper }}|{{ subject | lower }}",
+        "{{ from | lower }} {{ from.name | upper }} {{ envelope.id | lower }}",
+        "{{ count | lower }}{{ ratio | trim }}{{ flag | upper }}{{ missing | lower }}",
+        "{{ headers['X-Customer-Id'] }}/{{ headers[\"received\"] }}/{{ headers['X-None'] }}",
+        "{{ headers['x-customer-id'] | lower }}",
+        "{{ to | join(', ') }}; {{ cc|join(\"-\") }}; {{ reply_to | join(', ') }}",
+        "{{ to | join('') | upper }}",
+        "{{ host | join(', ') }} {{ subject | join('.') }}",
+        "{{ to.name | join(', ') }}",
     ];
     let mut email = ups_email();
     email.subject = "Ä \"quoted\" <b>".into();
     let env = envelope();
+    let mut simple = 0;
     for t in templates {
         let escaped = t.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
         let rule = |template: &str| {
             format!(
-                "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\nhost = \"db-01\"\nservice = \"disk\"\nstate = \"OK\"\n\
+                "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\nhost = \"db-01\"\nservice = \"disk\"\nstate = \" OK \"\n\
+                 padded = \"\\t two words \\n\"\nmixed = \"İstanbul STRAẞE ǅ Σ\"\n\
                  count = {{ expr = \"3\" }}\nratio = {{ expr = \"2.5\" }}\nflag = {{ expr = \"true\" }}\nout = \"{template}\"\n"
             )
         };
-        let fast = rules(&rule(&escaped)).evaluate(&email, &env);
+        let set = rules(&rule(&escaped));
+        simple += usize::from(matches!(set.rules[0].fields.last(), Some((_, Spec::Simple { .. }))));
+        let fast = set.evaluate(&email, &env);
         let slow = rules(&rule(&format!("{{# engine #}}{escaped}"))).evaluate(&email, &env);
         assert_eq!(fast.payload["fields"]["out"], slow.payload["fields"]["out"], "template {t:?}");
+        assert_eq!(fast, slow, "template {t:?}");
     }
+    // All but the one with a trailing newline, the one without braces and the one ending in braces.
+    assert_eq!(simple, templates.len() - 3);
 }
 
 #[test]
@@ -577,4 +594,80 @@ fn conditions_shared_by_rules_give_the_same_outcomes_as_separate_ones() {
     assert_eq!(outcome(2).as_deref(), Some("c"));
     assert_eq!(outcome(3).as_deref(), Some("d"));
     assert_eq!(outcome(4), None);
+}
+
+#[test]
+fn simple_expressions_give_exactly_what_the_template_engine_gives() {
+    // Each expression once as it is (computed directly when its values are plain) and once in
+    // parentheses, which always goes through the template engine: same value, same error.
+    let expressions = [
+        "x | int",
+        "x | float",
+        "x | int if x is defined else none",
+        "x|float if x is defined else none",
+        "x == 'OK'",
+        "x != \\\"OK\\\"",
+        "'42' == x",
+        "x == y",
+        "x != y",
+        "subject == 'UPS Update: Order 4711 shipped'",
+        "from == 'pkginfo@ups.com'",
+        "to != 'x'",
+        "range | int if range is defined else none",
+        "missing | int if missing is defined else none",
+        "missing | float",
+        "missing == 'x'",
+    ];
+    // `x` and `y` as TOML values of [rule.fields] (None: not set).
+    let values = [
+        Some("\"42\""),
+        Some("\"-7\""),
+        Some("\"+3\""),
+        Some("\"007\""),
+        Some("\"1.5\""),
+        Some("\"-0.25e2\""),
+        Some("\"abc\""),
+        Some("\"\""),
+        Some("\" 4\""),
+        Some("\"nan\""),
+        Some("\"inf\""),
+        Some("\"99999999999999999999\""),
+        Some("\"OK\""),
+        Some("42"),
+        Some("2.5"),
+        Some("true"),
+        Some("{ expr = \"none\" }"),
+        Some("{ expr = \"42\" }"),
+        Some("{ expr = \"[1]\" }"),
+        None,
+    ];
+    let email = ups_email();
+    let env = envelope();
+    let mut fast_paths = 0;
+    for expr in expressions {
+        for x in values {
+            for y in [Some("\"42\""), Some("42"), None] {
+                let rule = |e: &str| {
+                    let mut text = "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\n".to_string();
+                    if let Some(x) = x {
+                        text.push_str(&format!("x = {x}\n"));
+                    }
+                    if let Some(y) = y {
+                        text.push_str(&format!("y = {y}\n"));
+                    }
+                    text.push_str(&format!("out = {{ expr = \"{e}\" }}\n"));
+                    rules(&text)
+                };
+                let fast = rule(expr);
+                if matches!(fast.rules[0].fields.last(), Some((_, Spec::FastExpr { .. }))) {
+                    fast_paths += 1;
+                } else {
+                    panic!("{expr} should have a fast path");
+                }
+                let (a, b) = (fast.evaluate(&email, &env), rule(&format!("({expr})")).evaluate(&email, &env));
+                assert_eq!(a, b, "{expr} with x = {x:?}, y = {y:?}");
+            }
+        }
+    }
+    assert_eq!(fast_paths, expressions.len() * values.len() * 3);
 }
