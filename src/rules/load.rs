@@ -2,7 +2,7 @@
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
 use super::context::{RESERVED, Templates, Uses};
-use super::{Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
+use super::{Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
 use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -310,7 +310,7 @@ impl FileCompiler<'_> {
                             extracted_names.push(name.to_string());
                         }
                     }
-                    regexes.push(regex);
+                    regexes.push(Extraction::new(regex));
                 }
                 extract.push(Extractor { target, regexes });
             }

@@ -148,7 +148,7 @@ impl Target {
     }
 
     /// Calls `f` on each value of this target until it returns true; true if one did.
-    fn any(&self, input: &Input<'_>, mut f: impl FnMut(&str) -> bool) -> bool {
+    fn any<'s>(&self, input: &'s Input<'_>, mut f: impl FnMut(&'s str) -> bool) -> bool {
         let email = input.email;
         match self {
             Target::From => email.from.iter().any(|a| f(&a.address)),
@@ -160,7 +160,7 @@ impl Target {
             Target::Body => f(&email.text),
             Target::Html => f(&email.html),
             Target::Attachment => email.attachments.iter().any(|a| f(&a.name)),
-            Target::Header(name) => email.headers_named(name).any(f),
+            Target::Header(name) => email.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name) && f(&h.value)),
         }
     }
 }
@@ -209,7 +209,21 @@ impl Matcher {
 #[derive(Debug)]
 struct Extractor {
     target: Target,
-    regexes: Vec<Arc<Regex>>,
+    regexes: Vec<Extraction>,
+}
+
+/// One extraction regex and its named groups: `(group index, name)`, in group order.
+#[derive(Debug)]
+struct Extraction {
+    regex: Arc<Regex>,
+    groups: Vec<(usize, String)>,
+}
+
+impl Extraction {
+    fn new(regex: Arc<Regex>) -> Extraction {
+        let groups = regex.capture_names().enumerate().filter_map(|(i, name)| Some((i, name?.to_string()))).collect();
+        Extraction { regex, groups }
+    }
 }
 
 /// A computed value: `[rule.fields]` and `[rule.payload]` entries.
@@ -361,22 +375,30 @@ impl RuleSet {
     }
 
     fn apply(&self, rule: &Rule, input: &Input<'_>) -> Outcome {
-        let mut fields = Map::new();
+        // (name, value) in the order found; the first value of a name wins.
+        let mut found: Vec<(&str, &str)> = Vec::new();
         for ex in &rule.extract {
-            for re in &ex.regexes {
+            for extraction in &ex.regexes {
+                if extraction.groups.iter().all(|(_, name)| found.iter().any(|(f, _)| f == name)) {
+                    continue; // nothing left for this regex to find
+                }
                 ex.target.any(input, |value| {
-                    if let Some(caps) = re.captures(value) {
-                        for name in re.capture_names().flatten() {
-                            if let Some(m) = caps.name(name)
-                                && !fields.contains_key(name)
+                    if let Some(caps) = extraction.regex.captures(value) {
+                        for (i, name) in &extraction.groups {
+                            if let Some(m) = caps.get(*i)
+                                && !found.iter().any(|(f, _)| f == name)
                             {
-                                fields.insert(name.to_string(), Json::from(m.as_str()));
+                                found.push((name, m.as_str()));
                             }
                         }
                     }
                     false // keep looking: a later value may hold other groups
                 });
             }
+        }
+        let mut fields = Map::with_capacity(found.len() + rule.fields.len());
+        for (name, value) in found {
+            fields.insert(name.to_string(), Json::from(value));
         }
 
         let dead = |reason: String, fields: Map<String, Json>| Outcome {
