@@ -130,10 +130,11 @@ impl Templates {
     pub(crate) fn eval(&self, spec: &Spec, ctx: &Context<'_>) -> Result<Json, String> {
         match spec {
             Spec::Literal(v) => Ok(v.clone()),
-            Spec::Field { name, template } => match ctx.fields.get(name) {
-                // `{{ name }}` of a text field renders the text itself: skip the template.
-                Some(Json::String(s)) => Ok(Json::String(s.clone())),
-                _ => self.render(template, ctx),
+            Spec::Field { name, template } => match ctx.text_of(name, None) {
+                // `{{ name }}` of a text field, or of a built-in name whose value is text (such
+                // as `rule` or `subject`), renders the text itself: skip the template.
+                Some(text) => Ok(Json::String(text.to_string())),
+                None => self.render(template, ctx),
             },
             Spec::Simple { parts, template } => match fast::render(parts, ctx) {
                 Some(text) => Ok(Json::String(text)),

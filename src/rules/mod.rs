@@ -231,7 +231,8 @@ impl Extraction {
 pub(crate) enum Spec {
     /// Name of a compiled template in the environment; renders to a string.
     Template(String),
-    /// `{{ name }}` alone: the field's text when it is one, else the template.
+    /// `{{ name }}` alone: the text of the field or built-in name when it is one, else the
+    /// template.
     Field {
         name: String,
         template: String,
