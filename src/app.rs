@@ -67,6 +67,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         spool = %spool_dir.display(),
         requeued = recovery.requeued,
         tmp_removed = recovery.tmp_removed,
+        removals_finished = recovery.removals_finished,
         corrupt = recovery.corrupt.len(),
         "spool recovered"
     );

@@ -292,8 +292,8 @@ pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
 
 /// Checks what is left in the spool once everything was delivered: no dead letters, no
 /// metadata in `corrupt/`, and any message file left without metadata (in `msg/`, where a kill
-/// between the two steps of a removal leaves it, or in `corrupt/`, where recovery moves such
-/// orphans) is a copy that was delivered or never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
+/// between the two steps of a removal leaves it until the next start removes it, or a bare raw
+/// message in `corrupt/`) is a copy that was delivered or never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
 /// recovery removes once they are 10 minutes old).
 pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delivered: &HashSet<u64>) -> usize {
     let c = spool_counts(spool);

@@ -49,9 +49,10 @@
 //! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
 //!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); an `incoming/ID.msg`
 //!    whose `ID.json` is in another state moves to `msg/`; `active/` entries go back in line
-//!    (`incoming/`, or `deferred/` due now when already judged); metadata that cannot be read,
-//!    metadata without its message file, and message files without metadata (a removal cut
-//!    short; a bare `ID.eml` only once older than [`TMP_GRACE`]) are moved to `corrupt/`.
+//!    (`incoming/`, or `deferred/` due now when already judged); metadata that cannot be read
+//!    and metadata without its message file are moved to `corrupt/`; a message file in `msg/`
+//!    without metadata (a removal cut short) is removed, and a bare `ID.eml` without metadata
+//!    is moved to `corrupt/` once older than [`TMP_GRACE`].
 
 mod committer;
 mod file;
@@ -152,6 +153,8 @@ struct Inner {
 pub struct Recovery {
     pub tmp_removed: usize,
     pub requeued: usize,
+    /// Message files whose metadata was already removed (a removal cut short), now removed.
+    pub removals_finished: usize,
     pub corrupt: Vec<String>,
 }
 
@@ -437,10 +440,19 @@ impl Spool {
                 (None, Some(id)) => (id, true),
                 (None, None) => continue,
             };
-            // A message file here without metadata is what a removal cut short leaves. A young
-            // bare raw message may be an older `ingest` committing right now, between its two
-            // renames: only older ones are orphans for sure.
-            if !known.contains(id) && self.find(id).is_none() && (!bare || older_than(&entry, now, TMP_GRACE)) {
+            if known.contains(id) || self.find(id).is_some() {
+                continue;
+            }
+            if !bare {
+                // A message file gets here only after its metadata is in place, and its
+                // metadata goes first when it is removed: this is a removal cut short.
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+                committer::sync_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?;
+                report.removals_finished += 1;
+            } else if older_than(&entry, now, TMP_GRACE) {
+                // A young bare raw message may be an older `ingest` committing right now,
+                // between its two renames: only older ones are orphans for sure.
                 self.quarantine(&entry.path())?;
                 report.corrupt.push(format!("msg/{name}: no metadata"));
             }
