@@ -88,8 +88,8 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         None => None,
     };
     let reloader = Reloader::start(&config, rules, metrics.clone())?;
-    let watchers =
-        crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics).map_err(AppError::Imap)?;
+    let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)
+        .map_err(AppError::Imap)?;
     let mut tasks = tokio::task::JoinSet::new();
     for watcher in watchers {
         tasks.spawn(watcher.run(stop_rx.clone()));

@@ -435,6 +435,52 @@ fn kill_9_during_a_backlog_loses_nothing_and_resends_almost_nothing() {
     assert_eq!(imap.count("Done"), total);
 }
 
+#[test]
+fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    imap.append("INBOX", &message(0, "before"));
+    let mut gw = gateway(&dovecot, "after = \"seen\"\npoll = \"1h\"");
+    gw.start();
+    wait_delivered(&gw, 1, WAIT);
+    assert_eq!(gw.stop(), 0);
+
+    // What a kill right after the watcher's commit of a new message leaves: the message in the
+    // spool with its fingerprint, but neither the folder's checkpoint nor its fingerprint list
+    // updated, and the message not yet flagged on the server. The spool file is written as the
+    // spool writes it: the raw bytes, a line of metadata, the fixed-length footer.
+    let uid = imap.append("INBOX", &message(1, "spooled before the kill"));
+    let raw = imap.fetch("INBOX", uid);
+    let fingerprint: String =
+        ring::digest::digest(&ring::digest::SHA256, &raw).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let id = "01KB0000000000000000000000";
+    let meta = serde_json::json!({
+        "version": 1, "id": id, "size": raw.len(), "attempts": 0, "fingerprint": fingerprint,
+        "envelope": {
+            "id": id, "source": {"kind": "imap", "account": "alerts", "folder": "INBOX"},
+            "mail_from": null, "recipients": [USER], "received_at": "2026-01-01T00:00:00.000Z", "tls": false
+        }
+    });
+    let mut file = raw.clone();
+    file.extend_from_slice(format!("\n{meta}\nmailhook-spool-1 {:020}\n", raw.len()).as_bytes());
+    std::fs::write(gw.path().join("spool/incoming").join(format!("{id}.msg")), file).unwrap();
+
+    gw.start();
+    wait_log(&gw, "already spooled from this folder; not sent again", 1, WAIT);
+    wait_server("the after-action on the recognised message", WAIT, || imap.unseen("INBOX").is_empty());
+    let got = wait_delivered(&gw, 2, WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    let got = if delivered(&gw).len() > got.len() { delivered(&gw) } else { got };
+    assert_eq!(
+        subjects(&got),
+        HashMap::from([("before 0".into(), 1), ("spooled before the kill 1".into(), 1)]),
+        "logs:\n{}",
+        gw.logs()
+    );
+    assert!(got.iter().any(|p| p["id"] == id), "delivered from the spool, under the id it had");
+    assert_eq!(gw.stop(), 0);
+}
+
 /// A small per-round delay (0–9 ms) so the kills land at different instants.
 fn fastrand_ms(round: usize) -> u64 {
     (round as u64 * 7 + 3) % 10

@@ -31,6 +31,11 @@ pub struct Meta {
     /// Why the message is a dead letter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,
+    /// SHA-256 of the raw message, for a source that may offer it again (IMAP): recovery hands
+    /// these to the watchers, so that a message spooled just before a crash, before its
+    /// watcher noted it, is not spooled a second time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// What the rules decided: the rule, the payload, and where it goes.
@@ -82,6 +87,7 @@ impl Meta {
             decision: None,
             last_error: None,
             dead_reason: None,
+            fingerprint: None,
         }
     }
 

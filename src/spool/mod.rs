@@ -58,7 +58,7 @@ mod committer;
 mod file;
 mod meta;
 
-use crate::model::Envelope;
+use crate::model::{Envelope, Source};
 use committer::{Body, Committer, Op};
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -156,6 +156,8 @@ pub struct Recovery {
     /// Message files whose metadata was already removed (a removal cut short), now removed.
     pub removals_finished: usize,
     pub corrupt: Vec<String>,
+    /// The source and fingerprint of every message in the spool that has one.
+    pub fingerprints: Vec<(Source, String)>,
 }
 
 impl Spool {
@@ -246,7 +248,14 @@ impl Spool {
         let id = ulid::Ulid::generate().to_string();
         let path = self.tmp_path(&id, "msg");
         let file = File::create(&path).map_err(|e| SpoolError::io(&path, e))?;
-        Ok(Draft { spool: self.clone(), id, path, file: Some(io::BufWriter::with_capacity(64 * 1024, file)), size: 0 })
+        Ok(Draft {
+            spool: self.clone(),
+            id,
+            path,
+            file: Some(io::BufWriter::with_capacity(64 * 1024, file)),
+            size: 0,
+            fingerprint: None,
+        })
     }
 
     /// Stores a whole message durably; returns its id. Blocking: not for async contexts.
@@ -405,6 +414,9 @@ impl Spool {
                 match self.read_meta(state, &id) {
                     Ok(mut meta) if self.raw_location(&id).is_some() => {
                         known.insert(id.clone());
+                        if let Some(fp) = meta.fingerprint.take() {
+                            report.fingerprints.push((meta.envelope.source.clone(), fp));
+                        }
                         if state == State::Active {
                             let to = if meta.decision.is_some() {
                                 meta.next_attempt = Some(format_time(now));
@@ -495,6 +507,7 @@ pub struct Draft {
     path: PathBuf,
     file: Option<io::BufWriter<File>>,
     size: u64,
+    fingerprint: Option<String>,
 }
 
 impl Draft {
@@ -508,10 +521,16 @@ impl Draft {
         self.size
     }
 
+    /// Records the message's fingerprint ([`Meta::fingerprint`]) with it.
+    pub fn set_fingerprint(&mut self, fingerprint: String) {
+        self.fingerprint = Some(fingerprint);
+    }
+
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
         let mut file = self.file.take().ok_or(SpoolError::Stopped)?;
         envelope.id = self.id.clone();
-        let meta = Meta::new(envelope, self.size);
+        let mut meta = Meta::new(envelope, self.size);
+        meta.fingerprint = self.fingerprint.take();
         // The metadata follows the raw bytes in the same file, written here by the producer:
         // the spool's writer thread only has to flush and rename it.
         file::write_tail(&mut file, &meta, self.size).map_err(|e| SpoolError::io(&self.path, e))?;

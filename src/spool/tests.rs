@@ -373,3 +373,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn recovery_reports_the_fingerprint_of_each_message_that_has_one() {
+    let (_d, spool) = open();
+    let source = Source::Imap { account: "alerts".into(), folder: "INBOX".into() };
+    let mut draft = spool.draft().unwrap();
+    draft.write_all(b"Subject: from imap\r\n\r\n").unwrap();
+    draft.set_fingerprint("ab12".into());
+    let mut e = envelope();
+    e.source = source.clone();
+    let imap = draft.commit_blocking(e).unwrap().id;
+    spool.store(envelope(), b"Subject: from stdin\r\n\r\n").unwrap();
+    // Also once the message has left incoming/.
+    block_on(spool.transition(&imap, State::Incoming, State::Deferred, None)).unwrap();
+    assert_eq!(spool.read_meta(State::Deferred, &imap).unwrap().fingerprint.as_deref(), Some("ab12"));
+    assert_eq!(spool.recover().unwrap().fingerprints, [(source, "ab12".to_string())]);
+}

@@ -109,7 +109,17 @@ pub struct Watcher {
 
 /// Builds a watcher for every folder of every `[[imap]]` account. Fails (naming the account) on
 /// an unreadable `ca_file`.
-pub fn watchers(config: &Config, spool: &Spool, inbox: &Arc<Inbox>, metrics: &Metrics) -> Result<Vec<Watcher>, String> {
+///
+/// `spooled` are the fingerprints of the messages recovery found in the spool, by source: each
+/// folder remembers its own before its first sync (one spooled just before a crash, before its
+/// watcher noted it, is then recognised instead of spooled again).
+pub fn watchers(
+    config: &Config,
+    spool: &Spool,
+    inbox: &Arc<Inbox>,
+    metrics: &Metrics,
+    spooled: &[(Source, String)],
+) -> Result<Vec<Watcher>, String> {
     let mut out = Vec::new();
     for account in &config.imap {
         let ca = account.ca_file.as_ref().map(|p| config.resolve(p));
@@ -118,6 +128,19 @@ pub fn watchers(config: &Config, spool: &Spool, inbox: &Arc<Inbox>, metrics: &Me
         let connector = Connector::new(&resolved, ca.as_deref(), COMMAND_TIMEOUT)
             .map_err(|e| format!("imap account {:?}: {e}", account.name))?;
         for folder in &account.folders {
+            let checkpoint = Checkpoint::new(spool.dir(), &account.name, folder, config.spool.fsync);
+            let ours = spooled.iter().filter_map(|(source, fp)| match source {
+                Source::Imap { account: a, folder: f } if *a == account.name && f == folder => Some(fp),
+                _ => None,
+            });
+            let mut ours = ours.peekable();
+            if ours.peek().is_some() {
+                let cannot =
+                    |e: std::io::Error| format!("imap account {:?} folder {folder:?}: fingerprints: {e}", account.name);
+                let seen = checkpoint.seen().map_err(cannot)?;
+                let new: Vec<String> = ours.filter(|fp| !seen.contains(*fp)).cloned().collect();
+                checkpoint.remember(&new).map_err(cannot)?;
+            }
             out.push(Watcher {
                 account: account.name.clone(),
                 folder: folder.clone(),
@@ -129,7 +152,7 @@ pub fn watchers(config: &Config, spool: &Spool, inbox: &Arc<Inbox>, metrics: &Me
                 connector: connector.clone(),
                 spool: spool.clone(),
                 inbox: inbox.clone(),
-                checkpoint: Checkpoint::new(spool.dir(), &account.name, folder, config.spool.fsync),
+                checkpoint,
                 health: metrics.folder(&account.name, folder, account.poll.min(MAX_IDLE)),
             });
         }
@@ -473,8 +496,10 @@ async fn store(
     raw: Vec<u8>,
     (checkpoint, fp): (Checkpoint, String),
 ) -> Result<String, String> {
+    let fingerprint = fp.clone();
     let (draft, raw) = tokio::task::spawn_blocking(move || {
         let mut draft = spool.draft().map_err(|e| e.to_string())?;
+        draft.set_fingerprint(fingerprint);
         draft.write_all(&raw).map_err(|e| e.to_string())?;
         Ok::<_, String>((draft, raw))
     })
