@@ -11,8 +11,8 @@ use crate::model::{Address, Email, Envelope};
 use minijinja::value::{Enumerator, Kwargs, Object, Value};
 use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
 use serde_json::{Map, Value as Json};
-use std::cell::OnceCell;
-use std::collections::BTreeMap;
+use std::cell::{OnceCell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -51,6 +51,11 @@ impl Uses {
     pub(crate) fn union(self, other: Uses) -> Uses {
         Uses(self.0 | other.0)
     }
+
+    /// The names of `self` that `other` does not have.
+    fn without(self, other: Uses) -> Uses {
+        Uses(self.0 & !other.0)
+    }
 }
 
 /// Instructions one evaluation may spend: generous for real templates, a stop for runaways.
@@ -62,6 +67,8 @@ const RESULT_VAR: &str = "__mailhook_value";
 /// Every compiled template of a rule set.
 pub(crate) struct Templates {
     env: Environment<'static>,
+    /// The names each template refers to, so that a message's context gets only those.
+    uses: HashMap<String, Uses>,
 }
 
 impl Templates {
@@ -89,12 +96,14 @@ impl Templates {
             }
             minijinja::filters::float(state, value, default, kwargs)
         });
-        Templates { env }
+        Templates { env, uses: HashMap::new() }
     }
 
     /// Compiles a string template under `name`.
     pub(crate) fn add_template(&mut self, name: &str, source: &str) -> Result<(), String> {
-        self.env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| describe(&e))
+        self.env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| describe(&e))?;
+        self.uses.insert(name.to_string(), self.uses(name));
+        Ok(())
     }
 
     /// Compiles an expression under `name`. The expression is first checked on its own (so
@@ -103,28 +112,16 @@ impl Templates {
     pub(crate) fn add_expr(&mut self, name: &str, expr: &str) -> Result<(), String> {
         self.env.compile_expression(expr).map_err(|e| describe(&e))?;
         let source = format!("{{% set {RESULT_VAR} = ({expr}\n) %}}");
-        self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))
+        self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))?;
+        self.uses.insert(name.to_string(), self.uses(name));
+        Ok(())
     }
 
     /// The reserved names the compiled template or expression `name` refers to.
-    pub(crate) fn uses(&self, name: &str) -> Uses {
+    fn uses(&self, name: &str) -> Uses {
         let Ok(t) = self.env.get_template(name) else { return Uses::ALL };
         let names = t.undeclared_variables(false);
         Uses(RESERVED.iter().enumerate().filter(|(_, r)| names.contains(**r)).fold(0, |acc, (i, _)| acc | (1 << i)))
-    }
-
-    /// The reserved names any template of `spec` refers to.
-    pub(crate) fn spec_uses(&self, spec: &Spec) -> Uses {
-        match spec {
-            Spec::Literal(_) => Uses::default(),
-            Spec::Field { template, .. }
-            | Spec::Simple { template, .. }
-            | Spec::FastExpr { template, .. }
-            | Spec::Template(template)
-            | Spec::Expr(template) => self.uses(template),
-            Spec::Array(items) => items.iter().fold(Uses::default(), |u, s| u.union(self.spec_uses(s))),
-            Spec::Object(entries) => entries.iter().fold(Uses::default(), |u, (_, s)| u.union(self.spec_uses(s))),
-        }
     }
 
     pub(crate) fn eval(&self, spec: &Spec, ctx: &Context<'_>) -> Result<Json, String> {
@@ -163,14 +160,18 @@ impl Templates {
 
     fn eval_expr(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
         let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-        let captured = t.render_captured(ctx.value()).map_err(|e| describe(&e))?;
+        let captured = t.render_captured(ctx.value(self.uses_of(name))).map_err(|e| describe(&e))?;
         let value = captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED);
         to_json(&value)
     }
 
     fn render(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
         let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-        t.render(ctx.value()).map(Json::String).map_err(|e| describe(&e))
+        t.render(ctx.value(self.uses_of(name))).map(Json::String).map_err(|e| describe(&e))
+    }
+
+    fn uses_of(&self, name: &str) -> Uses {
+        self.uses.get(name).copied().unwrap_or(Uses::ALL)
     }
 }
 
@@ -198,14 +199,14 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
 /// What templates of one message can see, and the fields of the rule being applied.
 ///
 /// Cheap to create: the values derived from the email, and the fields as template values, are
-/// built on the first evaluation that needs the template engine only; the fields are then
-/// shared with each evaluation (copy on write), not copied.
+/// built when an evaluation needs the template engine, and then only the names its template
+/// refers to; the fields are shared with each evaluation (copy on write), not copied.
 pub(crate) struct Context<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
     rule: &'a str,
-    uses: Uses,
-    base: OnceCell<Arc<BTreeMap<&'static str, Value>>>,
+    /// The built-in values made so far, and which names they are.
+    base: RefCell<(Uses, Arc<BTreeMap<&'static str, Value>>)>,
     /// The fields as they go into the payload.
     fields: Map<String, Json>,
     /// The same fields as template values, once the engine needs them.
@@ -217,10 +218,9 @@ impl<'a> Context<'a> {
         email: &'a Email,
         envelope: &'a Envelope,
         rule: &'a str,
-        uses: Uses,
         fields: Map<String, Json>,
     ) -> Context<'a> {
-        Context { email, envelope, rule, uses, base: OnceCell::new(), fields, values: OnceCell::new() }
+        Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new() }
     }
 
     pub(crate) fn email(&self) -> &Email {
@@ -273,12 +273,19 @@ impl<'a> Context<'a> {
         })
     }
 
-    fn value(&self) -> Value {
-        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule, self.uses)));
+    /// The context object for a template that refers to the built-in names `uses`.
+    fn value(&self, uses: Uses) -> Value {
+        let mut base = self.base.borrow_mut();
+        let missing = uses.without(base.0);
+        if missing != Uses::default() {
+            add_base_values(Arc::make_mut(&mut base.1), self.email, self.envelope, self.rule, missing);
+            base.0 = base.0.union(missing);
+        }
+        let base = base.1.clone();
         let values = self
             .values
             .get_or_init(|| Arc::new(self.fields.iter().map(|(k, v)| (k.clone(), template_value(v))).collect()));
-        Value::from_object(ContextObject { base: base.clone(), fields: values.clone() })
+        Value::from_object(ContextObject { base, fields: values.clone() })
     }
 }
 
@@ -290,9 +297,15 @@ fn template_value(value: &Json) -> Value {
     }
 }
 
-fn base_values(email: &Email, envelope: &Envelope, rule: &str, uses: Uses) -> BTreeMap<&'static str, Value> {
+/// Adds the values of the built-in names `uses` to `base`.
+fn add_base_values(
+    base: &mut BTreeMap<&'static str, Value>,
+    email: &Email,
+    envelope: &Envelope,
+    rule: &str,
+    uses: Uses,
+) {
     let addresses = |list: &[Address]| Value::from(list.iter().map(AddressObject::value).collect::<Vec<_>>());
-    let mut base = BTreeMap::new();
     for &name in RESERVED {
         if !uses.has(name) {
             continue;
@@ -317,7 +330,6 @@ fn base_values(email: &Email, envelope: &Envelope, rule: &str, uses: Uses) -> BT
         };
         base.insert(name, value);
     }
-    base
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {

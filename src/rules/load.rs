@@ -1,7 +1,7 @@
 //! Loading and compiling rules files. Walks the spanned TOML tree by hand (rather than through
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
-use super::context::{RESERVED, Templates, Uses};
+use super::context::{RESERVED, Templates};
 use super::{Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
 use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
@@ -353,12 +353,7 @@ impl FileCompiler<'_> {
             }
         }
 
-        let uses = fields
-            .iter()
-            .chain(payload.iter().flatten())
-            .fold(Uses::default(), |u, (_, spec)| u.union(self.templates.spec_uses(spec)));
         (self.errors.len() == before).then(|| Rule {
-            uses,
             name,
             file: self.file.to_path_buf(),
             line,

@@ -269,8 +269,6 @@ pub struct Rule {
     extract: Vec<Extractor>,
     fields: Vec<(String, Spec)>,
     payload: Option<Vec<(String, Spec)>>,
-    /// The context names its templates refer to.
-    uses: context::Uses,
 }
 
 /// Every rule of a rules directory, compiled, plus what to do with unmatched mail.
@@ -423,7 +421,7 @@ impl RuleSet {
             return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Map::new() };
         }
 
-        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, rule.uses, fields);
+        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, fields);
         for (key, spec) in &rule.fields {
             match self.templates.eval(spec, &ctx) {
                 Ok(value) => ctx.set(key, value),

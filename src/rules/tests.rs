@@ -681,3 +681,18 @@ fn simple_expressions_give_exactly_what_the_template_engine_gives() {
     }
     assert_eq!(fast_paths, expressions.len() * values.len() * 3);
 }
+
+#[test]
+fn each_template_gets_the_names_it_uses_added_to_those_built_before() {
+    let text = "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\n\
+                a = \"{{ from.name | title }}\"\n\
+                b = \"{{ (to + cc) | join(',') }}\"\n\
+                c = \"{{ headers['X-Customer-Id'] ~ '/' ~ subject ~ '/' ~ from }}\"\n\
+                d = { expr = \"[a, b] | join(' ') | length\" }\n";
+    let out = rules(text).evaluate(&ups_email(), &envelope());
+    let fields = &out.payload["fields"];
+    assert_eq!(fields["a"], json!("Ups"));
+    assert_eq!(fields["b"], json!("orders@shop.example,ops@shop.example,audit@shop.example"));
+    assert_eq!(fields["c"], json!("C-991/UPS Update: Order 4711 shipped/pkginfo@ups.com"));
+    assert_eq!(fields["d"], json!(59));
+}
