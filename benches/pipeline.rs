@@ -33,7 +33,8 @@
 //! ```
 //!
 //! gives the instructions of `evaluate` for 100 × 22 emails (`--toggle-collect='mailhook::parse::parse'`
-//! those of parsing).
+//! those of parsing). `PIPELINE_STAGE=rules` evaluates pre-parsed emails only, and
+//! `PIPELINE_FIXTURE=<name part>` limits the run to some fixtures.
 
 use criterion::{Criterion, Throughput, criterion_group};
 use mailhook::model::{Email, Envelope, Outcome, Source};
@@ -314,11 +315,27 @@ fn bench_rules(root: &Path) -> (RuleSet, Vec<(PathBuf, String)>) {
 }
 
 /// `PIPELINE_ROUNDS` mode: parse and evaluate every fixture `rounds` times, nothing else.
+/// With `PIPELINE_STAGE=rules` the fixtures are parsed once and only evaluated (as the `rules`
+/// bench does); `PIPELINE_FIXTURE=<part of a name>` keeps only the fixtures whose file name
+/// contains it.
 fn count_rounds(rounds: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let raw = fixtures(root);
+    let mut raw = fixtures(root);
+    if let Ok(only) = std::env::var("PIPELINE_FIXTURE") {
+        raw.retain(|(name, _)| name.contains(&only));
+    }
     let (rules, _) = bench_rules(root);
     let envelope = Envelope::new(Source::Smtp);
+    if std::env::var("PIPELINE_STAGE").is_ok_and(|s| s == "rules") {
+        let emails: Vec<Email> = raw.iter().map(|(_, b)| parse(b)).collect();
+        for _ in 0..rounds {
+            for email in &emails {
+                black_box(rules.evaluate(black_box(email), &envelope));
+            }
+        }
+        eprintln!("pipeline: {rounds} rounds of {} fixtures evaluated", raw.len());
+        return;
+    }
     for _ in 0..rounds {
         for (_, bytes) in &raw {
             let email = parse(black_box(bytes));
