@@ -12,13 +12,16 @@
 //! Template pieces (`{{ ... }}` inside text):
 //!
 //! ```text
-//! name | name.attr | headers['Name']      followed by any of | lower | upper | trim | join('sep')
+//! name | name.attr | headers['Name']
+//!     followed by any of | lower | upper | trim | title | replace('a', 'b') | join('sep')
 //! ```
 //!
-//! Expressions (`{ expr = "..." }`):
+//! (`replace` only when the replacement is no longer than what it replaces, `join` only of
+//! `to`, `cc` or `reply_to`.) Expressions (`{ expr = "..." }`):
 //!
 //! ```text
-//! name | int        name | float        name | int if name is defined else none   (float too)
+//! name | filters... | int         name | filters... | float       name | filters...
+//!     each optionally followed by `if name is defined else none`
 //! a == b            a != b              (a, b: names or 'text' literals)
 //! ```
 
@@ -53,15 +56,28 @@ pub(crate) enum Filter {
     Lower,
     Upper,
     Trim,
+    Title,
+    /// `replace('from', 'to')`, `to` no longer than `from`.
+    Replace(String, String),
     /// `join('sep')` of the address list `to`, `cc` or `reply_to`.
     Join(String),
+}
+
+/// What an expression's filters end with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Conversion {
+    /// None: the text.
+    Text,
+    Int,
+    Float,
 }
 
 /// A simple expression.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Expr {
-    /// `name | int` / `name | float`; with `if name is defined else none` when `if_defined`.
-    Convert { name: String, float: bool, if_defined: bool },
+    /// `name | filters | int` (or `float`, or neither); with `if name is defined else none`
+    /// when `if_defined`.
+    Convert { name: String, filters: Vec<Filter>, to: Conversion, if_defined: bool },
     /// `a == b` (`equal`) or `a != b`.
     Compare { left: Operand, right: Operand, equal: bool },
 }
@@ -84,6 +100,7 @@ enum Token<'a> {
     RParen,
     LBracket,
     RBracket,
+    Comma,
 }
 
 /// The tokens of `s`, or `None` at anything outside the small language above (numbers,
@@ -102,6 +119,7 @@ fn tokens(s: &str) -> Option<Vec<Token<'_>>> {
             b')' => (out.push(Token::RParen), i += 1).1,
             b'[' => (out.push(Token::LBracket), i += 1).1,
             b']' => (out.push(Token::RBracket), i += 1).1,
+            b',' => (out.push(Token::Comma), i += 1).1,
             b'=' | b'!' if bytes.get(i + 1) == Some(&b'=') => {
                 out.push(if b == b'=' { Token::Eq } else { Token::Ne });
                 i += 2;
@@ -163,7 +181,7 @@ pub(crate) fn template_parts(template: &str) -> Option<Vec<Part>> {
 
 /// One `{{ ... }}` piece.
 fn piece(tokens: &[Token<'_>]) -> Option<Part> {
-    let (path, mut rest) = match tokens {
+    let (path, rest) = match tokens {
         [Token::Ident("headers"), Token::LBracket, Token::Str(name), Token::RBracket, rest @ ..] => {
             (Path::Header(name.to_string()), rest)
         }
@@ -173,19 +191,37 @@ fn piece(tokens: &[Token<'_>]) -> Option<Part> {
         [Token::Ident(name), rest @ ..] if is_name(name) => (Path::Name(name.to_string(), None), rest),
         _ => return None,
     };
+    let (filters, rest) = filters(rest);
+    rest.is_empty().then_some(Part::Value(path, filters))
+}
+
+/// The filters at the start of `tokens`, and the tokens after them.
+fn filters<'t, 'a>(mut tokens: &'t [Token<'a>]) -> (Vec<Filter>, &'t [Token<'a>]) {
     let mut filters = Vec::new();
-    while !rest.is_empty() {
-        rest = match rest {
-            [Token::Pipe, Token::Ident("lower"), rest @ ..] => (filters.push(Filter::Lower), rest).1,
-            [Token::Pipe, Token::Ident("upper"), rest @ ..] => (filters.push(Filter::Upper), rest).1,
-            [Token::Pipe, Token::Ident("trim"), rest @ ..] => (filters.push(Filter::Trim), rest).1,
+    loop {
+        let (filter, rest) = match tokens {
+            [Token::Pipe, Token::Ident("lower"), rest @ ..] => (Filter::Lower, rest),
+            [Token::Pipe, Token::Ident("upper"), rest @ ..] => (Filter::Upper, rest),
+            [Token::Pipe, Token::Ident("trim"), rest @ ..] => (Filter::Trim, rest),
+            [Token::Pipe, Token::Ident("title"), rest @ ..] => (Filter::Title, rest),
+            [
+                Token::Pipe,
+                Token::Ident("replace"),
+                Token::LParen,
+                Token::Str(from),
+                Token::Comma,
+                Token::Str(to),
+                Token::RParen,
+                rest @ ..,
+            ] if to.len() <= from.len() => (Filter::Replace(from.to_string(), to.to_string()), rest),
             [Token::Pipe, Token::Ident("join"), Token::LParen, Token::Str(sep), Token::RParen, rest @ ..] => {
-                (filters.push(Filter::Join(sep.to_string())), rest).1
+                (Filter::Join(sep.to_string()), rest)
             }
-            _ => return None,
+            _ => return (filters, tokens),
         };
+        filters.push(filter);
+        tokens = rest;
     }
-    Some(Part::Value(path, filters))
 }
 
 /// The simple expression `expr` is, if it is one.
@@ -195,33 +231,37 @@ pub(crate) fn expression(expr: &str) -> Option<Expr> {
         Token::Str(text) => Some(Operand::Text(text.to_string())),
         _ => None,
     };
-    let conversion = |to: &str| match to {
-        "int" => Some(false),
-        "float" => Some(true),
-        _ => None,
+    let tokens = tokens(expr)?;
+    if let [left, op @ (Token::Eq | Token::Ne), right] = tokens.as_slice() {
+        return Some(Expr::Compare { left: operand(left)?, right: operand(right)?, equal: *op == Token::Eq });
+    }
+    let [Token::Ident(name), rest @ ..] = tokens.as_slice() else { return None };
+    if !is_name(name) {
+        return None;
+    }
+    let (filters, rest) = filters(rest);
+    if filters.iter().any(|f| matches!(f, Filter::Join(_))) {
+        return None; // `join` of a text joins its characters: left to the engine
+    }
+    let (to, rest) = match rest {
+        [Token::Pipe, Token::Ident("int"), rest @ ..] => (Conversion::Int, rest),
+        [Token::Pipe, Token::Ident("float"), rest @ ..] => (Conversion::Float, rest),
+        _ if !filters.is_empty() => (Conversion::Text, rest),
+        _ => return None,
     };
-    Some(match tokens(expr)?.as_slice() {
-        [Token::Ident(name), Token::Pipe, Token::Ident(to)] if is_name(name) => {
-            Expr::Convert { name: name.to_string(), float: conversion(to)?, if_defined: false }
-        }
+    let if_defined = match rest {
+        [] => false,
         [
-            Token::Ident(name),
-            Token::Pipe,
-            Token::Ident(to),
             Token::Ident("if"),
             Token::Ident(again),
             Token::Ident("is"),
             Token::Ident("defined"),
             Token::Ident("else"),
             Token::Ident("none"),
-        ] if is_name(name) && name == again => {
-            Expr::Convert { name: name.to_string(), float: conversion(to)?, if_defined: true }
-        }
-        [left, op @ (Token::Eq | Token::Ne), right] => {
-            Expr::Compare { left: operand(left)?, right: operand(right)?, equal: *op == Token::Eq }
-        }
+        ] if again == name => true,
         _ => return None,
-    })
+    };
+    Some(Expr::Convert { name: name.to_string(), filters, to, if_defined })
 }
 
 /// The text of `parts`, or `None` when the engine must render it.
@@ -243,16 +283,55 @@ pub(crate) fn render(parts: &[Part], ctx: &Context<'_>) -> Option<String> {
                     },
                 };
                 for filter in filters {
-                    value = match filter {
-                        Filter::Lower => value.to_lowercase(),
-                        Filter::Upper => value.to_uppercase(),
-                        Filter::Trim => value.trim().to_string(),
-                        // `join` of a text joins its characters: leave that to the engine.
-                        Filter::Join(_) => return None,
-                    };
+                    value = apply(filter, &value)?;
                 }
                 out.push_str(&value);
             }
+        }
+    }
+    Some(out)
+}
+
+/// What a text filter makes of `value`; `None` when the engine must say.
+fn apply(filter: &Filter, value: &str) -> Option<String> {
+    Some(match filter {
+        Filter::Lower => value.to_lowercase(),
+        Filter::Upper => value.to_uppercase(),
+        Filter::Trim => value.trim().to_string(),
+        Filter::Title => title(value)?,
+        Filter::Replace(from, to) => value.replace(from.as_str(), to),
+        // `join` of a text joins its characters: leave that to the engine.
+        Filter::Join(_) => return None,
+    })
+}
+
+/// The template engine's `title`: the first letter of every word upper-cased, the others
+/// lower-cased. `None` for a text with a capital sigma, whose lower case depends on the rest
+/// of its word (the engine handles that).
+fn title(value: &str) -> Option<String> {
+    fn is_word_separator(c: char) -> bool {
+        matches!(c, '-' | '(' | '{' | '[' | '<') || c.is_whitespace()
+    }
+    if value.contains('\u{3a3}') {
+        return None;
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut capitalize = true;
+    for c in value.chars() {
+        if is_word_separator(c) {
+            out.push(c);
+            capitalize = true;
+        } else if capitalize {
+            if c.is_ascii() {
+                out.push(c.to_ascii_uppercase());
+            } else {
+                out.extend(c.to_uppercase());
+            }
+            capitalize = false;
+        } else if c.is_ascii() {
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.extend(c.to_lowercase());
         }
     }
     Some(out)
@@ -294,12 +373,21 @@ fn plain<'a>(operand: &'a Operand, ctx: &'a Context<'_>) -> Option<Plain<'a>> {
 /// a name is one of the engine's global functions (which an undefined field name would reach).
 pub(crate) fn evaluate(expr: &Expr, ctx: &Context<'_>, is_global: impl Fn(&str) -> bool) -> Option<Json> {
     match expr {
-        Expr::Convert { name, float, if_defined } => match ctx.fields().get(name) {
+        Expr::Convert { name, filters, to, if_defined } => match ctx.fields().get(name) {
             None if *if_defined && !RESERVED.contains(&name.as_str()) && !is_global(name) => Some(Json::Null),
             // The rules' `int` and `float` filters turn none into none.
-            Some(Json::Null) => Some(Json::Null),
-            Some(Json::String(s)) if *float => s.parse::<f64>().ok().map(Json::from),
-            Some(Json::String(s)) => parse_int(s).map(Json::from),
+            Some(Json::Null) if filters.is_empty() && *to != Conversion::Text => Some(Json::Null),
+            Some(Json::String(s)) => {
+                let mut value = std::borrow::Cow::Borrowed(s.as_str());
+                for filter in filters {
+                    value = std::borrow::Cow::Owned(apply(filter, &value)?);
+                }
+                match to {
+                    Conversion::Text => Some(Json::String(value.into_owned())),
+                    Conversion::Int => parse_int(&value).map(Json::from),
+                    Conversion::Float => value.parse::<f64>().ok().map(Json::from),
+                }
+            }
             _ => None,
         },
         Expr::Compare { left, right, equal } => {
@@ -343,7 +431,9 @@ mod tests {
             ])
         );
         for t in [
-            "{{ a | title }}",
+            "{{ a | capitalize }}",
+            "{{ a | replace('x', 'yy') }}",
+            "{{ a | replace('x') }}",
             "{{ a | lower(1) }}",
             "{{ a[0] }}",
             "{{ a.b.c }}",
@@ -357,10 +447,22 @@ mod tests {
         ] {
             assert_eq!(template_parts(t), None, "{t}");
         }
-        assert_eq!(expression("n|int"), Some(Expr::Convert { name: "n".into(), float: false, if_defined: false }));
+        assert_eq!(
+            expression("n|int"),
+            Some(Expr::Convert { name: "n".into(), filters: vec![], to: Conversion::Int, if_defined: false })
+        );
         assert_eq!(
             expression("n | float if n is defined else none"),
-            Some(Expr::Convert { name: "n".into(), float: true, if_defined: true })
+            Some(Expr::Convert { name: "n".into(), filters: vec![], to: Conversion::Float, if_defined: true })
+        );
+        assert_eq!(
+            expression("n | replace('.', '') | replace(',', '.') | float"),
+            Some(Expr::Convert {
+                name: "n".into(),
+                filters: vec![Filter::Replace(".".into(), "".into()), Filter::Replace(",".into(), ".".into())],
+                to: Conversion::Float,
+                if_defined: false
+            })
         );
         assert_eq!(
             expression("a != \"x\""),
@@ -376,6 +478,10 @@ mod tests {
             "a in ['x']",
             "true == a",
             "a | int | string",
+            "a",
+            "a | int | lower",
+            "a | join(',')",
+            "a | replace('a', 'bc') | int",
         ] {
             assert_eq!(expression(e), None, "{e}");
         }

@@ -536,6 +536,9 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         "{{ to | join('') | upper }}",
         "{{ host | join(', ') }} {{ subject | join('.') }}",
         "{{ to.name | join(', ') }}",
+        "{{ mixed | title }}|{{ padded | title }}|{{ host | title }}|{{ words | title }}",
+        "{{ sigma | title }}",
+        "{{ host | replace('-', '') }} {{ state | replace(' ', '') | lower }} {{ host | replace('', '') }}",
     ];
     let mut email = ups_email();
     email.subject = "Ä \"quoted\" <b>".into();
@@ -546,7 +549,8 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         let rule = |template: &str| {
             format!(
                 "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\nhost = \"db-01\"\nservice = \"disk\"\nstate = \" OK \"\n\
-                 padded = \"\\t two words \\n\"\nmixed = \"İstanbul STRAẞE ǅ Σ\"\n\
+                 padded = \"\\t two words \\n\"\nmixed = \"İstanbul STRAẞE ǅ Σ\"\nsigma = \"ΟΔΟΣ ΣΑΣ\"\n\
+                 words = \"o'neil mcdonald-SMITH (the [third]) <x> {{y}} ǆemal\"\n\
                  count = {{ expr = \"3\" }}\nratio = {{ expr = \"2.5\" }}\nflag = {{ expr = \"true\" }}\nout = \"{template}\"\n"
             )
         };
@@ -627,6 +631,13 @@ fn simple_expressions_give_exactly_what_the_template_engine_gives() {
         "missing | int if missing is defined else none",
         "missing | float",
         "missing == 'x'",
+        "x | replace('.', '') | replace(',', '.') | float",
+        "x | trim | int",
+        "x | replace('4', '') | int if x is defined else none",
+        "x | lower",
+        "x | title | upper",
+        "x | upper if x is defined else none",
+        "missing | lower if missing is defined else none",
     ];
     // `x` and `y` as TOML values of [rule.fields] (None: not set).
     let values = [
@@ -643,6 +654,9 @@ fn simple_expressions_give_exactly_what_the_template_engine_gives() {
         Some("\"inf\""),
         Some("\"99999999999999999999\""),
         Some("\"OK\""),
+        Some("\"1.211,55\""),
+        Some("\" Mixed case-words (x) \""),
+        Some("\"ΟΔΟΣ\""),
         Some("42"),
         Some("2.5"),
         Some("true"),
