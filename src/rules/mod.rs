@@ -20,6 +20,12 @@
 //!
 //! Templates are minijinja, sandboxed: no loader (no file access), no network, a fuel limit
 //! on every evaluation.
+//!
+//! Shortcuts that never change a result: a `when` regex on a short value is preceded by a
+//! literal check (`prefilter`); identical patterns are compiled once and a `when` condition
+//! shared by several rules is evaluated once per message; simple templates and expressions
+//! are computed without the template engine (`fast`), which still decides whenever a value is
+//! not plain.
 
 mod context;
 mod fast;
