@@ -111,15 +111,23 @@ fn tokens(s: &str) -> Option<Vec<Token<'_>>> {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        let single = match b {
+            b'|' => Some(Token::Pipe),
+            b'.' => Some(Token::Dot),
+            b'(' => Some(Token::LParen),
+            b')' => Some(Token::RParen),
+            b'[' => Some(Token::LBracket),
+            b']' => Some(Token::RBracket),
+            b',' => Some(Token::Comma),
+            _ => None,
+        };
+        if let Some(token) = single {
+            out.push(token);
+            i += 1;
+            continue;
+        }
         match b {
             b' ' | b'\t' | b'\r' | b'\n' => i += 1,
-            b'|' => (out.push(Token::Pipe), i += 1).1,
-            b'.' => (out.push(Token::Dot), i += 1).1,
-            b'(' => (out.push(Token::LParen), i += 1).1,
-            b')' => (out.push(Token::RParen), i += 1).1,
-            b'[' => (out.push(Token::LBracket), i += 1).1,
-            b']' => (out.push(Token::RBracket), i += 1).1,
-            b',' => (out.push(Token::Comma), i += 1).1,
             b'=' | b'!' if bytes.get(i + 1) == Some(&b'=') => {
                 out.push(if b == b'=' { Token::Eq } else { Token::Ne });
                 i += 2;
