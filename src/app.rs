@@ -47,6 +47,9 @@ pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
 
 /// Runs `mailhook serve` until SIGTERM/SIGINT.
 pub async fn serve(config: Config) -> Result<(), AppError> {
+    // Taken first: a SIGTERM that comes while the spool is still being recovered is kept, and
+    // ends the run cleanly once it has started, instead of killing it by the default action.
+    let signals = Signals::new()?;
     let metrics = Metrics::new();
     let rules = load_rules(&config).map_err(AppError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
@@ -104,7 +107,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let workers = tokio::spawn(pipeline.clone().run(stop_rx));
     info!(destinations = config.destination.len(), "mailhook serving");
 
-    wait_for_signal().await?;
+    signals.wait().await;
     info!("shutting down");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
@@ -113,13 +116,23 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this exists.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
-    Ok(())
+
+    /// Waits for either (returns at once for one that came meanwhile).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

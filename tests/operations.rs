@@ -383,6 +383,27 @@ fn sighup_reloads_the_rules() {
 }
 
 #[test]
+fn sigterm_while_starting_ends_the_run_cleanly() {
+    let mut gw = Gateway::new(&format!("{BASE}{FILES}"), &rule("orders", "Order", "a"));
+    // A spool with 5,000 messages waiting, so that start-up has a while of recovering to do:
+    // copies of one message file, each under an id of its own (same length, in its metadata too).
+    let id = gw.ingest(&message(0, "Order waiting"));
+    let incoming = gw.path().join("spool/incoming");
+    let file = std::fs::read(incoming.join(format!("{id}.msg"))).unwrap();
+    let text = String::from_utf8(file).unwrap();
+    for n in 1..5_000 {
+        let other = format!("{}{n:05}", &id[..id.len() - 5]);
+        std::fs::write(incoming.join(format!("{other}.msg")), text.replace(&id, &other)).unwrap();
+    }
+    gw.start();
+    // The rules are loaded before the spool is recovered and the listeners bound.
+    gw.wait_log("rules loaded", 1, WAIT, |v| v["message"] == "rules loaded");
+    gw.term();
+    assert_eq!(gw.wait_exit(WAIT), 0, "logs:\n{}", gw.logs());
+    assert_eq!(gw.log_lines().last().map(|v| v["message"].clone()), Some("stopped".into()), "logs:\n{}", gw.logs());
+}
+
+#[test]
 fn sigterm_mid_data_loses_no_acknowledged_message() {
     let mut gw = Gateway::new(&format!("{BASE}{FILES}"), &rule("all", ".", "a"));
     gw.start();
