@@ -422,7 +422,9 @@ async fn round(
     let Work { spool, targets, judge_budget: budget, metrics, .. } = work;
     let (mut meta, kept_raw) = match fresh {
         Some(f) => (f.meta, f.raw),
-        None => (spool.read_meta(from, id)?, None),
+        // A new message from another process (`ingest`), or one the inbox had no room for:
+        // a small one is read whole at once, its raw bytes with its metadata.
+        None => spool.read_meta_with_raw(from, id, INLINE_JUDGE_SIZE)?,
     };
     // Where the message is now.
     let mut at = from;

@@ -13,7 +13,7 @@
 
 use super::{Meta, SpoolError};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read as _, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -60,10 +60,20 @@ fn decode_meta(id: &str, json: &[u8]) -> Result<Meta, SpoolError> {
     serde_json::from_slice(json).map_err(|e| corrupt(id, e))
 }
 
-/// Reads only the metadata of the message file at `path`.
-pub(super) fn read_meta(path: &Path, id: &str) -> io::Result<Result<Meta, SpoolError>> {
-    let file = File::open(path)?;
+/// What [`read`] found: the metadata, and the raw message when it was read too.
+pub(super) type Read = (Meta, Option<Vec<u8>>);
+
+/// Reads the metadata of the message file at `path`, and its raw message too when the whole
+/// file is no larger than `raw_up_to` bytes (one read instead of two for a message about to be
+/// judged); for a larger file only its end is read.
+pub(super) fn read(path: &Path, id: &str, raw_up_to: u64) -> io::Result<Result<Read, SpoolError>> {
+    let mut file = File::open(path)?;
     let len = file.metadata()?.len();
+    if len <= raw_up_to {
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes)?;
+        return Ok(split(bytes, id).map(|(raw, meta)| (meta, Some(raw))));
+    }
     let mut footer = [0u8; FOOTER_LEN];
     if len < FOOTER_LEN as u64 {
         return Ok(Err(corrupt(id, "too short for a spool file")));
@@ -75,7 +85,7 @@ pub(super) fn read_meta(path: &Path, id: &str) -> io::Result<Result<Meta, SpoolE
     };
     let mut json = vec![0u8; (end - size) as usize];
     file.read_exact_at(&mut json, size)?;
-    Ok(decode_meta(id, &json))
+    Ok(decode_meta(id, &json).map(|meta| (meta, None)))
 }
 
 /// Splits the bytes of a message file into the raw message and its metadata.
@@ -122,11 +132,13 @@ mod tests {
     }
 
     #[test]
-    fn metadata_alone_is_read_from_the_end() {
+    fn metadata_is_read_from_the_end_and_a_small_message_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("01TEST.msg");
         std::fs::write(&path, file(b"Subject: hi\r\n\r\nbody\r\n")).unwrap();
-        assert_eq!(read_meta(&path, "01TEST").unwrap().unwrap(), meta(21));
+        assert_eq!(read(&path, "01TEST", 0).unwrap().unwrap(), (meta(21), None));
+        let whole = read(&path, "01TEST", u64::MAX).unwrap().unwrap();
+        assert_eq!(whole, (meta(21), Some(b"Subject: hi\r\n\r\nbody\r\n".to_vec())));
     }
 
     #[test]

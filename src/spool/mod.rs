@@ -294,6 +294,17 @@ impl Spool {
     }
 
     pub fn read_meta(&self, state: State, id: &str) -> Result<Meta, SpoolError> {
+        self.read_meta_with_raw(state, id, 0).map(|(meta, _)| meta)
+    }
+
+    /// [`read_meta`](Self::read_meta), and the raw message too when it comes in the same read:
+    /// a message in its `incoming/` file of at most `raw_up_to` bytes.
+    pub fn read_meta_with_raw(
+        &self,
+        state: State,
+        id: &str,
+        raw_up_to: u64,
+    ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
         let path = self.path(state, id);
         let not_found = |path: &Path, e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
@@ -301,10 +312,11 @@ impl Spool {
         };
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(|meta| (meta, None))
                 .map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.to_string() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound && state == State::Incoming => {
                 let file = self.incoming_file(id);
-                file::read_meta(&file, id).map_err(|e| not_found(&file, e))?
+                file::read(&file, id, raw_up_to).map_err(|e| not_found(&file, e))?
             }
             Err(e) => Err(not_found(&path, e)),
         }
@@ -408,9 +420,15 @@ impl Spool {
         let mut known = std::collections::HashSet::new();
         for state in State::ALL {
             for id in self.list(state)? {
-                let head = self.path(state, &id);
-                let head = if head.exists() { head } else { self.incoming_file(&id) };
-                let label = format!("{}/{}", state.dir_name(), head.file_name().unwrap_or_default().to_string_lossy());
+                // The file that holds the metadata, and how a report names it: only needed for
+                // an entry that goes to corrupt/.
+                let head = || {
+                    let json = self.path(state, &id);
+                    let head = if json.exists() { json } else { self.incoming_file(&id) };
+                    let label =
+                        format!("{}/{}", state.dir_name(), head.file_name().unwrap_or_default().to_string_lossy());
+                    (head, label)
+                };
                 match self.read_meta(state, &id) {
                     Ok(mut meta) if self.raw_location(&id).is_some() => {
                         known.insert(id.clone());
@@ -429,10 +447,12 @@ impl Spool {
                         }
                     }
                     Ok(_) => {
+                        let (head, label) = head();
                         self.quarantine(&head)?;
                         report.corrupt.push(format!("{label}: its raw message is missing"));
                     }
                     Err(SpoolError::Corrupt { reason, .. }) => {
+                        let (head, label) = head();
                         self.quarantine(&head)?;
                         while let Some((raw, _)) = self.raw_location(&id) {
                             self.quarantine(&raw)?;
