@@ -26,6 +26,9 @@
 //! cargo bench --bench delivery -- --messages 2000 --concurrency 32,8,64
 //! ```
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{clock_ticks, stat_ticks};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -87,25 +90,6 @@ fn current_tid() -> i64 {
         .ok()
         .and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(|s| s.parse().ok()))
         .unwrap_or(-1)
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime, in ticks, from a `stat` file (the comm field may hold spaces).
-fn stat_ticks(path: &Path) -> Option<u64> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // rest starts at field 3 (state); utime is field 14, stime field 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Busy CPU time of the whole machine (every process), in ticks, from /proc/stat.

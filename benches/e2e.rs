@@ -25,6 +25,9 @@
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
 //! ```
 
+#[path = "common/proc.rs"]
+mod proc;
+use proc::{clock_ticks, stat_ticks};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -136,21 +139,7 @@ fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    stat_ticks(Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0)
 }
 
 struct Serve {
