@@ -22,13 +22,14 @@
 //! connection broke after the final dot; ingest: the process was killed), or for IMAP a kill
 //! right after its first copy was spooled (before the watcher had recorded it as spooled).
 
-use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, message};
+use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, Tally, message};
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
-use crate::sink::Sink;
+use crate::sink::{Seen, Sink};
 use crate::support::dovecot::{Dovecot, PASSWORD, USER};
 use crate::support::gateway::Gateway;
 use crate::{Ctx, RULE, free_port, webhook_destination};
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 /// A delivery counts as in flight at a kill when it reached the receiver at most this long
@@ -80,6 +81,53 @@ fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     }
 }
 
+/// What a crash scenario has left to check once its load was drained.
+struct Drained {
+    acked: HashSet<u64>,
+    seen: Vec<Seen>,
+    spool: PathBuf,
+}
+
+/// The part every load-driven crash scenario shares: kills serve at five random points of the
+/// load (restarting it, and waiting for `listener` when given), lets the load end (`wait_load`),
+/// waits until everything acknowledged was delivered and the spool is idle, stops serve, and
+/// tallies losses and duplicates against the kills.
+#[allow(clippy::too_many_arguments)]
+fn kill_five_times_and_drain(
+    ctx: &mut Ctx,
+    row: &mut Row,
+    gw: &mut Gateway,
+    sink: &Sink,
+    tally: &Tally,
+    total: usize,
+    listener: Option<&str>,
+    wait_load: impl FnOnce() -> Result<(), String>,
+) -> Drained {
+    let mut kills = Kills::default();
+    for point in kill_points(ctx, 5, total) {
+        tally.wait_acked(point, STALL).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..50)));
+        kill_and_restart(ctx, gw, listener, &mut kills);
+        eprintln!("    killed serve at {} acknowledged", tally.acked());
+    }
+    let recovered = Recovered::now(tally.acked_set());
+    if let Err(e) = wait_load() {
+        row.violation(e);
+    }
+    let acked = tally.acked_set();
+    let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
+    report::delivered_in_time(row, done, DRAIN_TIMEOUT);
+    let spool = gw.path().join("spool");
+    report::wait_spool_idle(row, &spool, DRAIN_TIMEOUT);
+    ctx.finish_serve(row, gw);
+    let seen = sink.seen();
+    report::drain(row, &recovered, &seen);
+    row.sent = tally.offered();
+    let unknown = |seq| tally.unknown(seq);
+    report::tally(row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
+    Drained { acked, seen, spool }
+}
+
 pub fn smtp(ctx: &mut Ctx) -> Row {
     let total = ctx.scale(10_000, 1_000);
     let mut row = Row::new("crash-smtp", "kill -9 of serve 5 times during an SMTP load (8 sessions)");
@@ -96,29 +144,11 @@ pub fn smtp(ctx: &mut Ctx) -> Row {
         per_second: None,
         tag: "crash-smtp",
     });
-    let mut kills = Kills::default();
-    for point in kill_points(ctx, 5, total) {
-        load.tally.wait_acked(point, STALL).unwrap_or_else(|e| panic!("{e}"));
-        std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..50)));
-        kill_and_restart(ctx, &mut gw, Some("smtp"), &mut kills);
-        eprintln!("    killed serve at {} acknowledged", load.tally.acked());
-    }
-    let recovered = Recovered::now(load.tally.acked_set());
-    if let Err(e) = load.wait(LOAD_TIMEOUT) {
-        row.violation(e);
-    }
     let tally = load.tally.clone();
-    let acked = tally.acked_set();
-    let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
-    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
-    let spool = gw.path().join("spool");
-    report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
-    ctx.finish_serve(&mut row, &mut gw);
-    let seen = sink.seen();
-    report::drain(&mut row, &recovered, &seen);
-    row.sent = tally.offered();
-    let unknown = |seq| tally.unknown(seq);
-    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
+    let Drained { acked, seen, spool } =
+        kill_five_times_and_drain(ctx, &mut row, &mut gw, &sink, &tally, total, Some("smtp"), || {
+            load.wait(LOAD_TIMEOUT)
+        });
     let tmp = report::check_spool_end(&mut row, &spool, &acked, &report::delivered_set(&seen));
     row.note(format!(
         "{} answers lost to a kill after the final dot; {} connections refused while serve was down; {} drafts of cut sessions left in tmp/",
@@ -152,29 +182,9 @@ pub fn ingest(ctx: &mut Ctx) -> Row {
         tag: "crash-ingest",
         seed: ctx.rng.u64(..),
     });
-    let mut kills = Kills::default();
-    for point in kill_points(ctx, 5, total) {
-        load.tally.wait_acked(point, STALL).unwrap_or_else(|e| panic!("{e}"));
-        std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..50)));
-        kill_and_restart(ctx, &mut gw, None, &mut kills);
-        eprintln!("    killed serve at {} acknowledged", load.tally.acked());
-    }
-    let recovered = Recovered::now(load.tally.acked_set());
-    if let Err(e) = load.wait(LOAD_TIMEOUT) {
-        row.violation(e);
-    }
     let tally = load.tally.clone();
-    let acked = tally.acked_set();
-    let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
-    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
-    let spool = gw.path().join("spool");
-    report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
-    ctx.finish_serve(&mut row, &mut gw);
-    let seen = sink.seen();
-    report::drain(&mut row, &recovered, &seen);
-    row.sent = tally.offered();
-    let unknown = |seq| tally.unknown(seq);
-    report::tally(&mut row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
+    let Drained { acked, seen, spool } =
+        kill_five_times_and_drain(ctx, &mut row, &mut gw, &sink, &tally, total, None, || load.wait(LOAD_TIMEOUT));
     let odd: Vec<String> = tally.refusal_counts().into_iter().map(|(k, n)| format!("{k} × {n}")).collect();
     row.check(odd.is_empty(), || format!("ingest processes that were not killed failed: {}", odd.join(", ")));
     let tmp = report::check_spool_end(&mut row, &spool, &acked, &report::delivered_set(&seen));
