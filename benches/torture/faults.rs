@@ -68,9 +68,37 @@ struct Finish<'a> {
     recovered: Recovered,
     /// Another load into the same destination, checked together with the SMTP one.
     also: Option<&'a Tally>,
-    seen: &'a dyn Fn() -> Vec<Seen>,
-    has_all: &'a dyn Fn(&HashSet<u64>) -> bool,
+    receiver: &'a dyn Receiver,
     redelivery: Redelivery<'a>,
+}
+
+/// Where a scenario's deliveries land: the webhook sink, or the email hook's relay.
+trait Receiver {
+    /// Every delivery taken so far.
+    fn seen(&self) -> Vec<Seen>;
+    /// Whether every message of `acked` was delivered at least once.
+    fn has_all(&self, acked: &HashSet<u64>) -> bool {
+        let got = report::delivered_set(&self.seen());
+        acked.iter().all(|s| got.contains(s))
+    }
+}
+
+impl Receiver for Sink {
+    fn seen(&self) -> Vec<Seen> {
+        Sink::seen(self)
+    }
+    fn has_all(&self, acked: &HashSet<u64>) -> bool {
+        Sink::has_all(self, acked)
+    }
+}
+
+/// The relay's accepted messages, as deliveries.
+struct Relayed<'a>(&'a SmtpSink);
+
+impl Receiver for Relayed<'_> {
+    fn seen(&self) -> Vec<Seen> {
+        relay_seen(self.0, false)
+    }
 }
 
 fn finish(ctx: &Ctx, row: &mut Row, gw: &mut crate::support::gateway::Gateway, load: &mut SmtpLoad, f: Finish<'_>) {
@@ -80,12 +108,12 @@ fn finish(ctx: &Ctx, row: &mut Row, gw: &mut crate::support::gateway::Gateway, l
     let tally = load.tally.clone();
     let mut acked = tally.acked_set();
     acked.extend(f.also.map(Tally::acked_set).unwrap_or_default());
-    let done = report::wait_delivered(|| (f.has_all)(&acked), DRAIN_TIMEOUT);
+    let done = report::wait_delivered(|| f.receiver.has_all(&acked), DRAIN_TIMEOUT);
     report::delivered_in_time(row, done, DRAIN_TIMEOUT);
     let spool = gw.path().join("spool");
     report::wait_spool_idle(row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(row, gw);
-    let seen = (f.seen)();
+    let seen = f.receiver.seen();
     report::drain(row, &f.recovered, &seen);
     row.sent = tally.offered() + f.also.map_or(0, Tally::offered);
     let unknown = |seq| tally.unknown(seq) + f.also.map_or(0, |t| t.unknown(seq));
@@ -133,8 +161,7 @@ pub fn webhook_down(ctx: &mut Ctx) -> Row {
         Finish {
             recovered,
             also: None,
-            seen: &|| sink.seen(),
-            has_all: &|a| sink.has_all(a),
+            receiver: &sink,
             // A request the receiver took just as it went away was never answered.
             redelivery: Redelivery::NearKills(&down, Duration::from_secs(1)),
         },
@@ -166,13 +193,7 @@ pub fn webhook_429(ctx: &mut Ctx) -> Row {
         &mut row,
         &mut gw,
         &mut load,
-        Finish {
-            recovered,
-            also: None,
-            seen: &|| sink.seen(),
-            has_all: &|a| sink.has_all(a),
-            redelivery: Redelivery::Forbidden,
-        },
+        Finish { recovered, also: None, receiver: &sink, redelivery: Redelivery::Forbidden },
     );
     // The pause: 429s come in bursts (the requests already past the pause), bursts >= 2 s apart.
     let times = sink.too_many();
@@ -242,8 +263,7 @@ fn webhook_slow(ctx: &mut Ctx, name: &str, timeout: &str, below: bool) -> Row {
         Finish {
             recovered,
             also: None,
-            seen: &|| sink.seen(),
-            has_all: &|a| sink.has_all(a),
+            receiver: &sink,
             redelivery: if below { Redelivery::Allowed } else { Redelivery::Forbidden },
         },
     );
@@ -335,22 +355,12 @@ fn relay(ctx: &mut Ctx, name: &str, fault: RelayFault) -> Row {
         recovered = Recovered::now(load.tally.acked_set());
         row.note(format!("{dead} dead letters after the 554s, all sent by `queue retry --all-dead`"));
     }
-    let has_all = |acked: &HashSet<u64>| {
-        let got = report::delivered_set(&relay_seen(&relay, false));
-        acked.iter().all(|s| got.contains(s))
-    };
     finish(
         ctx,
         &mut row,
         &mut gw,
         &mut load,
-        Finish {
-            recovered,
-            also: None,
-            seen: &|| relay_seen(&relay, false),
-            has_all: &has_all,
-            redelivery: Redelivery::Forbidden,
-        },
+        Finish { recovered, also: None, receiver: &Relayed(&relay), redelivery: Redelivery::Forbidden },
     );
     if fault != RelayFault::Refuse554 {
         row.note(format!(
@@ -517,8 +527,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
         Finish {
             recovered,
             also: Some(&ingest.tally),
-            seen: &|| sink.seen(),
-            has_all: &|a| sink.has_all(a),
+            receiver: &sink,
             // A delivery in flight as the file system turned read-only cannot be recorded: it is
             // sent again once, when the spool is writable again. None may start while it lasts.
             redelivery: Redelivery::Around(ro_from, Duration::from_secs(2)),
