@@ -129,16 +129,18 @@ pub fn watchers(
             .map_err(|e| format!("imap account {:?}: {e}", account.name))?;
         for folder in &account.folders {
             let checkpoint = Checkpoint::new(spool.dir(), &account.name, folder, config.spool.fsync);
-            let ours = spooled.iter().filter_map(|(source, fp)| match source {
-                Source::Imap { account: a, folder: f } if *a == account.name && f == folder => Some(fp),
-                _ => None,
-            });
-            let mut ours = ours.peekable();
-            if ours.peek().is_some() {
+            let ours: Vec<&String> = spooled
+                .iter()
+                .filter(|(source, _)| {
+                    matches!(source, Source::Imap { account: a, folder: f } if *a == account.name && f == folder)
+                })
+                .map(|(_, fp)| fp)
+                .collect();
+            if !ours.is_empty() {
                 let cannot =
                     |e: std::io::Error| format!("imap account {:?} folder {folder:?}: fingerprints: {e}", account.name);
                 let seen = checkpoint.seen().map_err(cannot)?;
-                let new: Vec<String> = ours.filter(|fp| !seen.contains(*fp)).cloned().collect();
+                let new: Vec<String> = ours.into_iter().filter(|fp| !seen.contains(*fp)).cloned().collect();
                 checkpoint.remember(&new).map_err(cannot)?;
             }
             out.push(Watcher {
