@@ -39,25 +39,14 @@ impl Prefilter {
     pub(crate) fn new(pattern: &str) -> Option<Prefilter> {
         let hir = regex_syntax::ParserBuilder::new().build().parse(pattern).ok()?;
         let anchored = hir.properties().look_set_prefix().contains(Look::Start);
-        let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&fold_ascii(&hir));
-        let mut needles: Vec<Vec<u8>> = seq.literals()?.iter().map(|l| l.as_bytes().to_vec()).collect();
-        if needles.is_empty() || needles.iter().any(Vec::is_empty) {
-            return None;
-        }
-        // Shortest first, so that a needle is only kept when no shorter kept one is in it
-        // (any value holding the longer one holds the shorter one too).
-        needles.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
-        needles.dedup();
-        let mut kept: Vec<Box<[u8]>> = Vec::new();
-        for n in needles {
-            let implied = kept.iter().any(|k| if anchored { n.starts_with(k) } else { contains(&n, k) });
-            if !implied {
-                kept.push(n.into_boxed_slice());
-            }
-        }
-        if kept.len() > MAX_NEEDLES {
-            return None;
-        }
+        let folded = fold_ascii(&hir);
+        // `(?i)` letters such as `s` and `k` stay classes of two after folding (`[sſ]`, `[kK]`),
+        // so a few of them multiply the literals past the limit. Cutting each literal at its
+        // first class instead keeps a shorter, still selective one (`@pre` of `@prestige`).
+        let mut cut_at_classes = Extractor::new();
+        cut_at_classes.limit_class(1);
+        let kept =
+            needles(&folded, Extractor::new(), anchored).or_else(|| needles(&folded, cut_at_classes, anchored))?;
         let mut first = [0u64; 4];
         for n in &kept {
             for b in [n[0], n[0].to_ascii_uppercase()] {
@@ -96,6 +85,28 @@ impl Prefilter {
         }
         (0..=hay.len() - self.min_len).any(|at| self.is_first(hay[at]) && self.needle_at(hay, at))
     }
+}
+
+/// The prefix literals of `folded` as `extractor` finds them, without the ones another implies,
+/// or `None` when there is no finite set of at most `MAX_NEEDLES` non-empty ones.
+fn needles(folded: &Hir, mut extractor: Extractor, anchored: bool) -> Option<Vec<Box<[u8]>>> {
+    let seq = extractor.kind(ExtractKind::Prefix).extract(folded);
+    let mut needles: Vec<Vec<u8>> = seq.literals()?.iter().map(|l| l.as_bytes().to_vec()).collect();
+    if needles.is_empty() || needles.iter().any(Vec::is_empty) {
+        return None;
+    }
+    // Shortest first, so that a needle is only kept when no shorter kept one is in it
+    // (any value holding the longer one holds the shorter one too).
+    needles.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+    needles.dedup();
+    let mut kept: Vec<Box<[u8]>> = Vec::new();
+    for n in needles {
+        let implied = kept.iter().any(|k| if anchored { n.starts_with(k) } else { contains(&n, k) });
+        if !implied {
+            kept.push(n.into_boxed_slice());
+        }
+    }
+    (kept.len() <= MAX_NEEDLES).then_some(kept)
 }
 
 /// Whether `hay` contains `needle` exactly.
@@ -174,6 +185,9 @@ mod tests {
         r"^\[(?:ACME|Acme)(?:-| )(?:Ticket|Case|Incident)\s*#?\d+\]\s*(?:New|Updated|Resolved|Closed)\b",
         r"^\[ACME-CI\] (?:Build|Pipeline|Deploy) #?\d+ (?:failed|errored|timed out)\b",
         r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$",
+        r"(?i)@prestige(?:-logistics)?\.example\.(?:com|de|fr)$",
+        r"(?i)^(?:alerts|notifications|no-?reply)@stark\.example\.io$",
+        r"(?i)(?:risk|kiosk|task)s? (?:ask|desk)",
         r"(?i)@(?:billing\.|mail\.|noreply\.)?acme\.example\.(?:com|net|de)$",
         r"(?i)^(?:alerts|notifications|no-?reply)@acme\.example\.io$",
         r"(?i)^[a-z0-9._-]+@(?:[a-z0-9-]+\.)*example\.(?:com|de|net|org)$",
@@ -211,6 +225,12 @@ mod tests {
         "ops@ACME-LOGISTICS.example.DE",
         "billing@mail.acme.example.com",
         "No-Reply@Acme.Example.IO",
+        "ops@PRESTIGE-logistics.example.fr",
+        "ops@pre\u{17F}tige-logi\u{17F}tic\u{17F}.example.com",
+        "ALERT\u{17F}@\u{17F}tar\u{212A}.example.io",
+        "notifications@STARK.example.io",
+        "KIOSKS DESK",
+        "ri\u{17F}\u{212A} a\u{17F}\u{212A}",
         "root@batch01.example.com",
         "v1=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         "pkginfo@UPS.com",
@@ -267,6 +287,11 @@ mod tests {
         assert!(pre.may_match("[acme-ci] build 1"), "case is ignored: the regex decides");
         let pre = Prefilter::new(r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
         assert!(!pre.may_match("orders@globex.example.com"));
+        // Each `s` may be `ſ` too: the literals are cut at the first one rather than multiplied.
+        let pre = Prefilter::new(r"(?i)@prestige(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
+        assert_eq!(pre.needles, vec![b"@pre".to_vec().into_boxed_slice()]);
+        assert!(!pre.may_match("orders@globex.example.com"));
+        assert!(pre.may_match("ops@pre\u{17F}tige.example.com"));
         // Nothing to filter on: every value may match.
         for pattern in [r"x*", r"", r"(?i)^[a-z0-9._-]+@example\.com$", r"(?m)^", r"."] {
             assert!(Prefilter::new(pattern).is_none(), "{pattern}");
@@ -313,6 +338,11 @@ mod tests {
             "> ",
             "\u{212A}",
             "ſ",
+            "prestige",
+            "-logistics",
+            "stark",
+            "kiosk",
+            "desk",
             "é",
             "Ä",
             " ",
