@@ -12,12 +12,13 @@
 //! Template pieces (`{{ ... }}` inside text):
 //!
 //! ```text
-//! name | name.attr | headers['Name']
+//! name | name.attr | headers['Name'] | (list + list ...)
 //!     followed by any of | lower | upper | trim | title | replace('a', 'b') | join('sep')
 //! ```
 //!
-//! (`replace` only when the replacement is no longer than what it replaces, `join` only of
-//! `to`, `cc` or `reply_to`.) Expressions (`{ expr = "..." }`):
+//! (`replace` only when the replacement is no longer than what it replaces; `join` and `+`
+//! only of the address lists `to`, `cc` and `reply_to`, and a sum only when joined; a field
+//! holding an integer only without filters.) Expressions (`{ expr = "..." }`):
 //!
 //! ```text
 //! name | filters... | int         name | filters... | float       name | filters...
@@ -27,6 +28,7 @@
 
 use super::context::{Context, RESERVED};
 use serde_json::Value as Json;
+use std::borrow::Cow;
 
 /// Words that are not names in the template language, whatever the fields are called.
 const KEYWORDS: &[&str] = &[
@@ -49,6 +51,8 @@ pub(crate) enum Path {
     Name(String, Option<String>),
     /// `headers['Name']`: the first header of that name, case-insensitively.
     Header(String),
+    /// `(a + b + ...)`: address lists one after the other.
+    Sum(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +98,7 @@ enum Token<'a> {
     Str(&'a str),
     Pipe,
     Dot,
+    Plus,
     Eq,
     Ne,
     LParen,
@@ -114,6 +119,7 @@ fn tokens(s: &str) -> Option<Vec<Token<'_>>> {
         let single = match b {
             b'|' => Some(Token::Pipe),
             b'.' => Some(Token::Dot),
+            b'+' => Some(Token::Plus),
             b'(' => Some(Token::LParen),
             b')' => Some(Token::RParen),
             b'[' => Some(Token::LBracket),
@@ -197,6 +203,21 @@ fn piece(tokens: &[Token<'_>]) -> Option<Part> {
             (Path::Name(name.to_string(), Some(attr.to_string())), rest)
         }
         [Token::Ident(name), rest @ ..] if is_name(name) => (Path::Name(name.to_string(), None), rest),
+        [Token::LParen, Token::Ident(first), rest @ ..] if is_name(first) => {
+            let mut lists = vec![first.to_string()];
+            let mut rest = rest;
+            while let [Token::Plus, Token::Ident(name), more @ ..] = rest
+                && is_name(name)
+            {
+                lists.push(name.to_string());
+                rest = more;
+            }
+            let [Token::RParen, rest @ ..] = rest else { return None };
+            if lists.len() < 2 {
+                return None;
+            }
+            (Path::Sum(lists), rest)
+        }
         _ => return None,
     };
     let (filters, rest) = filters(rest);
@@ -281,17 +302,27 @@ pub(crate) fn render(parts: &[Part], ctx: &Context<'_>) -> Option<String> {
             Part::Value(path, filters) => {
                 let mut filters = filters.iter();
                 let mut value = match path {
-                    Path::Header(name) => ctx.email().header(name)?.to_string(),
+                    Path::Header(name) => Cow::Borrowed(ctx.email().header(name)?),
+                    Path::Sum(lists) => match filters.next() {
+                        Some(Filter::Join(sep)) => Cow::Owned(join_addresses(ctx, lists, sep)?),
+                        _ => return None,
+                    },
                     Path::Name(name, attr) => match filters.as_slice().first() {
                         Some(Filter::Join(sep)) if attr.is_none() => {
                             filters.next();
-                            join_addresses(ctx, name, sep)?
+                            Cow::Owned(join_addresses(ctx, std::slice::from_ref(name), sep)?)
                         }
-                        _ => ctx.text_of(name, attr.as_deref())?.to_string(),
+                        _ => match ctx.text_of(name, attr.as_deref()) {
+                            Some(text) => Cow::Borrowed(text),
+                            None if attr.is_none() && filters.as_slice().is_empty() => {
+                                Cow::Owned(integer_field(ctx, name)?.to_string())
+                            }
+                            None => return None,
+                        },
                     },
                 };
                 for filter in filters {
-                    value = apply(filter, &value)?;
+                    value = Cow::Owned(apply(filter, &value)?);
                 }
                 out.push_str(&value);
             }
@@ -345,16 +376,39 @@ fn title(value: &str) -> Option<String> {
     Some(out)
 }
 
-/// The addresses of `to`, `cc` or `reply_to` (each prints as its bare address) joined.
-fn join_addresses(ctx: &Context<'_>, name: &str, sep: &str) -> Option<String> {
+/// The addresses of the lists `names` (each `to`, `cc` or `reply_to`), one list after the
+/// other, joined (each address prints as its bare address).
+fn join_addresses(ctx: &Context<'_>, names: &[String], sep: &str) -> Option<String> {
     let email = ctx.email();
-    let list = match name {
-        "to" => &email.to,
-        "cc" => &email.cc,
-        "reply_to" => &email.reply_to,
-        _ => return None,
-    };
-    Some(list.iter().map(|a| a.address.as_str()).collect::<Vec<_>>().join(sep))
+    let mut out = String::new();
+    let mut first = true;
+    for name in names {
+        let list = match name.as_str() {
+            "to" => &email.to,
+            "cc" => &email.cc,
+            "reply_to" => &email.reply_to,
+            _ => return None,
+        };
+        for address in list {
+            if !first {
+                out.push_str(sep);
+            }
+            first = false;
+            out.push_str(&address.address);
+        }
+    }
+    Some(out)
+}
+
+/// The integer a field holds (not a built-in name), if it holds one.
+fn integer_field(ctx: &Context<'_>, name: &str) -> Option<i128> {
+    if RESERVED.contains(&name) {
+        return None;
+    }
+    match ctx.fields().get(name)? {
+        Json::Number(n) => n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from)),
+        _ => None,
+    }
 }
 
 /// A plain value an expression works on.
@@ -370,9 +424,9 @@ fn plain<'a>(operand: &'a Operand, ctx: &'a Context<'_>) -> Option<Plain<'a>> {
     match operand {
         Operand::Text(t) => Some(Plain::Text(t)),
         Operand::Name(name) if RESERVED.contains(&name.as_str()) && !TEXT_BUILTINS.contains(&name.as_str()) => None,
-        Operand::Name(name) => match ctx.fields().get(name) {
-            Some(Json::Number(n)) => n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from)).map(Plain::Int),
-            _ => ctx.text_of(name, None).map(Plain::Text),
+        Operand::Name(name) => match integer_field(ctx, name) {
+            Some(n) => Some(Plain::Int(n)),
+            None => ctx.text_of(name, None).map(Plain::Text),
         },
     }
 }

@@ -539,9 +539,18 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         "{{ mixed | title }}|{{ padded | title }}|{{ host | title }}|{{ words | title }}",
         "{{ sigma | title }}",
         "{{ host | replace('-', '') }} {{ state | replace(' ', '') | lower }} {{ host | replace('', '') }}",
+        "{{ (to + cc) | join(', ') }}; {{ (cc + to + reply_to)|join('') }}; {{ ( reply_to+to ) | join('-') | upper }}",
+        "{{ (to + host) | join(', ') }}",
+        "{{ (to + cc) }}",
+        "{{ (to) | join(', ') }}",
+        "{{ (to + cc) | lower }}",
+        "{{ (to + missing) | join(',') }}",
+        "{{ count }}/{{ negative }}/{{ big }}/{{ count | upper }}/{{ count.x }}",
+        "https://shop.example.de/orders.php?oID={{ count }}&action=edit",
     ];
     let mut email = ups_email();
     email.subject = "Ä \"quoted\" <b>".into();
+    email.reply_to = vec![addr("replies@ups.com", "UPS"), addr("", "Only a name")];
     let env = envelope();
     let mut simple = 0;
     for t in templates {
@@ -551,7 +560,7 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
                 "[[rule]]\nname = \"r\"\nto = [\"d\"]\n[rule.fields]\nhost = \"db-01\"\nservice = \"disk\"\nstate = \" OK \"\n\
                  padded = \"\\t two words \\n\"\nmixed = \"İstanbul STRAẞE ǅ Σ\"\nsigma = \"ΟΔΟΣ ΣΑΣ\"\n\
                  words = \"o'neil mcdonald-SMITH (the [third]) <x> {{y}} ǆemal\"\n\
-                 count = {{ expr = \"3\" }}\nratio = {{ expr = \"2.5\" }}\nflag = {{ expr = \"true\" }}\nout = \"{template}\"\n"
+                 count = {{ expr = \"3\" }}\nnegative = {{ expr = \"-42\" }}\nbig = {{ expr = \"18446744073709551615\" }}\nratio = {{ expr = \"2.5\" }}\nflag = {{ expr = \"true\" }}\nout = \"{template}\"\n"
             )
         };
         let set = rules(&rule(&escaped));
@@ -562,8 +571,9 @@ fn simple_templates_render_exactly_as_the_template_engine_does() {
         assert_eq!(fast.payload["fields"]["out"], slow.payload["fields"]["out"], "template {t:?}");
         assert_eq!(fast, slow, "template {t:?}");
     }
-    // All but the one with a trailing newline, the one without braces and the one ending in braces.
-    assert_eq!(simple, templates.len() - 3);
+    // All but the one with a trailing newline, the one without braces, the one ending in braces
+    // and the parenthesised single list.
+    assert_eq!(simple, templates.len() - 4);
 }
 
 #[test]
