@@ -196,6 +196,39 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
     s
 }
 
+/// A rule's fields while it is applied, in the order they were first set.
+///
+/// A handful of names, looked up by templates again and again: a list searched in order costs
+/// less than hashing each name, and the payload's map is made once, at the end.
+#[derive(Debug, Default)]
+pub(crate) struct Fields(Vec<(String, Json)>);
+
+impl Fields {
+    pub(crate) fn with_capacity(n: usize) -> Fields {
+        Fields(Vec::with_capacity(n))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Json> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// Sets a field: a new name goes last, a known one keeps its place.
+    pub(crate) fn insert(&mut self, name: &str, value: Json) {
+        match self.0.iter_mut().find(|(k, _)| k == name) {
+            Some((_, slot)) => *slot = value,
+            None => self.0.push((name.to_string(), value)),
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Json)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub(crate) fn into_map(self) -> Map<String, Json> {
+        self.0.into_iter().collect()
+    }
+}
+
 /// What templates of one message can see, and the fields of the rule being applied.
 ///
 /// Cheap to create: the values derived from the email, and the fields as template values, are
@@ -208,18 +241,13 @@ pub(crate) struct Context<'a> {
     /// The built-in values made so far, and which names they are.
     base: RefCell<(Uses, Arc<BTreeMap<&'static str, Value>>)>,
     /// The fields as they go into the payload.
-    fields: Map<String, Json>,
+    fields: Fields,
     /// The same fields as template values, once the engine needs them.
     values: OnceCell<Arc<BTreeMap<String, Value>>>,
 }
 
 impl<'a> Context<'a> {
-    pub(crate) fn new(
-        email: &'a Email,
-        envelope: &'a Envelope,
-        rule: &'a str,
-        fields: Map<String, Json>,
-    ) -> Context<'a> {
+    pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Fields) -> Context<'a> {
         Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new() }
     }
 
@@ -227,11 +255,11 @@ impl<'a> Context<'a> {
         self.email
     }
 
-    pub(crate) fn fields(&self) -> &Map<String, Json> {
+    pub(crate) fn fields(&self) -> &Fields {
         &self.fields
     }
 
-    pub(crate) fn into_fields(self) -> Map<String, Json> {
+    pub(crate) fn into_fields(self) -> Fields {
         self.fields
     }
 
@@ -240,7 +268,7 @@ impl<'a> Context<'a> {
         if let Some(values) = self.values.get_mut() {
             Arc::make_mut(values).insert(key.to_string(), template_value(&value));
         }
-        self.fields.insert(key.to_string(), value);
+        self.fields.insert(key, value);
     }
 
     /// What `{{ name }}` or `{{ name.attr }}` renders to, when that is plain text known

@@ -401,15 +401,15 @@ impl RuleSet {
                 });
             }
         }
-        let mut fields = Map::with_capacity(found.len() + rule.fields.len());
+        let mut fields = context::Fields::with_capacity(found.len() + rule.fields.len());
         for (name, value) in found {
-            fields.insert(name.to_string(), Json::from(value));
+            fields.insert(name, Json::from(value));
         }
 
-        let dead = |reason: String, fields: Map<String, Json>| Outcome {
+        let dead = |reason: String, fields: context::Fields| Outcome {
             rule: Some(rule.name.clone()),
             action: Action::Dead { reason },
-            payload: default_payload(input.email, input.envelope, Some(&rule.name), fields),
+            payload: default_payload(input.email, input.envelope, Some(&rule.name), fields.into_map()),
         };
 
         let computed = |name: &str| rule.fields.iter().any(|(k, _)| k == name);
@@ -446,7 +446,7 @@ impl RuleSet {
         }
 
         let payload = match &rule.payload {
-            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.into_fields()),
+            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.into_fields().into_map()),
             Some(specs) => {
                 let mut payload = Map::new();
                 for (key, spec) in specs {
