@@ -295,7 +295,9 @@ pub(crate) fn expression(expr: &str) -> Option<Expr> {
 
 /// The text of `parts`, or `None` when the engine must render it.
 pub(crate) fn render(parts: &[Part], ctx: &Context<'_>) -> Option<String> {
-    let mut out = String::new();
+    // Room for the text and a short value in each place, so that most renderings allocate once.
+    let room = parts.iter().map(|p| if let Part::Text(t) = p { t.len() } else { 32 }).sum();
+    let mut out = String::with_capacity(room);
     for part in parts {
         match part {
             Part::Text(t) => out.push_str(t),

@@ -381,7 +381,8 @@ impl RuleSet {
 
     fn apply(&self, rule: &Rule, input: &Input<'_>) -> Outcome {
         // (name, value) in the order found; the first value of a name wins.
-        let mut found: Vec<(&str, &str)> = Vec::new();
+        let mut found: Vec<(&str, &str)> =
+            Vec::with_capacity(rule.extract.iter().flat_map(|ex| &ex.regexes).map(|r| r.groups.len()).sum());
         for ex in &rule.extract {
             for extraction in &ex.regexes {
                 if extraction.groups.iter().all(|(_, name)| found.iter().any(|(f, _)| f == name)) {
