@@ -25,7 +25,7 @@ use crate::config::{BackoffConfig, Config};
 use crate::deliver::throttle::{Bucket, backoff};
 use crate::deliver::{Attempt, BuildError, Destination, shrink};
 use crate::metrics::{Delivery, Metrics};
-use crate::model::Action;
+use crate::model::{Action, Payload};
 use crate::parse::parse;
 use crate::rules::RuleSet;
 use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
@@ -497,10 +497,7 @@ async fn round(
     }
 
     let decision = meta.decision.as_ref().expect("decided above");
-    let mut payload = decision.payload.clone();
-    if !payload.contains_key("id") {
-        payload.insert("id".into(), Json::String(id.to_string()));
-    }
+    let payload = with_id(&decision.payload, id);
     let now = SystemTime::now();
     let due: Vec<String> = decision
         .destinations
@@ -600,13 +597,24 @@ async fn round(
     Ok(Finished::Dead)
 }
 
+/// `payload` with the message's `id` added when it has none (a `[rule.payload]` without one):
+/// a receiver can always tell a resend from a new message.
+fn with_id(payload: &Payload, id: &str) -> Payload {
+    if payload.has_key("id") {
+        return payload.clone();
+    }
+    let mut map = payload.to_map().unwrap_or_default();
+    map.insert("id".into(), Json::String(id.to_string()));
+    Payload::of(&map)
+}
+
 /// The largest `max_body` among the destinations of a decision.
 fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<String, Arc<Target>>) -> usize {
     destinations.keys().filter_map(|d| targets.get(d)).map(|t| t.max_body).max().unwrap_or(usize::MAX)
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.
-async fn send(target: &Target, id: &str, payload: &serde_json::Map<String, Json>, metrics: &Metrics) -> Attempt {
+async fn send(target: &Target, id: &str, payload: &Payload, metrics: &Metrics) -> Attempt {
     let body = match shrink::encode(payload, target.max_body) {
         Ok(b) => b,
         Err(reason) => return Attempt::Fail { reason },
@@ -641,6 +649,17 @@ fn round_secs(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::model::{Envelope, Source};
+
+    #[test]
+    fn a_payload_without_an_id_is_sent_with_the_message_id() {
+        let custom = Payload::of(&serde_json::json!({"ticket": "T-1", "fields": {"id": 7}}));
+        let sent = with_id(&custom, "01MSG");
+        assert_eq!(sent.as_str(), r#"{"ticket":"T-1","fields":{"id":7},"id":"01MSG"}"#);
+        for kept in [r#"{"id":"own","x":1}"#, r#"{"x":1,"id":null}"#] {
+            let payload: Payload = serde_json::from_str(kept).unwrap();
+            assert_eq!(with_id(&payload, "01MSG").as_str(), kept, "an id of its own is kept");
+        }
+    }
 
     fn fresh(n: usize) -> Fresh {
         let mut envelope = Envelope::new(Source::Stdin);

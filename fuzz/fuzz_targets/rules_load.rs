@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
             let envelope = envelope();
             for email in emails() {
                 let outcome = rules.evaluate(email, &envelope);
-                serde_json::to_string(&outcome.payload).expect("the payload serialises");
+                assert!(outcome.payload.as_str().starts_with('{'), "a payload is a JSON object");
             }
             // The same file twice: every rule name is now a duplicate.
             let two =

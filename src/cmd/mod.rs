@@ -174,6 +174,6 @@ pub fn outcome_json(email: &Email, outcome: &Outcome) -> Map<String, Json> {
     if !email.problems.is_empty() {
         m.insert("problems".into(), Json::from(email.problems.clone()));
     }
-    m.insert("payload".into(), Json::Object(outcome.payload.clone()));
+    m.insert("payload".into(), outcome.payload.to_json());
     m
 }

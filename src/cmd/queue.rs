@@ -191,7 +191,7 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
         println!(
             "\npayload ({}):\n{}",
             if judged_now { "as the current rules would build it" } else { "as decided" },
-            serde_json::to_string_pretty(&p).expect("JSON serialises")
+            serde_json::to_string_pretty(&p.to_json()).expect("JSON serialises")
         );
     }
     println!("\nheaders:\n{}", headers.trim_end());

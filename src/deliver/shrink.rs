@@ -1,11 +1,36 @@
 //! Payload shrinking: a payload over `max_body` is made to fit (drop `html`, then cut `text`,
 //! say so with `"truncated": true`) rather than sent to fail with 413. Pure.
 
+use crate::model::Payload;
 use serde_json::{Map, Value as Json};
 
-/// Serialises `payload` to at most `max_body` bytes, shrinking it if needed.
-/// Fails when it cannot fit even without `html` and with an empty `text`.
-pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, String> {
+/// The body to send for `payload`: its text when that is at most `max_body` bytes, else the
+/// payload shrunk to fit. Fails when it cannot fit even without `html` and with an empty
+/// `text`.
+pub fn encode(payload: &Payload, max_body: usize) -> Result<Vec<u8>, String> {
+    let text = payload.as_str();
+    if text.len() <= max_body {
+        return Ok(text.as_bytes().to_vec());
+    }
+    let map = payload.to_map().ok_or_else(|| too_large(text.len(), max_body))?;
+    encode_map(&map, max_body)
+}
+
+/// `payload` made to fit `max_body` (see [`encode`]): what the spool keeps, so that it never
+/// stores more than any destination will take. A payload that fits, or that cannot be made to
+/// fit, is returned as it is (sending it will say why it failed).
+pub fn fit(payload: Payload, max_body: usize) -> Payload {
+    if payload.as_str().len() <= max_body {
+        return payload;
+    }
+    match payload.to_map() {
+        Some(map) => Payload::of(&fit_map(map, max_body)),
+        None => payload,
+    }
+}
+
+/// [`encode`] of a payload as a map.
+fn encode_map(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, String> {
     let body = serde_json::to_vec(payload).expect("JSON serialises");
     if body.len() <= max_body {
         return Ok(body);
@@ -13,10 +38,8 @@ pub fn encode(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, S
     shrink(payload, body.len(), max_body).map(|(body, _)| body)
 }
 
-/// `payload` made to fit `max_body` (see [`encode`]), as a map: what the spool keeps, so that
-/// it never stores more than any destination will take. A payload that fits, or that cannot
-/// be made to fit, is returned as it is (sending it will say why it failed).
-pub fn fit(mut payload: Map<String, Json>, max_body: usize) -> Map<String, Json> {
+/// [`fit`] of a payload as a map.
+fn fit_map(mut payload: Map<String, Json>, max_body: usize) -> Map<String, Json> {
     pre_trim(&mut payload, max_body);
     let size = serde_json::to_vec(&payload).expect("JSON serialises").len();
     if size <= max_body {
@@ -114,14 +137,29 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: Json) -> Map<String, Json> {
+    fn map(v: Json) -> Map<String, Json> {
         v.as_object().unwrap().clone()
+    }
+
+    fn obj(v: Json) -> Payload {
+        Payload::of(&v)
     }
 
     #[test]
     fn small_payload_is_sent_as_is() {
         let p = obj(json!({"id": "1", "text": "hello", "html": "<p>hello</p>"}));
-        assert_eq!(encode(&p, 1000).unwrap(), serde_json::to_vec(&p).unwrap());
+        assert_eq!(encode(&p, 1000).unwrap(), serde_json::to_vec(&map(p.to_json())).unwrap());
+        assert_eq!(fit(p.clone(), 1000), p);
+    }
+
+    #[test]
+    fn what_the_spool_keeps_fits_the_largest_destination() {
+        let p = obj(json!({"id": "1", "text": "t".repeat(3000), "html": "x".repeat(5000)}));
+        let kept = fit(p.clone(), 1000);
+        assert!(kept.as_str().len() <= 1000, "{}", kept.as_str().len());
+        assert_eq!(kept.to_json()["truncated"], true);
+        assert_eq!(encode(&kept, 1000).unwrap(), kept.as_str().as_bytes(), "sent as kept");
+        assert_eq!(encode(&p, 1000).unwrap(), encode(&kept, 1000).unwrap(), "the same either way");
     }
 
     #[test]
@@ -139,7 +177,7 @@ mod tests {
             let body = encode(&p, max).unwrap();
             assert!(body.len() <= max, "{} > {max}", body.len());
             let out: Json = serde_json::from_slice(&body).unwrap();
-            if serde_json::to_vec(&p).unwrap().len() > max {
+            if p.as_str().len() > max {
                 assert_eq!(out["truncated"], true);
                 let kept = out["text"].as_str().unwrap();
                 assert!(text.starts_with(kept));
@@ -151,14 +189,14 @@ mod tests {
 
     #[test]
     fn pre_trim_cuts_only_what_cannot_fit_anyway() {
-        let mut p = obj(json!({"text": "é".repeat(1000), "html": "x".repeat(5000), "subject": "s"}));
+        let mut p = map(json!({"text": "é".repeat(1000), "html": "x".repeat(5000), "subject": "s"}));
         pre_trim(&mut p, 1001);
         assert_eq!(p["text"].as_str().unwrap().len(), 1000, "cut on a char boundary");
         assert!(p.get("html").is_none());
         assert_eq!(p["truncated"], true);
-        let mut small = obj(json!({"text": "short", "html": "<p>x</p>"}));
+        let mut small = map(json!({"text": "short", "html": "<p>x</p>"}));
         pre_trim(&mut small, 1000);
-        assert_eq!(small, obj(json!({"text": "short", "html": "<p>x</p>"})));
+        assert_eq!(small, map(json!({"text": "short", "html": "<p>x</p>"})));
     }
 
     #[test]

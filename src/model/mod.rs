@@ -186,7 +186,104 @@ pub struct Outcome {
     pub rule: Option<String>,
     pub action: Action,
     /// The JSON object to deliver (the rule's `[rule.payload]`, or the default payload).
-    pub payload: serde_json::Map<String, serde_json::Value>,
+    pub payload: Payload,
+}
+
+/// A payload: one JSON object, kept as the compact text that is stored and sent.
+///
+/// The rules write it once; the spool stores it and destinations send it as it is, without
+/// building a map of it or serialising it again. [`Payload::to_json`] reads it back for the
+/// rare uses that need its values (shrinking a payload that is too large, showing it).
+#[derive(Clone, Serialize)]
+#[serde(transparent)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// The payload that `value` serialises to; `value` must serialise as a JSON object.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Payload {
+        let raw = serde_json::value::to_raw_value(value).expect("a payload serialises");
+        debug_assert!(raw.get().starts_with('{'), "a payload is a JSON object: {}", raw.get());
+        Payload(raw)
+    }
+
+    /// `{}`.
+    pub fn empty() -> Payload {
+        Payload::of(&serde_json::Map::new())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The payload read back as a JSON value (an object).
+    pub fn to_json(&self) -> serde_json::Value {
+        // Text this type holds was written by serde_json, or read and checked by it.
+        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The payload read back as a map; `None` if it cannot be (nested deeper than the JSON
+    /// reader goes).
+    pub fn to_map(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        serde_json::from_str(self.0.get()).ok()
+    }
+
+    /// Whether the object has the key `key` at its top level.
+    pub fn has_key(&self, key: &str) -> bool {
+        /// Reads an object's keys without keeping them or their values.
+        struct Finder<'k>(&'k str);
+        impl<'de> serde::de::Visitor<'de> for Finder<'_> {
+            type Value = bool;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+                let mut found = false;
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    found |= k == self.0;
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(found)
+            }
+        }
+        let mut de = serde_json::Deserializer::from_str(self.0.get());
+        serde::Deserializer::deserialize_map(&mut de, Finder(key)).unwrap_or(false)
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Payload {
+        Payload::empty()
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&serde_json::Map<String, serde_json::Value>> for Payload {
+    fn from(map: &serde_json::Map<String, serde_json::Value>) -> Payload {
+        Payload::of(map)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    /// Any JSON object, as its text (a stored payload is read back without being rebuilt).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("a payload must be a JSON object"));
+        }
+        Ok(Payload(raw))
+    }
 }
 
 /// What to do with a message once judged.
@@ -207,6 +304,45 @@ impl Outcome {
         match &self.action {
             Action::Deliver { to } => to,
             _ => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_payload_is_its_compact_text() {
+        let value = json!({"id": "m1", "text": "a \"b\"\n", "fields": {"n": 1.5, "list": [1, null]}});
+        let payload = Payload::of(&value);
+        assert_eq!(payload.as_str(), serde_json::to_string(&value).unwrap());
+        assert_eq!(payload.to_json(), value);
+        assert_eq!(payload.to_map(), value.as_object().cloned());
+        assert_eq!(Payload::empty().as_str(), "{}");
+    }
+
+    #[test]
+    fn has_key_looks_at_the_top_level_only() {
+        let payload = Payload::of(&json!({"fields": {"id": 1}, "i\u{64}": null}));
+        assert!(payload.has_key("id"), "present, even when null");
+        let payload = Payload::of(&json!({"fields": {"id": 1}, "ids": [{"id": 2}]}));
+        assert!(!payload.has_key("id"), "only nested");
+        let read: Payload = serde_json::from_str(r#"{"x": 1, "\u0069d": "m1"}"#).unwrap();
+        assert!(read.has_key("id"), "an escaped key is read as the key it spells");
+    }
+
+    #[test]
+    fn a_stored_payload_reads_back_as_it_was_written_and_only_as_an_object() {
+        // A decision stored with the payload as an object (any spacing) reads back whole.
+        let read: Payload = serde_json::from_str(r#"{ "id": "m1",  "fields": { "n": 1 } }"#).unwrap();
+        assert_eq!(read.to_json(), json!({"id": "m1", "fields": {"n": 1}}));
+        let written = serde_json::to_string(&json!({ "payload": read })).unwrap();
+        assert_eq!(written, r#"{"payload":{"id":"m1","fields":{"n":1}}}"#);
+        for bad in ["[1]", "\"text\"", "3", "null"] {
+            let err = serde_json::from_str::<Payload>(bad).unwrap_err().to_string();
+            assert!(err.contains("a payload must be a JSON object"), "{bad}: {err}");
         }
     }
 }

@@ -223,9 +223,12 @@ impl Fields {
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Json)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
+}
 
-    pub(crate) fn into_map(self) -> Map<String, Json> {
-        self.0.into_iter().collect()
+impl serde::Serialize for Fields {
+    /// As a JSON object, in order.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
     }
 }
 

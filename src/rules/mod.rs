@@ -33,15 +33,15 @@ mod load;
 mod payload;
 mod prefilter;
 
-use crate::model::{Action, Email, Envelope, Outcome};
+use crate::model::{Action, Email, Envelope, Outcome, Payload};
 use regex::Regex;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use load::RULE_FILE_EXTENSION;
-pub use payload::default_payload;
+use payload::default_payload;
 
 /// What happens to a message that no rule matches (`[rules] unmatched`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,7 +321,7 @@ impl RuleSet {
     /// let email = mailhook::parse::parse(b"Subject: Order 4711 shipped\r\n\r\n");
     /// let outcome = rules.evaluate(&email, &Envelope::new(Source::Stdin));
     /// assert_eq!(outcome.rule.as_deref(), Some("ups"));
-    /// assert_eq!(outcome.payload["fields"]["order_id"], 4711);
+    /// assert_eq!(outcome.payload.to_json()["fields"]["order_id"], 4711);
     /// ```
     pub fn from_sources(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Result<RuleSet, Vec<RuleError>> {
         load::compile(sources, unmatched)
@@ -373,8 +373,8 @@ impl RuleSet {
             Unmatched::Deliver(dest) => Action::Deliver { to: vec![dest.clone()] },
         };
         let payload = match action {
-            Action::Drop => Map::new(),
-            _ => default_payload(email, envelope, None, Map::new()),
+            Action::Drop => Payload::empty(),
+            _ => default_payload(email, envelope, None, &context::Fields::default()),
         };
         Outcome { rule: None, action, payload }
     }
@@ -410,7 +410,7 @@ impl RuleSet {
         let dead = |reason: String, fields: context::Fields| Outcome {
             rule: Some(rule.name.clone()),
             action: Action::Dead { reason },
-            payload: default_payload(input.email, input.envelope, Some(&rule.name), fields.into_map()),
+            payload: default_payload(input.email, input.envelope, Some(&rule.name), &fields),
         };
 
         let computed = |name: &str| rule.fields.iter().any(|(k, _)| k == name);
@@ -425,7 +425,7 @@ impl RuleSet {
         }
         if rule.to.is_empty() {
             // A rule that drops what it matches: nothing will be sent, nothing to build.
-            return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Map::new() };
+            return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Payload::empty() };
         }
 
         let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, fields);
@@ -447,20 +447,18 @@ impl RuleSet {
         }
 
         let payload = match &rule.payload {
-            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.into_fields().into_map()),
+            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.fields()),
             Some(specs) => {
-                let mut payload = Map::new();
+                let mut payload = context::Fields::with_capacity(specs.len());
                 for (key, spec) in specs {
                     match self.templates.eval(spec, &ctx) {
-                        Ok(value) => {
-                            payload.insert(key.clone(), value);
-                        }
+                        Ok(value) => payload.insert(key, value),
                         Err(e) => {
                             return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), ctx.into_fields());
                         }
                     }
                 }
-                payload
+                Payload::of(&payload)
             }
         };
         Outcome { rule: Some(rule.name.clone()), action: Action::Deliver { to: rule.to.clone() }, payload }

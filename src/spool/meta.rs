@@ -1,8 +1,7 @@
 //! `ID.json`: what the spool knows about a message besides its bytes.
 
-use crate::model::Envelope;
+use crate::model::{Envelope, Payload};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value as Json};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
@@ -43,7 +42,7 @@ pub struct Meta {
 pub struct Decision {
     pub rule: Option<String>,
     pub decided_at: String,
-    pub payload: Map<String, Json>,
+    pub payload: Payload,
     /// Each destination with its own delivery state.
     pub destinations: BTreeMap<String, DestStatus>,
 }
