@@ -33,8 +33,9 @@
 //! ```
 //!
 //! gives the instructions of `evaluate` for 100 × 22 emails (`--toggle-collect='mailhook::parse::parse'`
-//! those of parsing). `PIPELINE_STAGE=rules` evaluates pre-parsed emails only, and
-//! `PIPELINE_FIXTURE=<name part>` limits the run to some fixtures.
+//! those of parsing). `PIPELINE_STAGE` (`parse`, `rules`, `split`), `PIPELINE_FIXTURE` and
+//! `PIPELINE_RULES` pick other work (see `count_rounds`); each run ends with the mean time per
+//! email.
 
 use criterion::{Criterion, Throughput, criterion_group};
 use mailhook::model::{Email, Envelope, Outcome, Source};
@@ -42,7 +43,7 @@ use mailhook::parse::parse;
 use mailhook::rules::{RuleSet, Unmatched};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Number of generated rules placed before the real ones.
 const GENERATED_RULES: usize = 45;
@@ -314,35 +315,85 @@ fn bench_rules(root: &Path) -> (RuleSet, Vec<(PathBuf, String)>) {
     (compile(&sources), real)
 }
 
-/// `PIPELINE_ROUNDS` mode: parse and evaluate every fixture `rounds` times, nothing else.
-/// With `PIPELINE_STAGE=rules` the fixtures are parsed once and only evaluated (as the `rules`
-/// bench does); `PIPELINE_FIXTURE=<part of a name>` keeps only the fixtures whose file name
-/// contains it.
+/// `PIPELINE_ROUNDS` mode: parse and evaluate every fixture `rounds` times, nothing else, and
+/// print the mean time per email. `PIPELINE_STAGE` picks the work:
+///
+/// - unset: parse, then evaluate (as the `parse+rules` bench does);
+/// - `parse`: parse only;
+/// - `rules`: evaluate emails parsed once beforehand (as the `rules` bench does);
+/// - `split`: parse a fixture, then evaluate its email parsed beforehand, timing each side
+///   apart: how much each stage slows the other down when they take turns.
+///
+/// `PIPELINE_FIXTURE=<part of a name>` keeps only the fixtures whose file name contains it;
+/// `PIPELINE_RULES=real` loads only the rules of `rules/` (without the generated ones).
 fn count_rounds(rounds: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut raw = fixtures(root);
     if let Ok(only) = std::env::var("PIPELINE_FIXTURE") {
         raw.retain(|(name, _)| name.contains(&only));
     }
-    let (rules, _) = bench_rules(root);
+    let (mut rules, real) = bench_rules(root);
+    if std::env::var("PIPELINE_RULES").is_ok_and(|s| s == "real") {
+        rules = compile(&real);
+    }
     let envelope = Envelope::new(Source::Smtp);
-    if std::env::var("PIPELINE_STAGE").is_ok_and(|s| s == "rules") {
-        let emails: Vec<Email> = raw.iter().map(|(_, b)| parse(b)).collect();
-        for _ in 0..rounds {
-            for email in &emails {
-                black_box(rules.evaluate(black_box(email), &envelope));
+    // Parsed beforehand only for the stages that use them (a callgrind run of the others counts
+    // no extra parse).
+    let parsed = || raw.iter().map(|(_, b)| parse(b)).collect::<Vec<Email>>();
+    let n = rounds * raw.len();
+    match std::env::var("PIPELINE_STAGE").unwrap_or_default().as_str() {
+        "parse" => {
+            let start = Instant::now();
+            for _ in 0..rounds {
+                for (_, bytes) in &raw {
+                    black_box(parse(black_box(bytes)));
+                }
             }
+            report("parse", n, start.elapsed());
         }
-        eprintln!("pipeline: {rounds} rounds of {} fixtures evaluated", raw.len());
-        return;
-    }
-    for _ in 0..rounds {
-        for (_, bytes) in &raw {
-            let email = parse(black_box(bytes));
-            black_box(rules.evaluate(&email, &envelope));
+        "rules" => {
+            let emails = parsed();
+            let start = Instant::now();
+            for _ in 0..rounds {
+                for email in &emails {
+                    black_box(rules.evaluate(black_box(email), &envelope));
+                }
+            }
+            report("rules", n, start.elapsed());
+        }
+        "split" => {
+            let emails = parsed();
+            let (mut parsing, mut judging) = (Duration::ZERO, Duration::ZERO);
+            for _ in 0..rounds {
+                for ((_, bytes), email) in raw.iter().zip(&emails) {
+                    let start = Instant::now();
+                    black_box(parse(black_box(bytes)));
+                    let parsed = Instant::now();
+                    black_box(rules.evaluate(black_box(email), &envelope));
+                    parsing += parsed - start;
+                    judging += parsed.elapsed();
+                }
+            }
+            report("parse, taking turns with rules", n, parsing);
+            report("rules, taking turns with parse", n, judging);
+        }
+        _ => {
+            let start = Instant::now();
+            for _ in 0..rounds {
+                for (_, bytes) in &raw {
+                    let email = parse(black_box(bytes));
+                    black_box(rules.evaluate(&email, &envelope));
+                }
+            }
+            report("parse+rules", n, start.elapsed());
         }
     }
-    eprintln!("pipeline: {rounds} rounds of {} fixtures parsed and evaluated", raw.len());
+}
+
+/// One line of a `PIPELINE_ROUNDS` run: the work, and its mean time per email.
+fn report(what: &str, emails: usize, elapsed: Duration) {
+    let per_email = elapsed.as_secs_f64() * 1e6 / emails.max(1) as f64;
+    eprintln!("pipeline: {what}: {per_email:.2} µs per email ({emails} emails)");
 }
 
 fn pipeline(c: &mut Criterion) {
