@@ -2,7 +2,7 @@
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
 use super::context::{RESERVED, Templates};
-use super::{Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
+use super::{Conditions, Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
 use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -65,6 +65,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut errors = Vec::new();
     let mut names = Vec::new();
     let mut regexes = HashMap::new();
+    let mut conditions = Conditions::default();
     for (file, text) in sources {
         let mut c = FileCompiler {
             file,
@@ -73,6 +74,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
             errors: &mut errors,
             names: &mut names,
             regexes: &mut regexes,
+            conditions: &mut conditions,
             rule: None,
         };
         c.compile_file(&mut rules);
@@ -97,15 +99,16 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         errors.sort_by_key(|e| (file_index(&e.file), e.line));
         return Err(errors);
     }
-    let memo_slots = assign_memo_slots(&mut rules);
-    Ok(RuleSet { rules, unmatched, templates, files: sources.iter().map(|(f, _)| f.clone()).collect(), memo_slots })
+    let memo_slots = assign_memo_slots(&mut conditions.all);
+    let files = sources.iter().map(|(f, _)| f.clone()).collect();
+    Ok(RuleSet { rules, conditions, unmatched, templates, files, memo_slots })
 }
 
 /// Gives every `when` condition that more than one rule has (same key, same pattern) a slot in
 /// the per-message memo, so that it is evaluated once per message; returns the slot count.
-fn assign_memo_slots(rules: &mut [Rule]) -> usize {
+fn assign_memo_slots(conditions: &mut [Matcher]) -> usize {
     let mut count: HashMap<(&Target, &str), usize> = HashMap::new();
-    for m in rules.iter().flat_map(|r| &r.when) {
+    for m in conditions.iter() {
         *count.entry((&m.target, m.regex.as_str())).or_default() += 1;
     }
     let mut slots: HashMap<(Target, String), usize> = count
@@ -114,7 +117,7 @@ fn assign_memo_slots(rules: &mut [Rule]) -> usize {
         .map(|((target, pattern), _)| ((target.clone(), pattern.to_string()), 0))
         .collect();
     let mut next = 0;
-    for m in rules.iter_mut().flat_map(|r| &mut r.when) {
+    for m in conditions.iter_mut() {
         if let Some(slot) = slots.get_mut(&(m.target.clone(), m.regex.as_str().to_string())) {
             if *slot == 0 {
                 next += 1;
@@ -136,6 +139,8 @@ struct FileCompiler<'a> {
     /// Every regex compiled so far, by pattern: rules that use the same pattern share it (and
     /// its search caches).
     regexes: &'a mut HashMap<String, Arc<Regex>>,
+    /// The `when` conditions of the rules compiled so far.
+    conditions: &'a mut Conditions,
     /// Label of the rule being compiled.
     rule: Option<String>,
 }
@@ -182,7 +187,8 @@ impl FileCompiler<'_> {
                 self.rule = Some(format!("#{}", i + 1));
                 match item.get_ref() {
                     DeValue::Table(t) => {
-                        if let Some(rule) = self.compile_rule(t, item.span().start) {
+                        if let Some((rule, when)) = self.compile_rule(t, item.span().start) {
+                            self.conditions.push(when);
                             rules.push(rule);
                         }
                     }
@@ -193,7 +199,8 @@ impl FileCompiler<'_> {
         }
     }
 
-    fn compile_rule(&mut self, t: &DeTable<'_>, offset: usize) -> Option<Rule> {
+    /// The rule, and its `when` conditions; `None` after reporting its errors.
+    fn compile_rule(&mut self, t: &DeTable<'_>, offset: usize) -> Option<(Rule, Vec<Matcher>)> {
         let before = self.errors.len();
         let name = match t.get("name").map(|v| (v.get_ref(), v.span().start)) {
             Some((DeValue::String(s), at)) => {
@@ -353,17 +360,9 @@ impl FileCompiler<'_> {
             }
         }
 
-        (self.errors.len() == before).then(|| Rule {
-            name,
-            file: self.file.to_path_buf(),
-            line,
-            to,
-            require,
-            when,
-            extract,
-            fields,
-            payload,
-        })
+        (self.errors.len() == before)
+            .then(|| Rule { name, file: self.file.to_path_buf(), line, to, require, extract, fields, payload })
+            .map(|rule| (rule, when))
     }
 
     /// The entries of a sub-table, in file order (empty, with an error, if it is not a table).

@@ -212,6 +212,24 @@ impl Matcher {
     }
 }
 
+/// The `when` conditions of every rule, rule after rule in one block: a message looking for
+/// its rule reads them in order, instead of following a pointer from each rule to a list of
+/// its own.
+#[derive(Debug, Default)]
+struct Conditions {
+    all: Vec<Matcher>,
+    /// Where each rule's conditions end in `all` (they start where the previous rule's end).
+    ends: Vec<usize>,
+}
+
+impl Conditions {
+    /// Adds the conditions of the next rule.
+    fn push(&mut self, when: Vec<Matcher>) {
+        self.all.extend(when);
+        self.ends.push(self.all.len());
+    }
+}
+
 #[derive(Debug)]
 struct Extractor {
     target: Target,
@@ -271,7 +289,6 @@ pub struct Rule {
     /// Destination names; empty means matching mail is dropped.
     pub to: Vec<String>,
     pub require: Vec<String>,
-    when: Vec<Matcher>,
     extract: Vec<Extractor>,
     fields: Vec<(String, Spec)>,
     payload: Option<Vec<(String, Spec)>>,
@@ -280,6 +297,8 @@ pub struct Rule {
 /// Every rule of a rules directory, compiled, plus what to do with unmatched mail.
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// Their `when` conditions.
+    conditions: Conditions,
     unmatched: Unmatched,
     templates: context::Templates,
     files: Vec<PathBuf>,
@@ -362,10 +381,12 @@ impl RuleSet {
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let input = Input { email, envelope, source: std::cell::OnceCell::new() };
         let mut memo = vec![None; self.memo_slots];
-        for rule in &self.rules {
-            if rule.when.iter().all(|m| m.matches(&input, &mut memo)) {
+        let mut start = 0;
+        for (rule, &end) in self.rules.iter().zip(&self.conditions.ends) {
+            if self.conditions.all[start..end].iter().all(|m| m.matches(&input, &mut memo)) {
                 return self.apply(rule, &input);
             }
+            start = end;
         }
         let action = match &self.unmatched {
             Unmatched::Dead => Action::Dead { reason: "no rule matched".to_string() },
