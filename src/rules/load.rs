@@ -1,6 +1,7 @@
 //! Loading and compiling rules files. Walks the spanned TOML tree by hand (rather than through
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
+use super::anchor::Anchor;
 use super::context::{RESERVED, Templates};
 use super::{Conditions, Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
 use regex::{Regex, RegexBuilder};
@@ -65,6 +66,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut errors = Vec::new();
     let mut names = Vec::new();
     let mut regexes = HashMap::new();
+    let mut anchors = HashMap::new();
     let mut conditions = Conditions::default();
     for (file, text) in sources {
         let mut c = FileCompiler {
@@ -74,6 +76,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
             errors: &mut errors,
             names: &mut names,
             regexes: &mut regexes,
+            anchors: &mut anchors,
             conditions: &mut conditions,
             rule: None,
         };
@@ -139,6 +142,8 @@ struct FileCompiler<'a> {
     /// Every regex compiled so far, by pattern: rules that use the same pattern share it (and
     /// its search caches).
     regexes: &'a mut HashMap<String, Arc<Regex>>,
+    /// The same for the anchors of extraction regexes (`None`: the pattern has none).
+    anchors: &'a mut HashMap<String, Option<Arc<Anchor>>>,
     /// The `when` conditions of the rules compiled so far.
     conditions: &'a mut Conditions,
     /// Label of the rule being compiled.
@@ -317,7 +322,12 @@ impl FileCompiler<'_> {
                             extracted_names.push(name.to_string());
                         }
                     }
-                    regexes.push(Extraction::new(regex));
+                    let anchor = self
+                        .anchors
+                        .entry(pattern.clone())
+                        .or_insert_with(|| Anchor::new(&pattern, REGEX_SIZE_LIMIT).map(Arc::new))
+                        .clone();
+                    regexes.push(Extraction::new(regex, anchor));
                 }
                 extract.push(Extractor { target, regexes });
             }

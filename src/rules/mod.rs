@@ -27,6 +27,7 @@
 //! are computed without the template engine (`fast`), which still decides whenever a value is
 //! not plain.
 
+mod anchor;
 mod context;
 mod fast;
 mod load;
@@ -240,13 +241,39 @@ struct Extractor {
 #[derive(Debug)]
 struct Extraction {
     regex: Arc<Regex>,
+    /// Searches from the literals every match starts with, when it has a few (see `anchor`).
+    anchor: Option<Arc<anchor::Anchor>>,
     groups: Vec<(usize, String)>,
 }
 
 impl Extraction {
-    fn new(regex: Arc<Regex>) -> Extraction {
+    fn new(regex: Arc<Regex>, anchor: Option<Arc<anchor::Anchor>>) -> Extraction {
         let groups = regex.capture_names().enumerate().filter_map(|(i, name)| Some((i, name?.to_string()))).collect();
-        Extraction { regex, groups }
+        Extraction { regex, anchor, groups }
+    }
+
+    /// Calls `f` with the name and text of each group of the first match in `value`.
+    fn each_group<'s, 'v>(&'s self, value: &'v str, mut f: impl FnMut(&'s str, &'v str)) {
+        match &self.anchor {
+            Some(anchor) => {
+                if let Some(caps) = anchor.captures(value) {
+                    for (i, name) in &self.groups {
+                        if let Some(span) = caps.get_group(*i) {
+                            f(name, &value[span.range()]);
+                        }
+                    }
+                }
+            }
+            None => {
+                if let Some(caps) = self.regex.captures(value) {
+                    for (i, name) in &self.groups {
+                        if let Some(m) = caps.get(*i) {
+                            f(name, m.as_str());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -410,15 +437,11 @@ impl RuleSet {
                     continue; // nothing left for this regex to find
                 }
                 ex.target.any(input, |value| {
-                    if let Some(caps) = extraction.regex.captures(value) {
-                        for (i, name) in &extraction.groups {
-                            if let Some(m) = caps.get(*i)
-                                && !found.iter().any(|(f, _)| f == name)
-                            {
-                                found.push((name, m.as_str()));
-                            }
+                    extraction.each_group(value, |name, text| {
+                        if !found.iter().any(|(f, _)| *f == name) {
+                            found.push((name, text));
                         }
-                    }
+                    });
                     false // keep looking: a later value may hold other groups
                 });
             }
