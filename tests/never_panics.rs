@@ -48,6 +48,20 @@ fn judge(raw: &[u8]) {
     serde_json::to_string(&outcome.payload).expect("payload serialises");
 }
 
+#[test]
+fn a_nested_multipart_that_loses_its_part_is_read_as_far_as_it_goes() {
+    // Found by fuzzing: a part's headers cut into a second multipart with the same boundary.
+    let raw = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/nested-multipart-without-its-part.eml"),
+    )
+    .unwrap();
+    let email = parse(&raw);
+    assert_eq!(email.subject, "Fwd: Order 4711 cancelled by customer");
+    assert_eq!(email.from[0].address, "lena.hoffmann@example.com");
+    assert!(email.text.contains("please refund this one"), "{:?}", email.text);
+    judge(&raw);
+}
+
 const HEADER_NAMES: &[&str] = &[
     "From",
     "To",
