@@ -194,16 +194,23 @@ pub struct Outcome {
 /// The rules write it once; the spool stores it and destinations send it as it is, without
 /// building a map of it or serialising it again. [`Payload::to_json`] reads it back for the
 /// rare uses that need its values (shrinking a payload that is too large, showing it).
-#[derive(Clone, Serialize)]
-#[serde(transparent)]
-pub struct Payload(Box<serde_json::value::RawValue>);
+#[derive(Clone)]
+pub struct Payload(String);
 
 impl Payload {
     /// The payload that `value` serialises to; `value` must serialise as a JSON object.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Payload {
-        let raw = serde_json::value::to_raw_value(value).expect("a payload serialises");
-        debug_assert!(raw.get().starts_with('{'), "a payload is a JSON object: {}", raw.get());
-        Payload(raw)
+        Payload::with_capacity(value, 128)
+    }
+
+    /// [`Payload::of`], written into a buffer of `capacity` bytes to begin with (a good guess
+    /// saves growing it as it is written).
+    pub fn with_capacity<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Payload {
+        let mut text = Vec::with_capacity(capacity);
+        serde_json::to_writer(&mut text, value).expect("a payload serialises");
+        let text = String::from_utf8(text).expect("serde_json writes UTF-8");
+        debug_assert!(text.starts_with('{'), "a payload is a JSON object: {text}");
+        Payload(text)
     }
 
     /// `{}`.
@@ -213,19 +220,19 @@ impl Payload {
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 
     /// The payload read back as a JSON value (an object).
     pub fn to_json(&self) -> serde_json::Value {
         // Text this type holds was written by serde_json, or read and checked by it.
-        serde_json::from_str(self.0.get()).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
     }
 
     /// The payload read back as a map; `None` if it cannot be (nested deeper than the JSON
     /// reader goes).
     pub fn to_map(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
-        serde_json::from_str(self.0.get()).ok()
+        serde_json::from_str(&self.0).ok()
     }
 
     /// Whether the object has the key `key` at its top level.
@@ -246,7 +253,7 @@ impl Payload {
                 Ok(found)
             }
         }
-        let mut de = serde_json::Deserializer::from_str(self.0.get());
+        let mut de = serde_json::Deserializer::from_str(&self.0);
         serde::Deserializer::deserialize_map(&mut de, Finder(key)).unwrap_or(false)
     }
 }
@@ -275,14 +282,22 @@ impl From<&serde_json::Map<String, serde_json::Value>> for Payload {
     }
 }
 
+impl Serialize for Payload {
+    /// As the JSON object it is (embedded in the spool's metadata as it is).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw = serde_json::value::RawValue::from_string(self.0.clone()).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
 impl<'de> Deserialize<'de> for Payload {
     /// Any JSON object, as its text (a stored payload is read back without being rebuilt).
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
-        if !raw.get().trim_start().starts_with('{') {
+        if !raw.get().starts_with('{') {
             return Err(serde::de::Error::custom("a payload must be a JSON object"));
         }
-        Ok(Payload(raw))
+        Ok(Payload(Box::<str>::from(raw).into_string()))
     }
 }
 

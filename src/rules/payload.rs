@@ -11,7 +11,9 @@ use std::fmt;
 
 /// Builds the default payload of DESIGN.md for `email`, judged by `rule` (None: unmatched).
 pub(crate) fn default_payload(email: &Email, envelope: &Envelope, rule: Option<&str>, fields: &Fields) -> Payload {
-    Payload::of(&Default { email, envelope, rule, fields })
+    // The text, the subject and room for the rest: one allocation for most payloads.
+    let capacity = email.text.len() + email.subject.len() + 512;
+    Payload::with_capacity(&Default { email, envelope, rule, fields }, capacity)
 }
 
 struct Default<'a> {
