@@ -63,7 +63,10 @@ impl Anchor {
         let hay = value.as_bytes();
         let mut caps = self.regex.create_captures();
         // Where each literal is found next.
-        let mut next: Vec<Option<usize>> = self.literals.iter().map(|f| f.find(hay)).collect();
+        let mut next = [None; MAX_LITERALS];
+        for (n, finder) in next.iter_mut().zip(&self.literals) {
+            *n = finder.find(hay);
+        }
         let mut from = 0;
         for _ in 0..MAX_MISSES {
             let at = next.iter().flatten().min().copied()?;

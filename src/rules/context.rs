@@ -199,33 +199,34 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
 /// A rule's fields while it is applied, in the order they were first set.
 ///
 /// A handful of names, looked up by templates again and again: a list searched in order costs
-/// less than hashing each name, and the payload's map is made once, at the end.
+/// less than hashing each name. The names are the rule's own (group names, `[rule.fields]`
+/// keys), borrowed, not copied for every message.
 #[derive(Debug, Default)]
-pub(crate) struct Fields(Vec<(String, Json)>);
+pub(crate) struct Fields<'k>(Vec<(&'k str, Json)>);
 
-impl Fields {
-    pub(crate) fn with_capacity(n: usize) -> Fields {
+impl<'k> Fields<'k> {
+    pub(crate) fn with_capacity(n: usize) -> Fields<'k> {
         Fields(Vec::with_capacity(n))
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Json> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+        self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
     }
 
     /// Sets a field: a new name goes last, a known one keeps its place.
-    pub(crate) fn insert(&mut self, name: &str, value: Json) {
-        match self.0.iter_mut().find(|(k, _)| k == name) {
+    pub(crate) fn insert(&mut self, name: &'k str, value: Json) {
+        match self.0.iter_mut().find(|(k, _)| *k == name) {
             Some((_, slot)) => *slot = value,
-            None => self.0.push((name.to_string(), value)),
+            None => self.0.push((name, value)),
         }
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Json)> {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'k str, &Json)> {
+        self.0.iter().map(|(k, v)| (*k, v))
     }
 }
 
-impl serde::Serialize for Fields {
+impl serde::Serialize for Fields<'_> {
     /// As a JSON object, in order.
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_map(self.iter())
@@ -244,13 +245,13 @@ pub(crate) struct Context<'a> {
     /// The built-in values made so far, and which names they are.
     base: RefCell<(Uses, Arc<BTreeMap<&'static str, Value>>)>,
     /// The fields as they go into the payload.
-    fields: Fields,
+    fields: Fields<'a>,
     /// The same fields as template values, once the engine needs them.
     values: OnceCell<Arc<BTreeMap<String, Value>>>,
 }
 
 impl<'a> Context<'a> {
-    pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Fields) -> Context<'a> {
+    pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Fields<'a>) -> Context<'a> {
         Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new() }
     }
 
@@ -258,16 +259,16 @@ impl<'a> Context<'a> {
         self.email
     }
 
-    pub(crate) fn fields(&self) -> &Fields {
+    pub(crate) fn fields(&self) -> &Fields<'a> {
         &self.fields
     }
 
-    pub(crate) fn into_fields(self) -> Fields {
+    pub(crate) fn into_fields(self) -> Fields<'a> {
         self.fields
     }
 
     /// Adds or replaces a field; later evaluations see it.
-    pub(crate) fn set(&mut self, key: &str, value: Json) {
+    pub(crate) fn set(&mut self, key: &'a str, value: Json) {
         if let Some(values) = self.values.get_mut() {
             Arc::make_mut(values).insert(key.to_string(), template_value(&value));
         }
@@ -315,7 +316,7 @@ impl<'a> Context<'a> {
         let base = base.1.clone();
         let values = self
             .values
-            .get_or_init(|| Arc::new(self.fields.iter().map(|(k, v)| (k.clone(), template_value(v))).collect()));
+            .get_or_init(|| Arc::new(self.fields.iter().map(|(k, v)| (k.to_string(), template_value(v))).collect()));
         Value::from_object(ContextObject { base, fields: values.clone() })
     }
 }

@@ -20,7 +20,7 @@ struct Default<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
     rule: Option<&'a str>,
-    fields: &'a Fields,
+    fields: &'a Fields<'a>,
 }
 
 impl Serialize for Default<'_> {
