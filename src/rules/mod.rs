@@ -199,8 +199,8 @@ impl Matcher {
     }
 
     /// Whether the regex matches one of the target's values.
-    fn matches(&self, input: &Input<'_>, memo: &mut [Option<bool>]) -> bool {
-        if let Some(known) = self.memo.and_then(|slot| memo[slot]) {
+    fn matches(&self, input: &Input<'_>, memo: &mut Memo) -> bool {
+        if let Some(known) = self.memo.and_then(|slot| memo.get(slot)) {
             return known;
         }
         let matched = match &self.prefilter {
@@ -208,7 +208,7 @@ impl Matcher {
             None => self.target.any(input, |v| self.regex.is_match(v)),
         };
         if let Some(slot) = self.memo {
-            memo[slot] = Some(matched);
+            memo.set(slot, matched);
         }
         matched
     }
@@ -229,6 +229,39 @@ impl Conditions {
     fn push(&mut self, when: Vec<Matcher>) {
         self.all.extend(when);
         self.ends.push(self.all.len());
+    }
+}
+
+/// The results of the `when` conditions that several rules share, for one message.
+enum Memo {
+    /// Up to 64 slots, in two words: no allocation for every message.
+    Bits {
+        known: u64,
+        matched: u64,
+    },
+    Slots(Vec<Option<bool>>),
+}
+
+impl Memo {
+    fn new(slots: usize) -> Memo {
+        if slots <= 64 { Memo::Bits { known: 0, matched: 0 } } else { Memo::Slots(vec![None; slots]) }
+    }
+
+    fn get(&self, slot: usize) -> Option<bool> {
+        match self {
+            Memo::Bits { known, matched } => (known >> slot & 1 == 1).then_some(matched >> slot & 1 == 1),
+            Memo::Slots(slots) => slots[slot],
+        }
+    }
+
+    fn set(&mut self, slot: usize, value: bool) {
+        match self {
+            Memo::Bits { known, matched } => {
+                *known |= 1 << slot;
+                *matched = *matched & !(1 << slot) | u64::from(value) << slot;
+            }
+            Memo::Slots(slots) => slots[slot] = Some(value),
+        }
     }
 }
 
@@ -408,7 +441,7 @@ impl RuleSet {
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let input = Input { email, envelope, source: std::cell::OnceCell::new() };
-        let mut memo = vec![None; self.memo_slots];
+        let mut memo = Memo::new(self.memo_slots);
         let mut start = 0;
         for (rule, &end) in self.rules.iter().zip(&self.conditions.ends) {
             if self.conditions.all[start..end].iter().all(|m| m.matches(&input, &mut memo)) {

@@ -717,3 +717,20 @@ fn each_template_gets_the_names_it_uses_added_to_those_built_before() {
     assert_eq!(fields["c"], json!("C-991/UPS Update: Order 4711 shipped/pkginfo@ups.com"));
     assert_eq!(fields["d"], json!(59));
 }
+
+#[test]
+fn the_memo_keeps_what_it_is_told_in_words_or_in_a_list() {
+    for slots in [1, 64, 65, 200] {
+        let mut memo = Memo::new(slots);
+        assert_eq!(matches!(memo, Memo::Bits { .. }), slots <= 64, "{slots} slots");
+        let mut reference = vec![None; slots];
+        for (i, slot) in [0, slots - 1, slots / 2, slots / 3].into_iter().enumerate() {
+            let value = i % 2 == 0;
+            memo.set(slot, value);
+            reference[slot] = Some(value);
+        }
+        for (slot, expected) in reference.iter().enumerate() {
+            assert_eq!(memo.get(slot), *expected, "slot {slot} of {slots}");
+        }
+    }
+}
