@@ -35,7 +35,7 @@ mod load;
 mod payload;
 mod prefilter;
 
-use crate::model::{Action, Email, Envelope, Outcome, Payload};
+use crate::model::{Action, Address, Email, Envelope, Outcome, Payload};
 use regex::Regex;
 use serde_json::Value as Json;
 use std::fmt;
@@ -179,6 +179,32 @@ struct Input<'a> {
     envelope: &'a Envelope,
     /// `envelope.source` as rules see it, made when a rule first asks.
     source: std::cell::OnceCell<String>,
+    /// The pairs of neighbouring bytes in the sender, recipient and subject values, made when
+    /// a prefilter first asks (see `prefilter::pairs_in`).
+    pairs: [std::cell::OnceCell<[u64; 4]>; 4],
+}
+
+impl Input<'_> {
+    /// The pairs of bytes in `target`'s values, for the targets most rules look at first.
+    fn pairs(&self, target: &Target) -> Option<&[u64; 4]> {
+        let slot = match target {
+            Target::From => 0,
+            Target::To => 1,
+            Target::Cc => 2,
+            Target::Subject => 3,
+            _ => return None,
+        };
+        Some(self.pairs[slot].get_or_init(|| {
+            let email = self.email;
+            let addresses = |list: &[Address]| prefilter::pairs_in(list.iter().map(|a| a.address.as_str()));
+            match target {
+                Target::From => addresses(&email.from),
+                Target::To => addresses(&email.to),
+                Target::Cc => addresses(&email.cc),
+                _ => prefilter::pairs_in(std::iter::once(email.subject.as_str())),
+            }
+        }))
+    }
 }
 
 #[derive(Debug)]
@@ -204,6 +230,7 @@ impl Matcher {
             return known;
         }
         let matched = match &self.prefilter {
+            Some(pre) if input.pairs(&self.target).is_some_and(|pairs| !pre.may_meet(pairs)) => false,
             Some(pre) => self.target.any(input, |v| pre.may_match(v) && self.regex.is_match(v)),
             None => self.target.any(input, |v| self.regex.is_match(v)),
         };
@@ -440,7 +467,7 @@ impl RuleSet {
 
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
-        let input = Input { email, envelope, source: std::cell::OnceCell::new() };
+        let input = Input { email, envelope, source: std::cell::OnceCell::new(), pairs: Default::default() };
         let mut memo = Memo::new(self.memo_slots);
         let mut start = 0;
         for (rule, &end) in self.rules.iter().zip(&self.conditions.ends) {

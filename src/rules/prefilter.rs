@@ -83,6 +83,13 @@ impl Prefilter {
         })
     }
 
+    /// False only if no value whose pairs of bytes are `pairs` (see [`pairs_in`]) can
+    /// match: a needle starts with a pair the value holds.
+    pub(crate) fn may_meet(&self, pairs: &[u64; 4]) -> bool {
+        // All bits: a one-byte needle, which any value of one byte or more may hold.
+        self.pairs == [u64::MAX; 4] || self.pairs.iter().zip(pairs).any(|(a, b)| a & b != 0)
+    }
+
     fn is_first(&self, b: u8) -> bool {
         has_bit(&self.first, b)
     }
@@ -138,6 +145,23 @@ fn needles(folded: &Hir, mut extractor: Extractor, anchored: bool) -> Option<Vec
         }
     }
     (kept.len() <= MAX_NEEDLES).then_some(kept)
+}
+
+/// The pairs of neighbouring bytes of `values` (ASCII letters lower-cased), as the prefilters'
+/// `pairs` keep those their needles start with. Made once per message for a target, it rules
+/// out most prefilters without their scanning the values.
+pub(crate) fn pairs_in<'v>(values: impl Iterator<Item = &'v str>) -> [u64; 4] {
+    let mut pairs = [0u64; 4];
+    for value in values {
+        let mut bytes = value.bytes().map(|b| b.to_ascii_lowercase());
+        if let Some(mut previous) = bytes.next() {
+            for b in bytes {
+                set_bit(&mut pairs, pair(previous, b));
+                previous = b;
+            }
+        }
+    }
+    pairs
 }
 
 /// Where the two bytes `a`, `b` are in a 256-bit set of pairs.
@@ -253,6 +277,7 @@ mod tests {
         r"",
         r"[^\s\S]",
         r"\bJob\b|(?i)job-\d+",
+        r"@|\.example",
     ];
 
     const VALUES: &[&str] = &[
@@ -293,6 +318,7 @@ mod tests {
         "exact",
         "a Job here",
         "JOB-42",
+        "@",
     ];
 
     /// Every pattern compiled, with its prefilter.
@@ -306,6 +332,9 @@ mod tests {
                 && regex.is_match(value)
             {
                 assert!(pre.may_match(value), "prefilter {pre:?} of {regex} rejects {value:?}, which matches");
+                for pairs in [pairs_in(std::iter::once(value)), pairs_in([value, "other"].into_iter())] {
+                    assert!(pre.may_meet(&pairs), "pairs of {regex}'s prefilter reject {value:?}, which matches");
+                }
             }
         }
     }
