@@ -10,10 +10,13 @@
 //! unanchored from the next one, so a value full of near misses costs no more than a scan.
 //! Tests compare the groups with `regex`'s over many patterns and values.
 
+use super::Pattern;
+use super::prefilter::prefix_literals;
 use memchr::memmem::Finder;
 use regex_automata::util::captures::Captures;
-use regex_automata::{Anchored, Input, meta};
-use regex_syntax::hir::literal::{ExtractKind, Extractor};
+use regex_automata::{Anchored, Input};
+use regex_syntax::hir::Hir;
+use regex_syntax::hir::literal::Extractor;
 
 /// More literals than this and the places to try are better found by the regex itself.
 const MAX_LITERALS: usize = 4;
@@ -21,47 +24,27 @@ const MAX_LITERALS: usize = 4;
 /// Anchored attempts that did not match, after which the search goes on unanchored.
 const MAX_MISSES: usize = 4;
 
+/// The literals one of which starts every match of a regex.
 #[derive(Debug)]
 pub(crate) struct Anchor {
-    /// The regex again, for anchored searches (same syntax and semantics as `regex::Regex`).
-    regex: meta::Regex,
-    /// One of these starts every match; none is empty, none starts with another.
+    /// None is empty, none starts with another.
     literals: Vec<Finder<'static>>,
 }
 
 impl Anchor {
-    /// The anchor of `pattern` (compiled within `size_limit`, as the regex itself is), or
-    /// `None` when not every match starts with one of a few literals (or the pattern does not
-    /// compile, which loading reports elsewhere).
-    pub(crate) fn new(pattern: &str, size_limit: usize) -> Option<Anchor> {
-        let hir = regex_syntax::ParserBuilder::new().build().parse(pattern).ok()?;
-        let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
-        let mut literals: Vec<&[u8]> = seq.literals()?.iter().map(|l| l.as_bytes()).collect();
-        if literals.is_empty() || literals.iter().any(|l| l.is_empty()) {
-            return None;
-        }
-        // Shortest first: a literal that starts with a kept one adds no place to try.
-        literals.sort_by_key(|l| l.len());
-        let mut kept: Vec<&[u8]> = Vec::new();
-        for l in literals {
-            if !kept.iter().any(|k| l.starts_with(k)) {
-                kept.push(l);
-            }
-        }
-        if kept.len() > MAX_LITERALS {
-            return None;
-        }
-        let regex = meta::Regex::builder()
-            .configure(meta::Config::new().nfa_size_limit(Some(size_limit)))
-            .build(pattern)
-            .ok()?;
-        Some(Anchor { regex, literals: kept.into_iter().map(|l| Finder::new(l).into_owned()).collect() })
+    /// The anchor of a regex, from its parsed form, or `None` when not every match starts
+    /// with one of a few literals.
+    pub(crate) fn new(hir: &Hir) -> Option<Anchor> {
+        let literals = prefix_literals(hir, Extractor::new(), true)?;
+        (literals.len() <= MAX_LITERALS)
+            .then(|| Anchor { literals: literals.iter().map(|l| Finder::new(l).into_owned()).collect() })
     }
 
-    /// The first match of the regex in `value`, with its groups.
-    pub(crate) fn captures(&self, value: &str) -> Option<Captures> {
+    /// The first match of `regex` (the pattern this anchor was made from) in `value`, with its
+    /// groups.
+    pub(crate) fn captures(&self, regex: &Pattern, value: &str) -> Option<Captures> {
         let hay = value.as_bytes();
-        let mut caps = self.regex.create_captures();
+        let mut caps = regex.regex.create_captures();
         // Where each literal is found next.
         let mut next = [None; MAX_LITERALS];
         for (n, finder) in next.iter_mut().zip(&self.literals) {
@@ -70,7 +53,7 @@ impl Anchor {
         let mut from = 0;
         for _ in 0..MAX_MISSES {
             let at = next.iter().flatten().min().copied()?;
-            self.regex.search_captures(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes), &mut caps);
+            regex.regex.search_captures(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes), &mut caps);
             if caps.is_match() {
                 return Some(caps);
             }
@@ -82,8 +65,7 @@ impl Anchor {
             }
         }
         // Near misses: the rest unanchored (no match starts before `from`).
-        self.regex.search_captures(&Input::new(hay).span(from..hay.len()), &mut caps);
-        caps.is_match().then_some(caps)
+        regex.captures(value, from)
     }
 }
 
@@ -95,6 +77,11 @@ mod tests {
     use std::sync::LazyLock;
 
     const LIMIT: usize = 8 << 20;
+
+    /// The anchor of `pattern`, parsed as the rules parse it.
+    fn anchor(pattern: &str) -> Option<Anchor> {
+        Anchor::new(&regex_automata::util::syntax::parse(pattern).ok()?)
+    }
 
     /// Extraction patterns of the kinds rules use.
     const PATTERNS: &[&str] = &[
@@ -116,15 +103,17 @@ mod tests {
         r"(?P<n>\d+)",
     ];
 
-    static COMPILED: LazyLock<Vec<(Regex, Option<Anchor>)>> =
-        LazyLock::new(|| PATTERNS.iter().map(|p| (Regex::new(p).unwrap(), Anchor::new(p, LIMIT))).collect());
+    /// Each pattern as the `regex` crate compiles it, as the rules do, and its anchor.
+    static COMPILED: LazyLock<Vec<(Regex, Pattern, Option<Anchor>)>> = LazyLock::new(|| {
+        PATTERNS.iter().map(|p| (Regex::new(p).unwrap(), Pattern::new(p, LIMIT).unwrap().0, anchor(p))).collect()
+    });
 
     fn check(value: &str) {
-        for (regex, anchor) in COMPILED.iter() {
+        for (regex, pattern, anchor) in COMPILED.iter() {
             let Some(anchor) = anchor else { continue };
             let expected = regex.captures(value).map(|c| c.iter().map(|m| m.map(|m| m.range())).collect::<Vec<_>>());
             let got = anchor
-                .captures(value)
+                .captures(pattern, value)
                 .map(|c| (0..c.group_len()).map(|i| c.get_group(i).map(|s| s.range())).collect::<Vec<_>>());
             assert_eq!(got, expected, "{regex} on {value:?}");
         }
@@ -132,13 +121,13 @@ mod tests {
 
     #[test]
     fn anchors_only_patterns_that_start_with_few_literals() {
-        let anchored: Vec<bool> = COMPILED.iter().map(|(_, a)| a.is_some()).collect();
+        let anchored: Vec<bool> = COMPILED.iter().map(|(_, _, a)| a.is_some()).collect();
         assert!(anchored[..13].iter().all(|&a| a), "{anchored:?}");
         for pattern in [r"(?m)^(?P<first>[^\r\n]*?\bERROR)", r"(?P<n>\d+)", r"(?i)order (?P<n>\d+)", r".(?P<a>y)", ""] {
-            assert!(Anchor::new(pattern, LIMIT).is_none(), "{pattern}");
+            assert!(anchor(pattern).is_none(), "{pattern}");
         }
         // `Total` and `Summe`, not their longer forms with `:`.
-        assert_eq!(Anchor::new(r"(?:Total|Summe):?\s*(?P<a>\d+)", LIMIT).unwrap().literals.len(), 2);
+        assert_eq!(anchor(r"(?:Total|Summe):?\s*(?P<a>\d+)").unwrap().literals.len(), 2);
     }
 
     #[test]

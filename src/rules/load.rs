@@ -1,10 +1,11 @@
 //! Loading and compiling rules files. Walks the spanned TOML tree by hand (rather than through
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
-use super::anchor::Anchor;
 use super::context::{RESERVED, Templates};
-use super::{Conditions, Extraction, Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast};
-use regex::{Regex, RegexBuilder};
+use super::{
+    Conditions, Extraction, Extractor, Matcher, Pattern, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast,
+};
+use regex_syntax::hir::Hir;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use toml::de::{DeTable, DeValue};
 /// Rules files are the `*.toml` files of the rules directory.
 pub const RULE_FILE_EXTENSION: &str = "toml";
 
-/// Compiled size limit for one regex (the `regex` crate's NFA/DFA budget).
+/// Compiled size limit for one regex (its NFA's budget, as the `regex` crate's `size_limit`).
 const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
 
 const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "extract", "fields", "payload"];
@@ -66,7 +67,6 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut errors = Vec::new();
     let mut names = Vec::new();
     let mut regexes = HashMap::new();
-    let mut anchors = HashMap::new();
     let mut conditions = Conditions::default();
     for (file, text) in sources {
         let mut c = FileCompiler {
@@ -76,7 +76,6 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
             errors: &mut errors,
             names: &mut names,
             regexes: &mut regexes,
-            anchors: &mut anchors,
             conditions: &mut conditions,
             rule: None,
         };
@@ -141,9 +140,7 @@ struct FileCompiler<'a> {
     names: &'a mut Vec<(String, PathBuf, usize)>,
     /// Every regex compiled so far, by pattern: rules that use the same pattern share it (and
     /// its search caches).
-    regexes: &'a mut HashMap<String, Arc<Regex>>,
-    /// The same for the anchors of extraction regexes (`None`: the pattern has none).
-    anchors: &'a mut HashMap<String, Option<Arc<Anchor>>>,
+    regexes: &'a mut HashMap<String, (Arc<Pattern>, Arc<Hir>)>,
     /// The `when` conditions of the rules compiled so far.
     conditions: &'a mut Conditions,
     /// Label of the rule being compiled.
@@ -269,8 +266,8 @@ impl FileCompiler<'_> {
                 let Some(target) = self.target(&key, &k) else { continue };
                 match value.get_ref() {
                     DeValue::String(s) => {
-                        if let Some(regex) = self.regex(s, value.span().start, &k) {
-                            when.push(Matcher::new(target, regex));
+                        if let Some((regex, hir)) = self.regex(s, value.span().start, &k) {
+                            when.push(Matcher::new(target, regex, &hir));
                         }
                     }
                     _ => self.error(value.span().start, Some(k), "must be a regex string"),
@@ -308,10 +305,10 @@ impl FileCompiler<'_> {
                 };
                 let mut regexes = Vec::new();
                 for (pattern, at, key) in patterns {
-                    let Some(regex) = self.regex(&pattern, at, &key) else {
+                    let Some((regex, hir)) = self.regex(&pattern, at, &key) else {
                         continue;
                     };
-                    let names: Vec<&str> = regex.capture_names().flatten().collect();
+                    let names: Vec<&str> = regex.names().map(|(_, name)| name).collect();
                     if names.is_empty() {
                         self.error(at, Some(key.clone()), "has no named group (?P<name>...), so it extracts nothing");
                     }
@@ -322,12 +319,7 @@ impl FileCompiler<'_> {
                             extracted_names.push(name.to_string());
                         }
                     }
-                    let anchor = self
-                        .anchors
-                        .entry(pattern.clone())
-                        .or_insert_with(|| Anchor::new(&pattern, REGEX_SIZE_LIMIT).map(Arc::new))
-                        .clone();
-                    regexes.push(Extraction::new(regex, anchor));
+                    regexes.push(Extraction::new(regex, &hir));
                 }
                 extract.push(Extractor { target, regexes });
             }
@@ -422,13 +414,14 @@ impl FileCompiler<'_> {
         target
     }
 
-    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<Arc<Regex>> {
+    /// The compiled `pattern` and its parsed form (each pattern is compiled once per load).
+    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<(Arc<Pattern>, Arc<Hir>)> {
         if let Some(r) = self.regexes.get(pattern) {
             return Some(r.clone());
         }
-        match RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).build() {
-            Ok(r) => {
-                let r = Arc::new(r);
+        match Pattern::new(pattern, REGEX_SIZE_LIMIT) {
+            Ok((regex, hir)) => {
+                let r = (Arc::new(regex), Arc::new(hir));
                 self.regexes.insert(pattern.to_string(), r.clone());
                 Some(r)
             }
@@ -546,10 +539,9 @@ fn field_name_problem(name: &str) -> Option<String> {
 }
 
 /// The one-line reason of a regex error (the crate's message is a multi-line diagram).
-fn regex_error_reason(e: &regex::Error) -> String {
-    let text = e.to_string();
+fn regex_error_reason(text: &str) -> String {
     text.lines()
         .rev()
         .find_map(|l| l.trim().strip_prefix("error:").map(|r| r.trim().to_string()))
-        .unwrap_or_else(|| crate::config::one_line(&text))
+        .unwrap_or_else(|| crate::config::one_line(text))
 }

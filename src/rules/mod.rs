@@ -36,7 +36,10 @@ mod payload;
 mod prefilter;
 
 use crate::model::{Action, Address, Email, Envelope, Outcome, Payload};
-use regex::Regex;
+use regex_automata::meta;
+use regex_automata::util::captures::Captures;
+use regex_automata::{Input as Haystack, PatternID};
+use regex_syntax::hir::Hir;
 use serde_json::Value as Json;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -207,10 +210,55 @@ impl Input<'_> {
     }
 }
 
+/// A regex of the rules, compiled once (the engine behind the `regex` crate's `Regex`, used
+/// directly so that extraction can also search it anchored), with its text.
+#[derive(Debug)]
+pub(crate) struct Pattern {
+    text: String,
+    regex: meta::Regex,
+}
+
+impl Pattern {
+    /// Compiles `text` as `regex::Regex` would, within `size_limit` bytes of automata, and
+    /// gives its parsed form too: the literal checks (`prefilter`, `anchor`) are made from it
+    /// without parsing the pattern again. The error is worded as the `regex` crate words it.
+    fn new(text: &str, size_limit: usize) -> Result<(Pattern, Hir), String> {
+        let hir = regex_automata::util::syntax::parse(text).map_err(|e| e.to_string())?;
+        let regex = meta::Builder::new()
+            .configure(meta::Config::new().nfa_size_limit(Some(size_limit)))
+            .build_from_hir(&hir)
+            .map_err(|e| match e.size_limit() {
+                Some(limit) => format!("Compiled regex exceeds size limit of {limit} bytes."),
+                None => e.to_string(),
+            })?;
+        Ok((Pattern { text: text.to_string(), regex }, hir))
+    }
+
+    fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn is_match(&self, value: &str) -> bool {
+        self.regex.is_match(value)
+    }
+
+    /// Its named groups: `(group index, name)`, in group order.
+    fn names(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.regex.group_info().pattern_names(PatternID::ZERO).enumerate().filter_map(|(i, n)| Some((i, n?)))
+    }
+
+    /// The first match in `value`, searched from `start` on, with its groups.
+    fn captures(&self, value: &str, start: usize) -> Option<Captures> {
+        let mut caps = self.regex.create_captures();
+        self.regex.search_captures(&Haystack::new(value).span(start..value.len()), &mut caps);
+        caps.is_match().then_some(caps)
+    }
+}
+
 #[derive(Debug)]
 struct Matcher {
     target: Target,
-    regex: Arc<Regex>,
+    regex: Arc<Pattern>,
     /// A necessary condition checked before the regex (short targets only).
     prefilter: Option<prefilter::Prefilter>,
     /// The slot of the message's memo that keeps the result, when other rules have the same
@@ -219,8 +267,9 @@ struct Matcher {
 }
 
 impl Matcher {
-    fn new(target: Target, regex: Arc<Regex>) -> Matcher {
-        let prefilter = if target.is_short() { prefilter::Prefilter::new(regex.as_str()) } else { None };
+    /// The condition that `regex` (parsed as `hir`) matches a value of `target`.
+    fn new(target: Target, regex: Arc<Pattern>, hir: &Hir) -> Matcher {
+        let prefilter = if target.is_short() { prefilter::Prefilter::new(hir) } else { None };
         Matcher { target, regex, prefilter, memo: None }
     }
 
@@ -301,37 +350,30 @@ struct Extractor {
 /// One extraction regex and its named groups: `(group index, name)`, in group order.
 #[derive(Debug)]
 struct Extraction {
-    regex: Arc<Regex>,
-    /// Searches from the literals every match starts with, when it has a few (see `anchor`).
-    anchor: Option<Arc<anchor::Anchor>>,
+    regex: Arc<Pattern>,
+    /// The literals every match starts with, when there are a few (see `anchor`).
+    anchor: Option<anchor::Anchor>,
     groups: Vec<(usize, String)>,
 }
 
 impl Extraction {
-    fn new(regex: Arc<Regex>, anchor: Option<Arc<anchor::Anchor>>) -> Extraction {
-        let groups = regex.capture_names().enumerate().filter_map(|(i, name)| Some((i, name?.to_string()))).collect();
+    /// The extraction of `regex`'s named groups (`regex` parsed as `hir`).
+    fn new(regex: Arc<Pattern>, hir: &Hir) -> Extraction {
+        let groups = regex.names().map(|(i, name)| (i, name.to_string())).collect();
+        let anchor = anchor::Anchor::new(hir);
         Extraction { regex, anchor, groups }
     }
 
     /// Calls `f` with the name and text of each group of the first match in `value`.
     fn each_group<'s, 'v>(&'s self, value: &'v str, mut f: impl FnMut(&'s str, &'v str)) {
-        match &self.anchor {
-            Some(anchor) => {
-                if let Some(caps) = anchor.captures(value) {
-                    for (i, name) in &self.groups {
-                        if let Some(span) = caps.get_group(*i) {
-                            f(name, &value[span.range()]);
-                        }
-                    }
-                }
-            }
-            None => {
-                if let Some(caps) = self.regex.captures(value) {
-                    for (i, name) in &self.groups {
-                        if let Some(m) = caps.get(*i) {
-                            f(name, m.as_str());
-                        }
-                    }
+        let caps = match &self.anchor {
+            Some(anchor) => anchor.captures(&self.regex, value),
+            None => self.regex.captures(value, 0),
+        };
+        if let Some(caps) = caps {
+            for (i, name) in &self.groups {
+                if let Some(span) = caps.get_group(*i) {
+                    f(name, &value[span.range()]);
                 }
             }
         }

@@ -39,19 +39,18 @@ pub(crate) struct Prefilter {
 }
 
 impl Prefilter {
-    /// The prefilter of `pattern` (as the `regex` crate reads it by default), or `None` when
-    /// there is no useful one (no finite literal set, an empty literal, too many literals).
-    pub(crate) fn new(pattern: &str) -> Option<Prefilter> {
-        let hir = regex_syntax::ParserBuilder::new().build().parse(pattern).ok()?;
+    /// The prefilter of a regex, from its parsed form, or `None` when there is no useful one
+    /// (no finite literal set, an empty literal, too many literals).
+    pub(crate) fn new(hir: &Hir) -> Option<Prefilter> {
         let anchored = hir.properties().look_set_prefix().contains(Look::Start);
-        let folded = fold_ascii(&hir);
+        let folded = fold_ascii(hir);
         // `(?i)` letters such as `s` and `k` stay classes of two after folding (`[sſ]`, `[kK]`),
         // so a few of them multiply the literals past the limit. Cutting each literal at its
         // first class instead keeps a shorter, still selective one (`@pre` of `@prestige`).
         let mut cut_at_classes = Extractor::new();
         cut_at_classes.limit_class(1);
-        let kept =
-            needles(&folded, Extractor::new(), anchored).or_else(|| needles(&folded, cut_at_classes, anchored))?;
+        let kept = prefix_literals(&folded, Extractor::new(), anchored)
+            .or_else(|| prefix_literals(&folded, cut_at_classes, anchored))?;
         let mut first = [0u64; 4];
         let mut pairs = [0u64; 4];
         let mut packed = Vec::new();
@@ -125,10 +124,13 @@ impl Prefilter {
     }
 }
 
-/// The prefix literals of `folded` as `extractor` finds them, without the ones another implies,
-/// or `None` when there is no finite set of at most `MAX_NEEDLES` non-empty ones.
-fn needles(folded: &Hir, mut extractor: Extractor, anchored: bool) -> Option<Vec<Box<[u8]>>> {
-    let seq = extractor.kind(ExtractKind::Prefix).extract(folded);
+/// The prefix literals of `hir` as `extractor` finds them (one of them starts every match),
+/// without the ones another implies, or `None` when there is no finite set of at most
+/// `MAX_NEEDLES` non-empty ones. `anchored`: each is looked for at one place only (the start
+/// of a value, or of a match), so one that starts with a kept one is implied; otherwise one
+/// that holds a kept one anywhere is.
+pub(super) fn prefix_literals(hir: &Hir, mut extractor: Extractor, anchored: bool) -> Option<Vec<Box<[u8]>>> {
+    let seq = extractor.kind(ExtractKind::Prefix).extract(hir);
     let mut needles: Vec<Vec<u8>> = seq.literals()?.iter().map(|l| l.as_bytes().to_vec()).collect();
     if needles.is_empty() || needles.iter().any(Vec::is_empty) {
         return None;
@@ -246,6 +248,11 @@ mod tests {
     use regex::Regex;
     use std::sync::LazyLock;
 
+    /// The prefilter of `pattern`, parsed as the rules parse it.
+    fn prefilter(pattern: &str) -> Option<Prefilter> {
+        Prefilter::new(&regex_automata::util::syntax::parse(pattern).ok()?)
+    }
+
     /// Patterns of the kinds rules use on short values.
     const PATTERNS: &[&str] = &[
         r"(?i)\b(?:alert|warning|threshold|quota)\b",
@@ -322,9 +329,8 @@ mod tests {
     ];
 
     /// Every pattern compiled, with its prefilter.
-    static COMPILED: LazyLock<Vec<(Regex, Option<Prefilter>)>> = LazyLock::new(|| {
-        PATTERNS.iter().map(|p| (Regex::new(p).expect("pattern compiles"), Prefilter::new(p))).collect()
-    });
+    static COMPILED: LazyLock<Vec<(Regex, Option<Prefilter>)>> =
+        LazyLock::new(|| PATTERNS.iter().map(|p| (Regex::new(p).expect("pattern compiles"), prefilter(p))).collect());
 
     fn check(value: &str) {
         for (regex, pre) in COMPILED.iter() {
@@ -349,38 +355,38 @@ mod tests {
 
     #[test]
     fn rejects_values_without_the_literals() {
-        let pre = Prefilter::new(r"(?i)\b(?:alert|warning|threshold|quota)\b").expect("a prefilter");
+        let pre = prefilter(r"(?i)\b(?:alert|warning|threshold|quota)\b").expect("a prefilter");
         // alert, quota, warning, threshold and its long-s variant (`(?i)s` also matches `ſ`).
         assert_eq!(pre.needles().count(), 5, "{pre:?}");
         assert!(pre.may_match("Service ALERT"));
         assert!(!pre.may_match("Your statement for November 2026 is ready"));
-        let pre = Prefilter::new(r"^\[ACME-CI\] (?:Build|Pipeline) #?\d+").expect("a prefilter");
+        let pre = prefilter(r"^\[ACME-CI\] (?:Build|Pipeline) #?\d+").expect("a prefilter");
         assert!(pre.anchored);
         assert!(!pre.may_match("Re: [ACME-CI] Build #1"), "anchored at the start");
         assert!(pre.may_match("[acme-ci] build 1"), "case is ignored: the regex decides");
-        let pre = Prefilter::new(r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
+        let pre = prefilter(r"(?i)@acme(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
         assert!(!pre.may_match("orders@globex.example.com"));
         // Each `s` may be `ſ` too: the literals are cut at the first one rather than multiplied.
-        let pre = Prefilter::new(r"(?i)@prestige(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
+        let pre = prefilter(r"(?i)@prestige(?:-logistics)?\.example\.(?:com|de|fr)$").expect("a prefilter");
         assert_eq!(pre.needles().collect::<Vec<_>>(), vec![b"@pre"]);
         assert!(!pre.may_match("orders@globex.example.com"));
         assert!(pre.may_match("ops@pre\u{17F}tige.example.com"));
         // Nothing to filter on: every value may match.
         for pattern in [r"x*", r"", r"(?i)^[a-z0-9._-]+@example\.com$", r"(?m)^", r"."] {
-            assert!(Prefilter::new(pattern).is_none(), "{pattern}");
+            assert!(prefilter(pattern).is_none(), "{pattern}");
         }
     }
 
     #[test]
     fn needles_are_found_anywhere_in_any_case() {
-        let pre = Prefilter::new(r"(?i)alert|\[x").expect("a prefilter");
+        let pre = prefilter(r"(?i)alert|\[x").expect("a prefilter");
         for value in ["xxALErt", "alert", "[X", "a[x", "aaALERT"] {
             assert!(pre.may_match(value), "{value}");
         }
         for value in ["", "aler", "alerAlerAler", "x[", "[", "a"] {
             assert!(!pre.may_match(value), "{value}");
         }
-        let pre = Prefilter::new("\u{212A}").expect("a prefilter");
+        let pre = prefilter("\u{212A}").expect("a prefilter");
         assert!(pre.may_match("x\u{212A}y"));
         assert!(!pre.may_match("xky"));
     }
