@@ -35,7 +35,7 @@ mod load;
 mod payload;
 mod prefilter;
 
-use crate::model::{Action, Address, Email, Envelope, Outcome, Payload};
+use crate::model::{Action, Email, Envelope, Outcome, Payload};
 use regex_automata::meta;
 use regex_automata::util::captures::Captures;
 use regex_automata::{Input as Haystack, PatternID};
@@ -183,7 +183,7 @@ struct Input<'a> {
     /// `envelope.source` as rules see it, made when a rule first asks.
     source: std::cell::OnceCell<String>,
     /// The pairs of neighbouring bytes in the sender, recipient and subject values, made when
-    /// a prefilter first asks (see `prefilter::pairs_in`).
+    /// a prefilter first asks (see `prefilter::add_pairs`).
     pairs: [std::cell::OnceCell<[u64; 4]>; 4],
 }
 
@@ -198,14 +198,12 @@ impl Input<'_> {
             _ => return None,
         };
         Some(self.pairs[slot].get_or_init(|| {
-            let email = self.email;
-            let addresses = |list: &[Address]| prefilter::pairs_in(list.iter().map(|a| a.address.as_str()));
-            match target {
-                Target::From => addresses(&email.from),
-                Target::To => addresses(&email.to),
-                Target::Cc => addresses(&email.cc),
-                _ => prefilter::pairs_in(std::iter::once(email.subject.as_str())),
-            }
+            let mut pairs = [0; 4];
+            target.any(self, |value| {
+                prefilter::add_pairs(&mut pairs, value);
+                false // every value
+            });
+            pairs
         }))
     }
 }

@@ -82,7 +82,7 @@ impl Prefilter {
         })
     }
 
-    /// False only if no value whose pairs of bytes are `pairs` (see [`pairs_in`]) can
+    /// False only if no value whose pairs of bytes are `pairs` (see [`add_pairs`]) can
     /// match: a needle starts with a pair the value holds.
     pub(crate) fn may_meet(&self, pairs: &[u64; 4]) -> bool {
         // All bits: a one-byte needle, which any value of one byte or more may hold.
@@ -149,21 +149,17 @@ pub(super) fn prefix_literals(hir: &Hir, mut extractor: Extractor, anchored: boo
     (kept.len() <= MAX_NEEDLES).then_some(kept)
 }
 
-/// The pairs of neighbouring bytes of `values` (ASCII letters lower-cased), as the prefilters'
-/// `pairs` keep those their needles start with. Made once per message for a target, it rules
-/// out most prefilters without their scanning the values.
-pub(crate) fn pairs_in<'v>(values: impl Iterator<Item = &'v str>) -> [u64; 4] {
-    let mut pairs = [0u64; 4];
-    for value in values {
-        let mut bytes = value.bytes().map(|b| b.to_ascii_lowercase());
-        if let Some(mut previous) = bytes.next() {
-            for b in bytes {
-                set_bit(&mut pairs, pair(previous, b));
-                previous = b;
-            }
+/// Adds the pairs of neighbouring bytes of `value` (ASCII letters lower-cased) to `pairs`, as
+/// the prefilters' `pairs` keep those their needles start with. Made once per message for a
+/// target, the set rules out most prefilters without their scanning the values.
+pub(crate) fn add_pairs(pairs: &mut [u64; 4], value: &str) {
+    let mut bytes = value.bytes().map(|b| b.to_ascii_lowercase());
+    if let Some(mut previous) = bytes.next() {
+        for b in bytes {
+            set_bit(pairs, pair(previous, b));
+            previous = b;
         }
     }
-    pairs
 }
 
 /// Where the two bytes `a`, `b` are in a 256-bit set of pairs.
@@ -338,7 +334,9 @@ mod tests {
                 && regex.is_match(value)
             {
                 assert!(pre.may_match(value), "prefilter {pre:?} of {regex} rejects {value:?}, which matches");
-                for pairs in [pairs_in(std::iter::once(value)), pairs_in([value, "other"].into_iter())] {
+                for values in [&[value][..], &[value, "other"]] {
+                    let mut pairs = [0; 4];
+                    values.iter().for_each(|v| add_pairs(&mut pairs, v));
                     assert!(pre.may_meet(&pairs), "pairs of {regex}'s prefilter reject {value:?}, which matches");
                 }
             }
