@@ -30,6 +30,7 @@ use crate::parse::parse;
 use crate::rules::RuleSet;
 use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -498,6 +499,7 @@ async fn round(
 
     let decision = meta.decision.as_ref().expect("decided above");
     let payload = with_id(&decision.payload, id);
+    let payload = payload.as_ref();
     let now = SystemTime::now();
     let due: Vec<String> = decision
         .destinations
@@ -510,7 +512,6 @@ async fn round(
     let age = meta.age(now);
     let attempts = due.iter().map(|name| {
         let target = targets.get(name).cloned();
-        let payload = &payload;
         let name = name.clone();
         async move {
             let attempt = match target {
@@ -598,14 +599,15 @@ async fn round(
 }
 
 /// `payload` with the message's `id` added when it has none (a `[rule.payload]` without one):
-/// a receiver can always tell a resend from a new message.
-fn with_id(payload: &Payload, id: &str) -> Payload {
+/// a receiver can always tell a resend from a new message. The payload itself when it has
+/// one (or cannot be read back, which sending then reports).
+fn with_id<'p>(payload: &'p Payload, id: &str) -> Cow<'p, Payload> {
     if payload.has_key("id") {
-        return payload.clone();
+        return Cow::Borrowed(payload);
     }
-    let mut map = payload.to_map().unwrap_or_default();
+    let Some(mut map) = payload.to_map() else { return Cow::Borrowed(payload) };
     map.insert("id".into(), Json::String(id.to_string()));
-    Payload::of(&map)
+    Cow::Owned(Payload::of(&map))
 }
 
 /// The largest `max_body` among the destinations of a decision.
@@ -659,6 +661,13 @@ mod tests {
             let payload: Payload = serde_json::from_str(kept).unwrap();
             assert_eq!(with_id(&payload, "01MSG").as_str(), kept, "an id of its own is kept");
         }
+        // Nested deeper than the JSON reader goes: sent as it is, never cut down to an id.
+        let mut deep = serde_json::json!("bottom");
+        for _ in 0..200 {
+            deep = serde_json::json!({ "a": deep });
+        }
+        let deep = Payload::of(&deep);
+        assert_eq!(with_id(&deep, "01MSG").as_str(), deep.as_str());
     }
 
     fn fresh(n: usize) -> Fresh {

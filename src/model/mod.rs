@@ -276,12 +276,6 @@ impl fmt::Debug for Payload {
     }
 }
 
-impl From<&serde_json::Map<String, serde_json::Value>> for Payload {
-    fn from(map: &serde_json::Map<String, serde_json::Value>) -> Payload {
-        Payload::of(map)
-    }
-}
-
 impl Serialize for Payload {
     /// As the JSON object it is (embedded in the spool's metadata as it is).
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
