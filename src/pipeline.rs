@@ -600,7 +600,7 @@ async fn round(
 
 /// `payload` with the message's `id` added when it has none (a `[rule.payload]` without one):
 /// a receiver can always tell a resend from a new message. The payload itself when it has
-/// one (or cannot be read back, which sending then reports).
+/// one, or is nested too deep to be read back (it is then sent without one, whole).
 fn with_id<'p>(payload: &'p Payload, id: &str) -> Cow<'p, Payload> {
     if payload.has_key("id") {
         return Cow::Borrowed(payload);
