@@ -8,6 +8,8 @@
 //! converts `mail-parser`'s message into [`Email`], the rules stage turns an [`Email`] and its
 //! [`Envelope`] into an [`Outcome`].
 
+pub(crate) mod json;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -200,16 +202,14 @@ pub struct Payload(String);
 impl Payload {
     /// The payload that `value` serialises to; `value` must serialise as a JSON object.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Payload {
-        Payload::with_capacity(value, 128)
+        let text = serde_json::to_string(value).expect("a payload serialises");
+        debug_assert!(text.starts_with('{'), "a payload is a JSON object: {text}");
+        Payload(text)
     }
 
-    /// [`Payload::of`], written into a buffer of `capacity` bytes to begin with (a good guess
-    /// saves growing it as it is written).
-    pub fn with_capacity<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Payload {
-        let mut text = Vec::with_capacity(capacity);
-        serde_json::to_writer(&mut text, value).expect("a payload serialises");
-        let text = String::from_utf8(text).expect("serde_json writes UTF-8");
-        debug_assert!(text.starts_with('{'), "a payload is a JSON object: {text}");
+    /// A payload from the text of an object written with [`json::Object`].
+    pub(crate) fn from_object_text(text: String) -> Payload {
+        debug_assert!(serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text).is_ok(), "{text}");
         Payload(text)
     }
 

@@ -603,7 +603,9 @@ impl RuleSet {
                         }
                     }
                 }
-                Payload::of(&payload)
+                let mut text = String::with_capacity(128);
+                payload.write(&mut text);
+                Payload::from_object_text(text)
             }
         };
         Outcome { rule: Some(rule.name.clone()), action: Action::Deliver { to: rule.to.clone() }, payload }
