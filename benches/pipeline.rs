@@ -262,10 +262,10 @@ fn generated_sources() -> Vec<(PathBuf, String)> {
 }
 
 /// The real rules of `rules/*.toml`, in file-name order.
-fn real_sources(root: &Path) -> Vec<(PathBuf, String)> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join("rules"))
-        .expect("read rules/")
-        .map(|e| e.expect("rules/ entry").path())
+fn real_sources(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.expect("rules directory entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
@@ -309,7 +309,7 @@ fn fixtures(root: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// The rule set of the benchmark: the generated rules, then those of `rules/`.
 fn bench_rules(root: &Path) -> (RuleSet, Vec<(PathBuf, String)>) {
-    let real = real_sources(root);
+    let real = real_sources(&root.join("rules"));
     let mut sources = generated_sources();
     sources.extend(real.iter().cloned());
     (compile(&sources), real)
@@ -325,7 +325,8 @@ fn bench_rules(root: &Path) -> (RuleSet, Vec<(PathBuf, String)>) {
 ///   apart: how much each stage slows the other down when they take turns.
 ///
 /// `PIPELINE_FIXTURE=<part of a name>` keeps only the fixtures whose file name contains it;
-/// `PIPELINE_RULES=real` loads only the rules of `rules/` (without the generated ones).
+/// `PIPELINE_RULES=real` loads only the rules of `rules/` (without the generated ones),
+/// `PIPELINE_RULES=<dir>` only those of `<dir>/*.toml` (to time one rule, or a variant of it).
 fn count_rounds(rounds: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut raw = fixtures(root);
@@ -333,8 +334,10 @@ fn count_rounds(rounds: usize) {
         raw.retain(|(name, _)| name.contains(&only));
     }
     let (mut rules, real) = bench_rules(root);
-    if std::env::var("PIPELINE_RULES").is_ok_and(|s| s == "real") {
-        rules = compile(&real);
+    match std::env::var("PIPELINE_RULES").as_deref() {
+        Ok("real") => rules = compile(&real),
+        Ok(dir) if !dir.is_empty() => rules = compile(&real_sources(Path::new(dir))),
+        _ => {}
     }
     let envelope = Envelope::new(Source::Smtp);
     // Parsed beforehand only for the stages that use them (a callgrind run of the others counts
