@@ -10,10 +10,9 @@
 //! unanchored from the next one, so a value full of near misses costs no more than a scan.
 //! Tests compare the groups with `regex`'s over many patterns and values.
 
-use super::Pattern;
 use super::prefilter::prefix_literals;
+use super::{Pattern, Slots};
 use memchr::memmem::Finder;
-use regex_automata::util::captures::Captures;
 use regex_automata::{Anchored, Input};
 use regex_syntax::hir::Hir;
 use regex_syntax::hir::literal::Extractor;
@@ -40,11 +39,10 @@ impl Anchor {
             .then(|| Anchor { literals: literals.iter().map(|l| Finder::new(l).into_owned()).collect() })
     }
 
-    /// The first match of `regex` (the pattern this anchor was made from) in `value`, with its
-    /// groups.
-    pub(crate) fn captures(&self, regex: &Pattern, value: &str) -> Option<Captures> {
+    /// Searches `value` for the first match of `regex` (the pattern this anchor was made
+    /// from), its groups going into `slots`; true if found.
+    pub(crate) fn search(&self, regex: &Pattern, value: &str, slots: &mut Slots) -> bool {
         let hay = value.as_bytes();
-        let mut caps = regex.regex.create_captures();
         // Where each literal is found next.
         let mut next = [None; MAX_LITERALS];
         for (n, finder) in next.iter_mut().zip(&self.literals) {
@@ -52,10 +50,9 @@ impl Anchor {
         }
         let mut from = 0;
         for _ in 0..MAX_MISSES {
-            let at = next.iter().flatten().min().copied()?;
-            regex.regex.search_captures(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes), &mut caps);
-            if caps.is_match() {
-                return Some(caps);
+            let Some(at) = next.iter().flatten().min().copied() else { return false };
+            if regex.search(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes), slots) {
+                return true;
             }
             from = at + 1;
             for (n, finder) in next.iter_mut().zip(&self.literals) {
@@ -65,7 +62,7 @@ impl Anchor {
             }
         }
         // Near misses: the rest unanchored (no match starts before `from`).
-        regex.captures(value, from)
+        regex.search(&Input::new(hay).span(from..hay.len()), slots)
     }
 }
 
@@ -112,9 +109,11 @@ mod tests {
         for (regex, pattern, anchor) in COMPILED.iter() {
             let Some(anchor) = anchor else { continue };
             let expected = regex.captures(value).map(|c| c.iter().map(|m| m.map(|m| m.range())).collect::<Vec<_>>());
+            let mut slots = Slots::of(pattern);
+            let groups = pattern.regex.group_info().group_len(regex_automata::PatternID::ZERO);
             let got = anchor
-                .captures(pattern, value)
-                .map(|c| (0..c.group_len()).map(|i| c.get_group(i).map(|s| s.range())).collect::<Vec<_>>());
+                .search(pattern, value, &mut slots)
+                .then(|| (0..groups).map(|i| slots.group(i)).collect::<Vec<_>>());
             assert_eq!(got, expected, "{regex} on {value:?}");
         }
     }

@@ -37,7 +37,7 @@ mod prefilter;
 
 use crate::model::{Action, Email, Envelope, Outcome, Payload};
 use regex_automata::meta;
-use regex_automata::util::captures::Captures;
+use regex_automata::util::primitives::NonMaxUsize;
 use regex_automata::{Input as Haystack, PatternID};
 use regex_syntax::hir::Hir;
 use serde_json::Value as Json;
@@ -245,11 +245,39 @@ impl Pattern {
         self.regex.group_info().pattern_names(PatternID::ZERO).enumerate().filter_map(|(i, n)| Some((i, n?)))
     }
 
-    /// The first match in `value`, searched from `start` on, with its groups.
-    fn captures(&self, value: &str, start: usize) -> Option<Captures> {
-        let mut caps = self.regex.create_captures();
-        self.regex.search_captures(&Haystack::new(value).span(start..value.len()), &mut caps);
-        caps.is_match().then_some(caps)
+    /// Searches `input` for the first match, its groups going into `slots`; true if found.
+    fn search(&self, input: &Haystack<'_>, slots: &mut Slots) -> bool {
+        self.regex.search_slots(input, slots.as_mut()).is_some()
+    }
+}
+
+/// Where a capture search puts the groups it finds: a start and an end for each group (group
+/// `i` in slots `2i` and `2i + 1`). On the stack for the regexes of every rule but those with
+/// very many groups: no allocation per search.
+struct Slots {
+    small: [Option<NonMaxUsize>; Slots::SMALL],
+    large: Vec<Option<NonMaxUsize>>,
+    len: usize,
+}
+
+impl Slots {
+    const SMALL: usize = 32;
+
+    /// Room for the groups of `pattern`.
+    fn of(pattern: &Pattern) -> Slots {
+        let len = pattern.regex.group_info().slot_len();
+        let large = if len > Slots::SMALL { vec![None; len] } else { Vec::new() };
+        Slots { small: [None; Slots::SMALL], large, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [Option<NonMaxUsize>] {
+        if self.len > Slots::SMALL { &mut self.large } else { &mut self.small[..self.len] }
+    }
+
+    /// Where group `i` of the last match found is, if it took part in the match.
+    fn group(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        let slots = if self.len > Slots::SMALL { &self.large[..] } else { &self.small[..self.len] };
+        Some(slots.get(2 * i)?.as_ref()?.get()..slots.get(2 * i + 1)?.as_ref()?.get())
     }
 }
 
@@ -364,14 +392,15 @@ impl Extraction {
 
     /// Calls `f` with the name and text of each group of the first match in `value`.
     fn each_group<'s, 'v>(&'s self, value: &'v str, mut f: impl FnMut(&'s str, &'v str)) {
-        let caps = match &self.anchor {
-            Some(anchor) => anchor.captures(&self.regex, value),
-            None => self.regex.captures(value, 0),
+        let mut slots = Slots::of(&self.regex);
+        let found = match &self.anchor {
+            Some(anchor) => anchor.search(&self.regex, value, &mut slots),
+            None => self.regex.search(&Haystack::new(value), &mut slots),
         };
-        if let Some(caps) = caps {
+        if found {
             for (i, name) in &self.groups {
-                if let Some(span) = caps.get_group(*i) {
-                    f(name, &value[span.range()]);
+                if let Some(range) = slots.group(*i) {
+                    f(name, &value[range]);
                 }
             }
         }

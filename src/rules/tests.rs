@@ -198,6 +198,24 @@ body = ['(?P<word>[A-Z][a-z]+)', '(?P<word>Weight): (?P<weight>[0-9.]+)']
 }
 
 #[test]
+fn a_regex_with_very_many_groups_gives_them_all() {
+    // 20 named groups: more than a search keeps on the stack (see `Slots`); anchored on its
+    // label, and unanchored.
+    let words = "abcdefghijklmnopqrst";
+    let groups: String = words.chars().map(|c| format!(r"(?P<g{c}>{c})\s*")).collect();
+    let set = rules(&format!(
+        "[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.extract]\nbody = ['Letters: {groups}', '(?:(?P<none>#)|(?P<x>Weight))']\n"
+    ));
+    let mut email = ups_email();
+    email.text.push_str("Letters: a b c d e f g h i j k l m n o p q r s t\n");
+    let fields = set.evaluate(&email, &envelope()).payload.to_json()["fields"].clone();
+    let mut expected: serde_json::Map<String, Json> =
+        words.chars().map(|c| (format!("g{c}"), json!(c.to_string()))).collect();
+    expected.insert("x".into(), json!("Weight"));
+    assert_eq!(fields, Json::Object(expected));
+}
+
+#[test]
 fn expressions_are_typed() {
     let set = rules(
         r#"
