@@ -188,24 +188,26 @@ struct Input<'a> {
 }
 
 impl Input<'_> {
-    /// The pairs of bytes in `target`'s values, for the targets most rules look at first.
-    fn pairs(&self, target: &Target) -> Option<&[u64; 4]> {
-        let slot = match target {
-            Target::From => 0,
-            Target::To => 1,
-            Target::Cc => 2,
-            Target::Subject => 3,
-            _ => return None,
-        };
-        Some(self.pairs[slot].get_or_init(|| {
+    /// The pairs of bytes in the values of the target of `slot` (see [`pairs_slot`]).
+    fn pairs(&self, slot: usize) -> &[u64; 4] {
+        self.pairs[slot].get_or_init(|| {
             let mut pairs = [0; 4];
-            target.any(self, |value| {
+            PAIRS_TARGETS[slot].any(self, |value| {
                 prefilter::add_pairs(&mut pairs, value);
                 false // every value
             });
             pairs
-        }))
+        })
     }
+}
+
+/// The targets whose byte pairs a message gathers when a prefilter first asks (the targets
+/// most rules look at first), in the order of `Input::pairs`.
+const PAIRS_TARGETS: [Target; 4] = [Target::From, Target::To, Target::Cc, Target::Subject];
+
+/// Where the byte pairs of `target`'s values are kept in `Input::pairs`, if they are.
+fn pairs_slot(target: &Target) -> Option<usize> {
+    PAIRS_TARGETS.iter().position(|t| t == target)
 }
 
 /// A regex of the rules, compiled once (the engine behind the `regex` crate's `Regex`, used
@@ -284,6 +286,8 @@ impl Slots {
 #[derive(Debug)]
 struct Matcher {
     target: Target,
+    /// `pairs_slot(&target)`.
+    pairs_slot: Option<usize>,
     regex: Arc<Pattern>,
     /// A necessary condition checked before the regex (short targets only).
     prefilter: Option<prefilter::Prefilter>,
@@ -296,7 +300,7 @@ impl Matcher {
     /// The condition that `regex` (parsed as `hir`) matches a value of `target`.
     fn new(target: Target, regex: Arc<Pattern>, hir: &Hir) -> Matcher {
         let prefilter = if target.is_short() { prefilter::Prefilter::new(hir) } else { None };
-        Matcher { target, regex, prefilter, memo: None }
+        Matcher { pairs_slot: pairs_slot(&target), target, regex, prefilter, memo: None }
     }
 
     /// Whether the regex matches one of the target's values.
@@ -305,7 +309,7 @@ impl Matcher {
             return known;
         }
         let matched = match &self.prefilter {
-            Some(pre) if input.pairs(&self.target).is_some_and(|pairs| !pre.may_meet(pairs)) => false,
+            Some(pre) if self.pairs_slot.is_some_and(|slot| !pre.may_meet(input.pairs(slot))) => false,
             Some(pre) => self.target.any(input, |v| pre.may_match(v) && self.regex.is_match(v)),
             None => self.target.any(input, |v| self.regex.is_match(v)),
         };
@@ -322,15 +326,39 @@ impl Matcher {
 #[derive(Debug, Default)]
 struct Conditions {
     all: Vec<Matcher>,
-    /// Where each rule's conditions end in `all` (they start where the previous rule's end).
-    ends: Vec<usize>,
+    /// For each rule, where its conditions end in `all` (they start where the previous rule's
+    /// end), and its screen.
+    rules: Vec<(usize, Option<Screen>)>,
 }
 
 impl Conditions {
     /// Adds the conditions of the next rule.
     fn push(&mut self, when: Vec<Matcher>) {
+        let screen = when.iter().find_map(Screen::of);
         self.all.extend(when);
-        self.ends.push(self.all.len());
+        self.rules.push((self.all.len(), screen));
+    }
+}
+
+/// The first check of a rule: the pairs of neighbouring bytes one of which a value of a target
+/// must hold for one of its conditions to hold (see `prefilter::add_pairs`). Most rules are
+/// passed over on these few words alone, without reading their conditions.
+#[derive(Debug, Clone, Copy)]
+struct Screen {
+    /// Of the target, in `Input::pairs`.
+    slot: usize,
+    pairs: [u64; 4],
+}
+
+impl Screen {
+    fn of(m: &Matcher) -> Option<Screen> {
+        Some(Screen { slot: m.pairs_slot?, pairs: *m.prefilter.as_ref()?.pairs()? })
+    }
+
+    /// False only if the condition it was made from cannot hold for the message.
+    fn passes(&self, input: &Input<'_>) -> bool {
+        let pairs = input.pairs(self.slot);
+        (0..4).any(|i| self.pairs[i] & pairs[i] != 0)
     }
 }
 
@@ -539,8 +567,10 @@ impl RuleSet {
         let input = Input { email, envelope, source: std::cell::OnceCell::new(), pairs: Default::default() };
         let mut memo = Memo::new(self.memo_slots);
         let mut start = 0;
-        for (rule, &end) in self.rules.iter().zip(&self.conditions.ends) {
-            if self.conditions.all[start..end].iter().all(|m| m.matches(&input, &mut memo)) {
+        for (rule, &(end, screen)) in self.rules.iter().zip(&self.conditions.rules) {
+            if screen.is_none_or(|s| s.passes(&input))
+                && self.conditions.all[start..end].iter().all(|m| m.matches(&input, &mut memo))
+            {
                 return self.apply(rule, &input);
             }
             start = end;

@@ -82,6 +82,12 @@ impl Prefilter {
         })
     }
 
+    /// The pairs of bytes its needles start with (see [`add_pairs`]); `None` when a needle
+    /// is one byte long, which any value of one byte or more may hold.
+    pub(crate) fn pairs(&self) -> Option<&[u64; 4]> {
+        (self.pairs != [u64::MAX; 4]).then_some(&self.pairs)
+    }
+
     /// False only if no value whose pairs of bytes are `pairs` (see [`add_pairs`]) can
     /// match: a needle starts with a pair the value holds.
     pub(crate) fn may_meet(&self, pairs: &[u64; 4]) -> bool {
