@@ -11,7 +11,6 @@
 //! Tests compare the groups with `regex`'s over many patterns and values.
 
 use super::prefilter::prefix_literals;
-use super::{Pattern, Slots};
 use memchr::memmem::Finder;
 use regex_automata::{Anchored, Input};
 use regex_syntax::hir::Hir;
@@ -39,9 +38,10 @@ impl Anchor {
             .then(|| Anchor { literals: literals.iter().map(|l| Finder::new(l).into_owned()).collect() })
     }
 
-    /// Searches `value` for the first match of `regex` (the pattern this anchor was made
-    /// from), its groups going into `slots`; true if found.
-    pub(crate) fn search(&self, regex: &Pattern, value: &str, slots: &mut Slots) -> bool {
+    /// Searches `value` for the first match of the regex this anchor was made from: `search`
+    /// runs that regex on each input it is given, and says whether it found a match there,
+    /// which this returns.
+    pub(crate) fn search(&self, value: &str, search: &mut dyn FnMut(&Input<'_>) -> bool) -> bool {
         let hay = value.as_bytes();
         // Where each literal is found next.
         let mut next = [None; MAX_LITERALS];
@@ -51,7 +51,7 @@ impl Anchor {
         let mut from = 0;
         for _ in 0..MAX_MISSES {
             let Some(at) = next.iter().flatten().min().copied() else { return false };
-            if regex.search(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes), slots) {
+            if search(&Input::new(hay).span(at..hay.len()).anchored(Anchored::Yes)) {
                 return true;
             }
             from = at + 1;
@@ -62,12 +62,13 @@ impl Anchor {
             }
         }
         // Near misses: the rest unanchored (no match starts before `from`).
-        regex.search(&Input::new(hay).span(from..hay.len()), slots)
+        search(&Input::new(hay).span(from..hay.len()))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Pattern, Slots};
     use super::*;
     use proptest::prelude::*;
     use regex::Regex;
@@ -112,7 +113,7 @@ mod tests {
             let mut slots = Slots::of(pattern);
             let groups = pattern.regex.group_info().group_len(regex_automata::PatternID::ZERO);
             let got = anchor
-                .search(pattern, value, &mut slots)
+                .search(value, &mut |input| pattern.search(input, &mut slots))
                 .then(|| (0..groups).map(|i| slots.group(i)).collect::<Vec<_>>());
             assert_eq!(got, expected, "{regex} on {value:?}");
         }

@@ -408,30 +408,61 @@ struct Extraction {
     /// The literals every match starts with, when there are a few (see `anchor`).
     anchor: Option<anchor::Anchor>,
     groups: Vec<(usize, String)>,
+    /// Whether the regex's one group is the whole match (see [`is_whole_match_group`]): the
+    /// match alone gives its text, without resolving groups.
+    whole: bool,
 }
 
 impl Extraction {
     /// The extraction of `regex`'s named groups (`regex` parsed as `hir`).
     fn new(regex: Arc<Pattern>, hir: &Hir) -> Extraction {
-        let groups = regex.names().map(|(i, name)| (i, name.to_string())).collect();
+        let groups: Vec<(usize, String)> = regex.names().map(|(i, name)| (i, name.to_string())).collect();
         let anchor = anchor::Anchor::new(hir);
-        Extraction { regex, anchor, groups }
+        let whole = is_whole_match_group(hir) && groups.len() == 1;
+        Extraction { regex, anchor, groups, whole }
     }
 
     /// Calls `f` with the name and text of each group of the first match in `value`.
     fn each_group<'s, 'v>(&'s self, value: &'v str, mut f: impl FnMut(&'s str, &'v str)) {
-        let mut slots = Slots::of(&self.regex);
-        let found = match &self.anchor {
-            Some(anchor) => anchor.search(&self.regex, value, &mut slots),
-            None => self.regex.search(&Haystack::new(value), &mut slots),
+        let search = |search: &mut dyn FnMut(&Haystack<'_>) -> bool| match &self.anchor {
+            Some(anchor) => anchor.search(value, search),
+            None => search(&Haystack::new(value)),
         };
-        if found {
+        if self.whole {
+            let mut found = None;
+            search(&mut |input| {
+                found = self.regex.regex.search(input);
+                found.is_some()
+            });
+            if let (Some(m), [(_, name)]) = (found, &self.groups[..]) {
+                f(name, &value[m.range()]);
+            }
+            return;
+        }
+        let mut slots = Slots::of(&self.regex);
+        if search(&mut |input| self.regex.search(input, &mut slots)) {
             for (i, name) in &self.groups {
                 if let Some(range) = slots.group(*i) {
                     f(name, &value[range]);
                 }
             }
         }
+    }
+}
+
+/// Whether `hir` is one capture group with no group inside it, alone or between zero-width
+/// assertions (`(?m)^(?P<line>.*ERROR.*)$`, `\b(?P<word>\w+)`): the group then matches
+/// exactly the text of the whole match.
+fn is_whole_match_group(hir: &Hir) -> bool {
+    use regex_syntax::hir::HirKind;
+    let parts = match hir.kind() {
+        HirKind::Concat(parts) => &parts[..],
+        _ => std::slice::from_ref(hir),
+    };
+    let mut consuming = parts.iter().filter(|h| !matches!(h.kind(), HirKind::Look(_)));
+    match (consuming.next().map(Hir::kind), consuming.next()) {
+        (Some(HirKind::Capture(group)), None) => group.sub.properties().explicit_captures_len() == 0,
+        _ => false,
     }
 }
 

@@ -752,3 +752,77 @@ fn the_memo_keeps_what_it_is_told_in_words_or_in_a_list() {
         }
     }
 }
+
+/// Extraction patterns whose one group is the whole match, and near ones that are not.
+const WHOLE_MATCH_PATTERNS: &[(&str, bool)] = &[
+    (r"(?m)^(?P<first>[^\r\n]*?\b(?:ERROR|FATAL)\b[^\r\n]*)", true),
+    (r"^(?P<id>\d+)$", true),
+    (r"(?P<n>\d+)", true),
+    (r"\b(?P<w>\w+)\b", true),
+    (r"(?m)^ERROR(?P<rest>.*)", false),
+    (r"(?P<n>\d+)x", false),
+    (r"(?P<a>\d+)(?P<b>x)?", false),
+    (r"(?P<n>(?P<m>\d)+)", false),
+    (r"(?P<n>\d+)?", false),
+    (r"(?P<n>a)|b", false),
+];
+
+/// Each of `WHOLE_MATCH_PATTERNS` as an extraction, and as the regex crate compiles it.
+static WHOLE_MATCH_EXTRACTIONS: std::sync::LazyLock<Vec<(Extraction, regex::Regex)>> = std::sync::LazyLock::new(|| {
+    WHOLE_MATCH_PATTERNS
+        .iter()
+        .map(|(pattern, _)| {
+            let (compiled, hir) = Pattern::new(pattern, 1 << 20).unwrap();
+            (Extraction::new(Arc::new(compiled), &hir), regex::Regex::new(pattern).unwrap())
+        })
+        .collect()
+});
+
+/// `(group name, text)` of each group found.
+type Groups = Vec<(String, String)>;
+
+/// What the `i`th of `WHOLE_MATCH_PATTERNS` extracts from `value`, and what the regex crate's
+/// captures say.
+fn extracted_and_expected(i: usize, value: &str) -> (Groups, Groups) {
+    let (extraction, reference) = &WHOLE_MATCH_EXTRACTIONS[i];
+    let mut got = Vec::new();
+    extraction.each_group(value, |name, text| got.push((name.to_string(), text.to_string())));
+    let expected = reference
+        .captures(value)
+        .map(|c| {
+            let names = reference.capture_names().flatten();
+            names.filter_map(|n| Some((n.to_string(), c.name(n)?.as_str().to_string()))).collect()
+        })
+        .unwrap_or_default();
+    (got, expected)
+}
+
+#[test]
+fn a_group_that_is_the_whole_match_is_read_from_the_match() {
+    for (i, &(pattern, whole)) in WHOLE_MATCH_PATTERNS.iter().enumerate() {
+        let hir = regex_automata::util::syntax::parse(pattern).unwrap();
+        assert_eq!(is_whole_match_group(&hir), whole, "{pattern}");
+        assert_eq!(WHOLE_MATCH_EXTRACTIONS[i].0.whole, whole, "{pattern}");
+        for value in ["", "ok\r\nERROR one\r\nFATAL two", "12\n34", "x 12x 7", "Äx 5 ü9", "b", "aab", "xERRORx ERROR"]
+        {
+            let (got, expected) = extracted_and_expected(i, value);
+            assert_eq!(got, expected, "{pattern} on {value:?}");
+        }
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn whole_match_groups_agree_with_the_regex(
+        parts in proptest::collection::vec(
+            proptest::sample::select(vec!["ERROR", "FATAL", "\r\n", "\n", "12", " ", "x", "Ä", "ok", "a", "b", "_"]),
+            0..12,
+        )
+    ) {
+        let value = parts.concat();
+        for (i, (pattern, _)) in WHOLE_MATCH_PATTERNS.iter().enumerate() {
+            let (got, expected) = extracted_and_expected(i, &value);
+            proptest::prop_assert_eq!(got, expected, "{} on {:?}", pattern, value);
+        }
+    }
+}
