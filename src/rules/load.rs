@@ -17,7 +17,7 @@ use toml::de::{DeTable, DeValue};
 pub const RULE_FILE_EXTENSION: &str = "toml";
 
 /// Compiled size limit for one regex (its NFA's budget, as the `regex` crate's `size_limit`).
-const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
+pub(super) const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
 
 const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "extract", "fields", "payload"];
 

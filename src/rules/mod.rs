@@ -36,9 +36,10 @@ mod payload;
 mod prefilter;
 
 use crate::model::{Action, Email, Envelope, Outcome, Payload};
-use regex_automata::meta;
+use regex_automata::util::pool::Pool;
 use regex_automata::util::primitives::NonMaxUsize;
 use regex_automata::{Input as Haystack, PatternID};
+use regex_automata::{hybrid, meta};
 use regex_syntax::hir::Hir;
 use serde_json::Value as Json;
 use std::fmt;
@@ -408,9 +409,112 @@ struct Extraction {
     /// The literals every match starts with, when there are a few (see `anchor`).
     anchor: Option<anchor::Anchor>,
     groups: Vec<(usize, String)>,
-    /// Whether the regex's one group is the whole match (see [`is_whole_match_group`]): the
-    /// match alone gives its text, without resolving groups.
-    whole: bool,
+    shape: Shape,
+}
+
+/// How an extraction finds its groups once it has found the match.
+#[derive(Debug)]
+enum Shape {
+    /// A capture search (onepass DFA, backtracker or PikeVM, as the regex engine picks).
+    Groups,
+    /// The regex's one group is the whole match (see [`is_whole_match_group`]): the match
+    /// alone gives its text.
+    Whole,
+    /// The regex's one group ends it (`Label:\s*(?P<value>[^\r\n]+)`): the split that finds
+    /// the group (see [`Split`]), made when the regex first matches. Most rules of a large
+    /// rules directory match rarely; their splits would take memory and load time for nothing.
+    Suffix(std::sync::OnceLock<Option<Split>>),
+}
+
+/// A regex cut where its one group begins: what comes before the group (the head), and the
+/// group with the zero-width assertions after it (the tail), each a lazy DFA of its own.
+///
+/// A backtracking search takes the first complete way through the regex in priority order;
+/// every way starts with a way through the head, so the first complete way through the head
+/// (the head's own match from the match's start) comes first, and if the tail matches where
+/// it ends, that is where the group begins, and the tail's own match ends it. Two DFA scans
+/// replace the backtracker, which costs much more per byte. When the tail does not match
+/// there (the head has to give some text back), or a DFA gives up (a Unicode `\b` next to
+/// non-ASCII text), the groups are resolved as usual.
+struct Split {
+    head: Forward,
+    tail: Forward,
+}
+
+impl fmt::Debug for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Split")
+    }
+}
+
+/// A lazy DFA searched forward, anchored, for where its match ends; with a cache per thread.
+struct Forward {
+    dfa: Arc<hybrid::dfa::DFA>,
+    caches: Pool<hybrid::dfa::Cache, Box<dyn Fn() -> hybrid::dfa::Cache + Send + Sync>>,
+}
+
+impl Forward {
+    fn new(hir: &Hir) -> Option<Forward> {
+        use regex_automata::nfa::thompson;
+        let nfa = thompson::Compiler::new()
+            .configure(
+                thompson::Config::new()
+                    .nfa_size_limit(Some(load::REGEX_SIZE_LIMIT))
+                    .which_captures(thompson::WhichCaptures::None),
+            )
+            .build_from_hir(hir)
+            .ok()?;
+        let config = hybrid::dfa::Config::new().unicode_word_boundary(true);
+        let dfa = Arc::new(hybrid::dfa::DFA::builder().configure(config).build_from_nfa(nfa).ok()?);
+        let for_caches = Arc::clone(&dfa);
+        let caches = Pool::new(Box::new(move || for_caches.create_cache()) as Box<dyn Fn() -> _ + Send + Sync>);
+        Some(Forward { dfa, caches })
+    }
+
+    /// Where the first match starting at `at` ends, if there is one and the DFA can tell.
+    fn end(&self, value: &str, at: usize) -> Option<usize> {
+        let input = Haystack::new(value).span(at..value.len()).anchored(regex_automata::Anchored::Yes);
+        let found = self.dfa.try_search_fwd(&mut self.caches.get(), &input);
+        Some(found.ok()??.offset())
+    }
+}
+
+impl Split {
+    /// The parts of `hir` to split it into when it is a concatenation whose one capture group
+    /// is the last part but zero-width assertions, with a head that matches text: the head,
+    /// and the tail.
+    fn parts(hir: &Hir) -> Option<(Hir, Hir)> {
+        use regex_syntax::hir::HirKind;
+        let HirKind::Concat(parts) = hir.kind() else { return None };
+        let at = parts.iter().rposition(|h| !matches!(h.kind(), HirKind::Look(_)))?;
+        let HirKind::Capture(group) = parts[at].kind() else { return None };
+        let head = &parts[..at];
+        if group.sub.properties().explicit_captures_len() != 0
+            || head.iter().any(|h| h.properties().explicit_captures_len() != 0)
+            || head.iter().all(|h| matches!(h.kind(), HirKind::Look(_)))
+        {
+            return None;
+        }
+        let tail = std::iter::once((*group.sub).clone()).chain(parts[at + 1..].iter().cloned()).collect();
+        Some((Hir::concat(head.to_vec()), Hir::concat(tail)))
+    }
+
+    /// The split of `pattern` (which `parts` splits), unless the regex engine resolves its
+    /// groups with a onepass DFA, which takes one scan of the match as the split does.
+    fn new(pattern: &str) -> Option<Split> {
+        let hir = regex_automata::util::syntax::parse(pattern).ok()?;
+        let (head, tail) = Split::parts(&hir)?;
+        if is_onepass(&hir) {
+            return None;
+        }
+        Some(Split { head: Forward::new(&head)?, tail: Forward::new(&tail)? })
+    }
+
+    /// Where the group of the match `m` in `value` is, if the cut finds it.
+    fn group(&self, value: &str, m: regex_automata::Match) -> Option<std::ops::Range<usize>> {
+        let start = self.head.end(value, m.start())?;
+        (self.tail.end(value, start)? == m.end()).then_some(start..m.end())
+    }
 }
 
 impl Extraction {
@@ -418,8 +522,20 @@ impl Extraction {
     fn new(regex: Arc<Pattern>, hir: &Hir) -> Extraction {
         let groups: Vec<(usize, String)> = regex.names().map(|(i, name)| (i, name.to_string())).collect();
         let anchor = anchor::Anchor::new(hir);
-        let whole = is_whole_match_group(hir) && groups.len() == 1;
-        Extraction { regex, anchor, groups, whole }
+        let shape = match (groups.len(), hir.properties().explicit_captures_len()) {
+            (1, 1) if is_whole_match_group(hir) => Shape::Whole,
+            (1, 1) if Split::parts(hir).is_some() => Shape::Suffix(std::sync::OnceLock::new()),
+            _ => Shape::Groups,
+        };
+        Extraction { regex, anchor, groups, shape }
+    }
+
+    /// The split of a regex whose one group ends it, made the first time it is asked for.
+    fn split(&self) -> Option<&Split> {
+        match &self.shape {
+            Shape::Suffix(split) => split.get_or_init(|| Split::new(self.regex.as_str())).as_ref(),
+            _ => None,
+        }
     }
 
     /// Calls `f` with the name and text of each group of the first match in `value`.
@@ -428,19 +544,31 @@ impl Extraction {
             Some(anchor) => anchor.search(value, search),
             None => search(&Haystack::new(value)),
         };
-        if self.whole {
-            let mut found = None;
-            search(&mut |input| {
-                found = self.regex.regex.search(input);
-                found.is_some()
-            });
-            if let (Some(m), [(_, name)]) = (found, &self.groups[..]) {
-                f(name, &value[m.range()]);
-            }
-            return;
-        }
         let mut slots = Slots::of(&self.regex);
-        if search(&mut |input| self.regex.search(input, &mut slots)) {
+        let found = match &self.shape {
+            Shape::Groups => search(&mut |input| self.regex.search(input, &mut slots)),
+            Shape::Whole | Shape::Suffix(_) => {
+                let mut found = None;
+                search(&mut |input| {
+                    found = self.regex.regex.search(input);
+                    found.is_some()
+                });
+                let Some(m) = found else { return };
+                let group = match &self.shape {
+                    Shape::Suffix(_) => self.split().and_then(|split| split.group(value, m)),
+                    _ => Some(m.range()),
+                };
+                if let (Some(range), [(_, name)]) = (group, &self.groups[..]) {
+                    f(name, &value[range]);
+                    return;
+                }
+                // The split cannot tell (the head gives text back, or a DFA gave up): resolve
+                // the groups on the match found.
+                let at = Haystack::new(value).span(m.start()..value.len()).anchored(regex_automata::Anchored::Yes);
+                self.regex.search(&at, &mut slots)
+            }
+        };
+        if found {
             for (i, name) in &self.groups {
                 if let Some(range) = slots.group(*i) {
                     f(name, &value[range]);
@@ -448,6 +576,17 @@ impl Extraction {
             }
         }
     }
+}
+
+/// Whether a onepass DFA (one scan, one way through the regex at each byte) can be built for
+/// `hir`, as the regex engine builds one to resolve groups when it can.
+fn is_onepass(hir: &Hir) -> bool {
+    use regex_automata::nfa::thompson;
+    let config = thompson::Config::new().nfa_size_limit(Some(load::REGEX_SIZE_LIMIT));
+    thompson::Compiler::new()
+        .configure(config)
+        .build_from_hir(hir)
+        .is_ok_and(|nfa| regex_automata::dfa::onepass::DFA::new_from_nfa(nfa).is_ok())
 }
 
 /// Whether `hir` is one capture group with no group inside it, alone or between zero-width

@@ -753,23 +753,32 @@ fn the_memo_keeps_what_it_is_told_in_words_or_in_a_list() {
     }
 }
 
-/// Extraction patterns whose one group is the whole match, and near ones that are not.
-const WHOLE_MATCH_PATTERNS: &[(&str, bool)] = &[
-    (r"(?m)^(?P<first>[^\r\n]*?\b(?:ERROR|FATAL)\b[^\r\n]*)", true),
-    (r"^(?P<id>\d+)$", true),
-    (r"(?P<n>\d+)", true),
-    (r"\b(?P<w>\w+)\b", true),
-    (r"(?m)^ERROR(?P<rest>.*)", false),
-    (r"(?P<n>\d+)x", false),
-    (r"(?P<a>\d+)(?P<b>x)?", false),
-    (r"(?P<n>(?P<m>\d)+)", false),
-    (r"(?P<n>\d+)?", false),
-    (r"(?P<n>a)|b", false),
+/// Extraction patterns of each shape (see `Shape`), with the shape they get (a suffix group is
+/// left to the regex engine when it resolves groups with a onepass DFA).
+const SHAPED_PATTERNS: &[(&str, &str)] = &[
+    (r"(?m)^(?P<first>[^\r\n]*?\b(?:ERROR|FATAL)\b[^\r\n]*)", "whole"),
+    (r"^(?P<id>\d+)$", "whole"),
+    (r"(?P<n>\d+)", "whole"),
+    (r"\b(?P<w>\w+)\b", "whole"),
+    (r"(?m)^ERROR(?P<rest>.*)", "suffix, onepass"),
+    (r"(?m)^Started:\s*(?P<started>[^\r\n]+)", "suffix"),
+    (r"x\s*(?P<v>[^\n]+)$", "suffix"),
+    (r"(?:ab|a)(?P<v>b\d*)", "suffix"),
+    (r"(?:a|ab)(?P<v>b?\d)", "suffix"),
+    (r"a.*?(?P<v>\d+)\b", "suffix"),
+    (r"(?i)ok[ _]*(?P<v>x+|_+)", "suffix"),
+    (r"(?P<n>\d+)x", "groups"),
+    (r"(?P<a>\d+)(?P<b>x)?", "groups"),
+    (r"(?P<n>(?P<m>\d)+)", "groups"),
+    (r"(?P<n>\d+)?", "groups"),
+    (r"(?P<n>a)|b", "groups"),
+    (r"(x)(?P<v>\d)", "groups"),
+    (r"x(?P<v>a)?", "groups"),
 ];
 
-/// Each of `WHOLE_MATCH_PATTERNS` as an extraction, and as the regex crate compiles it.
-static WHOLE_MATCH_EXTRACTIONS: std::sync::LazyLock<Vec<(Extraction, regex::Regex)>> = std::sync::LazyLock::new(|| {
-    WHOLE_MATCH_PATTERNS
+/// Each of `SHAPED_PATTERNS` as an extraction, and as the regex crate compiles it.
+static SHAPED_EXTRACTIONS: std::sync::LazyLock<Vec<(Extraction, regex::Regex)>> = std::sync::LazyLock::new(|| {
+    SHAPED_PATTERNS
         .iter()
         .map(|(pattern, _)| {
             let (compiled, hir) = Pattern::new(pattern, 1 << 20).unwrap();
@@ -781,10 +790,10 @@ static WHOLE_MATCH_EXTRACTIONS: std::sync::LazyLock<Vec<(Extraction, regex::Rege
 /// `(group name, text)` of each group found.
 type Groups = Vec<(String, String)>;
 
-/// What the `i`th of `WHOLE_MATCH_PATTERNS` extracts from `value`, and what the regex crate's
+/// What the `i`th of `SHAPED_PATTERNS` extracts from `value`, and what the regex crate's
 /// captures say.
 fn extracted_and_expected(i: usize, value: &str) -> (Groups, Groups) {
-    let (extraction, reference) = &WHOLE_MATCH_EXTRACTIONS[i];
+    let (extraction, reference) = &SHAPED_EXTRACTIONS[i];
     let mut got = Vec::new();
     extraction.each_group(value, |name, text| got.push((name.to_string(), text.to_string())));
     let expected = reference
@@ -798,13 +807,32 @@ fn extracted_and_expected(i: usize, value: &str) -> (Groups, Groups) {
 }
 
 #[test]
-fn a_group_that_is_the_whole_match_is_read_from_the_match() {
-    for (i, &(pattern, whole)) in WHOLE_MATCH_PATTERNS.iter().enumerate() {
-        let hir = regex_automata::util::syntax::parse(pattern).unwrap();
-        assert_eq!(is_whole_match_group(&hir), whole, "{pattern}");
-        assert_eq!(WHOLE_MATCH_EXTRACTIONS[i].0.whole, whole, "{pattern}");
-        for value in ["", "ok\r\nERROR one\r\nFATAL two", "12\n34", "x 12x 7", "Äx 5 ü9", "b", "aab", "xERRORx ERROR"]
-        {
+fn groups_are_found_the_same_whatever_the_shape_of_the_regex() {
+    for (i, &(pattern, shape)) in SHAPED_PATTERNS.iter().enumerate() {
+        let extraction = &SHAPED_EXTRACTIONS[i].0;
+        let got = match extraction.shape {
+            Shape::Groups => "groups",
+            Shape::Whole => "whole",
+            Shape::Suffix(_) if extraction.split().is_some() => "suffix",
+            Shape::Suffix(_) => "suffix, onepass",
+        };
+        assert_eq!(got, shape, "{pattern}");
+        for value in [
+            "",
+            "ok\r\nERROR one\r\nFATAL two",
+            "Started:   \r\nStarted: 9:00\r\n",
+            "12\n34",
+            "x 12x 7",
+            "x   ",
+            "x  y",
+            "Äx 5 ü9",
+            "b",
+            "aab",
+            "ab1 abb2",
+            "a1 a 22",
+            "OK __ OK_x",
+            "xERRORx ERROR",
+        ] {
             let (got, expected) = extracted_and_expected(i, value);
             assert_eq!(got, expected, "{pattern} on {value:?}");
         }
@@ -813,14 +841,16 @@ fn a_group_that_is_the_whole_match_is_read_from_the_match() {
 
 proptest::proptest! {
     #[test]
-    fn whole_match_groups_agree_with_the_regex(
+    fn groups_agree_with_the_regex_whatever_the_shape(
         parts in proptest::collection::vec(
-            proptest::sample::select(vec!["ERROR", "FATAL", "\r\n", "\n", "12", " ", "x", "Ä", "ok", "a", "b", "_"]),
+            proptest::sample::select(vec![
+                "ERROR", "FATAL", "Started:", "\r\n", "\n", "12", " ", "x", "Ä", "ok", "OK", "a", "b", "_",
+            ]),
             0..12,
         )
     ) {
         let value = parts.concat();
-        for (i, (pattern, _)) in WHOLE_MATCH_PATTERNS.iter().enumerate() {
+        for (i, (pattern, _)) in SHAPED_PATTERNS.iter().enumerate() {
             let (got, expected) = extracted_and_expected(i, &value);
             proptest::prop_assert_eq!(got, expected, "{} on {:?}", pattern, value);
         }
