@@ -23,10 +23,12 @@
 //!
 //! Shortcuts that never change a result: a `when` regex on a short value is preceded by a
 //! literal check (`prefilter`); identical patterns are compiled once and a `when` condition
-//! shared by several rules is evaluated once per message; an extraction regex that starts with
-//! a literal is searched from where the literal is found (`anchor`); simple templates and
-//! expressions are computed without the template engine (`fast`), which still decides
-//! whenever a value is not plain.
+//! shared by several rules is evaluated once per message; a rule whose first check on the
+//! sender, recipients or subject cannot hold is passed over on its byte pairs (`Screen`); an
+//! extraction regex that starts with a literal is searched from where the literal is found
+//! (`anchor`); a group that is the whole match, or ends the regex, is found with DFAs instead
+//! of a capture search (`Shape`, `Split`); simple templates and expressions are computed
+//! without the template engine (`fast`), which still decides whenever a value is not plain.
 
 mod anchor;
 mod context;
