@@ -27,10 +27,12 @@ impl<'o> Object<'o> {
         self.out
     }
 
-    /// [`Object::key`] for a name of the program's own, which has nothing to escape.
-    pub(crate) fn name(&mut self, name: &'static str) -> &mut String {
+    /// [`Object::key`] for a key known to have nothing to escape (the payload's own names,
+    /// field names, which are letters, digits and `_`).
+    pub(crate) fn name(&mut self, name: &str) -> &mut String {
         debug_assert_eq!(next_escape(name.as_bytes(), 0), name.len(), "{name:?}");
         self.comma();
+        self.out.reserve(name.len() + 3);
         self.out.push('"');
         self.out.push_str(name);
         self.out.push_str("\":");
@@ -44,13 +46,9 @@ impl<'o> Object<'o> {
         self.empty = false;
     }
 
-    /// `"name":"value"`, `name` being one of the program's own (see [`Object::name`]).
-    pub(crate) fn str(&mut self, name: &'static str, value: &str) {
+    /// `"name":"value"`, `name` having nothing to escape (see [`Object::name`]).
+    pub(crate) fn str(&mut self, name: &str, value: &str) {
         push_str(self.name(name), value);
-    }
-
-    pub(crate) fn value(&mut self, key: &str, value: &Json) {
-        push_value(self.key(key), value);
     }
 
     pub(crate) fn end(self) {
@@ -127,6 +125,12 @@ pub(crate) fn push_escaped(out: &mut String, s: &str) {
         out.push_str(&s[start..at]);
         let Some(&byte) = bytes.get(at) else { return };
         match byte {
+            // Line ends come in pairs in mail text: one step for both.
+            b'\r' if bytes.get(at + 1) == Some(&b'\n') => {
+                out.push_str("\\r\\n");
+                start = at + 2;
+                continue;
+            }
             b'"' => out.push_str("\\\""),
             b'\\' => out.push_str("\\\\"),
             b'\n' => out.push_str("\\n"),

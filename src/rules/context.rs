@@ -232,11 +232,14 @@ impl Fields<'_> {
         self.iter().map(|(name, value)| name.len() + value.as_str().map_or(24, str::len) + 6).sum()
     }
 
-    /// Appends them as a JSON object, in order.
-    pub(crate) fn write(&self, out: &mut String) {
+    /// Appends them as a JSON object, in order. `plain_names`: the names are field names
+    /// (letters, digits and `_`, as loading checks), with nothing to escape; else they are
+    /// escaped (the keys of a `[rule.payload]`).
+    pub(crate) fn write(&self, out: &mut String, plain_names: bool) {
         let mut object = json::Object::new(out);
         for (name, value) in self.iter() {
-            object.value(name, value);
+            let out = if plain_names { object.name(name) } else { object.key(name) };
+            json::push_value(out, value);
         }
         object.end();
     }

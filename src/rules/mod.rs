@@ -835,7 +835,7 @@ impl RuleSet {
                     }
                 }
                 let mut text = String::with_capacity(128);
-                payload.write(&mut text);
+                payload.write(&mut text, false);
                 Payload::from_object_text(text)
             }
         };

@@ -33,7 +33,7 @@ pub(crate) fn default_payload(email: &Email, envelope: &Envelope, rule: Option<&
     p.str("text", &email.text);
     let names = email.attachments.iter().map(|a| a.name.as_str()).filter(|n| !n.is_empty());
     json::push_joined(p.name("attachments"), names);
-    fields.write(p.name("fields"));
+    fields.write(p.name("fields"), true);
     p.end();
     Payload::from_object_text(text)
 }

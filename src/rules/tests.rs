@@ -290,6 +290,22 @@ order = { expr = "order | int" }
 }
 
 #[test]
+fn payload_keys_are_escaped_field_names_need_not_be() {
+    let set = rules(
+        r#"
+[[rule]]
+name = "r"
+to = ["x"]
+[rule.payload]
+"say \"hi\"\\ \n" = "{{ subject }}"
+plain_key = 1
+"#,
+    );
+    let out = set.evaluate(&ups_email(), &envelope());
+    assert_eq!(out.payload.to_json(), json!({"say \"hi\"\\ \n": "UPS Update: Order 4711 shipped", "plain_key": 1}));
+}
+
+#[test]
 fn computed_fields_see_earlier_ones() {
     let set =
         rules("[[rule]]\nname = \"r\"\nto = [\"x\"]\n[rule.fields]\na = { expr = \"40\" }\nb = { expr = \"a + 2\" }\n");
