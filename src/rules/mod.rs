@@ -422,7 +422,7 @@ enum Shape {
     /// The regex's one group is the whole match (see [`is_whole_match_group`]): the match
     /// alone gives its text.
     Whole,
-    /// The regex's one group ends it (`Label:\s*(?P<value>[^\r\n]+)`): the split that finds
+    /// The regex's one group ends it (`Label:\s*(?P<value>[^\r\n]+)`, see [`last_group`]): the split that finds
     /// the group (see [`Split`]), made when the regex first matches. Most rules of a large
     /// rules directory match rarely; their splits would take memory and load time for nothing.
     Suffix(std::sync::OnceLock<Option<Split>>),
@@ -482,34 +482,17 @@ impl Forward {
 }
 
 impl Split {
-    /// The parts of `hir` to split it into when it is a concatenation whose one capture group
-    /// is the last part but zero-width assertions, with a head that matches text: the head,
-    /// and the tail.
-    fn parts(hir: &Hir) -> Option<(Hir, Hir)> {
-        use regex_syntax::hir::HirKind;
-        let HirKind::Concat(parts) = hir.kind() else { return None };
-        let at = parts.iter().rposition(|h| !matches!(h.kind(), HirKind::Look(_)))?;
-        let HirKind::Capture(group) = parts[at].kind() else { return None };
-        let head = &parts[..at];
-        if group.sub.properties().explicit_captures_len() != 0
-            || head.iter().any(|h| h.properties().explicit_captures_len() != 0)
-            || head.iter().all(|h| matches!(h.kind(), HirKind::Look(_)))
-        {
-            return None;
-        }
-        let tail = std::iter::once((*group.sub).clone()).chain(parts[at + 1..].iter().cloned()).collect();
-        Some((Hir::concat(head.to_vec()), Hir::concat(tail)))
-    }
-
-    /// The split of `pattern` (which `parts` splits), unless the regex engine resolves its
-    /// groups with a onepass DFA, which takes one scan of the match as the split does.
+    /// The split of `pattern` (a regex whose one group ends it, see [`last_group`]), unless
+    /// the regex engine resolves its groups with a onepass DFA, which takes one scan of the
+    /// match as the split does.
     fn new(pattern: &str) -> Option<Split> {
         let hir = regex_automata::util::syntax::parse(pattern).ok()?;
-        let (head, tail) = Split::parts(&hir)?;
+        let (head, group, after) = last_group(&hir)?;
         if is_onepass(&hir) {
             return None;
         }
-        Some(Split { head: Forward::new(&head)?, tail: Forward::new(&tail)? })
+        let tail = std::iter::once((*group.sub).clone()).chain(after.iter().cloned()).collect();
+        Some(Split { head: Forward::new(&Hir::concat(head.to_vec()))?, tail: Forward::new(&Hir::concat(tail))? })
     }
 
     /// Where the group of the match `m` in `value` is, if the cut finds it.
@@ -524,10 +507,11 @@ impl Extraction {
     fn new(regex: Arc<Pattern>, hir: &Hir) -> Extraction {
         let groups: Vec<(usize, String)> = regex.names().map(|(i, name)| (i, name.to_string())).collect();
         let anchor = anchor::Anchor::new(hir);
-        let shape = match (groups.len(), hir.properties().explicit_captures_len()) {
-            (1, 1) if is_whole_match_group(hir) => Shape::Whole,
-            (1, 1) if Split::parts(hir).is_some() => Shape::Suffix(std::sync::OnceLock::new()),
-            _ => Shape::Groups,
+        let shape = match last_group(hir) {
+            Some(_) if groups.len() != 1 => Shape::Groups, // its one group has no name
+            Some(_) if is_whole_match_group(hir) => Shape::Whole,
+            Some(_) => Shape::Suffix(std::sync::OnceLock::new()),
+            None => Shape::Groups,
         };
         Extraction { regex, anchor, groups, shape }
     }
@@ -546,31 +530,40 @@ impl Extraction {
             Some(anchor) => anchor.search(value, search),
             None => search(&Haystack::new(value)),
         };
-        let mut slots = Slots::of(&self.regex);
-        let found = match &self.shape {
-            Shape::Groups => search(&mut |input| self.regex.search(input, &mut slots)),
-            Shape::Whole | Shape::Suffix(_) => {
-                let mut found = None;
-                search(&mut |input| {
-                    found = self.regex.regex.search(input);
-                    found.is_some()
-                });
-                let Some(m) = found else { return };
-                let group = match &self.shape {
-                    Shape::Suffix(_) => self.split().and_then(|split| split.group(value, m)),
-                    _ => Some(m.range()),
-                };
-                if let (Some(range), [(_, name)]) = (group, &self.groups[..]) {
-                    f(name, &value[range]);
-                    return;
-                }
-                // The split cannot tell (the head gives text back, or a DFA gave up): resolve
-                // the groups on the match found.
-                let at = Haystack::new(value).span(m.start()..value.len()).anchored(regex_automata::Anchored::Yes);
-                self.regex.search(&at, &mut slots)
-            }
+        if let Shape::Groups = self.shape {
+            return self.captures(value, search, &mut f);
+        }
+        let mut found = None;
+        search(&mut |input| {
+            found = self.regex.regex.search(input);
+            found.is_some()
+        });
+        let Some(m) = found else { return };
+        let group = match &self.shape {
+            Shape::Suffix(_) => self.split().and_then(|split| split.group(value, m)),
+            _ => Some(m.range()),
         };
-        if found {
+        match (group, &self.groups[..]) {
+            (Some(range), [(_, name)]) => f(name, &value[range]),
+            // The split cannot tell (the head gives text back, or a DFA gave up): resolve the
+            // groups on the match found.
+            _ => {
+                let at = Haystack::new(value).span(m.start()..value.len()).anchored(regex_automata::Anchored::Yes);
+                self.captures(value, |search| search(&at), &mut f);
+            }
+        }
+    }
+
+    /// A capture search of `value`, run by `search` on the inputs it picks; `f` gets the
+    /// name and text of each group of the match found.
+    fn captures<'s, 'v>(
+        &'s self,
+        value: &'v str,
+        search: impl FnOnce(&mut dyn FnMut(&Haystack<'_>) -> bool) -> bool,
+        f: &mut impl FnMut(&'s str, &'v str),
+    ) {
+        let mut slots = Slots::of(&self.regex);
+        if search(&mut |input| self.regex.search(input, &mut slots)) {
             for (i, name) in &self.groups {
                 if let Some(range) = slots.group(*i) {
                     f(name, &value[range]);
@@ -591,20 +584,33 @@ fn is_onepass(hir: &Hir) -> bool {
         .is_ok_and(|nfa| regex_automata::dfa::onepass::DFA::new_from_nfa(nfa).is_ok())
 }
 
-/// Whether `hir` is one capture group with no group inside it, alone or between zero-width
-/// assertions (`(?m)^(?P<line>.*ERROR.*)$`, `\b(?P<word>\w+)`): the group then matches
-/// exactly the text of the whole match.
-fn is_whole_match_group(hir: &Hir) -> bool {
+/// `hir` cut around its one capture group, when that group holds no other and only
+/// zero-width assertions follow it: what comes before the group, the group, and the assertions
+/// after it (`(?m)^Started:\s*(?P<at>[^\r\n]+)$` gives `(?m)^Started:\s*`, the group, `$`).
+fn last_group(hir: &Hir) -> Option<(&[Hir], &regex_syntax::hir::Capture, &[Hir])> {
     use regex_syntax::hir::HirKind;
     let parts = match hir.kind() {
         HirKind::Concat(parts) => &parts[..],
         _ => std::slice::from_ref(hir),
     };
-    let mut consuming = parts.iter().filter(|h| !matches!(h.kind(), HirKind::Look(_)));
-    match (consuming.next().map(Hir::kind), consuming.next()) {
-        (Some(HirKind::Capture(group)), None) => group.sub.properties().explicit_captures_len() == 0,
-        _ => false,
-    }
+    let at = parts.iter().rposition(|h| !is_look(h))?;
+    let HirKind::Capture(group) = parts[at].kind() else { return None };
+    let head = &parts[..at];
+    let lone = group.sub.properties().explicit_captures_len() == 0
+        && head.iter().all(|h| h.properties().explicit_captures_len() == 0);
+    lone.then_some((head, group, &parts[at + 1..]))
+}
+
+/// Whether `hir` is one capture group with no group inside it, alone or between zero-width
+/// assertions (`(?m)^(?P<line>.*ERROR.*)$`, `\b(?P<word>\w+)`): the group then matches
+/// exactly the text of the whole match.
+fn is_whole_match_group(hir: &Hir) -> bool {
+    last_group(hir).is_some_and(|(head, _, _)| head.iter().all(is_look))
+}
+
+/// Whether `hir` is a zero-width assertion (`^`, `$`, `\b`, ...).
+fn is_look(hir: &Hir) -> bool {
+    matches!(hir.kind(), regex_syntax::hir::HirKind::Look(_))
 }
 
 /// A computed value: `[rule.fields]` and `[rule.payload]` entries.
