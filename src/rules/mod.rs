@@ -360,8 +360,7 @@ impl Screen {
 
     /// False only if the condition it was made from cannot hold for the message.
     fn passes(&self, input: &Input<'_>) -> bool {
-        let pairs = input.pairs(self.slot);
-        (0..4).any(|i| self.pairs[i] & pairs[i] != 0)
+        prefilter::share_a_pair(&self.pairs, input.pairs(self.slot))
     }
 }
 

@@ -92,7 +92,7 @@ impl Prefilter {
     /// match: a needle starts with a pair the value holds.
     pub(crate) fn may_meet(&self, pairs: &[u64; 4]) -> bool {
         // All bits: a one-byte needle, which any value of one byte or more may hold.
-        self.pairs == [u64::MAX; 4] || self.pairs.iter().zip(pairs).any(|(a, b)| a & b != 0)
+        self.pairs == [u64::MAX; 4] || share_a_pair(&self.pairs, pairs)
     }
 
     fn is_first(&self, b: u8) -> bool {
@@ -166,6 +166,11 @@ pub(crate) fn add_pairs(pairs: &mut [u64; 4], value: &str) {
             previous = b;
         }
     }
+}
+
+/// Whether two sets of pairs (see [`add_pairs`]) have one in common.
+pub(crate) fn share_a_pair(a: &[u64; 4], b: &[u64; 4]) -> bool {
+    a.iter().zip(b).any(|(a, b)| a & b != 0)
 }
 
 /// Where the two bytes `a`, `b` are in a 256-bit set of pairs.
