@@ -80,16 +80,11 @@ pub(crate) fn push_value(out: &mut String, value: &Json) {
             out.push(']');
         }
         Json::Object(map) => {
-            out.push('{');
-            for (i, (k, v)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                push_str(out, k);
-                out.push(':');
-                push_value(out, v);
+            let mut object = Object::new(out);
+            for (k, v) in map {
+                push_value(object.key(k), v);
             }
-            out.push('}');
+            object.end();
         }
     }
 }

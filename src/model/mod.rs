@@ -215,7 +215,7 @@ impl Payload {
 
     /// `{}`.
     pub fn empty() -> Payload {
-        Payload::of(&serde_json::Map::new())
+        Payload(String::from("{}"))
     }
 
     /// The JSON text.
@@ -225,7 +225,8 @@ impl Payload {
 
     /// The payload read back as a JSON value (an object).
     pub fn to_json(&self) -> serde_json::Value {
-        // Text this type holds was written by serde_json, or read and checked by it.
+        // Text this type holds was written by serde_json or `json` (the same text), or read
+        // and checked by serde_json.
         serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
     }
 
