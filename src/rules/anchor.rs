@@ -68,13 +68,12 @@ impl Anchor {
 
 #[cfg(test)]
 mod tests {
+    use super::super::load::REGEX_SIZE_LIMIT;
     use super::super::{Pattern, Slots};
     use super::*;
     use proptest::prelude::*;
     use regex::Regex;
     use std::sync::LazyLock;
-
-    const LIMIT: usize = 8 << 20;
 
     /// The anchor of `pattern`, parsed as the rules parse it.
     fn anchor(pattern: &str) -> Option<Anchor> {
@@ -103,7 +102,10 @@ mod tests {
 
     /// Each pattern as the `regex` crate compiles it, as the rules do, and its anchor.
     static COMPILED: LazyLock<Vec<(Regex, Pattern, Option<Anchor>)>> = LazyLock::new(|| {
-        PATTERNS.iter().map(|p| (Regex::new(p).unwrap(), Pattern::new(p, LIMIT).unwrap().0, anchor(p))).collect()
+        PATTERNS
+            .iter()
+            .map(|p| (Regex::new(p).unwrap(), Pattern::new(p, REGEX_SIZE_LIMIT).unwrap().0, anchor(p)))
+            .collect()
     });
 
     fn check(value: &str) {

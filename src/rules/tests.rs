@@ -797,7 +797,7 @@ static SHAPED_EXTRACTIONS: std::sync::LazyLock<Vec<(Extraction, regex::Regex)>> 
     SHAPED_PATTERNS
         .iter()
         .map(|(pattern, _)| {
-            let (compiled, hir) = Pattern::new(pattern, 1 << 20).unwrap();
+            let (compiled, hir) = Pattern::new(pattern, load::REGEX_SIZE_LIMIT).unwrap();
             (Extraction::new(Arc::new(compiled), &hir), regex::Regex::new(pattern).unwrap())
         })
         .collect()
