@@ -12,34 +12,38 @@
 //!
 //! # Layout
 //!
+//! In the order a message meets them, then the parts that serve them all:
+//!
 //! | module | job |
 //! |---|---|
-//! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome` |
-//! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
+//! | [`ingest`] | SMTP/LMTP listeners, IMAP watchers, stdin: bytes + envelope → spool, acknowledged once durable |
+//! | [`spool`] | the durable queue on disk; the only owner of message state; the in-memory hand-over to delivery |
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
-//! | [`spool`] | the durable queue on disk; the only owner of message state |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
-//! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
-//! | [`admin`] | the HTTP endpoint for operators: `/healthz`, `/metrics` |
-//! | [`reload`] | reloads the rules on a change in their directory or SIGHUP |
-//! | [`app`] | builds every stage from the config, runs `serve`, owns shutdown |
+//! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
+//! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
+//! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
+//! | [`backoff`] | the retry schedule shared by delivery and the IMAP watchers |
+//! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
+//! | [`logging`] | the tracing subscriber: text or JSON lines |
 //!
-//! No stage imports a later one: `parse` knows nothing of rules, `rules` nothing of delivery.
+//! No stage imports a later one: `ingest` knows only the spool and the model, `parse` nothing of
+//! rules, `rules` nothing of delivery. The design, the spool's on-disk format and the delivery
+//! semantics are written down in `docs/design.md`.
 
-pub mod admin;
-pub mod app;
-pub mod cmd;
-pub mod config;
-pub mod deliver;
 pub mod ingest;
-pub mod logging;
-pub mod metrics;
-pub mod model;
-pub mod parse;
-pub mod pipeline;
-pub mod reload;
-pub mod rules;
 pub mod spool;
+pub mod parse;
+pub mod rules;
+pub mod deliver;
+pub mod pipeline;
+pub mod serve;
+pub mod cmd;
+pub mod model;
+pub mod config;
+pub mod backoff;
+pub mod metrics;
+pub mod logging;

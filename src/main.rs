@@ -222,25 +222,25 @@ fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
             return Exit::TempFail;
         }
     };
-    match runtime.block_on(mailhook::app::serve(config)) {
+    match runtime.block_on(mailhook::serve::serve(config)) {
         Ok(()) => Exit::Ok,
-        Err(mailhook::app::AppError::Rules(errors)) => {
+        Err(mailhook::serve::ServeError::Rules(errors)) => {
             cmd::print_rule_errors(&errors);
             eprintln!("mailhook serve: not starting");
             Exit::Config
         }
-        Err(mailhook::app::AppError::Listener(e)) => {
+        Err(mailhook::serve::ServeError::Listener(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
             match e {
                 mailhook::ingest::smtp::ListenerError::Bind { .. } => Exit::TempFail,
                 _ => Exit::Config,
             }
         }
-        Err(mailhook::app::AppError::Admin(e)) => {
+        Err(mailhook::serve::ServeError::Admin(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
             Exit::TempFail
         }
-        Err(mailhook::app::AppError::Destination(e)) => {
+        Err(mailhook::serve::ServeError::Destination(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
             Exit::Config
         }

@@ -21,21 +21,22 @@
 //! `incoming/`, and would otherwise be sent again at every scan for as long as the trouble
 //! lasts. It is sent again once, when the spool is writable again.
 
+use crate::backoff::backoff;
 use crate::config::{BackoffConfig, Config};
-use crate::deliver::throttle::{Bucket, backoff};
+use crate::deliver::throttle::Bucket;
 use crate::deliver::{Attempt, BuildError, Destination, shrink};
 use crate::metrics::{Delivery, Metrics};
 use crate::model::{Action, Payload};
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time, parse_time};
+use crate::spool::{Decision, DestState, DestStatus, Fresh, Inbox, Spool, SpoolError, State, format_time, parse_time};
 use serde_json::Value as Json;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -59,7 +60,7 @@ const INLINE_JUDGE_SIZE: u64 = 64 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// A destination with its pacing and limits.
-pub struct Target {
+pub struct PacedDestination {
     pub name: String,
     destination: Destination,
     bucket: Bucket,
@@ -70,46 +71,6 @@ pub struct Target {
     max_body: usize,
 }
 
-/// A message a listener has just committed, handed over in memory so that the pipeline need not
-/// read back from disk what it was just given.
-pub struct Fresh {
-    pub meta: Meta,
-    /// The raw message, when it is small enough to have been kept.
-    pub raw: Option<Vec<u8>>,
-}
-
-/// Where listeners drop fresh messages; the pipeline takes them from there. Bounded: when it is
-/// full, a message is only announced, and the pipeline reads it from `incoming/` as usual.
-#[derive(Default)]
-pub struct Inbox {
-    queue: std::sync::Mutex<VecDeque<Fresh>>,
-    notify: Notify,
-    /// A message was only announced: `incoming/` must be read to find it.
-    overflow: AtomicBool,
-}
-
-/// Fresh messages kept in the inbox at most.
-const INBOX_LIMIT: usize = 1024;
-
-impl Inbox {
-    /// Hands over a committed message (or only wakes the pipeline when the inbox is full).
-    pub fn push(&self, fresh: Fresh) {
-        {
-            let mut q = self.queue.lock().expect("inbox lock");
-            if q.len() < INBOX_LIMIT {
-                q.push_back(fresh);
-            } else {
-                self.overflow.store(true, Ordering::SeqCst);
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> VecDeque<Fresh> {
-        std::mem::take(&mut *self.queue.lock().expect("inbox lock"))
-    }
-}
-
 /// The ids of the last [`RECENT_LIMIT`] messages whose round ended.
 #[derive(Default)]
 struct Recent {
@@ -118,7 +79,7 @@ struct Recent {
 }
 
 /// More than the inbox can hold, so a stale hand-over is always recognised.
-const RECENT_LIMIT: usize = 4 * INBOX_LIMIT;
+const RECENT_LIMIT: usize = 4 * crate::spool::INBOX_LIMIT;
 
 impl Recent {
     fn insert(&mut self, id: String) {
@@ -149,7 +110,7 @@ pub struct Pipeline {
 /// What every round needs, shared by all of them.
 struct Work {
     spool: Spool,
-    targets: HashMap<String, Arc<Target>>,
+    targets: HashMap<String, Arc<PacedDestination>>,
     judge_budget: Semaphore,
     metrics: Arc<Metrics>,
     /// Set when a round could not write the spool; see [`Pipeline::paused`].
@@ -180,7 +141,7 @@ impl Pipeline {
             let delivery = &config.delivery;
             targets.insert(
                 name.clone(),
-                Arc::new(Target {
+                Arc::new(PacedDestination {
                     name: name.clone(),
                     destination,
                     bucket: Bucket::new(d.rate.unwrap_or(delivery.rate)),
@@ -232,8 +193,8 @@ impl Pipeline {
             // Between scans, incoming/ is read only when the inbox overflowed: every other new
             // message was handed over in memory, and a scan would find those committed but not
             // yet taken from the inbox, and read them back from disk.
-            if interval || (backlog.is_empty() && self.inbox.overflow.load(Ordering::SeqCst)) {
-                self.inbox.overflow.store(false, Ordering::SeqCst);
+            if interval || (backlog.is_empty() && self.inbox.overflowed()) {
+                self.inbox.clear_overflow();
                 last_scan = Some(tokio::time::Instant::now());
                 self.scan_incoming(&mut backlog, &mut queued, &in_flight);
             }
@@ -261,7 +222,7 @@ impl Pipeline {
             let next_due = schedule.first().map(|(due, _)| due.duration_since(now).unwrap_or_default());
             let wait = if paused { SCAN_INTERVAL } else { next_due.unwrap_or(SCAN_INTERVAL).min(SCAN_INTERVAL) };
             tokio::select! {
-                _ = self.inbox.notify.notified() => {
+                _ = self.inbox.notified() => {
                     for fresh in self.inbox.take() {
                         let id = fresh.meta.id.clone();
                         if in_flight.contains(&id) || queued.contains(&id) || finished.contains(&id) {
@@ -611,12 +572,12 @@ fn with_id<'p>(payload: &'p Payload, id: &str) -> Cow<'p, Payload> {
 }
 
 /// The largest `max_body` among the destinations of a decision.
-fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<String, Arc<Target>>) -> usize {
+fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<String, Arc<PacedDestination>>) -> usize {
     destinations.keys().filter_map(|d| targets.get(d)).map(|t| t.max_body).max().unwrap_or(usize::MAX)
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.
-async fn send(target: &Target, id: &str, payload: &Payload, metrics: &Metrics) -> Attempt {
+async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &Metrics) -> Attempt {
     let body = match shrink::encode(payload, target.max_body) {
         Ok(b) => b,
         Err(reason) => return Attempt::Fail { reason },
@@ -650,7 +611,6 @@ fn round_secs(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Envelope, Source};
 
     #[test]
     fn a_payload_without_an_id_is_sent_with_the_message_id() {
@@ -668,25 +628,5 @@ mod tests {
         }
         let deep = Payload::of(&deep);
         assert_eq!(with_id(&deep, "01MSG").as_str(), deep.as_str());
-    }
-
-    fn fresh(n: usize) -> Fresh {
-        let mut envelope = Envelope::new(Source::Stdin);
-        envelope.id = format!("01FRESH{n:05}");
-        Fresh { meta: Meta::new(envelope, 1), raw: None }
-    }
-
-    #[test]
-    fn an_inbox_that_overflows_says_so_and_keeps_what_fits() {
-        let inbox = Inbox::default();
-        for n in 0..INBOX_LIMIT {
-            inbox.push(fresh(n));
-        }
-        assert!(!inbox.overflow.load(Ordering::SeqCst), "everything fitted: no directory scan needed");
-        inbox.push(fresh(INBOX_LIMIT));
-        assert!(inbox.overflow.load(Ordering::SeqCst), "one was only announced: incoming/ must be read");
-        let taken = inbox.take();
-        assert_eq!(taken.len(), INBOX_LIMIT);
-        assert_eq!(taken.back().unwrap().meta.id, format!("01FRESH{:05}", INBOX_LIMIT - 1));
     }
 }

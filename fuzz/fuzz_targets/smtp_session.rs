@@ -20,7 +20,7 @@
 use libfuzzer_sys::fuzz_target;
 use mailhook::config::Secret;
 use mailhook::ingest::smtp::{End, Session, SessionConfig};
-use mailhook::pipeline::Inbox;
+use mailhook::spool::Inbox;
 use mailhook::spool::{Spool, SpoolOptions, State};
 use regex::Regex;
 use std::collections::BTreeSet;

@@ -5,7 +5,8 @@
 //! |---|---|
 //! | SMTP and LMTP listeners | [`smtp`] |
 //! | IMAP folders (IDLE or poll) | [`imap`] |
-//! | stdin (`mailhook ingest`) | [`crate::cmd::ingest`] |
+//! | stdin (`mailhook ingest`, a Postfix pipe) | [`stdin`] |
 
 pub mod imap;
 pub mod smtp;
+pub mod stdin;

@@ -56,6 +56,7 @@
 
 mod committer;
 mod file;
+mod inbox;
 mod meta;
 
 use crate::model::{Envelope, Source};
@@ -67,6 +68,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+pub use inbox::{Fresh, INBOX_LIMIT, Inbox};
 pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 
 /// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.

@@ -31,12 +31,12 @@
 pub mod checkpoint;
 pub mod connect;
 
+use crate::backoff::backoff;
 use crate::config::{After, BackoffConfig, Config, ImapConfig, ImapTls};
-use crate::deliver::throttle::backoff;
 use crate::metrics::{FolderHealth, Metrics};
 use crate::model::{Envelope, Source};
-use crate::pipeline::{Fresh, Inbox};
 use crate::spool::Spool;
+use crate::spool::{Fresh, Inbox};
 use async_imap::types::Fetch;
 use checkpoint::{Checkpoint, Position, fingerprint};
 use connect::{ConnectError, Connector, ImapSession, within};

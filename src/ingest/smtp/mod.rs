@@ -16,7 +16,7 @@ pub use session::{End, Session};
 
 use crate::config::{Config, ListenerConfig, Secret};
 use crate::metrics::{ListenerHealth, Metrics};
-use crate::pipeline::Inbox;
+use crate::spool::Inbox;
 use crate::spool::Spool;
 use regex::Regex;
 use std::collections::BTreeMap;

@@ -9,8 +9,8 @@
 
 use super::{Conn, SessionConfig};
 use crate::model::{Envelope, Source};
-use crate::pipeline::{Fresh, Inbox};
 use crate::spool::{Draft, Spool};
+use crate::spool::{Fresh, Inbox};
 use base64::Engine;
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver};
 use smtp_proto::{Error as ProtoError, Request};

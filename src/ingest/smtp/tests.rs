@@ -53,7 +53,7 @@ impl Harness {
         let session = Session::new(
             Arc::new(cfg),
             self.spool.clone(),
-            Arc::new(crate::pipeline::Inbox::default()),
+            Arc::new(crate::spool::Inbox::default()),
             rx,
             server,
             peer.parse().unwrap(),
@@ -286,7 +286,7 @@ async fn silent_client_times_out() {
     let session = Session::new(
         Arc::new(cfg),
         h.spool.clone(),
-        Arc::new(crate::pipeline::Inbox::default()),
+        Arc::new(crate::spool::Inbox::default()),
         rx,
         server,
         "127.0.0.1:1".parse().unwrap(),
@@ -319,7 +319,7 @@ async fn shutdown_refuses_idle_sessions_with_421() {
     let session = Session::new(
         Arc::new(config(false)),
         h.spool.clone(),
-        Arc::new(crate::pipeline::Inbox::default()),
+        Arc::new(crate::spool::Inbox::default()),
         rx,
         server,
         "127.0.0.1:1".parse().unwrap(),

@@ -1,27 +1,30 @@
-//! app: builds every stage from the config, runs them under one tokio runtime, and owns
+//! serve: builds every stage from the config, runs them under one tokio runtime, and owns
 //! shutdown. The only module that knows all the others.
 //!
 //! Start-up order: rules and destinations are built first (any error refuses to start), then
 //! the spool is locked and recovered, the listeners and the admin endpoint bind (a port in use
 //! refuses to start), and only then does work begin. SIGHUP or a change in the rules directory
-//! reloads the rules ([`crate::reload`]). SIGTERM or SIGINT stops claiming new work, closes the
+//! reloads the rules ([`reload`]). SIGTERM or SIGINT stops claiming new work, closes the
 //! listeners, the admin endpoint and the rules watcher, and lets rounds in flight finish within
 //! a grace period.
 
-use crate::admin::{Admin, AdminError};
+pub mod admin;
+pub mod reload;
+
 use crate::config::Config;
 use crate::ingest::smtp::{Listener, ListenerError};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
-use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use admin::{Admin, AdminError};
+use reload::Reloader;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tracing::{error, info};
 
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub enum ServeError {
     #[error("{} error(s) in rules", .0.len())]
     Rules(Vec<RuleError>),
     #[error(transparent)]
@@ -46,12 +49,12 @@ pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
 }
 
 /// Runs `mailhook serve` until SIGTERM/SIGINT.
-pub async fn serve(config: Config) -> Result<(), AppError> {
+pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Taken first: a SIGTERM that comes while the spool is still being recovered is kept, and
     // ends the run cleanly once it has started, instead of killing it by the default action.
     let signals = Signals::new()?;
     let metrics = Metrics::new();
-    let rules = load_rules(&config).map_err(AppError::Rules)?;
+    let rules = load_rules(&config).map_err(ServeError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
     metrics.rules_loaded(rules.rules().iter().map(|r| r.name.as_str()));
     let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
@@ -92,7 +95,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     };
     let reloader = Reloader::start(&config, rules, metrics.clone())?;
     let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)
-        .map_err(AppError::Imap)?;
+        .map_err(ServeError::Imap)?;
     let mut tasks = tokio::task::JoinSet::new();
     for watcher in watchers {
         tasks.spawn(watcher.run(stop_rx.clone()));
