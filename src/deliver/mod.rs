@@ -13,7 +13,7 @@
 //! | `file` | [`file`] | one JSON line appended and flushed to disk |
 //!
 //! Every request carries the spool id (`Idempotency-Key` header; payload `id`). How an answer
-//! is classified (DESIGN.md): 2xx done; 408, 425, 429, 5xx, timeouts and connection errors are
+//! is classified (docs/design.md): 2xx done; 408, 425, 429, 5xx, timeouts and connection errors are
 //! retried (honouring `Retry-After` and `x-ratelimit-reset`); other 4xx fail at once with the
 //! status and the start of the body. Anything unexpected is treated as temporary.
 //!
