@@ -3,11 +3,10 @@
 //! second) or while it is stopped.
 
 use super::Exit;
-use crate::app::load_rules;
 use crate::config::Config;
 use crate::model::Action;
 use crate::parse::parse;
-use crate::rules::RuleSet;
+use crate::rules::{RuleSet, load_rules};
 use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time};
 use serde_json::{Value as Json, json};
 use std::path::Path;

@@ -3,6 +3,7 @@
 
 use super::context::{RESERVED, Templates};
 use super::{Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched};
+use crate::config::Config;
 use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -18,6 +19,14 @@ pub const RULE_FILE_EXTENSION: &str = "toml";
 const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
 
 const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "extract", "fields", "payload"];
+
+/// Loads the rules directory of `config` and checks that every destination a rule names is
+/// one of its `[destination.*]` tables.
+pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
+    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    let errors = rules.check_destinations(|d| config.destination.contains_key(d));
+    if errors.is_empty() { Ok(rules) } else { Err(errors) }
+}
 
 /// Reads every rules file of `dir`, sorted by file name. Hidden files are skipped.
 pub(super) fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Vec<RuleError>> {

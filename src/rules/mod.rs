@@ -4,7 +4,7 @@
 //! parse ─► Email + Envelope ─► rules ─► Outcome { rule, action, payload } ─► deliver
 //! ```
 //!
-//! Loading ([`RuleSet::load_dir`]) reads every `*.toml` file of
+//! Loading ([`RuleSet::load_dir`], or [`load_rules`] for a config) reads every `*.toml` file of
 //! a directory in name order and compiles everything once: each distinct regex pattern into one
 //! `regex::Regex` (rules that use the same pattern share it), each template and expression
 //! into one sandboxed minijinja environment. It reports *all* errors of all files together,
@@ -38,7 +38,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use load::RULE_FILE_EXTENSION;
+pub use load::{RULE_FILE_EXTENSION, load_rules};
 use payload::default_payload;
 
 /// What happens to a message that no rule matches (`[rules] unmatched`).
