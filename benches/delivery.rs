@@ -40,7 +40,7 @@ use axum::response::Response;
 use mailhook::config::Config;
 use mailhook::model::{Envelope, Source};
 use mailhook::pipeline::{Pipeline, SharedRules};
-use mailhook::serve::load_rules;
+use mailhook::rules::load_rules;
 use mailhook::spool::{Spool, SpoolOptions, State};
 use sink::Sink;
 use std::collections::{BTreeMap, HashMap};

@@ -17,7 +17,7 @@ pub fn run(config_path: &Path) -> Exit {
         }
     };
     let rules_dir = config.resolve(&config.rules.dir);
-    let rules = match crate::serve::load_rules(&config) {
+    let rules = match crate::rules::load_rules(&config) {
         Ok(r) => r,
         Err(errors) => {
             print_rule_errors(&errors);

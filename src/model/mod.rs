@@ -8,9 +8,8 @@
 //! converts `mail-parser`'s message into [`Email`], the rules stage turns an [`Email`] and its
 //! [`Envelope`] into an [`Outcome`].
 
-pub(crate) mod json;
-
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::fmt;
 
 /// Where a message came from. Rules match it with `when.source`
@@ -193,47 +192,40 @@ pub struct Outcome {
 
 /// A payload: one JSON object, kept as the compact text that is stored and sent.
 ///
-/// The rules write it once; the spool stores it and destinations send it as it is, without
-/// building a map of it or serialising it again. [`Payload::to_json`] reads it back for the
-/// rare uses that need its values (shrinking a payload that is too large, showing it).
+/// The rules serialise it once; the spool stores it and destinations send it as it is,
+/// without building a map of it or serialising it again. [`Payload::to_json`] reads it back
+/// for the rare uses that need its values (shrinking a payload that is too large, showing it).
 #[derive(Clone)]
-pub struct Payload(String);
+pub struct Payload(Box<RawValue>);
 
 impl Payload {
     /// The payload that `value` serialises to; `value` must serialise as a JSON object.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Payload {
-        let text = serde_json::to_string(value).expect("a payload serialises");
-        debug_assert!(text.starts_with('{'), "a payload is a JSON object: {text}");
-        Payload(text)
-    }
-
-    /// A payload from the text of an object written with [`json::Object`].
-    pub(crate) fn from_object_text(text: String) -> Payload {
-        debug_assert!(serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text).is_ok(), "{text}");
-        Payload(text)
+        let raw = serde_json::value::to_raw_value(value).expect("a payload serialises");
+        debug_assert!(raw.get().starts_with('{'), "a payload is a JSON object: {raw}");
+        Payload(raw)
     }
 
     /// `{}`.
     pub fn empty() -> Payload {
-        Payload(String::from("{}"))
+        Payload(RawValue::from_string(String::from("{}")).expect("{} is JSON"))
     }
 
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.get()
     }
 
     /// The payload read back as a JSON value (an object).
     pub fn to_json(&self) -> serde_json::Value {
-        // Text this type holds was written by serde_json or `json` (the same text), or read
-        // and checked by serde_json.
-        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+        // The text was written, or read and checked, by serde_json.
+        serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
     }
 
     /// The payload read back as a map; `None` if it cannot be (nested deeper than the JSON
     /// reader goes).
     pub fn to_map(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
-        serde_json::from_str(&self.0).ok()
+        serde_json::from_str(self.as_str()).ok()
     }
 
     /// Whether the object has the key `key` at its top level.
@@ -254,7 +246,7 @@ impl Payload {
                 Ok(found)
             }
         }
-        let mut de = serde_json::Deserializer::from_str(&self.0);
+        let mut de = serde_json::Deserializer::from_str(self.as_str());
         serde::Deserializer::deserialize_map(&mut de, Finder(key)).unwrap_or(false)
     }
 }
@@ -280,19 +272,18 @@ impl fmt::Debug for Payload {
 impl Serialize for Payload {
     /// As the JSON object it is (embedded in the spool's metadata as it is).
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let raw = serde_json::value::RawValue::from_string(self.0.clone()).map_err(serde::ser::Error::custom)?;
-        raw.serialize(serializer)
+        self.0.serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for Payload {
     /// Any JSON object, as its text (a stored payload is read back without being rebuilt).
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
-        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
         if !raw.get().starts_with('{') {
             return Err(serde::de::Error::custom("a payload must be a JSON object"));
         }
-        Ok(Payload(Box::<str>::from(raw).into_string()))
+        Ok(Payload(raw))
     }
 }
 

@@ -6,13 +6,13 @@
 //! `.address` and `.name`; `to`, `cc` and `reply_to` are lists of them; `headers` is a map
 //! looked up case-insensitively (`headers["x-job-id"]`).
 
-use super::{Spec, fast};
-use crate::model::{Address, Email, Envelope, json};
-use minijinja::value::{Enumerator, Kwargs, Object, Value};
+use super::Spec;
+use crate::model::{Address, Email, Envelope};
+use minijinja::value::{Enumerator, Kwargs, Object, Serde, Value};
 use minijinja::{AutoEscape, Environment, State, UndefinedBehavior};
 use serde_json::{Map, Value as Json};
-use std::cell::{OnceCell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::cell::OnceCell;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -34,41 +34,15 @@ pub(crate) const RESERVED: &[&str] = &[
     "fields",
 ];
 
-/// Which of the [`RESERVED`] names a rule's templates refer to (bit `i` for `RESERVED[i]`).
-/// Only those are built into a message's context: most rules never look at the text, the HTML
-/// or the headers, and copying them for every message would cost more than the rules.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Uses(u32);
-
-impl Uses {
-    /// Everything (for callers that cannot tell).
-    pub(crate) const ALL: Uses = Uses(u32::MAX);
-
-    fn has(self, name: &str) -> bool {
-        RESERVED.iter().position(|r| *r == name).is_some_and(|i| self.0 & (1 << i) != 0)
-    }
-
-    pub(crate) fn union(self, other: Uses) -> Uses {
-        Uses(self.0 | other.0)
-    }
-
-    /// The names of `self` that `other` does not have.
-    fn without(self, other: Uses) -> Uses {
-        Uses(self.0 & !other.0)
-    }
-}
-
 /// Instructions one evaluation may spend: generous for real templates, a stop for runaways.
 const FUEL: u64 = 200_000;
 
 /// The name under which an expression's value is captured.
 const RESULT_VAR: &str = "__mailhook_value";
 
-/// Every compiled template of a rule set.
+/// Every compiled template of a rule set, each under its own name.
 pub(crate) struct Templates {
     env: Environment<'static>,
-    /// The names each template refers to, so that a message's context gets only those.
-    uses: HashMap<String, Uses>,
 }
 
 impl Templates {
@@ -96,14 +70,12 @@ impl Templates {
             }
             minijinja::filters::float(state, value, default, kwargs)
         });
-        Templates { env, uses: HashMap::new() }
+        Templates { env }
     }
 
     /// Compiles a string template under `name`.
     pub(crate) fn add_template(&mut self, name: &str, source: &str) -> Result<(), String> {
-        self.env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| describe(&e))?;
-        self.uses.insert(name.to_string(), self.uses(name));
-        Ok(())
+        self.env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| describe(&e))
     }
 
     /// Compiles an expression under `name`. The expression is first checked on its own (so
@@ -112,38 +84,20 @@ impl Templates {
     pub(crate) fn add_expr(&mut self, name: &str, expr: &str) -> Result<(), String> {
         self.env.compile_expression(expr).map_err(|e| describe(&e))?;
         let source = format!("{{% set {RESULT_VAR} = ({expr}\n) %}}");
-        self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))?;
-        self.uses.insert(name.to_string(), self.uses(name));
-        Ok(())
-    }
-
-    /// The reserved names the compiled template or expression `name` refers to.
-    fn uses(&self, name: &str) -> Uses {
-        let Ok(t) = self.env.get_template(name) else { return Uses::ALL };
-        let names = t.undeclared_variables(false);
-        Uses(RESERVED.iter().enumerate().filter(|(_, r)| names.contains(**r)).fold(0, |acc, (i, _)| acc | (1 << i)))
+        self.env.add_template_owned(name.to_string(), source).map_err(|e| describe(&e))
     }
 
     pub(crate) fn eval(&self, spec: &Spec, ctx: &Context<'_>) -> Result<Json, String> {
         match spec {
             Spec::Literal(v) => Ok(v.clone()),
-            Spec::Field { name, template } => match ctx.text_of(name, None) {
-                // `{{ name }}` of a text field, or of a built-in name whose value is text (such
-                // as `rule` or `subject`), renders the text itself: skip the template.
-                Some(text) => Ok(Json::String(text.to_string())),
-                None => self.render(template, ctx),
-            },
-            Spec::Simple { parts, template } => match fast::render(parts, ctx) {
-                Some(text) => Ok(Json::String(text)),
-                None => self.render(template, ctx),
-            },
-            Spec::Template(name) => self.render(name, ctx),
-            Spec::Expr(name) => self.eval_expr(name, ctx),
-            Spec::FastExpr { expr, template } => {
-                match fast::evaluate(expr, ctx, |name| self.env.globals().any(|(g, _)| g == name)) {
-                    Some(value) => Ok(value),
-                    None => self.eval_expr(template, ctx),
-                }
+            Spec::Template(name) => {
+                let t = self.env.get_template(name).map_err(|e| describe(&e))?;
+                t.render(ctx.value()).map(Json::String).map_err(|e| describe(&e))
+            }
+            Spec::Expr(name) => {
+                let t = self.env.get_template(name).map_err(|e| describe(&e))?;
+                let captured = t.render_captured(ctx.value()).map_err(|e| describe(&e))?;
+                to_json(&captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED))
             }
             Spec::Array(items) => {
                 items.iter().map(|s| self.eval(s, ctx)).collect::<Result<Vec<_>, _>>().map(Json::Array)
@@ -156,22 +110,6 @@ impl Templates {
                 Ok(Json::Object(map))
             }
         }
-    }
-
-    fn eval_expr(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
-        let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-        let captured = t.render_captured(ctx.value(self.uses_of(name))).map_err(|e| describe(&e))?;
-        let value = captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED);
-        to_json(&value)
-    }
-
-    fn render(&self, name: &str, ctx: &Context<'_>) -> Result<Json, String> {
-        let t = self.env.get_template(name).map_err(|e| describe(&e))?;
-        t.render(ctx.value(self.uses_of(name))).map(Json::String).map_err(|e| describe(&e))
-    }
-
-    fn uses_of(&self, name: &str) -> Uses {
-        self.uses.get(name).copied().unwrap_or(Uses::ALL)
     }
 }
 
@@ -196,184 +134,62 @@ pub(crate) fn describe(e: &minijinja::Error) -> String {
     s
 }
 
-/// A rule's fields while it is applied, in the order they were first set.
-///
-/// A handful of names, looked up by templates again and again: a list searched in order costs
-/// less than hashing each name. The names are the rule's own (group names, `[rule.fields]`
-/// keys), borrowed, not copied for every message.
-#[derive(Debug, Default)]
-pub(crate) struct Fields<'k>(Vec<(&'k str, Json)>);
-
-impl<'k> Fields<'k> {
-    pub(crate) fn with_capacity(n: usize) -> Fields<'k> {
-        Fields(Vec::with_capacity(n))
-    }
-
-    pub(crate) fn get(&self, name: &str) -> Option<&Json> {
-        self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
-    }
-
-    /// Sets a field: a new name goes last, a known one keeps its place.
-    pub(crate) fn insert(&mut self, name: &'k str, value: Json) {
-        match self.0.iter_mut().find(|(k, _)| *k == name) {
-            Some((_, slot)) => *slot = value,
-            None => self.0.push((name, value)),
-        }
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'k str, &Json)> {
-        self.0.iter().map(|(k, v)| (*k, v))
-    }
-}
-
-impl Fields<'_> {
-    /// About the length of their JSON text (a string's text counts, any other value 24).
-    pub(crate) fn size_hint(&self) -> usize {
-        self.iter().map(|(name, value)| name.len() + value.as_str().map_or(24, str::len) + 6).sum()
-    }
-
-    /// Appends them as a JSON object, in order. `plain_names`: the names are field names
-    /// (letters, digits and `_`, as loading checks), with nothing to escape; else they are
-    /// escaped (the keys of a `[rule.payload]`).
-    pub(crate) fn write(&self, out: &mut String, plain_names: bool) {
-        let mut object = json::Object::new(out);
-        for (name, value) in self.iter() {
-            let out = if plain_names { object.name(name) } else { object.key(name) };
-            json::push_value(out, value);
-        }
-        object.end();
-    }
-}
-
-/// What templates of one message can see, and the fields of the rule being applied.
-///
-/// Cheap to create: the values derived from the email, and the fields as template values, are
-/// built when an evaluation needs the template engine, and then only the names its template
-/// refers to; the fields are shared with each evaluation (copy on write), not copied.
+/// What templates of one message can see, and the fields of the rule being applied (in the
+/// order they were first set, as they go into the payload).
 pub(crate) struct Context<'a> {
     email: &'a Email,
     envelope: &'a Envelope,
     rule: &'a str,
-    /// The built-in values made so far, and which names they are.
-    base: RefCell<(Uses, Arc<BTreeMap<&'static str, Value>>)>,
-    /// The fields as they go into the payload.
-    fields: Fields<'a>,
-    /// The same fields as template values, once the engine needs them.
-    values: OnceCell<Arc<BTreeMap<String, Value>>>,
+    /// The built-in values, made when a template is first evaluated.
+    base: OnceCell<Arc<BTreeMap<&'static str, Value>>>,
+    fields: Map<String, Json>,
+    /// The same fields as template values.
+    values: Arc<BTreeMap<String, Value>>,
 }
 
 impl<'a> Context<'a> {
-    pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Fields<'a>) -> Context<'a> {
-        Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new() }
+    pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Map<String, Json>) -> Self {
+        let values = Arc::new(fields.iter().map(|(k, v)| (k.clone(), Value::from(Serde(v)))).collect());
+        Context { email, envelope, rule, base: OnceCell::new(), fields, values }
     }
 
-    pub(crate) fn email(&self) -> &Email {
-        self.email
-    }
-
-    pub(crate) fn fields(&self) -> &Fields<'a> {
+    pub(crate) fn fields(&self) -> &Map<String, Json> {
         &self.fields
     }
 
-    pub(crate) fn into_fields(self) -> Fields<'a> {
-        self.fields
+    /// Adds or replaces a field (a new name goes last, a known one keeps its place); later
+    /// evaluations see it.
+    pub(crate) fn set(&mut self, key: &str, value: Json) {
+        Arc::make_mut(&mut self.values).insert(key.to_string(), Value::from(Serde(&value)));
+        self.fields.insert(key.to_string(), value);
     }
 
-    /// Adds or replaces a field; later evaluations see it.
-    pub(crate) fn set(&mut self, key: &'a str, value: Json) {
-        if let Some(values) = self.values.get_mut() {
-            Arc::make_mut(values).insert(key.to_string(), template_value(&value));
-        }
-        self.fields.insert(key, value);
-    }
-
-    /// What `{{ name }}` or `{{ name.attr }}` renders to, when that is plain text known
-    /// without the template engine; `None` when the engine must decide (numbers, lists,
-    /// undefined names, unknown attributes).
-    pub(crate) fn text_of(&self, name: &str, attr: Option<&str>) -> Option<&str> {
-        let email = self.email;
-        let envelope = self.envelope;
-        Some(match (name, attr) {
-            ("subject", None) => &email.subject,
-            ("date", None) => &email.date,
-            ("message_id", None) => &email.message_id,
-            ("text", None) => &email.text,
-            ("html", None) => &email.html,
-            ("rule", None) => self.rule,
-            ("from", None | Some("address")) => email.from.first().map_or("", |a| a.address.as_str()),
-            ("from", Some("name")) => email.from.first().map_or("", |a| a.name.as_str()),
-            ("envelope", Some("id")) => &envelope.id,
-            ("envelope", Some("received_at")) => &envelope.received_at,
-            ("envelope", Some("mail_from")) => envelope.mail_from.as_deref().unwrap_or(""),
-            ("envelope", Some("client")) => envelope.client.as_deref().unwrap_or(""),
-            ("envelope", Some("helo")) => envelope.helo.as_deref().unwrap_or(""),
-            ("envelope", Some("auth_user")) => envelope.auth_user.as_deref().unwrap_or(""),
-            (_, Some(_)) => return None,
-            (field, None) if !RESERVED.contains(&field) => match self.fields.get(field)? {
-                Json::String(s) => s,
-                _ => return None,
-            },
-            _ => return None,
-        })
-    }
-
-    /// The context object for a template that refers to the built-in names `uses`.
-    fn value(&self, uses: Uses) -> Value {
-        let mut base = self.base.borrow_mut();
-        let missing = uses.without(base.0);
-        if missing != Uses::default() {
-            add_base_values(Arc::make_mut(&mut base.1), self.email, self.envelope, self.rule, missing);
-            base.0 = base.0.union(missing);
-        }
-        let base = base.1.clone();
-        let values = self
-            .values
-            .get_or_init(|| Arc::new(self.fields.iter().map(|(k, v)| (k.to_string(), template_value(v))).collect()));
-        Value::from_object(ContextObject { base, fields: values.clone() })
+    /// The context object a template is rendered with.
+    fn value(&self) -> Value {
+        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule)));
+        Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
     }
 }
 
-/// A field as the template engine sees it.
-fn template_value(value: &Json) -> Value {
-    match value {
-        Json::String(s) => Value::from(s.as_str()),
-        other => Value::from(minijinja::value::Serde(other)),
-    }
-}
-
-/// Adds the values of the built-in names `uses` to `base`.
-fn add_base_values(
-    base: &mut BTreeMap<&'static str, Value>,
-    email: &Email,
-    envelope: &Envelope,
-    rule: &str,
-    uses: Uses,
-) {
+/// The values of the built-in names (`fields` is served by the context object itself).
+fn base_values(email: &Email, envelope: &Envelope, rule: &str) -> BTreeMap<&'static str, Value> {
     let addresses = |list: &[Address]| Value::from(list.iter().map(AddressObject::value).collect::<Vec<_>>());
-    for &name in RESERVED {
-        if !uses.has(name) {
-            continue;
-        }
-        let value = match name {
-            "from" => AddressObject::value(email.from.first().unwrap_or(&Address::default())),
-            "to" => addresses(&email.to),
-            "cc" => addresses(&email.cc),
-            "reply_to" => addresses(&email.reply_to),
-            "subject" => Value::from(email.subject.as_str()),
-            "date" => Value::from(email.date.as_str()),
-            "message_id" => Value::from(email.message_id.as_str()),
-            "text" => Value::from(email.text.as_str()),
-            "html" => Value::from(email.html.as_str()),
-            "headers" => Value::from_object(HeadersObject(
-                email.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect(),
-            )),
-            "attachments" => Value::from(minijinja::value::Serde(&email.attachments)),
-            "envelope" => envelope_value(envelope),
-            "rule" => Value::from(rule),
-            _ => continue, // `fields` is served by the context object itself
-        };
-        base.insert(name, value);
-    }
+    let headers = email.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+    BTreeMap::from([
+        ("from", AddressObject::value(email.from.first().unwrap_or(&Address::default()))),
+        ("to", addresses(&email.to)),
+        ("cc", addresses(&email.cc)),
+        ("reply_to", addresses(&email.reply_to)),
+        ("subject", Value::from(email.subject.as_str())),
+        ("date", Value::from(email.date.as_str())),
+        ("message_id", Value::from(email.message_id.as_str())),
+        ("text", Value::from(email.text.as_str())),
+        ("html", Value::from(email.html.as_str())),
+        ("headers", Value::from_object(HeadersObject(headers))),
+        ("attachments", Value::from(Serde(&email.attachments))),
+        ("envelope", envelope_value(envelope)),
+        ("rule", Value::from(rule)),
+    ])
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {
@@ -381,7 +197,7 @@ fn envelope_value(envelope: &Envelope) -> Value {
     m.insert("id", Value::from(envelope.id.as_str()));
     m.insert("source", Value::from(envelope.source.to_string()));
     m.insert("mail_from", Value::from(envelope.mail_from.clone().unwrap_or_default()));
-    m.insert("recipients", Value::from(minijinja::value::Serde(&envelope.recipients)));
+    m.insert("recipients", Value::from(Serde(&envelope.recipients)));
     m.insert("received_at", Value::from(envelope.received_at.as_str()));
     m.insert("client", Value::from(envelope.client.clone().unwrap_or_default()));
     m.insert("helo", Value::from(envelope.helo.clone().unwrap_or_default()));

@@ -2,10 +2,9 @@
 //! serde) so that every problem is found in one pass and reported with its line, rule and key.
 
 use super::context::{RESERVED, Templates};
-use super::{
-    Conditions, Extraction, Extractor, Matcher, Pattern, Rule, RuleError, RuleSet, Spec, Target, Unmatched, fast,
-};
-use regex_syntax::hir::Hir;
+use super::{Extractor, Matcher, Rule, RuleError, RuleSet, Spec, Target, Unmatched};
+use crate::config::Config;
+use regex::{Regex, RegexBuilder};
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +15,18 @@ use toml::de::{DeTable, DeValue};
 /// Rules files are the `*.toml` files of the rules directory.
 pub const RULE_FILE_EXTENSION: &str = "toml";
 
-/// Compiled size limit for one regex (its NFA's budget, as the `regex` crate's `size_limit`).
-pub(super) const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
+/// Compiled size limit for one regex (the `regex` crate's `size_limit`).
+const REGEX_SIZE_LIMIT: usize = 8 * 1024 * 1024;
 
 const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "extract", "fields", "payload"];
+
+/// Loads the rules directory of `config` and checks that every destination a rule names is
+/// one of its `[destination.*]` tables.
+pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
+    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    let errors = rules.check_destinations(|d| config.destination.contains_key(d));
+    if errors.is_empty() { Ok(rules) } else { Err(errors) }
+}
 
 /// Reads every rules file of `dir`, sorted by file name. Hidden files are skipped.
 pub(super) fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Vec<RuleError>> {
@@ -67,7 +74,6 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     let mut errors = Vec::new();
     let mut names = Vec::new();
     let mut regexes = HashMap::new();
-    let mut conditions = Conditions::default();
     for (file, text) in sources {
         let mut c = FileCompiler {
             file,
@@ -76,7 +82,6 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
             errors: &mut errors,
             names: &mut names,
             regexes: &mut regexes,
-            conditions: &mut conditions,
             rule: None,
         };
         c.compile_file(&mut rules);
@@ -101,34 +106,8 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         errors.sort_by_key(|e| (file_index(&e.file), e.line));
         return Err(errors);
     }
-    let memo_slots = assign_memo_slots(&mut conditions.all);
     let files = sources.iter().map(|(f, _)| f.clone()).collect();
-    Ok(RuleSet { rules, conditions, unmatched, templates, files, memo_slots })
-}
-
-/// Gives every `when` condition that more than one rule has (same key, same pattern) a slot in
-/// the per-message memo, so that it is evaluated once per message; returns the slot count.
-fn assign_memo_slots(conditions: &mut [Matcher]) -> usize {
-    let mut count: HashMap<(&Target, &str), usize> = HashMap::new();
-    for m in conditions.iter() {
-        *count.entry((&m.target, m.regex.as_str())).or_default() += 1;
-    }
-    let mut slots: HashMap<(Target, String), usize> = count
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|((target, pattern), _)| ((target.clone(), pattern.to_string()), 0))
-        .collect();
-    let mut next = 0;
-    for m in conditions.iter_mut() {
-        if let Some(slot) = slots.get_mut(&(m.target.clone(), m.regex.as_str().to_string())) {
-            if *slot == 0 {
-                next += 1;
-                *slot = next;
-            }
-            m.memo = Some(*slot - 1);
-        }
-    }
-    next
+    Ok(RuleSet { rules, unmatched, templates, files })
 }
 
 struct FileCompiler<'a> {
@@ -140,9 +119,7 @@ struct FileCompiler<'a> {
     names: &'a mut Vec<(String, PathBuf, usize)>,
     /// Every regex compiled so far, by pattern: rules that use the same pattern share it (and
     /// its search caches).
-    regexes: &'a mut HashMap<String, (Arc<Pattern>, Arc<Hir>)>,
-    /// The `when` conditions of the rules compiled so far.
-    conditions: &'a mut Conditions,
+    regexes: &'a mut HashMap<String, Arc<Regex>>,
     /// Label of the rule being compiled.
     rule: Option<String>,
 }
@@ -189,8 +166,7 @@ impl FileCompiler<'_> {
                 self.rule = Some(format!("#{}", i + 1));
                 match item.get_ref() {
                     DeValue::Table(t) => {
-                        if let Some((rule, when)) = self.compile_rule(t, item.span().start) {
-                            self.conditions.push(when);
+                        if let Some(rule) = self.compile_rule(t, item.span().start) {
                             rules.push(rule);
                         }
                     }
@@ -201,8 +177,8 @@ impl FileCompiler<'_> {
         }
     }
 
-    /// The rule, and its `when` conditions; `None` after reporting its errors.
-    fn compile_rule(&mut self, t: &DeTable<'_>, offset: usize) -> Option<(Rule, Vec<Matcher>)> {
+    /// The rule; `None` after reporting its errors.
+    fn compile_rule(&mut self, t: &DeTable<'_>, offset: usize) -> Option<Rule> {
         let before = self.errors.len();
         let name = match t.get("name").map(|v| (v.get_ref(), v.span().start)) {
             Some((DeValue::String(s), at)) => {
@@ -266,8 +242,8 @@ impl FileCompiler<'_> {
                 let Some(target) = self.target(&key, &k) else { continue };
                 match value.get_ref() {
                     DeValue::String(s) => {
-                        if let Some((regex, hir)) = self.regex(s, value.span().start, &k) {
-                            when.push(Matcher::new(target, regex, &hir));
+                        if let Some(regex) = self.regex(s, value.span().start, &k) {
+                            when.push(Matcher { target, regex });
                         }
                     }
                     _ => self.error(value.span().start, Some(k), "must be a regex string"),
@@ -305,10 +281,10 @@ impl FileCompiler<'_> {
                 };
                 let mut regexes = Vec::new();
                 for (pattern, at, key) in patterns {
-                    let Some((regex, hir)) = self.regex(&pattern, at, &key) else {
+                    let Some(regex) = self.regex(&pattern, at, &key) else {
                         continue;
                     };
-                    let names: Vec<&str> = regex.names().map(|(_, name)| name).collect();
+                    let names: Vec<&str> = regex.capture_names().flatten().collect();
                     if names.is_empty() {
                         self.error(at, Some(key.clone()), "has no named group (?P<name>...), so it extracts nothing");
                     }
@@ -319,7 +295,7 @@ impl FileCompiler<'_> {
                             extracted_names.push(name.to_string());
                         }
                     }
-                    regexes.push(Extraction::new(regex, &hir));
+                    regexes.push(regex);
                 }
                 extract.push(Extractor { target, regexes });
             }
@@ -362,9 +338,17 @@ impl FileCompiler<'_> {
             }
         }
 
-        (self.errors.len() == before)
-            .then(|| Rule { name, file: self.file.to_path_buf(), line, to, require, extract, fields, payload })
-            .map(|rule| (rule, when))
+        (self.errors.len() == before).then(|| Rule {
+            name,
+            file: self.file.to_path_buf(),
+            line,
+            to,
+            require,
+            when,
+            extract,
+            fields,
+            payload,
+        })
     }
 
     /// The entries of a sub-table, in file order (empty, with an error, if it is not a table).
@@ -414,19 +398,20 @@ impl FileCompiler<'_> {
         target
     }
 
-    /// The compiled `pattern` and its parsed form (each pattern is compiled once per load).
-    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<(Arc<Pattern>, Arc<Hir>)> {
-        if let Some(r) = self.regexes.get(pattern) {
-            return Some(r.clone());
+    /// The compiled `pattern` (each distinct pattern is compiled once per load).
+    fn regex(&mut self, pattern: &str, at: usize, key: &str) -> Option<Arc<Regex>> {
+        if let Some(regex) = self.regexes.get(pattern) {
+            return Some(regex.clone());
         }
-        match Pattern::new(pattern, REGEX_SIZE_LIMIT) {
-            Ok((regex, hir)) => {
-                let r = (Arc::new(regex), Arc::new(hir));
-                self.regexes.insert(pattern.to_string(), r.clone());
-                Some(r)
+        match RegexBuilder::new(pattern).size_limit(REGEX_SIZE_LIMIT).build() {
+            Ok(regex) => {
+                let regex = Arc::new(regex);
+                self.regexes.insert(pattern.to_string(), regex.clone());
+                Some(regex)
             }
             Err(e) => {
-                self.error(at, Some(key.to_string()), format!("invalid regex {pattern:?}: {}", regex_error_reason(&e)));
+                let reason = regex_error_reason(&e.to_string());
+                self.error(at, Some(key.to_string()), format!("invalid regex {pattern:?}: {reason}"));
                 None
             }
         }
@@ -441,13 +426,7 @@ impl FileCompiler<'_> {
                     return Some(Spec::Literal(Json::String(s.to_string())));
                 }
                 match self.templates.add_template(&name, s) {
-                    Ok(()) => Some(match lone_variable(s) {
-                        Some(var) => Spec::Field { name: var.to_string(), template: name },
-                        None => match fast::template_parts(s) {
-                            Some(parts) => Spec::Simple { parts, template: name },
-                            None => Spec::Template(name),
-                        },
-                    }),
+                    Ok(()) => Some(Spec::Template(name)),
                     Err(e) => {
                         self.error(at, Some(key.into()), format!("invalid template: {e}"));
                         None
@@ -491,10 +470,7 @@ impl FileCompiler<'_> {
                         return None;
                     };
                     return match self.templates.add_expr(&name, source) {
-                        Ok(()) => Some(match fast::expression(source) {
-                            Some(expr) => Spec::FastExpr { expr, template: name },
-                            None => Spec::Expr(name),
-                        }),
+                        Ok(()) => Some(Spec::Expr(name)),
                         Err(e) => {
                             self.error(expr.span().start, Some(key.into()), format!("invalid expression: {e}"));
                             None
@@ -513,15 +489,6 @@ impl FileCompiler<'_> {
             }
         }
     }
-}
-
-/// `x` when the template is exactly `{{ x }}` (spaces allowed), a plain name.
-fn lone_variable(template: &str) -> Option<&str> {
-    let inner = template.strip_prefix("{{")?.strip_suffix("}}")?.trim();
-    let mut chars = inner.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    valid.then_some(inner)
 }
 
 /// Why `name` cannot be a field name, if it cannot.

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::ingest::smtp::{Listener, ListenerError};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
-use crate::rules::{RuleError, RuleSet, Unmatched};
+use crate::rules::{RuleError, load_rules};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use admin::{Admin, AdminError};
 use reload::Reloader;
@@ -39,13 +39,6 @@ pub enum ServeError {
     Imap(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Loads and checks the rules of `config` (destinations included).
-pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
-    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
-    let errors = rules.check_destinations(|d| config.destination.contains_key(d));
-    if errors.is_empty() { Ok(rules) } else { Err(errors) }
 }
 
 /// Runs `mailhook serve` until SIGTERM/SIGINT.

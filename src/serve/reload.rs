@@ -8,14 +8,14 @@
 //!
 //! The directory is watched with inotify (the `notify` crate); an editor's save is often a burst
 //! of events (write a temporary file, rename it over the old one), so a reload waits until no
-//! event came for [`DEBOUNCE`]. The new set is loaded with [`crate::serve::load_rules`], which
+//! event came for [`DEBOUNCE`]. The new set is loaded with [`crate::rules::load_rules`], which
 //! also checks that every destination a rule names exists, and replaces the shared set in one
 //! step: a message being judged keeps the set it started with.
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::SharedRules;
-use crate::serve::load_rules;
+use crate::rules::load_rules;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
