@@ -211,7 +211,8 @@ fn a_data_that_never_ends_is_cut_by_the_data_timeout_while_others_are_served() {
 #[test]
 fn a_thousand_idle_connections_neither_block_the_limit_nor_cost_much_memory() {
     const IDLE: usize = 1000;
-    let (gw, addr) = keeping_smtp(&format!("max_connections = {IDLE}\n"));
+    // Every connection comes from 127.0.0.1: the per-address limit is raised with the global one.
+    let (gw, addr) = keeping_smtp(&format!("max_connections = {IDLE}\nmax_connections_per_ip = {}\n", IDLE + 10));
     let pid = gw.serve_pid().unwrap();
     let mut c = SmtpClient::connect(addr);
     c.hello("EHLO", "warm-up.test");
@@ -348,8 +349,10 @@ fn a_pipelining_flood_gets_every_reply_in_order() {
 #[test]
 fn clients_that_flood_and_never_read_are_timed_out_without_memory_growth() {
     const FLOODERS: usize = 20;
-    let (gw, addr) =
-        keeping_smtp(&format!("max_connections = {FLOODERS}\ncommand_timeout = \"1s\"\ndata_timeout = \"1s\"\n"));
+    let (gw, addr) = keeping_smtp(&format!(
+        "max_connections = {FLOODERS}\nmax_connections_per_ip = {}\ncommand_timeout = \"1s\"\ndata_timeout = \"1s\"\n",
+        FLOODERS + 5
+    ));
     let pid = gw.serve_pid().unwrap();
     let mut c = SmtpClient::connect(addr);
     c.hello("EHLO", "warm-up.test");

@@ -241,11 +241,12 @@ fn a_spool_of_bare_raw_messages_is_still_worked() {
     let (_d, spool) = open();
     // The layout written before message files: incoming/ID.json beside msg/ID.eml.
     let mut e = envelope();
-    let raws: Vec<(String, &[u8])> = ["01LEGACYA", "01LEGACYB", "01LEGACYC"]
-        .into_iter()
-        .zip([&b"Subject: a\r\n\r\n"[..], b"Subject: b\r\n\r\n", b"Subject: c\r\n\r\n"])
-        .map(|(id, raw)| (id.to_string(), raw))
-        .collect();
+    let raws: Vec<(String, &[u8])> =
+        ["01JD4Z6W8Q2M3N4P5R6S7T8V9A", "01JD4Z6W8Q2M3N4P5R6S7T8V9B", "01JD4Z6W8Q2M3N4P5R6S7T8V9C"]
+            .into_iter()
+            .zip([&b"Subject: a\r\n\r\n"[..], b"Subject: b\r\n\r\n", b"Subject: c\r\n\r\n"])
+            .map(|(id, raw)| (id.to_string(), raw))
+            .collect();
     for (id, raw) in &raws {
         e.id = id.clone();
         fs::write(spool.dir().join("msg").join(format!("{id}.eml")), raw).unwrap();
