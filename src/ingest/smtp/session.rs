@@ -400,6 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.error()?;
             }
             Request::Mail { from } => self.mail(from.address, from.size)?,
+            // The parser gives `<postmaster>` (RFC 5321 4.5.1: no domain) as an empty address.
+            Request::Rcpt { to } if to.address.is_empty() && is_postmaster_rcpt(line) => {
+                self.rcpt("postmaster".into())?
+            }
             Request::Rcpt { to } => self.rcpt(quoted_path(line).unwrap_or(to.address))?,
             Request::Data => return self.data().await.map(|()| None),
             Request::Bdat { chunk_size, is_last } => return self.bdat(chunk_size, is_last).await.map(|()| None),
@@ -843,6 +847,14 @@ fn quoted_path(line: &[u8]) -> Option<String> {
         }
     }
     None
+}
+
+/// `RCPT TO:<postmaster>` (any case, maybe a space after the colon, maybe parameters).
+fn is_postmaster_rcpt(line: &[u8]) -> bool {
+    let line = trim_line(line).to_ascii_lowercase();
+    line.strip_prefix(b"rcpt to:")
+        .map(|rest| rest.trim_ascii_start())
+        .is_some_and(|rest| rest.starts_with(b"<postmaster>"))
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
