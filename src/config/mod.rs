@@ -458,12 +458,11 @@ impl EmailHookConfig {
 /// The host part of `smtp[s]://host[:port]`, brackets removed (best effort: for policy only).
 fn relay_host(relay: &str) -> &str {
     let rest = relay.split_once("://").map_or(relay, |(_, r)| r).trim_end_matches('/');
-    let host = if let Some(v6) = rest.strip_prefix('[') {
+    if let Some(v6) = rest.strip_prefix('[') {
         v6.split_once(']').map_or(v6, |(h, _)| h)
     } else {
         rest.rsplit_once(':').map_or(rest, |(h, _)| h)
-    };
-    host
+    }
 }
 
 /// The host part of an `http[s]://` URL (best effort: for policy only).
