@@ -5,9 +5,11 @@
 //! 1. TOML syntax (the `toml` crate's message, with line and column);
 //! 2. `${VAR}` expansion in every string value; an unset variable is an error naming the key
 //!    (`$${` writes a literal `${`);
-//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it),
-//!    then [`Config::validate`] for what types cannot say (a destination missing its `url`,
-//!    a bad regex, TLS `none` to a remote IMAP server, …).
+//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it; each
+//!    `[destination.NAME]` is read by its `type` into a table of that type's keys only), then
+//!    [`Config::validate`] for what types cannot say (a bad regex, TLS `none` to a remote IMAP
+//!    server, a token over `http://`, an open listener, …). [`Config::warnings`] names what is
+//!    allowed but weaker than the defaults (`check` prints them, `serve` logs them).
 //!
 //! Values from the environment are expanded after the syntax pass and never appear in error
 //! messages; secret values are held in [`Secret`], whose `Debug` prints `***`.
