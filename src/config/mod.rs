@@ -815,6 +815,19 @@ impl Config {
         warnings
     }
 
+    /// Every secret value of the config (destinations' tokens, keys, passwords and header
+    /// values, IMAP passwords, SMTP/LMTP AUTH passwords, the admin token), to be redacted from
+    /// whatever is stored or logged.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        let mut all: Vec<&Secret> = self.destination.values().flat_map(DestinationConfig::secrets).collect();
+        all.extend(self.imap.iter().filter_map(|i| i.password.as_ref()));
+        for listener in [&self.smtp, &self.lmtp].into_iter().flatten() {
+            all.extend(listener.auth.iter().flat_map(|a| a.users.values()));
+        }
+        all.extend(self.admin.as_ref().and_then(|a| a.token.as_ref()));
+        all
+    }
+
     /// Checks what the types cannot; returns `(key, message)` for every problem.
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut errs: Vec<(String, String)> = Vec::new();

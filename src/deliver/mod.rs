@@ -51,7 +51,7 @@ pub struct BuildError {
 /// A configured destination, ready to send.
 pub struct Destination {
     target: Target,
-    /// The secret values of its config, redacted from every reason it reports.
+    /// The config's secret values, redacted from every reason it reports.
     secrets: Vec<String>,
 }
 
@@ -88,10 +88,14 @@ impl Destination {
                 Target::File(file::FileDestination::open(&config.resolve(&f.path)).map_err(err)?)
             }
         };
-        // Longest first, so a secret that holds another is redacted whole.
+        // Every secret of the config (a receiver may echo any header it was sent, and one
+        // destination's key may be another's), longest first, so that a secret that holds
+        // another is redacted whole. As in config errors, values under 4 bytes are left alone:
+        // they are common words and digits, not secrets worth a mangled message.
         let mut secrets: Vec<String> =
-            d.secrets().into_iter().map(|s| s.expose().to_string()).filter(|s| !s.is_empty()).collect();
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+            config.secrets().into_iter().map(|s| s.expose().to_string()).filter(|s| s.len() >= 4).collect();
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secrets.dedup();
         Ok(Destination { target, secrets })
     }
 
@@ -126,4 +130,19 @@ pub(crate) fn body_start(body: &str, n: usize) -> String {
     let one_line: String = body.chars().map(|c| if c.is_control() { ' ' } else { c }).take(n).collect();
     let one_line = one_line.trim().to_string();
     if body.chars().count() > n { format!("{one_line}…") } else { one_line }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn every_occurrence_of_every_secret_is_redacted() {
+        let secrets = ["token-long-1".to_string(), "token".to_string()];
+        assert_eq!(
+            redact("echo: Bearer token-long-1, token, token-long-1".into(), &secrets),
+            "echo: Bearer ***, ***, ***"
+        );
+        assert_eq!(redact("nothing here".into(), &secrets), "nothing here");
+    }
 }
