@@ -154,7 +154,7 @@ impl Serve {
             dir.join("mailhook.toml"),
             format!(
                 "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
                  [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
                  [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n"
             ),

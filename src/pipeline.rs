@@ -139,6 +139,7 @@ impl Pipeline {
             let destination = Destination::build(name, d, config)?;
             metrics.destination(name);
             let delivery = &config.delivery;
+            let d = d.pacing();
             targets.insert(
                 name.clone(),
                 Arc::new(PacedDestination {

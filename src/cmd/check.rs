@@ -25,6 +25,9 @@ pub fn run(config_path: &Path) -> Exit {
         }
     };
 
+    for (key, message) in config.warnings() {
+        eprintln!("warning: {}: {key}: {message}", config_path.display());
+    }
     println!("{}: ok", config_path.display());
     println!(
         "  rules: {} in {} file{} from {} (unmatched: {})",
@@ -35,7 +38,7 @@ pub fn run(config_path: &Path) -> Exit {
         config.rules.unmatched
     );
     for (name, d) in &config.destination {
-        println!("  destination {name}: {}", d.kind.name());
+        println!("  destination {name}: {}", d.type_name());
     }
     if let Some(smtp) = &config.smtp {
         println!("  smtp: {}", smtp.listen.join(", "));

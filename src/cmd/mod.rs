@@ -87,8 +87,10 @@ impl RulesSource {
 
 /// Loads the config and opens its spool, which must exist already (`serve` creates it).
 /// Prints what is wrong and returns the exit code: 78 for the config, 75 for the spool.
+/// Only the `${VAR}`s of `[spool]` and `[rules]` need be set ([`Config::load_for_spool`]):
+/// the commands that open the spool this way never deliver.
 pub(crate) fn open_spool(config_path: &Path) -> Result<(Config, crate::spool::Spool), Exit> {
-    let config = Config::load(config_path).map_err(|errors| {
+    let config = Config::load_for_spool(config_path).map_err(|errors| {
         for e in errors {
             eprintln!("{e}");
         }

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::model::Action;
 use crate::parse::parse;
 use crate::rules::{RuleSet, load_rules};
-use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, format_time};
+use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, check_id, format_time};
 use serde_json::{Value as Json, json};
 use std::path::Path;
 use std::time::SystemTime;
@@ -17,6 +17,18 @@ fn rules(config: &Config) -> Result<RuleSet, Exit> {
         super::print_rule_errors(&errors);
         Exit::Config
     })
+}
+
+/// Refuses any id that is not a ULID before anything is opened: an id is made into a path.
+fn check_ids<S: AsRef<str>>(ids: &[S]) -> Result<(), Exit> {
+    let mut exit = Ok(());
+    for id in ids {
+        if let Err(e) = check_id(id.as_ref()) {
+            eprintln!("{e}");
+            exit = Err(Exit::Usage);
+        }
+    }
+    exit
 }
 
 /// One line of `queue list`.
@@ -123,6 +135,9 @@ fn find(spool: &Spool, id: &str) -> Result<(State, Meta), Exit> {
 }
 
 pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
+    if let Err(code) = check_ids(&[id]) {
+        return code;
+    }
     let (config, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
@@ -200,6 +215,9 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
 /// `queue retry`: a dead letter goes back in line (destinations that failed are tried again;
 /// one never judged is judged again); a deferred message becomes due now.
 pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
+    if let Err(code) = check_ids(ids) {
+        return code;
+    }
     let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
@@ -275,6 +293,9 @@ fn each_message(spool: &Spool, ids: Vec<String>, mut decide: impl FnMut(&str, St
 }
 
 pub fn drop(config_path: &Path, ids: &[String]) -> Exit {
+    if let Err(code) = check_ids(ids) {
+        return code;
+    }
     let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
@@ -322,6 +343,9 @@ fn targets(spool: &Spool, ids: &[String], all_dead: bool) -> Result<Vec<String>,
 /// `replay`: judge stored messages again with the current rules, and queue them accordingly:
 /// the new decision replaces the old one (every destination of it is pending again).
 pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
+    if let Err(code) = check_ids(ids) {
+        return code;
+    }
     let (config, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,

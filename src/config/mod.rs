@@ -5,9 +5,11 @@
 //! 1. TOML syntax (the `toml` crate's message, with line and column);
 //! 2. `${VAR}` expansion in every string value; an unset variable is an error naming the key
 //!    (`$${` writes a literal `${`);
-//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it),
-//!    then [`Config::validate`] for what types cannot say (a destination missing its `url`,
-//!    a bad regex, TLS `none` to a remote IMAP server, …).
+//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it; each
+//!    `[destination.NAME]` is read by its `type` into a table of that type's keys only), then
+//!    [`Config::validate`] for what types cannot say (a bad regex, TLS `none` to a remote IMAP
+//!    server, a token over `http://`, an open listener, …). [`Config::warnings`] names what is
+//!    allowed but weaker than the defaults (`check` prints them, `serve` logs them).
 //!
 //! Values from the environment are expanded after the syntax pass and never appear in error
 //! messages; secret values are held in [`Secret`], whose `Debug` prints `***`.
@@ -59,7 +61,8 @@ pub struct Config {
     pub lmtp: Option<ListenerConfig>,
     #[serde(default)]
     pub imap: Vec<ImapConfig>,
-    #[serde(default)]
+    /// Read by [`Config::parse`] one table at a time (see [`DestinationConfig::from_table`]).
+    #[serde(default, skip_deserializing)]
     pub destination: BTreeMap<String, DestinationConfig>,
     #[serde(default)]
     pub delivery: DeliveryConfig,
@@ -131,12 +134,33 @@ pub struct ListenerConfig {
     pub auth: Option<AuthConfig>,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one client address may hold at once; more get `421`.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
+    /// The longest a whole command line may take to arrive, however it trickles in.
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// The longest a message body (DATA, or each BDAT chunk) may take, plus one second per
+    /// `min_data_rate` bytes received.
     #[serde(default = "default_data_timeout", with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Bytes per second a body must arrive at, on average, to earn time beyond `data_timeout`.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: bytesize::ByteSize,
+}
+
+impl ListenerConfig {
+    /// Whether every `listen` address is a loopback one.
+    pub fn loopback_only(&self) -> bool {
+        self.listen.iter().all(|a| a.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback()))
+    }
+
+    /// Whether some `recipients` pattern matches every address (it matches the empty string).
+    pub fn accepts_any_recipient(&self) -> bool {
+        self.recipients.iter().any(|r| regex::Regex::new(r).is_ok_and(|re| re.is_match("")))
+    }
 }
 
 fn default_hostname() -> String {
@@ -150,6 +174,12 @@ fn default_allow() -> Vec<ipnet::IpNet> {
 }
 fn default_max_connections() -> usize {
     1000
+}
+fn default_max_connections_per_ip() -> usize {
+    20
+}
+fn default_min_data_rate() -> bytesize::ByteSize {
+    bytesize::ByteSize::b(500)
 }
 fn default_max_recipients() -> usize {
     100
@@ -175,6 +205,26 @@ pub struct AuthConfig {
     /// Refuse MAIL before AUTH.
     #[serde(default)]
     pub required: bool,
+    /// Failed AUTH attempts after which the session is closed.
+    #[serde(default = "default_auth_max_failures")]
+    pub max_failures: usize,
+    /// Wait before answering a failed AUTH: this, times the session's failures so far.
+    #[serde(default = "default_auth_failure_delay", with = "humantime_serde")]
+    pub failure_delay: Duration,
+    /// Failed AUTH attempts one client address may make in a minute, over all its
+    /// connections; past that its AUTH commands get `421` until the minute is over.
+    #[serde(default = "default_auth_failures_per_minute")]
+    pub max_failures_per_minute: usize,
+}
+
+fn default_auth_max_failures() -> usize {
+    3
+}
+fn default_auth_failure_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_auth_failures_per_minute() -> usize {
+    10
 }
 
 /// `[[imap]]`: one watched account.
@@ -216,14 +266,17 @@ fn default_poll() -> Duration {
     Duration::from_secs(60)
 }
 
+/// `tls` of an IMAP account or an email hook's relay: `implicit`, `starttls` or `none`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ImapTls {
+pub enum TlsMode {
     #[default]
     Implicit,
     Starttls,
     None,
 }
+
+pub type ImapTls = TlsMode;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -259,66 +312,256 @@ impl<'de> Deserialize<'de> for After {
     }
 }
 
-/// The kinds of destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DestinationType {
-    KustomerWebHook,
-    KustomerFormHook,
-    KustomerEmailHook,
-    Webhook,
-    File,
-}
-
-impl DestinationType {
-    pub fn name(self) -> &'static str {
-        match self {
-            DestinationType::KustomerWebHook => "kustomer-web-hook",
-            DestinationType::KustomerFormHook => "kustomer-form-hook",
-            DestinationType::KustomerEmailHook => "kustomer-email-hook",
-            DestinationType::Webhook => "webhook",
-            DestinationType::File => "file",
-        }
-    }
-}
-
-/// `[destination.NAME]`. One flat table for every type, so that a key that does not belong to
-/// the type is reported by name (see [`Config::validate`]).
+/// `[destination.NAME]`: one variant per `type`, each with only the keys that type uses
+/// (`deny_unknown_fields`), so a key that does not belong to the type is refused by name.
+///
+/// [`Config::parse`] reads each destination through [`DestinationConfig::from_table`], which
+/// keeps the key path of every error (`destination.NAME.KEY`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DestinationConfig {
-    #[serde(rename = "type")]
-    pub kind: DestinationType,
-    /// web/form hooks, webhook.
-    pub url: Option<String>,
-    /// kustomer-web-hook: the Bearer key.
-    pub token: Option<Secret>,
-    /// webhook: extra request headers (values are treated as secrets).
-    #[serde(default)]
-    pub headers: BTreeMap<String, Secret>,
-    /// kustomer-email-hook: the hook's address.
-    pub address: Option<String>,
-    /// kustomer-email-hook: the `data-kustomer-key`.
-    pub key: Option<Secret>,
-    /// kustomer-email-hook: `smtp://host:port` (STARTTLS when offered) or `smtps://host:port`.
-    pub relay: Option<String>,
-    /// kustomer-email-hook: envelope and header sender.
-    pub from: Option<String>,
-    /// kustomer-email-hook: relay AUTH user and password.
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    /// file: JSON lines appended here.
-    pub path: Option<PathBuf>,
-    /// Extra CA certificate (PEM) trusted for this destination's TLS.
-    pub ca_file: Option<PathBuf>,
-    #[serde(default, with = "humantime_serde")]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum DestinationConfig {
+    KustomerWebHook(WebHookConfig),
+    KustomerFormHook(FormHookConfig),
+    KustomerEmailHook(EmailHookConfig),
+    Webhook(WebhookConfig),
+    File(FileConfig),
+}
+
+/// A destination's overrides of `[delivery]`; every type takes them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pacing {
     pub timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
     pub retry_for: Option<Duration>,
     pub backoff: Option<BackoffConfig>,
     pub max_body: Option<bytesize::ByteSize>,
     pub rate: Option<Rate>,
     pub concurrency: Option<usize>,
+}
+
+/// Declares a destination type's table: its own keys, then the [`Pacing`] keys every type takes.
+macro_rules! destination_table {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty,)*
+            #[serde(default, with = "humantime_serde")]
+            pub timeout: Option<Duration>,
+            #[serde(default, with = "humantime_serde")]
+            pub retry_for: Option<Duration>,
+            pub backoff: Option<BackoffConfig>,
+            pub max_body: Option<bytesize::ByteSize>,
+            pub rate: Option<Rate>,
+            pub concurrency: Option<usize>,
+        }
+
+        impl $name {
+            fn pacing(&self) -> Pacing {
+                Pacing {
+                    timeout: self.timeout,
+                    retry_for: self.retry_for,
+                    backoff: self.backoff,
+                    max_body: self.max_body,
+                    rate: self.rate,
+                    concurrency: self.concurrency,
+                }
+            }
+        }
+    };
+}
+
+destination_table! {
+    /// `type = "kustomer-web-hook"`: POST with `Authorization: Bearer <token>`.
+    WebHookConfig {
+        url: String,
+        token: Secret,
+        /// Extra CA certificate (PEM) trusted for this destination's TLS.
+        ca_file: Option<PathBuf>,
+    }
+}
+
+destination_table! {
+    /// `type = "kustomer-form-hook"`: POST, no key.
+    FormHookConfig {
+        url: String,
+        ca_file: Option<PathBuf>,
+    }
+}
+
+destination_table! {
+    /// `type = "webhook"`: POST with the configured headers (their values are secrets).
+    WebhookConfig {
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, Secret>,
+        ca_file: Option<PathBuf>,
+    }
+}
+
+destination_table! {
+    /// `type = "kustomer-email-hook"`: an HTML email through an SMTP relay.
+    EmailHookConfig {
+        /// The hook's address.
+        address: String,
+        /// The `data-kustomer-key`.
+        key: Secret,
+        /// `smtp://host[:port]` or `smtps://host[:port]`.
+        relay: String,
+        /// Envelope and header sender.
+        from: String,
+        /// Relay AUTH user and password.
+        username: Option<String>,
+        password: Option<Secret>,
+        /// `starttls`, `implicit` or `none`; see [`EmailHookConfig::relay_tls`].
+        tls: Option<TlsMode>,
+        ca_file: Option<PathBuf>,
+    }
+}
+
+destination_table! {
+    /// `type = "file"`: JSON lines appended to `path`.
+    FileConfig {
+        path: PathBuf,
+    }
+}
+
+/// How an email hook reaches its relay, from `relay` and `tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTls {
+    /// TLS from the first byte (`smtps://`, or `tls = "implicit"`).
+    Implicit,
+    /// STARTTLS, or no delivery at all (a temporary failure).
+    Required,
+    /// STARTTLS when offered, else plaintext: only for a loopback relay without `tls`.
+    Opportunistic,
+    /// Plaintext (`tls = "none"`).
+    None,
+}
+
+impl EmailHookConfig {
+    /// The relay's TLS: `smtps://` is implicit TLS; `smtp://` is STARTTLS, required, except to
+    /// a loopback relay, which may stay plaintext unless `tls = "starttls"` is written;
+    /// `tls = "none"` is plaintext (`check` warns). `None` when `tls` contradicts `smtps://`.
+    pub fn relay_tls(&self) -> Option<RelayTls> {
+        let implicit = self.relay.starts_with("smtps://");
+        match (implicit, self.tls) {
+            (true, None | Some(TlsMode::Implicit)) => Some(RelayTls::Implicit),
+            (true, Some(_)) => None,
+            (false, Some(TlsMode::Implicit)) => Some(RelayTls::Implicit),
+            (false, Some(TlsMode::Starttls)) => Some(RelayTls::Required),
+            (false, Some(TlsMode::None)) => Some(RelayTls::None),
+            (false, None) if is_loopback_host(relay_host(&self.relay)) => Some(RelayTls::Opportunistic),
+            (false, None) => Some(RelayTls::Required),
+        }
+    }
+}
+
+/// The host part of `smtp[s]://host[:port]`, brackets removed (best effort: for policy only).
+fn relay_host(relay: &str) -> &str {
+    let rest = relay.split_once("://").map_or(relay, |(_, r)| r).trim_end_matches('/');
+    if let Some(v6) = rest.strip_prefix('[') {
+        v6.split_once(']').map_or(v6, |(h, _)| h)
+    } else {
+        rest.rsplit_once(':').map_or(rest, |(h, _)| h)
+    }
+}
+
+/// The host part of an `http[s]://` URL (best effort: for policy only).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    relay_host(authority)
+}
+
+impl DestinationConfig {
+    /// The `type` value.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DestinationConfig::KustomerWebHook(_) => "kustomer-web-hook",
+            DestinationConfig::KustomerFormHook(_) => "kustomer-form-hook",
+            DestinationConfig::KustomerEmailHook(_) => "kustomer-email-hook",
+            DestinationConfig::Webhook(_) => "webhook",
+            DestinationConfig::File(_) => "file",
+        }
+    }
+
+    /// Its overrides of `[delivery]`.
+    pub fn pacing(&self) -> Pacing {
+        match self {
+            DestinationConfig::KustomerWebHook(d) => d.pacing(),
+            DestinationConfig::KustomerFormHook(d) => d.pacing(),
+            DestinationConfig::KustomerEmailHook(d) => d.pacing(),
+            DestinationConfig::Webhook(d) => d.pacing(),
+            DestinationConfig::File(d) => d.pacing(),
+        }
+    }
+
+    /// Every secret value it holds (tokens, keys, passwords, header values), to be redacted
+    /// from whatever is stored or logged about it.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        match self {
+            DestinationConfig::KustomerWebHook(d) => vec![&d.token],
+            DestinationConfig::KustomerEmailHook(d) => std::iter::once(&d.key).chain(&d.password).collect(),
+            DestinationConfig::Webhook(d) => d.headers.values().collect(),
+            DestinationConfig::KustomerFormHook(_) | DestinationConfig::File(_) => Vec::new(),
+        }
+    }
+
+    /// Deserialises one `[destination.NAME]` table. Errors carry their key path
+    /// (`destination.NAME.KEY`), which serde loses inside an internally tagged enum.
+    fn from_table(name: &str, value: toml::Value) -> Result<DestinationConfig, (String, String)> {
+        fn read<T: serde::de::DeserializeOwned>(
+            at: &str,
+            kind: &str,
+            table: toml::Table,
+        ) -> Result<T, (String, String)> {
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let inner = e.path().to_string();
+                let message = e.into_inner().to_string();
+                // Unknown and missing keys are reported on the table: name the key itself.
+                let named = |prefix: &str| {
+                    message.strip_prefix(prefix).and_then(|r| r.strip_prefix('`')).and_then(|r| r.split_once('`'))
+                };
+                if let Some((key, _)) = named("unknown field ") {
+                    (format!("{at}.{key}"), format!("is not used by type {kind:?}"))
+                } else if let Some((key, _)) = named("missing field ") {
+                    (format!("{at}.{key}"), format!("is required for type {kind:?}"))
+                } else if inner == "." {
+                    (at.to_string(), message)
+                } else {
+                    (format!("{at}.{inner}"), message)
+                }
+            })
+        }
+        let at = format!("destination.{name}");
+        let toml::Value::Table(mut table) = value else {
+            return Err((at, "must be a table".into()));
+        };
+        let kind = match table.remove("type") {
+            Some(toml::Value::String(s)) => s,
+            Some(_) => return Err((format!("{at}.type"), "must be a string".into())),
+            None => return Err((format!("{at}.type"), "is required".into())),
+        };
+        let d = match kind.as_str() {
+            "kustomer-web-hook" => DestinationConfig::KustomerWebHook(read(&at, &kind, table)?),
+            "kustomer-form-hook" => DestinationConfig::KustomerFormHook(read(&at, &kind, table)?),
+            "kustomer-email-hook" => DestinationConfig::KustomerEmailHook(read(&at, &kind, table)?),
+            "webhook" => DestinationConfig::Webhook(read(&at, &kind, table)?),
+            "file" => DestinationConfig::File(read(&at, &kind, table)?),
+            other => {
+                return Err((
+                    format!("{at}.type"),
+                    format!(
+                        "unknown type {other:?}: expected kustomer-web-hook, kustomer-form-hook, \
+                         kustomer-email-hook, webhook or file"
+                    ),
+                ));
+            }
+        };
+        Ok(d)
+    }
 }
 
 /// `[delivery]`: defaults for every destination.
@@ -436,12 +679,37 @@ impl Config {
         Config::parse(&text, path, &base, &|name| std::env::var(name).ok())
     }
 
+    /// [`load`](Self::load) for the commands that only read and move spool files (`queue`,
+    /// `replay`, `ingest`): only `[spool]` and `[rules]` must have their `${VAR}`s set. An unset
+    /// variable elsewhere reads as empty and whatever it makes invalid is not reported: such a
+    /// config must never deliver, and these commands never do.
+    pub fn load_for_spool(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![ConfigError { file: path.to_path_buf(), key: String::new(), message: format!("cannot read: {e}") }]
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        Config::parse_with(&text, path, &base, &|name| std::env::var(name).ok(), &["spool", "rules"])
+    }
+
     /// Parses config text; `env` looks up `${VAR}`s. `file` is only used in error messages.
     pub fn parse(
         text: &str,
         file: &Path,
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, Vec<ConfigError>> {
+        Config::parse_with(text, file, base_dir, env, &[])
+    }
+
+    /// [`parse`](Self::parse); with `only_needed` non-empty, only the `${VAR}`s under those
+    /// top-level keys must be set (see [`load_for_spool`](Self::load_for_spool)).
+    fn parse_with(
+        text: &str,
+        file: &Path,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        only_needed: &[&str],
     ) -> Result<Config, Vec<ConfigError>> {
         let error = |key: String, message: String| ConfigError { file: file.to_path_buf(), key, message };
         let mut table: toml::Table = text
@@ -451,10 +719,17 @@ impl Config {
         let mut errors = Vec::new();
         // Values taken from the environment may be secrets: they are masked in any message.
         let expanded = std::cell::RefCell::new(Vec::<String>::new());
-        let lookup = |name: &str| {
+        let unset = std::cell::RefCell::new(Vec::<String>::new());
+        let lookup = |key: &str, name: &str| {
             let value = env(name);
             if let Some(v) = &value {
                 expanded.borrow_mut().push(v.clone());
+            }
+            let needed = only_needed.is_empty()
+                || only_needed.iter().any(|top| key == *top || key.starts_with(&format!("{top}.")));
+            if value.is_none() && !needed {
+                unset.borrow_mut().push(key.to_string());
+                return Some(String::new());
             }
             value
         };
@@ -466,24 +741,91 @@ impl Config {
         }
         let expanded = expanded.into_inner();
         let mask = |message: String| mask_values(message, &expanded);
+        let unset = unset.into_inner();
+        let reported = |e: &ConfigError| !unset.iter().any(|k| e.key == *k || e.key.starts_with(&format!("{k}.")));
 
+        // Destinations are read one by one, so each error keeps its key path and every
+        // destination's error is reported.
+        let destinations = match table.remove("destination") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t,
+            Some(_) => return Err(vec![error("destination".into(), "must be a table of tables".into())]),
+        };
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
             vec![error(key, mask(e.into_inner().to_string()))]
         })?;
-        config.base_dir = base_dir.to_path_buf();
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(problems.into_iter().map(|(k, m)| error(k, mask(m))).collect())
+        let mut errors = Vec::new();
+        let mut unreadable = Vec::new();
+        for (name, value) in destinations {
+            match DestinationConfig::from_table(&name, value) {
+                Ok(d) => {
+                    config.destination.insert(name, d);
+                }
+                Err((key, message)) => {
+                    errors.push(error(key, mask(message)));
+                    unreadable.push(name);
+                }
+            }
         }
+        config.base_dir = base_dir.to_path_buf();
+        // A destination that could not be read is still a name `unmatched` may use.
+        let named_unreadable =
+            |e: &ConfigError| e.key == "rules.unmatched" && unreadable.contains(&config.rules.unmatched);
+        errors.extend(config.validate().into_iter().map(|(k, m)| error(k, mask(m))).filter(|e| !named_unreadable(e)));
+        errors.retain(reported);
+        if errors.is_empty() { Ok(config) } else { Err(errors) }
     }
 
     /// Resolves a path from the config against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
+    }
+
+    /// What is allowed but weakens a default: `(key, message)` for each. `check` prints them
+    /// and `serve` logs them at start.
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        let mut warnings = Vec::new();
+        for (section, listener) in [("smtp", &self.smtp), ("lmtp", &self.lmtp)] {
+            if let Some(l) = listener
+                && !l.loopback_only()
+                && l.accepts_any_recipient()
+            {
+                warnings.push((
+                    format!("{section}.recipients"),
+                    "accepts mail for any address from other machines: anyone allowed to connect can \
+                     create events"
+                        .to_string(),
+                ));
+            }
+        }
+        for (name, d) in &self.destination {
+            if let DestinationConfig::KustomerEmailHook(e) = d
+                && e.relay_tls() == Some(RelayTls::None)
+                && !is_loopback_host(relay_host(&e.relay))
+            {
+                warnings.push((
+                    format!("destination.{name}.tls"),
+                    "\"none\": the hook key, the payload and any relay password cross the network in plaintext"
+                        .to_string(),
+                ));
+            }
+        }
+        warnings
+    }
+
+    /// Every secret value of the config (destinations' tokens, keys, passwords and header
+    /// values, IMAP passwords, SMTP/LMTP AUTH passwords, the admin token), to be redacted from
+    /// whatever is stored or logged.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        let mut all: Vec<&Secret> = self.destination.values().flat_map(DestinationConfig::secrets).collect();
+        all.extend(self.imap.iter().filter_map(|i| i.password.as_ref()));
+        for listener in [&self.smtp, &self.lmtp].into_iter().flatten() {
+            all.extend(listener.auth.iter().flat_map(|a| a.users.values()));
+        }
+        all.extend(self.admin.as_ref().and_then(|a| a.token.as_ref()));
+        all
     }
 
     /// Checks what the types cannot; returns `(key, message)` for every problem.
@@ -511,6 +853,20 @@ impl Config {
                     Err(_) => err(format!("{section}.listen[{i}]"), format!("{addr:?} is not an IP:port address")),
                 }
             }
+            if !all_loopback && l.recipients.is_empty() {
+                err(
+                    format!("{section}.recipients"),
+                    "is empty on a listener reachable from other machines: list the addresses to accept \
+                     (or write recipients = ['.*'] to accept any)"
+                        .into(),
+                );
+            }
+            if l.max_connections_per_ip == 0 {
+                err(format!("{section}.max_connections_per_ip"), "must be at least 1".into());
+            }
+            if l.min_data_rate.as_u64() == 0 {
+                err(format!("{section}.min_data_rate"), "must be at least 1B".into());
+            }
             for (i, re) in l.recipients.iter().enumerate() {
                 if let Err(e) = regex::Regex::new(re) {
                     err(format!("{section}.recipients[{i}]"), format!("invalid regex: {}", one_line(&e.to_string())));
@@ -525,6 +881,12 @@ impl Config {
                 }
                 if auth.users.is_empty() {
                     err(format!("{section}.auth.users"), "needs at least one user".into());
+                }
+                if auth.max_failures == 0 || auth.max_failures_per_minute == 0 {
+                    err(
+                        format!("{section}.auth"),
+                        "max_failures and max_failures_per_minute must be at least 1".into(),
+                    );
                 }
             }
             if let Some(tls) = &l.tls {
@@ -595,60 +957,47 @@ impl Config {
 }
 
 fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(String, String)) {
-    use DestinationType::*;
     let at = format!("destination.{name}");
-    let present: [(&str, bool); 9] = [
-        ("url", d.url.is_some()),
-        ("token", d.token.is_some()),
-        ("headers", !d.headers.is_empty()),
-        ("address", d.address.is_some()),
-        ("key", d.key.is_some()),
-        ("relay", d.relay.is_some()),
-        ("from", d.from.is_some()),
-        ("username", d.username.is_some()),
-        ("path", d.path.is_some()),
-    ];
-    let (required, allowed): (&[&str], &[&str]) = match d.kind {
-        KustomerWebHook => (&["url", "token"], &["url", "token"]),
-        KustomerFormHook => (&["url"], &["url"]),
-        KustomerEmailHook => (&["address", "key", "relay", "from"], &["address", "key", "relay", "from", "username"]),
-        Webhook => (&["url"], &["url", "headers"]),
-        File => (&["path"], &["path"]),
-    };
-    for (key, is_set) in present {
-        if is_set && !allowed.contains(&key) {
-            err(format!("{at}.{key}"), format!("is not used by type {:?}", d.kind.name()));
-        } else if !is_set && required.contains(&key) {
-            err(format!("{at}.{key}"), format!("is required for type {:?}", d.kind.name()));
-        }
-    }
-    if d.password.is_some() && d.kind != KustomerEmailHook {
-        err(format!("{at}.password"), format!("is not used by type {:?}", d.kind.name()));
-    }
-    if d.password.is_some() != d.username.is_some() && d.kind == KustomerEmailHook {
-        err(format!("{at}.username"), "username and password go together".into());
-    }
-    if let Some(url) = &d.url
-        && (!(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10)
-    {
-        err(format!("{at}.url"), "must be an http:// or https:// URL".into());
-    }
-    if let Some(relay) = &d.relay
-        && !(relay.starts_with("smtp://") || relay.starts_with("smtps://"))
-    {
-        err(format!("{at}.relay"), "must be smtp://host[:port] or smtps://host[:port]".into());
-    }
-    for (key, value) in [("address", &d.address), ("from", &d.from)] {
-        if let Some(v) = value
-            && !v.contains('@')
+    let http = |url: &str, secret: Option<&str>, err: &mut dyn FnMut(String, String)| {
+        let plain = url.starts_with("http://");
+        if !(url.starts_with("https://") || plain) || url.len() < 10 {
+            err(format!("{at}.url"), "must be an http:// or https:// URL".into());
+        } else if let Some(what) = secret
+            && plain
+            && !is_loopback_host(url_host(url))
         {
-            err(format!("{at}.{key}"), format!("{v:?} is not an email address"));
+            err(
+                format!("{at}.url"),
+                format!("http:// would send the {what} in plaintext to {:?}: use https://", url_host(url)),
+            );
         }
+    };
+    match d {
+        DestinationConfig::KustomerWebHook(h) => http(&h.url, Some("token"), err),
+        DestinationConfig::KustomerFormHook(h) => http(&h.url, None, err),
+        DestinationConfig::Webhook(h) => http(&h.url, (!h.headers.is_empty()).then_some("headers"), err),
+        DestinationConfig::KustomerEmailHook(e) => {
+            if e.password.is_some() != e.username.is_some() {
+                err(format!("{at}.username"), "username and password go together".into());
+            }
+            if !(e.relay.starts_with("smtp://") || e.relay.starts_with("smtps://")) {
+                err(format!("{at}.relay"), "must be smtp://host[:port] or smtps://host[:port]".into());
+            } else if e.relay_tls().is_none() {
+                err(format!("{at}.tls"), "smtps:// is implicit TLS: remove tls, or write \"implicit\"".into());
+            }
+            for (key, v) in [("address", &e.address), ("from", &e.from)] {
+                if !v.contains('@') {
+                    err(format!("{at}.{key}"), format!("{v:?} is not an email address"));
+                }
+            }
+        }
+        DestinationConfig::File(_) => {}
     }
-    if d.concurrency == Some(0) {
+    let pacing = d.pacing();
+    if pacing.concurrency == Some(0) {
         err(format!("{at}.concurrency"), "must be at least 1".into());
     }
-    if let Some(b) = &d.backoff
+    if let Some(b) = &pacing.backoff
         && b.initial > b.max
     {
         err(format!("{at}.backoff"), "initial must not be longer than max".into());
@@ -683,11 +1032,11 @@ pub(crate) fn one_line(s: &str) -> String {
 fn expand_value(
     value: &mut toml::Value,
     key: String,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str, &str) -> Option<String>,
     err: &mut dyn FnMut(String, String),
 ) {
     match value {
-        toml::Value::String(s) => match expand_env(s, env) {
+        toml::Value::String(s) => match expand_env(s, &|name| env(&key, name)) {
             Ok(expanded) => *s = expanded,
             Err(m) => err(key, m),
         },

@@ -90,8 +90,11 @@ fn the_design_example_parses() {
     assert_eq!(c.smtp.as_ref().unwrap().max_size, bytesize::ByteSize::mb(25));
     assert_eq!(c.imap[0].after, After::Move("Processed".into()));
     assert_eq!(c.imap[0].password.as_ref().unwrap().expose(), "imap-secret");
-    assert_eq!(c.destination["kustomer-orders"].token.as_ref().unwrap().expose(), "tok-secret");
-    assert_eq!(c.destination["ops"].headers["X-Api-Key"].expose(), "ops-secret");
+    let DestinationConfig::KustomerWebHook(orders) = &c.destination["kustomer-orders"] else { panic!("type") };
+    assert_eq!(orders.token.expose(), "tok-secret");
+    let DestinationConfig::Webhook(ops) = &c.destination["ops"] else { panic!("type") };
+    assert_eq!(ops.headers["X-Api-Key"].expose(), "ops-secret");
+    assert!(matches!(c.destination["audit"], DestinationConfig::File(_)));
     assert_eq!(c.delivery.retry_for, Duration::from_secs(3 * 86400));
     assert_eq!(c.delivery.max_body, bytesize::ByteSize::kb(400));
     assert_eq!(c.delivery.rate.per_second(), Some(1000.0 / 60.0));
@@ -178,8 +181,7 @@ from = "a@b.example"
         "smtp.auth: AUTH is only offered over TLS",
         "imap[0].tls",
         "imap[0].password",
-        "destination.hook.token: is required",
-        "destination.hook.path: is not used",
+        "destination.hook.path: is not used by type \"kustomer-web-hook\"",
         "destination.mail.relay",
         "destination.mail.address",
     ];
@@ -217,4 +219,96 @@ fn an_empty_admin_token_is_refused() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("admin.token") && errs[0].contains("is empty"), "{errs:?}");
     assert!(parse_with("[admin]\ntoken = \"${ADMIN_TOKEN}\"\n", &[("ADMIN_TOKEN", "t0ken")]).is_ok());
+}
+
+#[test]
+fn a_missing_key_is_named_with_its_type() {
+    let errs = messages(parse_with(
+        "[destination.hook]\ntype = \"kustomer-web-hook\"\nurl = \"https://x.example/hook\"\n",
+        &[],
+    ));
+    assert_eq!(errs, ["mailhook.toml: destination.hook.token: is required for type \"kustomer-web-hook\""]);
+    let errs = messages(parse_with("[destination.hook]\ntype = \"carrier-pigeon\"\n", &[]));
+    assert!(errs[0].starts_with("mailhook.toml: destination.hook.type: unknown type \"carrier-pigeon\""), "{errs:?}");
+    let errs = messages(parse_with("[destination.out]\ntype = \"file\"\npath = \"x\"\ntimeout = \"soon\"\n", &[]));
+    assert!(errs[0].contains("destination.out.timeout"), "{errs:?}");
+}
+
+fn email_hook(relay: &str, tls: Option<&str>) -> Result<Config, Vec<ConfigError>> {
+    let tls = tls.map(|t| format!("tls = \"{t}\"\n")).unwrap_or_default();
+    parse_with(
+        &format!(
+            "[destination.mail]\ntype = \"kustomer-email-hook\"\naddress = \"a@hooks.example\"\nkey = \"k\"\n\
+             relay = \"{relay}\"\nfrom = \"m@example.com\"\n{tls}"
+        ),
+        &[],
+    )
+}
+
+fn relay_tls(relay: &str, tls: Option<&str>) -> RelayTls {
+    let c = email_hook(relay, tls).unwrap();
+    let DestinationConfig::KustomerEmailHook(e) = &c.destination["mail"] else { panic!("type") };
+    e.relay_tls().unwrap()
+}
+
+#[test]
+fn relays_need_tls_unless_on_loopback_or_told_otherwise() {
+    assert_eq!(relay_tls("smtp://smtp.example.com:587", None), RelayTls::Required);
+    assert_eq!(relay_tls("smtp://192.0.2.1:587", None), RelayTls::Required);
+    assert_eq!(relay_tls("smtps://smtp.example.com", None), RelayTls::Implicit);
+    assert_eq!(relay_tls("smtp://smtp.example.com:465", Some("implicit")), RelayTls::Implicit);
+    assert_eq!(relay_tls("smtp://127.0.0.1:25", None), RelayTls::Opportunistic);
+    assert_eq!(relay_tls("smtp://localhost:25", None), RelayTls::Opportunistic);
+    assert_eq!(relay_tls("smtp://[::1]:25", None), RelayTls::Opportunistic);
+    assert_eq!(relay_tls("smtp://127.0.0.1:25", Some("starttls")), RelayTls::Required);
+    assert_eq!(relay_tls("smtp://smtp.example.com:25", Some("none")), RelayTls::None);
+    let errs = messages(email_hook("smtps://smtp.example.com", Some("none")));
+    assert!(errs[0].contains("destination.mail.tls"), "{errs:?}");
+}
+
+#[test]
+fn plaintext_choices_are_warned_about() {
+    let c = email_hook("smtp://smtp.example.com:25", Some("none")).unwrap();
+    assert_eq!(c.warnings().len(), 1);
+    assert_eq!(c.warnings()[0].0, "destination.mail.tls");
+    assert!(email_hook("smtp://127.0.0.1:25", Some("none")).unwrap().warnings().is_empty());
+    assert!(email_hook("smtp://smtp.example.com:25", None).unwrap().warnings().is_empty());
+    let open = parse_with("[smtp]\nlisten = [\"0.0.0.0:25\"]\nrecipients = ['.*']\n", &[]).unwrap();
+    assert_eq!(open.warnings(), [("smtp.recipients".to_string(), open.warnings()[0].1.clone())]);
+}
+
+#[test]
+fn tokens_over_http_are_refused_beyond_loopback() {
+    let web = |url: &str| {
+        parse_with(&format!("[destination.w]\ntype = \"kustomer-web-hook\"\nurl = \"{url}\"\ntoken = \"t\"\n"), &[])
+    };
+    assert!(messages(web("http://hooks.example.com/x"))[0].contains("destination.w.url: http:// would send the token"));
+    assert!(web("http://127.0.0.1:8080/x").is_ok());
+    assert!(web("http://localhost/x").is_ok());
+    assert!(web("https://hooks.example.com/x").is_ok());
+    let headers = "[destination.w]\ntype = \"webhook\"\nurl = \"http://ops.example.com/x\"\nheaders = { K = \"v\" }\n";
+    assert!(messages(parse_with(headers, &[]))[0].contains("destination.w.url"));
+    let form = "[destination.f]\ntype = \"kustomer-form-hook\"\nurl = \"http://ops.example.com/x\"\n";
+    assert!(parse_with(form, &[]).is_ok(), "no secret, no refusal");
+}
+
+#[test]
+fn an_open_listener_needs_recipients_written() {
+    let errs = messages(parse_with("[smtp]\nlisten = [\"0.0.0.0:25\"]\n", &[]));
+    assert!(errs[0].contains("smtp.recipients: is empty"), "{errs:?}");
+    assert!(parse_with("[smtp]\nlisten = [\"127.0.0.1:25\"]\n", &[]).is_ok());
+}
+
+#[test]
+fn the_spool_commands_need_only_spool_and_rules_variables() {
+    let text = "[spool]\ndir = \"${SPOOL}\"\n[destination.w]\ntype = \"kustomer-web-hook\"\n\
+                url = \"${URL}\"\ntoken = \"${TOKEN}\"\n";
+    let env = |name: &str| (name == "SPOOL").then(|| "/var/spool/mh".to_string());
+    let c = Config::parse_with(text, Path::new("m.toml"), Path::new("/"), &env, &["spool", "rules"]).unwrap();
+    assert_eq!(c.spool.dir, PathBuf::from("/var/spool/mh"));
+    assert!(c.destination.contains_key("w"));
+    let none = |_: &str| None;
+    let errs = Config::parse_with(text, Path::new("m.toml"), Path::new("/"), &none, &["spool", "rules"]).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "spool.dir");
 }

@@ -2,13 +2,16 @@
 //! `<script type="application/ld+json" data-kustomer-key="KEY">` tag in the HTML body, so the
 //! payload is sent as such an email, through the configured relay, with `lettre`.
 //!
-//! `smtp://host[:port]` (default port 25) uses STARTTLS when the relay offers it;
-//! `smtps://host[:port]` (default 465) is TLS from the first byte. `username`/`password`
+//! `smtps://host[:port]` (default 465) is TLS from the first byte. `smtp://host[:port]`
+//! (default port 25) needs STARTTLS: a relay that does not offer it (or an attacker who strips
+//! it) gets nothing, not even the password, and the attempt is retried later. Only a loopback
+//! relay may stay plaintext when it offers no STARTTLS (unless `tls = "starttls"` is written),
+//! and `tls = "none"` sends in plaintext anywhere (`check` warns). `username`/`password`
 //! authenticate; `ca_file` adds a trusted CA. The Message-ID is derived from the spool id, so
 //! every retry of a message is recognisably the same mail.
 
 use super::Attempt;
-use crate::config::DestinationConfig;
+use crate::config::{EmailHookConfig, RelayTls};
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
@@ -49,9 +52,9 @@ pub fn parse_relay(relay: &str) -> Result<(bool, String, u16), String> {
 }
 
 impl EmailHook {
-    pub fn new(d: &DestinationConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<EmailHook, String> {
-        let relay = d.relay.as_deref().ok_or("relay is missing")?;
-        let (implicit, host, port) = parse_relay(relay)?;
+    pub fn new(d: &EmailHookConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<EmailHook, String> {
+        let (_, host, port) = parse_relay(&d.relay)?;
+        let mode = d.relay_tls().ok_or("tls contradicts the relay's smtps://")?;
         let mut tls = TlsParameters::builder(host.clone());
         if let Some(ca) = ca_file {
             let pem = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
@@ -62,13 +65,18 @@ impl EmailHook {
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
             .timeout(Some(timeout))
-            .tls(if implicit { Tls::Wrapper(tls) } else { Tls::Opportunistic(tls) });
+            .tls(match mode {
+                RelayTls::Implicit => Tls::Wrapper(tls),
+                RelayTls::Required => Tls::Required(tls),
+                RelayTls::Opportunistic => Tls::Opportunistic(tls),
+                RelayTls::None => Tls::None,
+            });
         if let (Some(user), Some(pass)) = (&d.username, &d.password) {
             builder = builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
         }
-        let from: Mailbox = d.from.as_deref().unwrap_or_default().parse().map_err(|e| format!("from: {e}"))?;
-        let to: Mailbox = d.address.as_deref().unwrap_or_default().parse().map_err(|e| format!("address: {e}"))?;
-        let key = d.key.as_ref().ok_or("key is missing")?.expose().to_string();
+        let from: Mailbox = d.from.parse().map_err(|e| format!("from: {e}"))?;
+        let to: Mailbox = d.address.parse().map_err(|e| format!("address: {e}"))?;
+        let key = d.key.expose().to_string();
         Ok(EmailHook { transport: builder.build(), from, to, key })
     }
 
@@ -95,11 +103,13 @@ impl EmailHook {
     }
 }
 
-/// The HTML body: the JSON inside a JSON-LD script tag. `</` is written `<\/` (the same JSON
-/// string) so the payload can never close the tag; the key is attribute-escaped.
+/// The HTML body: the JSON inside a JSON-LD script tag. `<`, `>` and `&` are written
+/// `\u003c`, `\u003e` and `\u0026` (the same JSON strings: they can only occur inside strings),
+/// so nothing in the payload can close the tag or put the HTML parser into another state
+/// (`<!--<script>` would make it swallow the rest of the document); the key is attribute-escaped.
 pub fn html_body(key: &str, json: &str) -> String {
-    let key = key.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
-    let json = json.replace("</", "<\\/");
+    let key = key.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;");
+    let json = json.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026");
     format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"></head><body>\n\
          <script type=\"application/ld+json\" data-kustomer-key=\"{key}\">{json}</script>\n\

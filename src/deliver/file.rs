@@ -1,5 +1,6 @@
 //! The `file` destination: one JSON object per line, appended and flushed to disk before the
-//! attempt counts as done. Needs nothing outside the machine.
+//! attempt counts as done. Needs nothing outside the machine. A file it creates is `0600` and a
+//! directory `0700`, like the spool: the events hold the mail.
 //!
 //! One writer thread per file takes every line waiting, appends them all, flushes once and
 //! then answers them all (group commit), so a burst of deliveries costs one flush, not one
@@ -22,9 +23,16 @@ pub struct FileDestination {
 impl FileDestination {
     pub fn open(path: &Path) -> Result<FileDestination, String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .read(true)
             .append(true)

@@ -1,8 +1,9 @@
 //! HTTP destinations: Kustomer web hooks (Bearer key), form hooks, any webhook.
 
 use super::{Attempt, body_start};
-use crate::config::{DestinationConfig, DestinationType};
+use crate::config::Secret;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -16,18 +17,25 @@ pub struct HttpDestination {
 }
 
 impl HttpDestination {
-    pub fn new(d: &DestinationConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<HttpDestination, String> {
-        let url = d.url.clone().ok_or("url is missing")?;
+    /// A POST to `url`, with `Authorization: Bearer <token>` when a token is given and the
+    /// extra `headers` (values sensitive).
+    pub fn new(
+        url: &str,
+        token: Option<&str>,
+        extra: Option<&BTreeMap<String, Secret>>,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<HttpDestination, String> {
+        let url = url.to_string();
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if d.kind == DestinationType::KustomerWebHook {
-            let token = d.token.as_ref().ok_or("token is missing")?;
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        if let Some(token) = token {
+            let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| "token holds characters not allowed in a header".to_string())?;
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
-        for (name, value) in &d.headers {
+        for (name, value) in extra.into_iter().flatten() {
             let n =
                 HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("header name {name:?} is not valid"))?;
             let mut v = HeaderValue::from_str(value.expose())

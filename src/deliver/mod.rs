@@ -26,8 +26,7 @@ pub mod http;
 pub mod shrink;
 pub mod throttle;
 
-use crate::config::{Config, DestinationConfig, DestinationType};
-use std::path::Path;
+use crate::config::{Config, DestinationConfig};
 use std::time::Duration;
 
 /// The result of one delivery attempt.
@@ -50,7 +49,13 @@ pub struct BuildError {
 }
 
 /// A configured destination, ready to send.
-pub enum Destination {
+pub struct Destination {
+    target: Target,
+    /// The config's secret values, redacted from every reason it reports.
+    secrets: Vec<String>,
+}
+
+enum Target {
     Http(http::HttpDestination),
     Email(email::EmailHook),
     File(file::FileDestination),
@@ -60,30 +65,64 @@ impl Destination {
     /// Builds the destination `name` from its config.
     pub fn build(name: &str, d: &DestinationConfig, config: &Config) -> Result<Destination, BuildError> {
         let err = |message: String| BuildError { name: name.to_string(), message };
-        let timeout = d.timeout.unwrap_or(config.delivery.timeout);
-        let ca = d.ca_file.as_ref().map(|p| config.resolve(p));
-        Ok(match d.kind {
-            DestinationType::KustomerWebHook | DestinationType::KustomerFormHook | DestinationType::Webhook => {
-                Destination::Http(http::HttpDestination::new(d, timeout, ca.as_deref()).map_err(err)?)
+        let timeout = d.pacing().timeout.unwrap_or(config.delivery.timeout);
+        let ca = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| config.resolve(p));
+        let target = match d {
+            DestinationConfig::KustomerWebHook(h) => {
+                let token = Some(h.token.expose());
+                Target::Http(
+                    http::HttpDestination::new(&h.url, token, None, timeout, ca(&h.ca_file).as_deref()).map_err(err)?,
+                )
             }
-            DestinationType::KustomerEmailHook => {
-                Destination::Email(email::EmailHook::new(d, timeout, ca.as_deref()).map_err(err)?)
+            DestinationConfig::KustomerFormHook(h) => Target::Http(
+                http::HttpDestination::new(&h.url, None, None, timeout, ca(&h.ca_file).as_deref()).map_err(err)?,
+            ),
+            DestinationConfig::Webhook(h) => Target::Http(
+                http::HttpDestination::new(&h.url, None, Some(&h.headers), timeout, ca(&h.ca_file).as_deref())
+                    .map_err(err)?,
+            ),
+            DestinationConfig::KustomerEmailHook(e) => {
+                Target::Email(email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(err)?)
             }
-            DestinationType::File => {
-                let path = config.resolve(d.path.as_deref().unwrap_or(Path::new("")));
-                Destination::File(file::FileDestination::open(&path).map_err(err)?)
+            DestinationConfig::File(f) => {
+                Target::File(file::FileDestination::open(&config.resolve(&f.path)).map_err(err)?)
             }
-        })
+        };
+        // Every secret of the config (a receiver may echo any header it was sent, and one
+        // destination's key may be another's), longest first, so that a secret that holds
+        // another is redacted whole. As in config errors, values under 4 bytes are left alone:
+        // they are common words and digits, not secrets worth a mangled message.
+        let mut secrets: Vec<String> =
+            config.secrets().into_iter().map(|s| s.expose().to_string()).filter(|s| s.len() >= 4).collect();
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secrets.dedup();
+        Ok(Destination { target, secrets })
     }
 
-    /// One attempt to deliver `body` (the JSON payload) for spool message `id`.
+    /// One attempt to deliver `body` (the JSON payload) for spool message `id`. The reason of
+    /// a failure never holds a configured secret, even when the receiver echoed one back.
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
-        match self {
-            Destination::Http(h) => h.send(id, body).await,
-            Destination::Email(e) => e.send(id, body).await,
-            Destination::File(f) => f.send(body).await,
+        let attempt = match &self.target {
+            Target::Http(h) => h.send(id, body).await,
+            Target::Email(e) => e.send(id, body).await,
+            Target::File(f) => f.send(body).await,
+        };
+        match attempt {
+            Attempt::Done => Attempt::Done,
+            Attempt::Retry { after, reason } => Attempt::Retry { after, reason: redact(reason, &self.secrets) },
+            Attempt::Fail { reason } => Attempt::Fail { reason: redact(reason, &self.secrets) },
         }
     }
+}
+
+/// `text` with every occurrence of each secret replaced by `***`.
+pub(crate) fn redact(mut text: String, secrets: &[String]) -> String {
+    for s in secrets {
+        if text.contains(s.as_str()) {
+            text = text.replace(s.as_str(), "***");
+        }
+    }
+    text
 }
 
 /// The first `n` characters of a response body, on one line, for error messages.
@@ -91,4 +130,19 @@ pub(crate) fn body_start(body: &str, n: usize) -> String {
     let one_line: String = body.chars().map(|c| if c.is_control() { ' ' } else { c }).take(n).collect();
     let one_line = one_line.trim().to_string();
     if body.chars().count() > n { format!("{one_line}…") } else { one_line }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn every_occurrence_of_every_secret_is_redacted() {
+        let secrets = ["token-long-1".to_string(), "token".to_string()];
+        assert_eq!(
+            redact("echo: Bearer token-long-1, token, token-long-1".into(), &secrets),
+            "echo: Bearer ***, ***, ***"
+        );
+        assert_eq!(redact("nothing here".into(), &secrets), "nothing here");
+    }
 }

@@ -7,7 +7,9 @@
 //! | `GET /metrics` | every counter of [`Metrics`], Prometheus text format 0.0.4 |
 //! | anything else | 404 |
 //!
-//! With `[admin] token`, every request must carry `Authorization: Bearer <token>` (else 401);
+//! With `[admin] token`, every request must carry `Authorization: Bearer <token>` (else 401,
+//! whatever the path and method: the token is checked before routing, so nothing about the
+//! routes shows through to a client without it);
 //! the comparison takes the same time however much of the token is right, and the token is
 //! never logged. The socket is bound before `serve` starts working, so a port in use refuses to
 //! start; the server stops on shutdown.
@@ -75,6 +77,7 @@ impl Admin {
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
             .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(self.state.clone(), authenticate))
             .with_state(self.state.clone());
         info!(protocol = "admin", addr = %self.addr, auth = self.state.token.is_some(), "listening");
         if !self.addr.ip().is_loopback() && self.state.token.is_none() {
@@ -150,10 +153,7 @@ fn probe_spool(spool: &Spool, n: u64) -> Result<(), String> {
     })
 }
 
-async fn healthz(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = state.refuse(&headers) {
-        return refused;
-    }
+async fn healthz(Extract(state): Extract<Arc<AdminState>>) -> Response {
     let problems = state.problems().await;
     if problems.is_empty() {
         return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
@@ -162,10 +162,7 @@ async fn healthz(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -
     json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "unhealthy", "problems": problems}))
 }
 
-async fn metrics(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = state.refuse(&headers) {
-        return refused;
-    }
+async fn metrics(Extract(state): Extract<Arc<AdminState>>) -> Response {
     let spool = state.spool.clone();
     match tokio::task::spawn_blocking(move || count_spool(&spool)).await {
         Ok(Ok(gauges)) => state.metrics.set_spool(gauges),
@@ -177,11 +174,20 @@ async fn metrics(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -
     response
 }
 
-async fn not_found(Extract(state): Extract<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = state.refuse(&headers) {
-        return refused;
-    }
+async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "404 not found: try /healthz or /metrics\n").into_response()
+}
+
+/// Runs before routing: a request without the token gets 401, whichever path and method.
+async fn authenticate(
+    Extract(state): Extract<Arc<AdminState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.refuse(request.headers()) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response {

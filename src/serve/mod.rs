@@ -21,7 +21,7 @@ use admin::{Admin, AdminError};
 use reload::Reloader;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,6 +46,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Taken first: a SIGTERM that comes while the spool is still being recovered is kept, and
     // ends the run cleanly once it has started, instead of killing it by the default action.
     let signals = Signals::new()?;
+    for (key, message) in config.warnings() {
+        warn!(key = %key, "{message}");
+    }
     let metrics = Metrics::new();
     let rules = load_rules(&config).map_err(ServeError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");

@@ -93,7 +93,7 @@ fn run(rx: mpsc::Receiver<Job>, flushers: Option<&Flushers>) {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
-    let mut f = File::create(path)?;
+    let mut f = super::private_file(path)?;
     f.write_all(bytes)?;
     Ok(f)
 }

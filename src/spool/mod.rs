@@ -20,7 +20,12 @@
 //!   corrupt/          entries that could not be read; moved here, never deleted
 //! ```
 //!
-//! `ID` is a ULID (time-ordered). A message's [`Meta`] (envelope, size, attempts, next
+//! `ID` is a ULID (time-ordered). Every public function that takes an id checks it is one
+//! ([`check_id`]) before it makes a path of it, so an id from a command line, a form or an API
+//! can never name a file outside the spool.
+//!
+//! The spool is private, as Postfix keeps its queue: directories are created `0700` (and an
+//! existing spool directory is narrowed to it), files `0600`, whatever the umask. A message's [`Meta`] (envelope, size, attempts, next
 //! attempt, the rules' decision — rule, payload, the status of each destination — and the last
 //! error) is its `ID.json` where it has one, else the metadata inside its `incoming/ID.msg`. A
 //! delivered (or dropped) message is removed: a message delivered at once from `incoming/` is
@@ -115,6 +120,35 @@ pub enum SpoolError {
     Corrupt { id: String, reason: String },
     #[error("spool writer has stopped")]
     Stopped,
+    #[error("{0:?} is not a message id (a ULID such as 01JD4Z6W8Q2M3N4P5R6S7T8V9X)")]
+    BadId(String),
+}
+
+/// Checks that `id` is a ULID in its canonical form (26 characters of Crockford's base 32, as
+/// the spool names its files), so that it is safe to make a file name of.
+pub fn check_id(id: &str) -> Result<(), SpoolError> {
+    let canonical = id.len() == 26 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+    match ulid::Ulid::from_string(id) {
+        Ok(_) if canonical => Ok(()),
+        _ => Err(SpoolError::BadId(id.chars().take(64).collect())),
+    }
+}
+
+/// Creates `dir` (and its parents) with mode 0700, and narrows it to 0700 if it already exists.
+pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
+/// Creates (truncating) a file readable and writable by its owner only.
+pub(crate) fn private_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
 impl SpoolError {
@@ -165,9 +199,10 @@ pub struct Recovery {
 impl Spool {
     /// Opens (creating if needed) the spool at `dir`. Fails if it is not a writable directory.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
+        private_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
         for sub in ["tmp", "msg", "incoming", "active", "deferred", "dead", "corrupt"] {
             let p = dir.join(sub);
-            fs::create_dir_all(&p).map_err(|e| SpoolError::io(&p, e))?;
+            private_dir(&p).map_err(|e| SpoolError::io(&p, e))?;
         }
         // Prove the spool is writable now rather than at the first message.
         probe(dir)?;
@@ -199,10 +234,12 @@ impl Spool {
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
         let path = self.inner.dir.join("lock");
         if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
             File::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .mode(0o600)
                 .open(&path)
                 .map_err(|e| SpoolError::io(&path, e))?;
         }
@@ -249,7 +286,7 @@ impl Spool {
     pub fn draft(&self) -> Result<Draft, SpoolError> {
         let id = ulid::Ulid::generate().to_string();
         let path = self.tmp_path(&id, "msg");
-        let file = File::create(&path).map_err(|e| SpoolError::io(&path, e))?;
+        let file = private_file(&path).map_err(|e| SpoolError::io(&path, e))?;
         Ok(Draft {
             spool: self.clone(),
             id,
@@ -289,6 +326,7 @@ impl Spool {
 
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
+        check_id(id).ok()?;
         State::ALL
             .into_iter()
             .find(|s| self.path(*s, id).exists())
@@ -307,6 +345,7 @@ impl Spool {
         id: &str,
         raw_up_to: u64,
     ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
+        check_id(id)?;
         let path = self.path(state, id);
         let not_found = |path: &Path, e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
@@ -325,6 +364,7 @@ impl Spool {
     }
 
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+        check_id(id)?;
         let (path, message_file) = self.raw_location(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let bytes = fs::read(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
@@ -352,6 +392,7 @@ impl Spool {
     }
 
     fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
+        check_id(id)?;
         let from_path = self.path(from, id);
         let body = (from == State::Incoming).then(|| Body {
             at: self.incoming_file(id),
@@ -373,22 +414,23 @@ impl Spool {
         })
     }
 
-    fn remove_op(&self, id: &str, from: State) -> Op {
-        Op::Remove {
+    fn remove_op(&self, id: &str, from: State) -> Result<Op, SpoolError> {
+        check_id(id)?;
+        Ok(Op::Remove {
             meta: self.path(from, id),
             body: (from == State::Incoming).then(|| self.incoming_file(id)),
             raw: [self.moved_file(id), self.incoming_file(id), self.legacy_raw(id)],
-        }
+        })
     }
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit(self.remove_op(id, from)).await
+        self.inner.committer.submit(self.remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(self.remove_op(id, from))
+        self.inner.committer.submit_blocking(self.remove_op(id, from)?)
     }
 
     /// The recovery pass of invariant 5. Call with the lock held, before serving.
@@ -504,7 +546,7 @@ impl Spool {
 
 fn probe(dir: &Path) -> Result<(), SpoolError> {
     let probe = dir.join("tmp").join(format!(".probe-{}", std::process::id()));
-    File::create(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))
+    private_file(&probe).and_then(|_| fs::remove_file(&probe)).map_err(|e| SpoolError::io(dir, e))
 }
 
 /// Whether `entry` was last modified at least `age` before `now` (or cannot tell).

@@ -241,11 +241,12 @@ fn a_spool_of_bare_raw_messages_is_still_worked() {
     let (_d, spool) = open();
     // The layout written before message files: incoming/ID.json beside msg/ID.eml.
     let mut e = envelope();
-    let raws: Vec<(String, &[u8])> = ["01LEGACYA", "01LEGACYB", "01LEGACYC"]
-        .into_iter()
-        .zip([&b"Subject: a\r\n\r\n"[..], b"Subject: b\r\n\r\n", b"Subject: c\r\n\r\n"])
-        .map(|(id, raw)| (id.to_string(), raw))
-        .collect();
+    let raws: Vec<(String, &[u8])> =
+        ["01JD4Z6W8Q2M3N4P5R6S7T8V9A", "01JD4Z6W8Q2M3N4P5R6S7T8V9B", "01JD4Z6W8Q2M3N4P5R6S7T8V9C"]
+            .into_iter()
+            .zip([&b"Subject: a\r\n\r\n"[..], b"Subject: b\r\n\r\n", b"Subject: c\r\n\r\n"])
+            .map(|(id, raw)| (id.to_string(), raw))
+            .collect();
     for (id, raw) in &raws {
         e.id = id.clone();
         fs::write(spool.dir().join("msg").join(format!("{id}.eml")), raw).unwrap();
@@ -389,4 +390,33 @@ fn recovery_reports_the_fingerprint_of_each_message_that_has_one() {
     block_on(spool.transition(&imap, State::Incoming, State::Deferred, None)).unwrap();
     assert_eq!(spool.read_meta(State::Deferred, &imap).unwrap().fingerprint.as_deref(), Some("ab12"));
     assert_eq!(spool.recover().unwrap().fingerprints, [(source, "ab12".to_string())]);
+}
+
+#[test]
+fn ids_that_are_not_ulids_never_become_paths() {
+    let (d, spool) = open();
+    let id = spool.store(envelope(), b"Subject: x\r\n\r\n").unwrap();
+    let outside = d.path().join("victim.json");
+    fs::write(&outside, b"{}").unwrap();
+    for bad in [
+        "../../victim",
+        "../msg/X",
+        &format!("../incoming/{id}"),
+        &id.to_lowercase(),
+        "",
+        "01JD4Z6W8Q2M3N4P5R6S7T8V9X/",
+    ] {
+        assert!(matches!(check_id(bad), Err(SpoolError::BadId(_))), "{bad:?}");
+        assert_eq!(spool.find(bad), None, "{bad:?}");
+        assert!(matches!(spool.read_meta(State::Dead, bad), Err(SpoolError::BadId(_))), "{bad:?}");
+        assert!(matches!(spool.read_raw(bad), Err(SpoolError::BadId(_))), "{bad:?}");
+        assert!(matches!(spool.remove_blocking(bad, State::Dead), Err(SpoolError::BadId(_))), "{bad:?}");
+        assert!(
+            matches!(spool.transition_blocking(bad, State::Incoming, State::Dead, None), Err(SpoolError::BadId(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(outside.exists());
+    assert_eq!(spool.find(&id), Some(State::Incoming));
+    assert!(check_id(&id).is_ok());
 }

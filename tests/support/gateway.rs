@@ -19,6 +19,8 @@ pub struct Gateway {
     serve: Option<Child>,
     env: Vec<(String, String)>,
     runs: usize,
+    /// `--log-format` of serve: `json` unless [`Gateway::text_logs`] was called.
+    log_format: &'static str,
 }
 
 impl Gateway {
@@ -38,7 +40,7 @@ impl Gateway {
         text.push_str(config);
         std::fs::write(dir.path().join("mailhook.toml"), text).unwrap();
         std::fs::write(dir.path().join("rules/10-test.toml"), rules).unwrap();
-        Gateway { dir, serve: None, env: Vec::new(), runs: 0 }
+        Gateway { dir, serve: None, env: Vec::new(), runs: 0, log_format: "json" }
     }
 
     pub fn path(&self) -> &Path {
@@ -52,6 +54,13 @@ impl Gateway {
     /// Sets an environment variable for every command this gateway runs.
     pub fn env(mut self, key: &str, value: &str) -> Gateway {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Serve writes text logs instead of JSON ([`Gateway::listening`] then cannot find
+    /// listeners: give them fixed ports).
+    pub fn text_logs(mut self) -> Gateway {
+        self.log_format = "text";
         self
     }
 
@@ -115,7 +124,7 @@ impl Gateway {
         self.runs += 1;
         let log = std::fs::File::create(self.path().join(format!("serve-{}.log", self.runs))).unwrap();
         let child = self
-            .command(&["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .command(&["serve", "--config", "mailhook.toml", "--log-format", self.log_format])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

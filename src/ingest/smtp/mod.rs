@@ -3,15 +3,24 @@
 //! message is on disk.
 //!
 //! ```text
-//! TCP accept ─► allow? ─► connection limit? ─► Session (session.rs) ─► spool draft ─► commit ─► 250
+//! TCP accept ─► allow? ─► connection limits (all, per address)? ─► Session (session.rs) ─► spool draft ─► commit ─► 250
 //! ```
+//!
+//! Limits, as Postfix's smtpd and anvil(8) set them by default: `max_connections` in all and
+//! `max_connections_per_ip` per client address (`421` beyond); a command line must arrive
+//! whole within `command_timeout` and a body within `data_timeout` plus a second per
+//! `min_data_rate` bytes, however slowly it trickles; AUTH closes the session after
+//! `auth.max_failures` failures, waits longer after each, and refuses AUTH to an address that
+//! failed `auth.max_failures_per_minute` times in a minute ([`clients`]).
 //!
 //! The listener follows the mini-redis shape: a task per connection whose errors are logged,
 //! never propagated; a semaphore for the connection limit; a watch channel for shutdown (new
 //! connections and idle sessions get `421`, transactions in progress may finish).
 
+pub mod clients;
 mod session;
 
+pub use clients::Clients;
 pub use session::{End, Session};
 
 use crate::config::{Config, ListenerConfig, Secret};
@@ -44,9 +53,20 @@ pub struct SessionConfig {
     pub auth_users: Option<BTreeMap<String, Secret>>,
     pub auth_required: bool,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_recipients: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Bytes per second that earn a body time beyond `data_timeout`.
+    pub min_data_rate: u64,
+    /// Failed AUTH attempts after which a session is closed.
+    pub auth_max_failures: usize,
+    /// The wait before answering a failed AUTH, times the session's failures so far.
+    pub auth_failure_delay: Duration,
+    /// Failed AUTH attempts an address may make in a minute.
+    pub auth_failures_per_minute: usize,
+    /// Per-address counts, shared by every session of the listener.
+    pub clients: Arc<Clients>,
     /// Where connections and refusals are counted.
     pub metrics: Arc<Metrics>,
 }
@@ -100,9 +120,15 @@ impl SessionConfig {
             auth_users: l.auth.as_ref().map(|a| a.users.clone()),
             auth_required: l.auth.as_ref().is_some_and(|a| a.required),
             max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip,
             max_recipients: l.max_recipients,
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,
+            min_data_rate: l.min_data_rate.as_u64().max(1),
+            auth_max_failures: l.auth.as_ref().map_or(3, |a| a.max_failures),
+            auth_failure_delay: l.auth.as_ref().map_or(Duration::from_secs(1), |a| a.failure_delay),
+            auth_failures_per_minute: l.auth.as_ref().map_or(10, |a| a.max_failures_per_minute),
+            clients: Arc::new(Clients::default()),
             metrics,
         })
     }
@@ -311,6 +337,14 @@ impl Accept {
                     }
                 },
             };
+            let permit = permit.and_then(|p| match self.cfg.clients.connect(ip, self.cfg.max_connections_per_ip) {
+                Some(slot) => Some((p, slot)),
+                None => {
+                    debug!(protocol, peer = %peer, max = self.cfg.max_connections_per_ip, "connection limit per address reached");
+                    self.cfg.rejected("too_many_connections_per_ip");
+                    None
+                }
+            });
             let Some(permit) = permit else {
                 let line = refusal.unwrap_or_else(|| "421 4.7.0 Too many connections, try again later".to_string());
                 tokio::spawn(async move {

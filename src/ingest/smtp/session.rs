@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4).
@@ -29,6 +30,9 @@ const MAX_TEXT_LINE: usize = 1000;
 /// Bad commands tolerated before the session is closed.
 const MAX_ERRORS: usize = 20;
 const READ_CHUNK: usize = 64 * 1024;
+/// What a read reserves between commands: a command line and some pipelined ones. A body is
+/// read in [`READ_CHUNK`]s; an idle session holds no more than this.
+const COMMAND_CHUNK: usize = 4 * 1024;
 /// Replies queued past this size are written out before more pipelined commands are handled,
 /// so a client that sends commands without reading the replies cannot make them pile up.
 const MAX_PENDING_REPLIES: usize = 16 * 1024;
@@ -42,6 +46,10 @@ pub enum End {
     Closed,
     Timeout,
     TooManyErrors,
+    /// `auth.max_failures` failed AUTH attempts in this session.
+    TooManyAuthFailures,
+    /// The client's address failed AUTH too often in the last minute.
+    AuthBlocked,
     Shutdown,
 }
 
@@ -165,6 +173,9 @@ pub struct Session<S> {
     tx: Transaction,
     phase: Phase,
     errors: usize,
+    auth_failures: usize,
+    /// How long to wait before answering the last failed AUTH.
+    auth_delay: Option<Duration>,
     /// Discarding the rest of an over-long command line.
     skipping_line: bool,
 }
@@ -193,6 +204,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             tx: Transaction::default(),
             phase: Phase::Command,
             errors: 0,
+            auth_failures: 0,
+            auth_delay: None,
             skipping_line: false,
         }
     }
@@ -225,15 +238,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         result
     }
 
-    /// Reads more bytes into `buf`; `Ok(false)` at end of stream.
-    async fn fill(&mut self, timeout: Duration) -> Result<bool, End> {
+    /// Reads more bytes into `buf` (reserving `chunk`), unless `deadline` passes first;
+    /// `Ok(0)` at end of stream. A deadline, not a timeout per read: a client that sends a byte
+    /// now and then does not earn more time.
+    async fn fill(&mut self, deadline: Instant, chunk: usize) -> Result<usize, End> {
         // Read straight into the spare capacity: no zeroing of a buffer per read.
-        self.buf.reserve(READ_CHUNK);
-        match tokio::time::timeout(timeout, self.conn.read_buf(&mut self.buf)).await {
-            Ok(Ok(n)) => Ok(n > 0),
-            Ok(Err(_)) => Ok(false),
+        self.buf.reserve(chunk);
+        match tokio::time::timeout_at(deadline, self.conn.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(_)) => Ok(0),
             Err(_) => Err(End::Timeout),
         }
+    }
+
+    /// The deadline of a body that started at `start` and has `received` bytes so far:
+    /// `data_timeout`, plus a second per `min_data_rate` bytes.
+    fn body_deadline(&self, start: Instant, received: usize) -> Instant {
+        start + self.cfg.data_timeout + Duration::from_secs_f64(received as f64 / self.cfg.min_data_rate as f64)
     }
 
     /// Runs the session to its end.
@@ -257,6 +278,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.cfg.rejected("shutting_down");
                 self.reply("421 4.3.2 Service shutting down, try again later")
             }
+            End::TooManyAuthFailures => {
+                info!(peer = %self.peer, failures = self.auth_failures, "too many authentication failures: closing");
+                self.reply("421 4.7.0 Too many authentication failures: closing connection")
+            }
+            End::AuthBlocked => {
+                self.cfg.rejected("auth_blocked");
+                self.reply("421 4.7.0 Too many authentication failures from your address, try again later")
+            }
             End::Quit | End::Closed => {}
         }
         let _ = self.flush().await;
@@ -267,6 +296,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn serve(&mut self) -> Result<End, End> {
+        // A command line must arrive whole by this time, however slowly it trickles in.
+        let mut deadline = Instant::now() + self.cfg.command_timeout;
         loop {
             // Handle every complete line already buffered (pipelining), then flush and read.
             if self.out.len() >= MAX_PENDING_REPLIES {
@@ -282,10 +313,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 if *self.shutdown.borrow() && self.tx.mail_from.is_none() {
                     return Err(End::Shutdown);
                 }
-                let timeout = self.cfg.command_timeout;
                 let mut shutdown = self.shutdown.clone();
                 tokio::select! {
-                    more = self.fill(timeout) => if !more? { return Ok(End::Closed) },
+                    more = self.fill(deadline, COMMAND_CHUNK) => if more? == 0 { return Ok(End::Closed) },
                     _ = shutdown.changed(), if self.tx.mail_from.is_none() => return Err(End::Shutdown),
                 }
                 continue;
@@ -314,7 +344,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Phase::AuthLoginUser => self.auth_login_user(trim_line(&line)),
                 Phase::AuthLoginPass(user) => self.auth_login_pass(user, trim_line(&line)),
             }
+            if let Some(delay) = self.auth_delay.take() {
+                // Each failure costs the guesser more time (Postfix's smtpd_error_sleep_time).
+                self.flush_after(delay).await?;
+                if self.auth_failures >= self.cfg.auth_max_failures {
+                    return Err(End::TooManyAuthFailures);
+                }
+                if self.cfg.clients.blocked(self.peer.ip(), self.cfg.auth_failures_per_minute) {
+                    return Err(End::AuthBlocked);
+                }
+            }
+            deadline = Instant::now() + self.cfg.command_timeout;
         }
+    }
+
+    /// Waits `delay`, then writes the replies queued (a failed AUTH's `535`).
+    async fn flush_after(&mut self, delay: Duration) -> Result<(), End> {
+        tokio::time::sleep(delay).await;
+        self.flush().await.map_err(|_| End::Closed)
     }
 
     fn error(&mut self) -> Result<(), End> {
@@ -353,7 +400,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.error()?;
             }
             Request::Mail { from } => self.mail(from.address, from.size)?,
-            Request::Rcpt { to } => self.rcpt(to.address)?,
+            // The parser gives `<postmaster>` (RFC 5321 4.5.1: no domain) as an empty address.
+            Request::Rcpt { to } if to.address.is_empty() && is_postmaster_rcpt(line) => {
+                self.rcpt("postmaster".into())?
+            }
+            Request::Rcpt { to } => self.rcpt(quoted_path(line).unwrap_or(to.address))?,
             Request::Data => return self.data().await.map(|()| None),
             Request::Bdat { chunk_size, is_last } => return self.bdat(chunk_size, is_last).await.map(|()| None),
             Request::Rset => {
@@ -448,7 +499,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.reply("501 5.1.3 Bad recipient address syntax");
             return self.error();
         }
-        if !self.cfg.recipients.is_empty() && !self.cfg.recipients.iter().any(|r| r.is_match(&address)) {
+        // RFC 5321 4.5.1: mail for the postmaster is always taken.
+        let postmaster = address.eq_ignore_ascii_case("postmaster");
+        if !postmaster && !self.cfg.recipients.is_empty() && !self.cfg.recipients.iter().any(|r| r.is_match(&address)) {
             debug!(peer = %self.peer, recipient = %address, "recipient refused");
             self.cfg.rejected("unknown_recipient");
             self.reply("550 5.1.1 Recipient address rejected: not a hook address here");
@@ -490,6 +543,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.flush().await.map_err(|_| End::Closed)?;
 
         let mut body = Body::new(&self.spool, true);
+        let start = Instant::now();
+        let mut received = 0;
         let mut receiver = DataReceiver::new();
         let mut decoded = Vec::with_capacity(READ_CHUNK);
         loop {
@@ -507,10 +562,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             if done {
                 break;
             }
-            if !self.fill(self.cfg.data_timeout).await? {
-                return Err(End::Closed);
+            match self.fill(self.body_deadline(start, received), READ_CHUNK).await? {
+                0 => return Err(End::Closed),
+                n => received += n,
             }
         }
+        // The body's buffer is not kept for the commands that follow.
+        self.buf.shrink_to(COMMAND_CHUNK);
         self.finish(body).await;
         Ok(())
     }
@@ -551,6 +609,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if chunk_size == 0 {
             return Ok(());
         }
+        let (start, mut received) = (Instant::now(), 0);
         loop {
             let mut iter = self.buf.iter();
             decoded.clear();
@@ -559,10 +618,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.buf.drain(..consumed);
             body.push(&decoded, self.cfg.max_size);
             if done {
+                self.buf.shrink_to(COMMAND_CHUNK);
                 return Ok(());
             }
-            if !self.fill(self.cfg.data_timeout).await? {
-                return Err(End::Closed);
+            match self.fill(self.body_deadline(start, received), READ_CHUNK).await? {
+                0 => return Err(End::Closed),
+                n => received += n,
             }
         }
     }
@@ -676,6 +737,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.reply("503 5.5.1 AUTH not allowed during a mail transaction");
             return self.error();
         }
+        if self.cfg.clients.blocked(self.peer.ip(), self.cfg.auth_failures_per_minute) {
+            return Err(End::AuthBlocked);
+        }
         match mechanism {
             smtp_proto::AUTH_PLAIN if initial.is_empty() => {
                 self.phase = Phase::AuthPlain;
@@ -745,12 +809,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.auth_user = Some(user);
             self.reply("235 2.7.0 Authentication successful");
         } else {
-            warn!(peer = %self.peer, user = %user, "authentication failed");
+            // One line per failure only at debug: a guesser must not flood the log. The address
+            // is named once, when it reaches the per-address limit.
+            debug!(peer = %self.peer, user = %user, "authentication failed");
             self.cfg.rejected("auth_failed");
             self.reply("535 5.7.8 Authentication credentials invalid");
             self.errors += 1;
+            self.auth_failures += 1;
+            self.auth_delay = Some(self.cfg.auth_failure_delay * self.auth_failures as u32);
+            let limit = self.cfg.auth_failures_per_minute;
+            if self.cfg.clients.auth_failed(self.peer.ip(), limit) == super::clients::Failure::Blocked {
+                warn!(client = %self.peer.ip(), failures = limit, "too many authentication failures from this address: AUTH refused for a minute");
+                self.cfg.rejected("auth_client_blocked");
+            }
         }
     }
+}
+
+/// The path of a `RCPT TO:<…>` line as the client wrote it, when its local part is quoted:
+/// the parser drops the quotes, and `"x@evil.com"@hooks.example.com` must not be matched
+/// against `recipients` as `x@evil.com@hooks.example.com`. A source route (`@a,@b:`) is left out.
+fn quoted_path(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?;
+    let rest = &text[text.find('<')? + 1..];
+    let rest = if rest.starts_with('@') { &rest[rest.find(':')? + 1..] } else { rest };
+    if !rest.starts_with('"') {
+        return None;
+    }
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in rest.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => return Some(rest[..i].to_string()),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `RCPT TO:<postmaster>` (any case, maybe a space after the colon, maybe parameters).
+fn is_postmaster_rcpt(line: &[u8]) -> bool {
+    let line = trim_line(line).to_ascii_lowercase();
+    line.strip_prefix(b"rcpt to:")
+        .map(|rest| rest.trim_ascii_start())
+        .is_some_and(|rest| rest.starts_with(b"<postmaster>"))
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {

@@ -22,8 +22,14 @@ fn config(lmtp: bool) -> SessionConfig {
         auth_required: false,
         max_connections: 10,
         max_recipients: 3,
+        max_connections_per_ip: 10,
         command_timeout: Duration::from_secs(5),
         data_timeout: Duration::from_secs(5),
+        min_data_rate: 500,
+        auth_max_failures: 3,
+        auth_failure_delay: Duration::from_millis(1),
+        auth_failures_per_minute: 10,
+        clients: Default::default(),
         metrics: crate::metrics::Metrics::new(),
     }
 }
