@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use rate::Rate;
+pub use rate::{Rate, RateError};
 
 /// A string that must not be printed: passwords, tokens, hook keys.
 #[derive(Clone, Deserialize, PartialEq, Eq)]

@@ -12,7 +12,18 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
-type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+/// What a write of one batch of lines gave: every line of the batch shares it.
+type Written = Result<(), std::sync::Arc<std::io::Error>>;
+type Job = (Vec<u8>, oneshot::Sender<Written>);
+
+/// The output file (or its directory) could not be opened, or its writer not started.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct OpenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
 
 pub struct FileDestination {
     path: PathBuf,
@@ -20,23 +31,21 @@ pub struct FileDestination {
 }
 
 impl FileDestination {
-    pub fn open(path: &Path) -> Result<FileDestination, String> {
+    pub fn open(path: &Path) -> Result<FileDestination, OpenError> {
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError { path, source }
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(at(dir))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        drop_partial_line(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = OpenOptions::new().create(true).read(true).append(true).open(path).map_err(at(path))?;
+        drop_partial_line(&file).map_err(at(path))?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let shown = path.display().to_string();
         std::thread::Builder::new()
             .name("file-destination".into())
-            .spawn(move || write_lines(file, rx, shown))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .spawn(move || write_lines(file, rx))
+            .map_err(at(path))?;
         Ok(FileDestination { path: path.to_path_buf(), tx })
     }
 
@@ -50,7 +59,7 @@ impl FileDestination {
         }
         match rx.await {
             Ok(Ok(())) => Attempt::Done,
-            Ok(Err(reason)) => Attempt::Retry { after: None, reason },
+            Ok(Err(e)) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
             Err(_) => Attempt::Retry { after: None, reason: format!("{}: writer stopped", self.path.display()) },
         }
     }
@@ -80,7 +89,7 @@ fn drop_partial_line(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
+fn write_lines(mut file: File, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -89,10 +98,10 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
                 break;
             }
         }
-        let mut result = Ok(());
+        let mut result: Written = Ok(());
         for (line, _) in &batch {
             if let Err(e) = file.write_all(line) {
-                result = Err(format!("{path}: {e}"));
+                result = Err(std::sync::Arc::new(e));
                 // Take back what part of the batch was written: it is sent again later.
                 let _ = drop_partial_line(&file);
                 break;
@@ -101,7 +110,7 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
         if result.is_ok()
             && let Err(e) = file.sync_data()
         {
-            result = Err(format!("{path}: {e}"));
+            result = Err(std::sync::Arc::new(e));
         }
         for (_, reply) in batch {
             let _ = reply.send(result.clone());

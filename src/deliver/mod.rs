@@ -41,12 +41,25 @@ pub enum Attempt {
     Fail { reason: String },
 }
 
-/// Errors building a destination from its config (bad CA file, unparsable relay URL, …).
+/// A destination that could not be built from its config (bad CA file, unparsable relay URL,
+/// output file that cannot be opened, …): `serve` refuses to start.
 #[derive(Debug, thiserror::Error)]
-#[error("destination {name}: {message}")]
+#[error("destination {name}: {problem}")]
 pub struct BuildError {
     pub name: String,
-    pub message: String,
+    #[source]
+    pub problem: BuildProblem,
+}
+
+/// What was wrong, by kind of destination.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildProblem {
+    #[error(transparent)]
+    Http(#[from] http::HttpDestinationError),
+    #[error(transparent)]
+    Email(#[from] email::EmailHookError),
+    #[error(transparent)]
+    File(#[from] file::OpenError),
 }
 
 /// A configured destination, ready to send.
@@ -59,19 +72,19 @@ pub enum Destination {
 impl Destination {
     /// Builds the destination `name` from its config.
     pub fn build(name: &str, d: &DestinationConfig, config: &Config) -> Result<Destination, BuildError> {
-        let err = |message: String| BuildError { name: name.to_string(), message };
+        let err = |problem: BuildProblem| BuildError { name: name.to_string(), problem };
         let timeout = d.timeout.unwrap_or(config.delivery.timeout);
         let ca = d.ca_file.as_ref().map(|p| config.resolve(p));
         Ok(match d.kind {
             DestinationType::KustomerWebHook | DestinationType::KustomerFormHook | DestinationType::Webhook => {
-                Destination::Http(http::HttpDestination::new(d, timeout, ca.as_deref()).map_err(err)?)
+                Destination::Http(http::HttpDestination::new(d, timeout, ca.as_deref()).map_err(|e| err(e.into()))?)
             }
             DestinationType::KustomerEmailHook => {
-                Destination::Email(email::EmailHook::new(d, timeout, ca.as_deref()).map_err(err)?)
+                Destination::Email(email::EmailHook::new(d, timeout, ca.as_deref()).map_err(|e| err(e.into()))?)
             }
             DestinationType::File => {
                 let path = config.resolve(d.path.as_deref().unwrap_or(Path::new("")));
-                Destination::File(file::FileDestination::open(&path).map_err(err)?)
+                Destination::File(file::FileDestination::open(&path).map_err(|e| err(e.into()))?)
             }
         })
     }

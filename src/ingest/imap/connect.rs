@@ -79,6 +79,33 @@ pub enum ConnectError {
     Credentials(String),
 }
 
+impl ConnectError {
+    /// Whether reconnecting later may work: a network or TLS failure may pass; refused or
+    /// unavailable credentials need an operator.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, ConnectError::Network(_) | ConnectError::Tls(_))
+    }
+}
+
+/// An extra CA file (`ca_file`) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("ca_file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ca_file {}: {source}", path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: tokio_rustls::rustls::Error,
+    },
+    #[error("ca_file {}: no PEM certificate in it", .0.display())]
+    Empty(PathBuf),
+}
+
 /// Everything needed to (re)connect one account, prepared once from its config.
 #[derive(Clone)]
 pub struct Connector {
@@ -97,7 +124,7 @@ pub struct Connector {
 impl Connector {
     /// Builds a connector; paths in `account` are already resolved. Fails on an unreadable
     /// `ca_file`.
-    pub fn new(account: &ImapConfig, ca_file: Option<&Path>, timeout: Duration) -> Result<Connector, String> {
+    pub fn new(account: &ImapConfig, ca_file: Option<&Path>, timeout: Duration) -> Result<Connector, CaFileError> {
         let tls_config = match account.tls {
             ImapTls::None => None,
             ImapTls::Implicit | ImapTls::Starttls => Some(Arc::new(tls_config(ca_file)?)),
@@ -254,19 +281,20 @@ impl Authenticator for Sasl {
     }
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, CaFileError> {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        let read = |source| CaFileError::Read { path: path.to_path_buf(), source };
+        let pem = std::fs::read(path).map_err(read)?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            let cert = cert.map_err(read)?;
+            roots.add(cert).map_err(|source| CaFileError::Certificate { path: path.to_path_buf(), source })?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!("ca_file {}: no PEM certificate in it", path.display()));
+            return Err(CaFileError::Empty(path.to_path_buf()));
         }
     }
     Ok(tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
