@@ -15,6 +15,7 @@
 //! Relative paths (`spool.dir`, `rules.dir`, certificate and output files) are resolved against
 //! the directory that holds the config file, so a service started from anywhere finds them.
 
+mod diagnose;
 mod rate;
 
 use serde::Deserialize;
@@ -404,36 +405,142 @@ fn default_admin_listen() -> String {
     "127.0.0.1:9025".to_string()
 }
 
-/// One thing wrong with a config file: the key it is about and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One thing wrong with a config file, printed `file:line: key: problem`.
+#[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     /// The file the error is in.
     pub file: PathBuf,
+    /// 1-based line of the key (or of its table, for a missing key), when known.
+    pub line: Option<usize>,
     /// Dotted key path (`destination.ops.url`); empty for a whole-file problem.
     pub key: String,
-    pub message: String,
+    #[source]
+    pub problem: Problem,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// What is wrong at a key.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("cannot read: {0}")]
+    Unreadable(#[source] std::io::Error),
+    /// Not TOML; the message is the parser's, without its excerpt of the file.
+    #[error("{0}")]
+    Syntax(String),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    /// A key or value the config does not have; `nearest` is the valid one it most resembles.
+    #[error("unknown {what} `{given}`{}", suggestion(nearest.as_deref(), expected))]
+    Unknown { what: &'static str, given: String, nearest: Option<String>, expected: Vec<String> },
+    #[error("missing key `{0}`")]
+    Missing(String),
+    /// A value of the wrong type or shape (the deserialiser's words, on one line).
+    #[error("{0}")]
+    Value(String),
+    #[error("is required for type {0:?}")]
+    Required(&'static str),
+    #[error("is not used by type {0:?}")]
+    NotUsed(&'static str),
+    /// Anything else [`Config::validate`] refuses, in a sentence.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn suggestion(nearest: Option<&str>, expected: &[String]) -> String {
+    match (nearest, expected) {
+        (Some(n), _) => format!(" \u{2014} did you mean `{n}`?"),
+        (None, []) => " (nothing is expected here)".to_string(),
+        (None, e) => format!(" (expected one of: {})", e.join(", ")),
+    }
+}
+
+/// An unusable `${VAR}` reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("unclosed ${{ in value")]
+    Unclosed,
+    #[error("${{{0}}} is not a valid environment variable reference")]
+    BadName(String),
+    #[error("environment variable {0} is not set")]
+    Unset(String),
+}
+
+/// A problem [`Config::validate`] found, by key path.
+#[derive(Debug)]
+pub struct Invalid {
+    pub key: String,
+    pub problem: Problem,
+}
+
+/// Everything a look at a config file found: the config when it is valid, every error when it
+/// is not, and where its rules are whenever the file says so without an error on the way (so
+/// that `mailhook check` reports the rules' errors together with the config's).
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Option<Config>,
+    pub errors: Vec<ConfigError>,
+    pub rules: Option<RulesSite>,
+}
+
+/// Where the rules are and what they may name, as far as the config file says.
+#[derive(Debug, Clone)]
+pub struct RulesSite {
+    /// `rules.dir`, resolved against the config file's directory.
+    pub dir: PathBuf,
+    pub unmatched: String,
+    /// Every `[destination.NAME]` declared, valid or not.
+    pub destinations: std::collections::BTreeSet<String>,
+}
+
+impl Checked {
+    pub fn into_result(self) -> Result<Config, Vec<ConfigError>> {
+        match self.config {
+            Some(config) if self.errors.is_empty() => Ok(config),
+            _ => Err(self.errors),
         }
     }
 }
+
+/// Attempts at deserialising a config with errors, each after removing the key of the last
+/// error; bounds the work on a file that is wrong everywhere.
+const MAX_PASSES: usize = 100;
 
 impl Config {
     /// Reads, expands and validates the config file at `path`, using the process environment
     /// for `${VAR}`. Returns every error found.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError { file: path.to_path_buf(), key: String::new(), message: format!("cannot read: {e}") }]
-        })?;
+        Config::check(path).into_result()
+    }
+
+    /// [`Config::load`], also saying where the rules are when the config has errors.
+    pub fn check(path: &Path) -> Checked {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let error = ConfigError {
+                    file: path.to_path_buf(),
+                    line: None,
+                    key: String::new(),
+                    problem: Problem::Unreadable(e),
+                };
+                return Checked { config: None, errors: vec![error], rules: None };
+            }
+        };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        Config::parse(&text, path, &base, &|name| std::env::var(name).ok())
+        Config::check_text(&text, path, &base, &|name| std::env::var(name).ok())
     }
 
     /// Parses config text; `env` looks up `${VAR}`s. `file` is only used in error messages.
@@ -443,14 +550,44 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, Vec<ConfigError>> {
-        let error = |key: String, message: String| ConfigError { file: file.to_path_buf(), key, message };
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| vec![error(String::new(), e.to_string().trim_end().to_string())])?;
+        Config::check_text(text, file, base_dir, env).into_result()
+    }
 
+    /// [`Config::parse`], reporting every error: the syntax errors, else every unset variable,
+    /// unknown key and bad value (each key in error is set aside and the rest read again), and
+    /// what [`Config::validate`] finds in the rest.
+    pub fn check_text(text: &str, file: &Path, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
+        use diagnose::KeyPath;
+        let line = |offset: Option<usize>| offset.map(|o| diagnose::line_at(text, o));
+        let error = |line: Option<usize>, key: &KeyPath, problem: Problem| ConfigError {
+            file: file.to_path_buf(),
+            line,
+            key: key.to_string(),
+            problem,
+        };
+
+        let (table, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            let mut errors: Vec<ConfigError> = syntax
+                .iter()
+                .map(|e| {
+                    let at = line(e.span().map(|s| s.start));
+                    error(at, &KeyPath::default(), Problem::Syntax(one_line(e.message())))
+                })
+                .collect();
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            return Checked { config: None, errors, rules: None };
+        }
+        let original = table.into_inner();
+        let mut table = original.clone();
         let mut errors = Vec::new();
+        // Keys set aside because of an error, and keys suggested for a misspelt one: whatever
+        // follows from their absence is not news.
+        let mut removed: Vec<KeyPath> = Vec::new();
+
         // Values taken from the environment may be secrets: they are masked in any message.
         let expanded = std::cell::RefCell::new(Vec::<String>::new());
+        let mut unset = Vec::new();
         let lookup = |name: &str| {
             let value = env(name);
             if let Some(v) = &value {
@@ -458,26 +595,94 @@ impl Config {
             }
             value
         };
-        for (key, value) in table.iter_mut() {
-            expand_value(value, key.clone(), &lookup, &mut |k, m| errors.push(error(k, m)));
-        }
-        if !errors.is_empty() {
-            return Err(errors);
+        diagnose::each_string(
+            &mut table,
+            &KeyPath::default(),
+            &mut |key, value, start| match expand_env(value, &lookup) {
+                Ok(v) => *value = std::borrow::Cow::Owned(v),
+                Err(e) => unset.push((key.clone(), start, e)),
+            },
+        );
+        for (key, start, e) in unset {
+            errors.push(error(line(diagnose::offset_of(&original, &key).or(Some(start))), &key, e.into()));
+            diagnose::remove(&mut table, &key);
+            removed.push(key);
         }
         let expanded = expanded.into_inner();
         let mask = |message: String| mask_values(message, &expanded);
 
-        let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            vec![error(key, mask(e.into_inner().to_string()))]
-        })?;
+        let mut config = None;
+        for _ in 0..MAX_PASSES {
+            let attempt = toml::de::Deserializer::from(toml::Spanned::new(0..text.len(), table.clone()));
+            let e = match serde_path_to_error::deserialize::<_, Config>(attempt) {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) => e,
+            };
+            let at = KeyPath::from_serde(e.path());
+            let inner = e.into_inner();
+            let message = one_line(inner.message());
+            let (key, problem, set_aside) = if let Some((what, given, expected)) = diagnose::unknown(&message) {
+                // serde's path ends at the table for a key, at the key for a value.
+                let named = at.0.last() == Some(&diagnose::Step::Key(given.clone()));
+                let key = if what == "key" && !named { at.key(&given) } else { at.clone() };
+                let nearest = diagnose::nearest(&given, &expected).map(str::to_string);
+                if let (Some(n), "key") = (&nearest, what) {
+                    removed.push(KeyPath(key.0[..key.0.len() - 1].to_vec()).key(n));
+                }
+                (key.clone(), Some(Problem::Unknown { what, given, nearest, expected }), key)
+            } else if let Some(name) = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')) {
+                let key = at.key(name.0);
+                // A key set aside for an error leaves its table incomplete: set the table aside.
+                let problem = (!removed.contains(&key)).then(|| Problem::Missing(name.0.to_string()));
+                (key, problem, at.clone())
+            } else {
+                (at.clone(), Some(Problem::Value(mask(message))), at.clone())
+            };
+            if let Some(problem) = problem {
+                let offset = diagnose::offset_of(&original, &key).or(inner.span().map(|s| s.start));
+                errors.push(error(line(offset), &key, problem));
+            }
+            if set_aside.is_empty() || !diagnose::remove(&mut table, &set_aside) {
+                break;
+            }
+            removed.push(set_aside);
+        }
+        let Some(mut config) = config else {
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            return Checked { config: None, errors, rules: None };
+        };
         config.base_dir = base_dir.to_path_buf();
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
+
+        let declared: std::collections::BTreeSet<String> = match original.get("destination").map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Table(t)) => t.keys().map(|k| k.get_ref().to_string()).collect(),
+            _ => Default::default(),
+        };
+        for Invalid { key, problem } in config.validate_with(&|name| declared.contains(name)) {
+            let path = KeyPath::parse(&key);
+            if removed.iter().any(|r| path.starts_with(r) || r.starts_with(&path)) {
+                continue;
+            }
+            let problem = match problem {
+                Problem::Invalid(m) => Problem::Invalid(mask(m)),
+                other => other,
+            };
+            errors.push(error(line(diagnose::offset_of(&original, &path)), &path, problem));
+        }
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+
+        let rules_known = !errors.iter().any(|e| e.key == "rules" || e.key.starts_with("rules."));
+        let rules = rules_known.then(|| RulesSite {
+            dir: config.resolve(&config.rules.dir),
+            unmatched: config.rules.unmatched.clone(),
+            destinations: declared,
+        });
+        if errors.is_empty() {
+            Checked { config: Some(config), errors, rules }
         } else {
-            Err(problems.into_iter().map(|(k, m)| error(k, mask(m))).collect())
+            Checked { config: None, errors, rules }
         }
     }
 
@@ -486,13 +691,20 @@ impl Config {
         if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
     }
 
-    /// Checks what the types cannot; returns `(key, message)` for every problem.
-    pub fn validate(&self) -> Vec<(String, String)> {
-        let mut errs: Vec<(String, String)> = Vec::new();
-        let mut err = |k: String, m: String| errs.push((k, m));
+    /// Checks what the types cannot; returns every problem with its key.
+    pub fn validate(&self) -> Vec<Invalid> {
+        self.validate_with(&|name| self.destination.contains_key(name))
+    }
+
+    /// [`Config::validate`], with `declared` saying which destination names exist.
+    fn validate_with(&self, declared: &dyn Fn(&str) -> bool) -> Vec<Invalid> {
+        let errs = std::cell::RefCell::new(Vec::<Invalid>::new());
+        let mut invalid = |key: String, problem: Problem| errs.borrow_mut().push(Invalid { key, problem });
+        let err =
+            |key: String, message: String| errs.borrow_mut().push(Invalid { key, problem: Problem::Invalid(message) });
 
         let unmatched = self.rules.unmatched.as_str();
-        if unmatched != "dead" && unmatched != "drop" && !self.destination.contains_key(unmatched) {
+        if unmatched != "dead" && unmatched != "drop" && !declared(unmatched) {
             err(
                 "rules.unmatched".into(),
                 format!("{unmatched:?} is neither \"dead\", \"drop\" nor a destination name"),
@@ -571,7 +783,7 @@ impl Config {
         }
 
         for (name, d) in &self.destination {
-            validate_destination(name, d, &mut err);
+            validate_destination(name, d, &mut invalid);
         }
         let b = &self.delivery.backoff;
         if b.initial > b.max {
@@ -590,11 +802,11 @@ impl Config {
         {
             err("admin.token".into(), "is empty: remove it for no token, or set one".into());
         }
-        errs
+        errs.into_inner()
     }
 }
 
-fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(String, String)) {
+fn validate_destination(name: &str, d: &DestinationConfig, problem: &mut impl FnMut(String, Problem)) {
     use DestinationType::*;
     let at = format!("destination.{name}");
     let present: [(&str, bool); 9] = [
@@ -617,41 +829,41 @@ fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(
     };
     for (key, is_set) in present {
         if is_set && !allowed.contains(&key) {
-            err(format!("{at}.{key}"), format!("is not used by type {:?}", d.kind.name()));
+            problem(format!("{at}.{key}"), Problem::NotUsed(d.kind.name()));
         } else if !is_set && required.contains(&key) {
-            err(format!("{at}.{key}"), format!("is required for type {:?}", d.kind.name()));
+            problem(format!("{at}.{key}"), Problem::Required(d.kind.name()));
         }
     }
     if d.password.is_some() && d.kind != KustomerEmailHook {
-        err(format!("{at}.password"), format!("is not used by type {:?}", d.kind.name()));
+        problem(format!("{at}.password"), Problem::NotUsed(d.kind.name()));
     }
     if d.password.is_some() != d.username.is_some() && d.kind == KustomerEmailHook {
-        err(format!("{at}.username"), "username and password go together".into());
+        problem(format!("{at}.username"), Problem::Invalid("username and password go together".into()));
     }
     if let Some(url) = &d.url
         && (!(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10)
     {
-        err(format!("{at}.url"), "must be an http:// or https:// URL".into());
+        problem(format!("{at}.url"), Problem::Invalid("must be an http:// or https:// URL".into()));
     }
     if let Some(relay) = &d.relay
         && !(relay.starts_with("smtp://") || relay.starts_with("smtps://"))
     {
-        err(format!("{at}.relay"), "must be smtp://host[:port] or smtps://host[:port]".into());
+        problem(format!("{at}.relay"), Problem::Invalid("must be smtp://host[:port] or smtps://host[:port]".into()));
     }
     for (key, value) in [("address", &d.address), ("from", &d.from)] {
         if let Some(v) = value
             && !v.contains('@')
         {
-            err(format!("{at}.{key}"), format!("{v:?} is not an email address"));
+            problem(format!("{at}.{key}"), Problem::Invalid(format!("{v:?} is not an email address")));
         }
     }
     if d.concurrency == Some(0) {
-        err(format!("{at}.concurrency"), "must be at least 1".into());
+        problem(format!("{at}.concurrency"), Problem::Invalid("must be at least 1".into()));
     }
     if let Some(b) = &d.backoff
         && b.initial > b.max
     {
-        err(format!("{at}.backoff"), "initial must not be longer than max".into());
+        problem(format!("{at}.backoff"), Problem::Invalid("initial must not be longer than max".into()));
     }
 }
 
@@ -680,33 +892,8 @@ pub(crate) fn one_line(s: &str) -> String {
     s.split('\n').map(str::trim_end).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
-fn expand_value(
-    value: &mut toml::Value,
-    key: String,
-    env: &dyn Fn(&str) -> Option<String>,
-    err: &mut dyn FnMut(String, String),
-) {
-    match value {
-        toml::Value::String(s) => match expand_env(s, env) {
-            Ok(expanded) => *s = expanded,
-            Err(m) => err(key, m),
-        },
-        toml::Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                expand_value(item, format!("{key}[{i}]"), env, err);
-            }
-        }
-        toml::Value::Table(table) => {
-            for (k, v) in table.iter_mut() {
-                expand_value(v, format!("{key}.{k}"), env, err);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Replaces `${NAME}` with the variable's value; `$${` is a literal `${`.
-fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, EnvError> {
     if !s.contains('$') {
         return Ok(s.to_string());
     }
@@ -719,12 +906,12 @@ fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
-            let end = tail.find('}').ok_or_else(|| "unclosed ${ in value".to_string())?;
+            let end = tail.find('}').ok_or(EnvError::Unclosed)?;
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("${{{name}}} is not a valid environment variable reference"));
+                return Err(EnvError::BadName(name.to_string()));
             }
-            let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            let value = env(name).ok_or_else(|| EnvError::Unset(name.to_string()))?;
             out.push_str(&value);
             rest = &tail[end + 1..];
         } else {
