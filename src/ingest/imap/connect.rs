@@ -65,25 +65,89 @@ impl AsyncWrite for Stream {
 
 pub type ImapSession = Session<Stream>;
 
-/// Why a connection could not be made. `Auth` means the server refused the credentials: an
-/// operator must act, retrying alone will not help.
+/// Why a connection could not be made. Network and TLS failures may pass by themselves;
+/// refused or unavailable credentials need an operator (see [`ConnectError::is_temporary`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{0}")]
-    Network(String),
-    #[error("{0}")]
-    Tls(String),
+    #[error("cannot connect to {server}: {source}")]
+    Connect {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} closed the connection before its greeting")]
+    NoGreeting { server: String },
+    #[error("no greeting from {server}: {source}")]
+    Greeting {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} during authentication: {source}")]
+    Dropped {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} refused STARTTLS: {source}")]
+    Starttls {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host:?} is not a valid TLS server name: {source}")]
+    ServerName {
+        host: String,
+        #[source]
+        source: tokio_rustls::rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS with {server}: {source}")]
+    Handshake {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("authentication refused for {user}: {reason}")]
     Auth { user: String, reason: String },
-    #[error("{0}")]
-    Credentials(String),
+    #[error("token_file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("token_command: {0}")]
+    TokenCommand(#[source] io::Error),
+    #[error("token_command failed ({status}): {stderr}")]
+    TokenCommandFailed { status: std::process::ExitStatus, stderr: String },
+    #[error("token_command printed something that is not UTF-8")]
+    TokenNotUtf8,
+    #[error("xoauth2 needs token_file or token_command")]
+    NoTokenSource,
+    #[error("the XOAUTH2 access token is empty")]
+    EmptyToken,
 }
 
 impl ConnectError {
     /// Whether reconnecting later may work: a network or TLS failure may pass; refused or
     /// unavailable credentials need an operator.
     pub fn is_temporary(&self) -> bool {
-        matches!(self, ConnectError::Network(_) | ConnectError::Tls(_))
+        use ConnectError::*;
+        match self {
+            Connect { .. }
+            | NoGreeting { .. }
+            | Greeting { .. }
+            | Dropped { .. }
+            | Starttls { .. }
+            | Handshake { .. } => true,
+            ServerName { .. }
+            | Auth { .. }
+            | TokenFile { .. }
+            | TokenCommand(_)
+            | TokenCommandFailed { .. }
+            | TokenNotUtf8
+            | NoTokenSource
+            | EmptyToken => false,
+        }
     }
 }
 
@@ -154,7 +218,7 @@ impl Connector {
         let server = self.server();
         let tcp = within(self.timeout, TcpStream::connect((self.host.as_str(), self.port)))
             .await
-            .map_err(|e| ConnectError::Network(format!("cannot connect to {server}: {e}")))?;
+            .map_err(|source| ConnectError::Connect { server: server.clone(), source })?;
         let _ = tcp.set_nodelay(true);
         let stream = match self.tls {
             ImapTls::None => Stream::Plain(tcp),
@@ -166,7 +230,7 @@ impl Connector {
                     client.run_command_and_check_ok("STARTTLS", None).await.map_err(io::Error::other)
                 })
                 .await
-                .map_err(|e| ConnectError::Tls(format!("{server} refused STARTTLS: {e}")))?;
+                .map_err(|source| ConnectError::Starttls { server: server.clone(), source })?;
                 let Stream::Plain(tcp) = client.into_inner() else { unreachable!("STARTTLS on a plain stream") };
                 Stream::Tls(Box::new(self.handshake(tcp).await?))
             }
@@ -182,18 +246,18 @@ impl Connector {
         let server = self.server();
         match within(self.timeout, async { client.read_response().await }).await {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(ConnectError::Network(format!("{server} closed the connection before its greeting"))),
-            Err(e) => Err(ConnectError::Network(format!("no greeting from {server}: {e}"))),
+            Ok(None) => Err(ConnectError::NoGreeting { server }),
+            Err(source) => Err(ConnectError::Greeting { server, source }),
         }
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, ConnectError> {
         let config = self.tls_config.clone().expect("TLS configured");
         let name = ServerName::try_from(self.host.clone())
-            .map_err(|e| ConnectError::Tls(format!("{:?} is not a valid TLS server name: {e}", self.host)))?;
+            .map_err(|source| ConnectError::ServerName { host: self.host.clone(), source })?;
         within(self.timeout, TlsConnector::from(config).connect(name, tcp))
             .await
-            .map_err(|e| ConnectError::Tls(format!("TLS with {}: {e}", self.server())))
+            .map_err(|source| ConnectError::Handshake { server: self.server(), source })
     }
 
     async fn authenticate(&self, client: Client<Stream>) -> Result<ImapSession, ConnectError> {
@@ -202,7 +266,7 @@ impl Connector {
             async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
                 ConnectError::Auth { user: user.clone(), reason: reason.trim().to_string() }
             }
-            other => ConnectError::Network(format!("{} during authentication: {other}", self.server())),
+            other => ConnectError::Dropped { server: self.server(), source: io::Error::other(other) },
         };
         let secret = match self.auth {
             ImapAuth::Login | ImapAuth::Plain => {
@@ -227,7 +291,7 @@ impl Connector {
             })
         })
         .await
-        .map_err(|e| ConnectError::Network(format!("{} during authentication: {e}", self.server())))?;
+        .map_err(|source| ConnectError::Dropped { server: self.server(), source })?;
         result.map_err(refused)
     }
 
@@ -236,27 +300,26 @@ impl Connector {
         let token = if let Some(path) = &self.token_file {
             tokio::fs::read_to_string(path)
                 .await
-                .map_err(|e| ConnectError::Credentials(format!("token_file {}: {e}", path.display())))?
+                .map_err(|source| ConnectError::TokenFile { path: path.clone(), source })?
         } else if let Some(command) = &self.token_command {
             let output = within(
                 self.timeout,
                 tokio::process::Command::new("/bin/sh").arg("-c").arg(command).kill_on_drop(true).output(),
             )
             .await
-            .map_err(|e| ConnectError::Credentials(format!("token_command: {e}")))?;
+            .map_err(ConnectError::TokenCommand)?;
             if !output.status.success() {
                 let stderr = String::from_utf8_lossy(&output.stderr);
                 let first = stderr.lines().next().unwrap_or("").chars().take(200).collect::<String>();
-                return Err(ConnectError::Credentials(format!("token_command failed ({}): {first}", output.status)));
+                return Err(ConnectError::TokenCommandFailed { status: output.status, stderr: first });
             }
-            String::from_utf8(output.stdout)
-                .map_err(|_| ConnectError::Credentials("token_command printed something that is not UTF-8".into()))?
+            String::from_utf8(output.stdout).map_err(|_| ConnectError::TokenNotUtf8)?
         } else {
-            return Err(ConnectError::Credentials("xoauth2 needs token_file or token_command".into()));
+            return Err(ConnectError::NoTokenSource);
         };
         let token = token.trim().to_string();
         if token.is_empty() {
-            return Err(ConnectError::Credentials("the XOAUTH2 access token is empty".into()));
+            return Err(ConnectError::EmptyToken);
         }
         Ok(token)
     }
