@@ -1,13 +1,20 @@
 //! config: `mailhook.toml` → [`Config`].
 //!
-//! Loading happens in three passes, each of which reports *every* problem it finds:
+//! Loading reports *every* problem it finds, each as `file:line: key.path: problem`
+//! ([`ConfigError`]), in three passes:
 //!
-//! 1. TOML syntax (the `toml` crate's message, with line and column);
+//! 1. TOML syntax (every error the parser recovers from, with its line); nothing more is read
+//!    from a file that is not TOML;
 //! 2. `${VAR}` expansion in every string value; an unset variable is an error naming the key
 //!    (`$${` writes a literal `${`);
-//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it),
-//!    then [`Config::validate`] for what types cannot say (a destination missing its `url`,
-//!    a bad regex, TLS `none` to a remote IMAP server, …).
+//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it and
+//!    the nearest valid key); each key in error is set aside and the rest deserialised again,
+//!    so that one run finds them all; then [`Config::validate`] for what types cannot say (a
+//!    destination missing its `url`, a bad regex, TLS `none` to a remote IMAP server, …).
+//!
+//! Lines come from the spans of toml's parsed tables ([`toml::de::DeTable`]), key paths from
+//! `serde_path_to_error`. [`Config::check`] also says where the rules are when the config has
+//! errors, so `mailhook check` reports the rules' errors with the config's.
 //!
 //! Values from the environment are expanded after the syntax pass and never appear in error
 //! messages; secret values are held in [`Secret`], whose `Debug` prints `***`.
@@ -629,6 +636,7 @@ impl Config {
                 let named = at.0.last() == Some(&diagnose::Step::Key(given.clone()));
                 let key = if what == "key" && !named { at.key(&given) } else { at.clone() };
                 let nearest = diagnose::nearest(&given, &expected).map(str::to_string);
+                let given = if what == "value" { mask(given) } else { given };
                 if let (Some(n), "key") = (&nearest, what) {
                     removed.push(KeyPath(key.0[..key.0.len() - 1].to_vec()).key(n));
                 }

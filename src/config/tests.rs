@@ -301,6 +301,12 @@ fn values_from_the_environment_are_masked_in_errors() {
     }
     let errs = messages(parse_with("[admin]\nlisten = \"${SECRET2}\"\n", &[("SECRET2", "pw-9876")]));
     assert!(errs[0].contains("admin.listen") && errs[0].contains("***"), "{errs:?}");
+    let errs = messages(parse_with("[destination.d]\ntype = \"${T}\"\n", &[("T", "kustomer-secret")]));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("destination.d.type: unknown value `***`") && !errs[0].contains("kustomer-secret"),
+        "{errs:?}"
+    );
 }
 
 #[test]
