@@ -140,4 +140,15 @@ mod tests {
         assert!(matches!(rt.block_on(dest.send(b"{}")), Attempt::Done));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
     }
+
+    #[test]
+    fn an_output_file_that_cannot_be_opened_names_its_path_and_keeps_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, "").unwrap();
+        let e = FileDestination::open(&blocker.join("out.jsonl")).err().expect("parent is a file");
+        assert_eq!(e.path, blocker);
+        assert_eq!(e.source.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(e.to_string().starts_with(&format!("{}: ", blocker.display())), "{e}");
+    }
 }

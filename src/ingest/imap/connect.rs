@@ -364,16 +364,48 @@ fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConf
 }
 
 /// Runs `f` with a deadline; a timeout becomes an `io::Error` saying how long was waited.
-pub async fn within<T, E: fmt::Display>(
+pub async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     limit: Duration,
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, io::Error> {
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+        Ok(Err(e)) => Err(io::Error::other(e)),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {}", humantime::format_duration(limit)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(text: &str) -> ImapConfig {
+        let text = format!("[[imap]]\nname = \"a\"\nhost = \"127.0.0.1\"\nuser = \"u\"\n{text}");
+        let config = crate::config::Config::parse(&text, Path::new("m.toml"), Path::new("/"), &|_| None).unwrap();
+        config.imap[0].clone()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_temporary() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let a = account(&format!("port = {port}\ntls = \"none\"\npassword = \"p\"\n"));
+        let e = Connector::new(&a, None, Duration::from_secs(5)).unwrap().connect().await.expect_err("closed port");
+        assert!(matches!(e, ConnectError::Connect { .. }) && e.is_temporary(), "{e}");
+        assert!(e.to_string().starts_with(&format!("cannot connect to 127.0.0.1:{port}: ")), "{e}");
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "no certificate here").unwrap();
+        let a = account("password = \"p\"\n");
+        let e = Connector::new(&a, Some(&ca), Duration::from_secs(5)).err().expect("empty CA file");
+        assert!(matches!(&e, CaFileError::Empty(p) if *p == ca), "{e}");
+        let e = Connector::new(&a, Some(&dir.path().join("missing.pem")), Duration::from_secs(5)).err().unwrap();
+        assert!(matches!(&e, CaFileError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound), "{e}");
     }
 }
