@@ -681,7 +681,9 @@ impl Config {
         }
         errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
 
-        let rules_known = !errors.iter().any(|e| e.key == "rules" || e.key.starts_with("rules."));
+        // Only `unmatched` can be wrong without leaving the rules directory in doubt.
+        let rules_known =
+            !errors.iter().any(|e| (e.key == "rules" || e.key.starts_with("rules.")) && e.key != "rules.unmatched");
         let rules = rules_known.then(|| RulesSite {
             dir: config.resolve(&config.rules.dir),
             unmatched: config.rules.unmatched.clone(),

@@ -232,6 +232,11 @@ fn the_rules_are_located_despite_errors_elsewhere() {
     assert_eq!(site.dir, Path::new("/etc/mailhook/r"));
     assert!(site.destinations.contains("hook"), "a destination in error is still declared");
 
+    let text = "[rules]\ndir = \"r\"\nunmatched = \"nowhere\"\n";
+    let checked = Config::check_text(text, Path::new("m.toml"), Path::new("/etc/mailhook"), &env);
+    assert_eq!(checked.errors.len(), 1, "{:#?}", checked.errors);
+    assert_eq!(checked.rules.expect("an unknown unmatched leaves the dir known").dir, Path::new("/etc/mailhook/r"));
+
     let text = "[rules]\ndri = \"r\"\n";
     let checked = Config::check_text(text, Path::new("m.toml"), Path::new("/etc/mailhook"), &env);
     assert!(checked.rules.is_none(), "a [rules] in error says nothing of where the rules are");
