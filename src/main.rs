@@ -231,10 +231,7 @@ fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
         }
         Err(mailhook::serve::ServeError::Listener(e)) => {
             eprintln!("mailhook serve: not starting: {e}");
-            match e {
-                mailhook::ingest::smtp::ListenerError::Bind { .. } => Exit::TempFail,
-                _ => Exit::Config,
-            }
+            if e.is_temporary() { Exit::TempFail } else { Exit::Config }
         }
         Err(mailhook::serve::ServeError::Admin(e)) => {
             eprintln!("mailhook serve: not starting: {e}");

@@ -581,7 +581,7 @@ fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<Strin
 async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &Metrics) -> Attempt {
     let body = match shrink::encode(payload, target.max_body) {
         Ok(b) => b,
-        Err(reason) => return Attempt::Fail { reason },
+        Err(e) => return Attempt::Fail { reason: e.to_string() },
     };
     let Ok(_permit) = target.permits.acquire().await else {
         return Attempt::Retry { after: None, reason: "shutting down".into() };

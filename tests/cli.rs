@@ -264,7 +264,7 @@ fn check_names_every_config_problem() {
     assert_eq!(code(&out), 78);
     assert!(
         stderr(&out)
-            .contains("mailhook.toml: destination.hook.token: environment variable KUSTOMER_HOOK_TOKEN is not set"),
+            .contains("mailhook.toml:6: destination.hook.token: environment variable KUSTOMER_HOOK_TOKEN is not set"),
         "{}",
         stderr(&out)
     );
@@ -290,6 +290,40 @@ fn check_names_every_config_problem() {
     let out = mailhook(&["check", "--config", "missing.toml"], ws.path());
     assert_eq!(code(&out), 78);
     assert!(stderr(&out).contains("missing.toml: cannot read"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_reports_config_and_rule_errors_together() {
+    let ws = Workspace::new();
+    ws.write("rules/10-r.toml", "[[rule]]\nname = \"r\"\nto = [\"nowhere\", \"hook\"]\n").write(
+        "mailhook.toml",
+        "[rules]\ndir = \"rules\"\n\n[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_sise = \"1MB\"\n\n\
+         [destination.hook]\ntype = \"kustomer-web-hook\"\nurl = \"https://x.example/hooks/web/1\"\n\
+         token = \"${KUSTOMER_HOOK_TOKEN}\"\n",
+    );
+    let out = mailhook(&["check"], ws.path());
+    assert_eq!(code(&out), 78);
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 5, "{err}");
+    assert_eq!(
+        lines[..3],
+        [
+            "mailhook.toml:6: smtp.max_sise: unknown key `max_sise` \u{2014} did you mean `max_size`?",
+            "mailhook.toml:11: destination.hook.token: environment variable KUSTOMER_HOOK_TOKEN is not set",
+            "2 errors in config",
+        ],
+        "{err}"
+    );
+    // The rules directory is printed as the config resolves it (relative to the config file).
+    assert!(
+        lines[3].ends_with(
+            "rules/10-r.toml:1: rule \"r\": to[0]: unknown destination \"nowhere\" (not a [destination.*] in the config)"
+        ),
+        "{err}"
+    );
+    assert_eq!(lines[4], "1 error in rules; nothing was loaded");
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
 }
 
 #[test]

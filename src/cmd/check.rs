@@ -1,29 +1,38 @@
 //! `mailhook check`: validate the config and the rules it points at, offline. Prints every
 //! problem (file, line, rule, key) and exits 78, or a one-paragraph summary and exits 0.
+//!
+//! The rules are checked even when the config has errors, as long as the config says where
+//! they are without an error in `[rules]`: a rule naming an unknown destination is reported
+//! together with the config's own problems (a destination declared with errors still counts
+//! as declared).
 
 use super::{Exit, print_rule_errors};
-use crate::config::Config;
+use crate::config::{Config, RulesSite};
+use crate::rules::{RuleError, RuleSet, Unmatched};
 use std::path::Path;
 
 pub fn run(config_path: &Path) -> Exit {
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{e}");
-            }
-            eprintln!("{} error{} in config", errors.len(), if errors.len() == 1 { "" } else { "s" });
-            return Exit::Config;
-        }
+    let checked = Config::check(config_path);
+    for e in &checked.errors {
+        eprintln!("{e}");
+    }
+    if !checked.errors.is_empty() {
+        let n = checked.errors.len();
+        eprintln!("{n} error{} in config", if n == 1 { "" } else { "s" });
+    }
+    let rules = match &checked.rules {
+        Some(site) => load_rules(site),
+        None => Err(Vec::new()),
+    };
+    if let Err(errors) = &rules
+        && !errors.is_empty()
+    {
+        print_rule_errors(errors);
+    }
+    let (Some(config), Ok(rules)) = (checked.config, rules) else {
+        return Exit::Config;
     };
     let rules_dir = config.resolve(&config.rules.dir);
-    let rules = match crate::rules::load_rules(&config) {
-        Ok(r) => r,
-        Err(errors) => {
-            print_rule_errors(&errors);
-            return Exit::Config;
-        }
-    };
 
     for (key, message) in config.warnings() {
         eprintln!("warning: {}: {key}: {message}", config_path.display());
@@ -51,4 +60,11 @@ pub fn run(config_path: &Path) -> Exit {
     }
     println!("  spool: {}", config.resolve(&config.spool.dir).display());
     Exit::Ok
+}
+
+/// Loads the rules at `site` and checks the destinations they name.
+fn load_rules(site: &RulesSite) -> Result<RuleSet, Vec<RuleError>> {
+    let rules = RuleSet::load_dir(&site.dir, Unmatched::from_config(&site.unmatched))?;
+    let errors = rules.check_destinations(|d| site.destinations.contains(d));
+    if errors.is_empty() { Ok(rules) } else { Err(errors) }
 }

@@ -112,11 +112,11 @@ pub fn run_case(rules: &crate::rules::RuleSet, eml: &Path, golden: &Path, update
     let email = parse(&raw);
     let spec = match EnvelopeSpec::sidecar(eml) {
         Ok(s) => s.unwrap_or_default(),
-        Err(e) => return CaseResult::Unreadable(e),
+        Err(e) => return CaseResult::Unreadable(e.to_string()),
     };
     let envelope = match spec.envelope(&email) {
         Ok(env) => env,
-        Err(e) => return CaseResult::Unreadable(e),
+        Err(e) => return CaseResult::Unreadable(e.to_string()),
     };
     let actual = stable(outcome_json(&email, &rules.evaluate(&email, &envelope)));
 

@@ -128,23 +128,39 @@ pub struct EnvelopeSpec {
     pub recipients: Option<Vec<String>>,
 }
 
+/// Why the envelope of a `try` or `test` case could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {}", path.display(), crate::config::one_line(&source.to_string()))]
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("unknown source {0:?} (smtp, lmtp, stdin or imap:ACCOUNT/FOLDER)")]
+    Source(String),
+}
+
 impl EnvelopeSpec {
     /// Reads `NAME.envelope.toml` beside `eml`, if there is one.
-    pub fn sidecar(eml: &Path) -> Result<Option<EnvelopeSpec>, String> {
+    pub fn sidecar(eml: &Path) -> Result<Option<EnvelopeSpec>, EnvelopeError> {
         let path = eml.with_extension("envelope.toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .map(Some)
-                .map_err(|e| format!("{}: {}", path.display(), crate::config::one_line(&e.to_string()))),
+            Ok(text) => toml::from_str(&text).map(Some).map_err(|source| EnvelopeError::Syntax { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+            Err(source) => Err(EnvelopeError::Read { path, source }),
         }
     }
 
-    pub fn envelope(&self, email: &Email) -> Result<Envelope, String> {
+    pub fn envelope(&self, email: &Email) -> Result<Envelope, EnvelopeError> {
         let source = match &self.source {
-            Some(s) => Source::parse(s)
-                .ok_or_else(|| format!("unknown source {s:?} (smtp, lmtp, stdin or imap:ACCOUNT/FOLDER)"))?,
+            Some(s) => Source::parse(s).ok_or_else(|| EnvelopeError::Source(s.clone()))?,
             None => Source::Stdin,
         };
         let mut envelope = Envelope::new(source);

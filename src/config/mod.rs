@@ -1,15 +1,23 @@
 //! config: `mailhook.toml` → [`Config`].
 //!
-//! Loading happens in three passes, each of which reports *every* problem it finds:
+//! Loading reports *every* problem it finds, each as `file:line: key.path: problem`
+//! ([`ConfigError`]), in three passes:
 //!
-//! 1. TOML syntax (the `toml` crate's message, with line and column);
+//! 1. TOML syntax (every error the parser recovers from, with its line); nothing more is read
+//!    from a file that is not TOML;
 //! 2. `${VAR}` expansion in every string value; an unset variable is an error naming the key
 //!    (`$${` writes a literal `${`);
-//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it; each
-//!    `[destination.NAME]` is read by its `type` into a table of that type's keys only), then
-//!    [`Config::validate`] for what types cannot say (a bad regex, TLS `none` to a remote IMAP
-//!    server, a token over `http://`, an open listener, …). [`Config::warnings`] names what is
-//!    allowed but weaker than the defaults (`check` prints them, `serve` logs them).
+//! 3. typed deserialisation (`deny_unknown_fields`: a misspelt key is an error naming it and
+//!    the nearest valid key); each key in error is set aside and the rest deserialised again,
+//!    so that one run finds them all. Each `[destination.NAME]` is read by its `type` into a
+//!    table of that type's keys only. Then [`Config::validate`] for what types cannot say (a
+//!    bad regex, TLS `none` to a remote IMAP server, a token over `http://`, an open listener,
+//!    …). [`Config::warnings`] names what is allowed but weaker than the defaults (`check`
+//!    prints them, `serve` logs them).
+//!
+//! Lines come from the spans of toml's parsed tables ([`toml::de::DeTable`]), key paths from
+//! `serde_path_to_error`. [`Config::check`] also says where the rules are when the config has
+//! errors, so `mailhook check` reports the rules' errors with the config's.
 //!
 //! Values from the environment are expanded after the syntax pass and never appear in error
 //! messages; secret values are held in [`Secret`], whose `Debug` prints `***`.
@@ -17,6 +25,7 @@
 //! Relative paths (`spool.dir`, `rules.dir`, certificate and output files) are resolved against
 //! the directory that holds the config file, so a service started from anywhere finds them.
 
+mod diagnose;
 mod rate;
 
 use serde::Deserialize;
@@ -26,7 +35,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use rate::Rate;
+pub use rate::{Rate, RateError};
 
 /// A string that must not be printed: passwords, tokens, hook keys.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -511,52 +520,52 @@ impl DestinationConfig {
 
     /// Deserialises one `[destination.NAME]` table. Errors carry their key path
     /// (`destination.NAME.KEY`), which serde loses inside an internally tagged enum.
-    fn from_table(name: &str, value: toml::Value) -> Result<DestinationConfig, (String, String)> {
+    fn from_table(name: &str, value: toml::Value) -> Result<DestinationConfig, (String, Problem)> {
         fn read<T: serde::de::DeserializeOwned>(
             at: &str,
-            kind: &str,
+            kind: &'static str,
             table: toml::Table,
-        ) -> Result<T, (String, String)> {
+        ) -> Result<T, (String, Problem)> {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let inner = e.path().to_string();
-                let message = e.into_inner().to_string();
+                let message = one_line(&e.into_inner().to_string());
                 // Unknown and missing keys are reported on the table: name the key itself.
                 let named = |prefix: &str| {
                     message.strip_prefix(prefix).and_then(|r| r.strip_prefix('`')).and_then(|r| r.split_once('`'))
                 };
                 if let Some((key, _)) = named("unknown field ") {
-                    (format!("{at}.{key}"), format!("is not used by type {kind:?}"))
+                    (format!("{at}.{key}"), Problem::NotUsed(kind))
                 } else if let Some((key, _)) = named("missing field ") {
-                    (format!("{at}.{key}"), format!("is required for type {kind:?}"))
+                    (format!("{at}.{key}"), Problem::Required(kind))
                 } else if inner == "." {
-                    (at.to_string(), message)
+                    (at.to_string(), Problem::Value(message))
                 } else {
-                    (format!("{at}.{inner}"), message)
+                    (format!("{at}.{inner}"), Problem::Value(message))
                 }
             })
         }
         let at = format!("destination.{name}");
         let toml::Value::Table(mut table) = value else {
-            return Err((at, "must be a table".into()));
+            return Err((at, Problem::Value("must be a table".into())));
         };
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
-            Some(_) => return Err((format!("{at}.type"), "must be a string".into())),
-            None => return Err((format!("{at}.type"), "is required".into())),
+            Some(_) => return Err((format!("{at}.type"), Problem::Value("must be a string".into()))),
+            None => return Err((format!("{at}.type"), Problem::Missing("type".into()))),
         };
+        const TYPES: [&str; 5] = ["kustomer-web-hook", "kustomer-form-hook", "kustomer-email-hook", "webhook", "file"];
         let d = match kind.as_str() {
-            "kustomer-web-hook" => DestinationConfig::KustomerWebHook(read(&at, &kind, table)?),
-            "kustomer-form-hook" => DestinationConfig::KustomerFormHook(read(&at, &kind, table)?),
-            "kustomer-email-hook" => DestinationConfig::KustomerEmailHook(read(&at, &kind, table)?),
-            "webhook" => DestinationConfig::Webhook(read(&at, &kind, table)?),
-            "file" => DestinationConfig::File(read(&at, &kind, table)?),
+            "kustomer-web-hook" => DestinationConfig::KustomerWebHook(read(&at, TYPES[0], table)?),
+            "kustomer-form-hook" => DestinationConfig::KustomerFormHook(read(&at, TYPES[1], table)?),
+            "kustomer-email-hook" => DestinationConfig::KustomerEmailHook(read(&at, TYPES[2], table)?),
+            "webhook" => DestinationConfig::Webhook(read(&at, TYPES[3], table)?),
+            "file" => DestinationConfig::File(read(&at, TYPES[4], table)?),
             other => {
+                let expected: Vec<String> = TYPES.iter().map(|t| t.to_string()).collect();
+                let nearest = diagnose::nearest(other, &expected).map(str::to_string);
                 return Err((
                     format!("{at}.type"),
-                    format!(
-                        "unknown type {other:?}: expected kustomer-web-hook, kustomer-form-hook, \
-                         kustomer-email-hook, webhook or file"
-                    ),
+                    Problem::Unknown { what: "value", given: other.to_string(), nearest, expected },
                 ));
             }
         };
@@ -647,36 +656,142 @@ fn default_admin_listen() -> String {
     "127.0.0.1:9025".to_string()
 }
 
-/// One thing wrong with a config file: the key it is about and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One thing wrong with a config file, printed `file:line: key: problem`.
+#[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     /// The file the error is in.
     pub file: PathBuf,
+    /// 1-based line of the key (or of its table, for a missing key), when known.
+    pub line: Option<usize>,
     /// Dotted key path (`destination.ops.url`); empty for a whole-file problem.
     pub key: String,
-    pub message: String,
+    #[source]
+    pub problem: Problem,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// What is wrong at a key.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("cannot read: {0}")]
+    Unreadable(#[source] std::io::Error),
+    /// Not TOML; the message is the parser's, without its excerpt of the file.
+    #[error("{0}")]
+    Syntax(String),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    /// A key or value the config does not have; `nearest` is the valid one it most resembles.
+    #[error("unknown {what} `{given}`{}", suggestion(nearest.as_deref(), expected))]
+    Unknown { what: &'static str, given: String, nearest: Option<String>, expected: Vec<String> },
+    #[error("missing key `{0}`")]
+    Missing(String),
+    /// A value of the wrong type or shape (the deserialiser's words, on one line).
+    #[error("{0}")]
+    Value(String),
+    #[error("is required for type {0:?}")]
+    Required(&'static str),
+    #[error("is not used by type {0:?}")]
+    NotUsed(&'static str),
+    /// Anything else [`Config::validate`] refuses, in a sentence.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn suggestion(nearest: Option<&str>, expected: &[String]) -> String {
+    match (nearest, expected) {
+        (Some(n), _) => format!(" \u{2014} did you mean `{n}`?"),
+        (None, []) => " (nothing is expected here)".to_string(),
+        (None, e) => format!(" (expected one of: {})", e.join(", ")),
+    }
+}
+
+/// An unusable `${VAR}` reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("unclosed ${{ in value")]
+    Unclosed,
+    #[error("${{{0}}} is not a valid environment variable reference")]
+    BadName(String),
+    #[error("environment variable {0} is not set")]
+    Unset(String),
+}
+
+/// A problem [`Config::validate`] found, by key path.
+#[derive(Debug)]
+pub struct Invalid {
+    pub key: String,
+    pub problem: Problem,
+}
+
+/// Everything a look at a config file found: the config when it is valid, every error when it
+/// is not, and where its rules are whenever the file says so without an error on the way (so
+/// that `mailhook check` reports the rules' errors together with the config's).
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Option<Config>,
+    pub errors: Vec<ConfigError>,
+    pub rules: Option<RulesSite>,
+}
+
+/// Where the rules are and what they may name, as far as the config file says.
+#[derive(Debug, Clone)]
+pub struct RulesSite {
+    /// `rules.dir`, resolved against the config file's directory.
+    pub dir: PathBuf,
+    pub unmatched: String,
+    /// Every `[destination.NAME]` declared, valid or not.
+    pub destinations: std::collections::BTreeSet<String>,
+}
+
+impl Checked {
+    pub fn into_result(self) -> Result<Config, Vec<ConfigError>> {
+        match self.config {
+            Some(config) if self.errors.is_empty() => Ok(config),
+            _ => Err(self.errors),
         }
     }
 }
+
+/// Attempts at deserialising a config with errors, each after removing the key of the last
+/// error; bounds the work on a file that is wrong everywhere.
+const MAX_PASSES: usize = 100;
 
 impl Config {
     /// Reads, expands and validates the config file at `path`, using the process environment
     /// for `${VAR}`. Returns every error found.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError { file: path.to_path_buf(), key: String::new(), message: format!("cannot read: {e}") }]
-        })?;
+        Config::check(path).into_result()
+    }
+
+    /// [`Config::load`], also saying where the rules are when the config has errors.
+    pub fn check(path: &Path) -> Checked {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let error = ConfigError {
+                    file: path.to_path_buf(),
+                    line: None,
+                    key: String::new(),
+                    problem: Problem::Unreadable(e),
+                };
+                return Checked { config: None, errors: vec![error], rules: None };
+            }
+        };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        Config::parse(&text, path, &base, &|name| std::env::var(name).ok())
+        Config::check_text(&text, path, &base, &|name| std::env::var(name).ok())
     }
 
     /// [`load`](Self::load) for the commands that only read and move spool files (`queue`,
@@ -685,11 +800,11 @@ impl Config {
     /// config must never deliver, and these commands never do.
     pub fn load_for_spool(path: &Path) -> Result<Config, Vec<ConfigError>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError { file: path.to_path_buf(), key: String::new(), message: format!("cannot read: {e}") }]
+            vec![ConfigError { file: path.to_path_buf(), line: None, key: String::new(), problem: Problem::Unreadable(e) }]
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        Config::parse_with(&text, path, &base, &|name| std::env::var(name).ok(), &["spool", "rules"])
+        Config::check_text_with(&text, path, &base, &|name| std::env::var(name).ok(), &["spool", "rules"]).into_result()
     }
 
     /// Parses config text; `env` looks up `${VAR}`s. `file` is only used in error messages.
@@ -699,83 +814,212 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, Vec<ConfigError>> {
-        Config::parse_with(text, file, base_dir, env, &[])
+        Config::check_text(text, file, base_dir, env).into_result()
     }
 
-    /// [`parse`](Self::parse); with `only_needed` non-empty, only the `${VAR}`s under those
+    /// [`Config::parse`], reporting every error: the syntax errors, else every unset variable,
+    /// unknown key and bad value (each key in error is set aside and the rest read again), and
+    /// what [`Config::validate`] finds in the rest.
+    pub fn check_text(text: &str, file: &Path, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Checked {
+        Config::check_text_with(text, file, base_dir, env, &[])
+    }
+
+    /// [`Config::check_text`]; with `only_needed` non-empty, only the `${VAR}`s under those
     /// top-level keys must be set (see [`load_for_spool`](Self::load_for_spool)).
-    fn parse_with(
+    fn check_text_with(
         text: &str,
         file: &Path,
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
         only_needed: &[&str],
-    ) -> Result<Config, Vec<ConfigError>> {
-        let error = |key: String, message: String| ConfigError { file: file.to_path_buf(), key, message };
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| vec![error(String::new(), e.to_string().trim_end().to_string())])?;
+    ) -> Checked {
+        use diagnose::KeyPath;
+        let line = |offset: Option<usize>| offset.map(|o| diagnose::line_at(text, o));
+        let error = |line: Option<usize>, key: &KeyPath, problem: Problem| ConfigError {
+            file: file.to_path_buf(),
+            line,
+            key: key.to_string(),
+            problem,
+        };
 
+        let (table, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            let mut errors: Vec<ConfigError> = syntax
+                .iter()
+                .map(|e| {
+                    let at = line(e.span().map(|s| s.start));
+                    error(at, &KeyPath::default(), Problem::Syntax(one_line(e.message())))
+                })
+                .collect();
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            return Checked { config: None, errors, rules: None };
+        }
+        let original = table.into_inner();
+        let mut table = original.clone();
         let mut errors = Vec::new();
+        // Keys set aside because of an error, and keys suggested for a misspelt one: whatever
+        // follows from their absence is not news.
+        let mut removed: Vec<KeyPath> = Vec::new();
+
         // Values taken from the environment may be secrets: they are masked in any message.
         let expanded = std::cell::RefCell::new(Vec::<String>::new());
-        let unset = std::cell::RefCell::new(Vec::<String>::new());
-        let lookup = |key: &str, name: &str| {
-            let value = env(name);
-            if let Some(v) = &value {
-                expanded.borrow_mut().push(v.clone());
-            }
+        // Keys whose unset variables were read as empty (see `only_needed`): nothing under them
+        // is reported.
+        let mut lenient: Vec<String> = Vec::new();
+        let mut unset = Vec::new();
+        diagnose::each_string(&mut table, &KeyPath::default(), &mut |key, value, start| {
+            let shown = key.to_string();
             let needed = only_needed.is_empty()
-                || only_needed.iter().any(|top| key == *top || key.starts_with(&format!("{top}.")));
-            if value.is_none() && !needed {
-                unset.borrow_mut().push(key.to_string());
-                return Some(String::new());
+                || only_needed.iter().any(|top| shown == *top || shown.starts_with(&format!("{top}.")));
+            let emptied = std::cell::Cell::new(false);
+            let lookup = |name: &str| {
+                let value = env(name);
+                if let Some(v) = &value {
+                    expanded.borrow_mut().push(v.clone());
+                }
+                if value.is_none() && !needed {
+                    emptied.set(true);
+                    return Some(String::new());
+                }
+                value
+            };
+            let result = expand_env(value, &lookup);
+            if emptied.get() {
+                lenient.push(shown);
             }
-            value
-        };
-        for (key, value) in table.iter_mut() {
-            expand_value(value, key.clone(), &lookup, &mut |k, m| errors.push(error(k, m)));
-        }
-        if !errors.is_empty() {
-            return Err(errors);
+            match result {
+                Ok(v) => *value = std::borrow::Cow::Owned(v),
+                Err(e) => unset.push((key.clone(), start, e)),
+            }
+        });
+        for (key, start, e) in unset {
+            errors.push(error(line(diagnose::offset_of(&original, &key).or(Some(start))), &key, e.into()));
+            diagnose::remove(&mut table, &key);
+            removed.push(key);
         }
         let expanded = expanded.into_inner();
         let mask = |message: String| mask_values(message, &expanded);
-        let unset = unset.into_inner();
-        let reported = |e: &ConfigError| !unset.iter().any(|k| e.key == *k || e.key.starts_with(&format!("{k}.")));
 
-        // Destinations are read one by one, so each error keeps its key path and every
-        // destination's error is reported.
-        let destinations = match table.remove("destination") {
+        // Destinations are read one by one, by their `type`, so that each error keeps its key
+        // path (serde loses it inside an internally tagged enum) and every one is reported.
+        let destination_tables: toml::Table = match table.remove("destination") {
             None => toml::Table::new(),
-            Some(toml::Value::Table(t)) => t,
-            Some(_) => return Err(vec![error("destination".into(), "must be a table of tables".into())]),
+            Some(value) => match toml::Table::deserialize(toml::de::ValueDeserializer::from(value)) {
+                Ok(t) => t,
+                Err(e) => {
+                    let key = KeyPath::parse("destination");
+                    errors.push(error(
+                        line(diagnose::offset_of(&original, &key)),
+                        &key,
+                        Problem::Value(format!("must be a table of tables ({})", one_line(e.message()))),
+                    ));
+                    toml::Table::new()
+                }
+            },
         };
-        let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            vec![error(key, mask(e.into_inner().to_string()))]
-        })?;
-        let mut errors = Vec::new();
-        let mut unreadable = Vec::new();
-        for (name, value) in destinations {
+
+        let mut config = None;
+        for _ in 0..MAX_PASSES {
+            let attempt = toml::de::Deserializer::from(toml::Spanned::new(0..text.len(), table.clone()));
+            let e = match serde_path_to_error::deserialize::<_, Config>(attempt) {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) => e,
+            };
+            let at = KeyPath::from_serde(e.path());
+            let inner = e.into_inner();
+            let message = one_line(inner.message());
+            let (key, problem, set_aside) = if let Some((what, given, expected)) = diagnose::unknown(&message) {
+                // serde's path ends at the table for a key, at the key for a value.
+                let named = at.0.last() == Some(&diagnose::Step::Key(given.clone()));
+                let key = if what == "key" && !named { at.key(&given) } else { at.clone() };
+                let nearest = diagnose::nearest(&given, &expected).map(str::to_string);
+                let given = if what == "value" { mask(given) } else { given };
+                if let (Some(n), "key") = (&nearest, what) {
+                    removed.push(KeyPath(key.0[..key.0.len() - 1].to_vec()).key(n));
+                }
+                (key.clone(), Some(Problem::Unknown { what, given, nearest, expected }), key)
+            } else if let Some(name) = message.strip_prefix("missing field `").and_then(|r| r.split_once('`')) {
+                let key = at.key(name.0);
+                // A key set aside for an error leaves its table incomplete: set the table aside.
+                let problem = (!removed.contains(&key)).then(|| Problem::Missing(name.0.to_string()));
+                (key, problem, at.clone())
+            } else {
+                (at.clone(), Some(Problem::Value(mask(message))), at.clone())
+            };
+            if let Some(problem) = problem {
+                let offset = diagnose::offset_of(&original, &key).or(inner.span().map(|s| s.start));
+                errors.push(error(line(offset), &key, problem));
+            }
+            if set_aside.is_empty() || !diagnose::remove(&mut table, &set_aside) {
+                break;
+            }
+            removed.push(set_aside);
+        }
+
+        let declared: std::collections::BTreeSet<String> = destination_tables.keys().cloned().collect();
+        let mut destinations = BTreeMap::new();
+        for (name, value) in destination_tables {
             match DestinationConfig::from_table(&name, value) {
                 Ok(d) => {
-                    config.destination.insert(name, d);
+                    destinations.insert(name, d);
                 }
-                Err((key, message)) => {
-                    errors.push(error(key, mask(message)));
-                    unreadable.push(name);
+                Err((key, problem)) => {
+                    let key = KeyPath::parse(&key);
+                    // A key set aside for an unset variable is reported already.
+                    if removed.iter().any(|r| key.starts_with(r)) {
+                        continue;
+                    }
+                    let problem = match problem {
+                        Problem::Value(m) => Problem::Value(mask(m)),
+                        Problem::Unknown { what, given, nearest, expected } => {
+                            Problem::Unknown { what, given: mask(given), nearest, expected }
+                        }
+                        other => other,
+                    };
+                    errors.push(error(line(diagnose::offset_of(&original, &key)), &key, problem));
+                    removed.push(key);
                 }
             }
         }
+
+        let Some(mut config) = config else {
+            errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+            errors.retain(|e| !lenient.iter().any(|k| e.key == *k || e.key.starts_with(&format!("{k}."))));
+            return Checked { config: None, errors, rules: None };
+        };
         config.base_dir = base_dir.to_path_buf();
-        // A destination that could not be read is still a name `unmatched` may use.
-        let named_unreadable =
-            |e: &ConfigError| e.key == "rules.unmatched" && unreadable.contains(&config.rules.unmatched);
-        errors.extend(config.validate().into_iter().map(|(k, m)| error(k, mask(m))).filter(|e| !named_unreadable(e)));
-        errors.retain(reported);
-        if errors.is_empty() { Ok(config) } else { Err(errors) }
+        config.destination = destinations;
+
+        for Invalid { key, problem } in config.validate_with(&|name| declared.contains(name)) {
+            let path = KeyPath::parse(&key);
+            if removed.iter().any(|r| path.starts_with(r) || r.starts_with(&path)) {
+                continue;
+            }
+            let problem = match problem {
+                Problem::Invalid(m) => Problem::Invalid(mask(m)),
+                other => other,
+            };
+            errors.push(error(line(diagnose::offset_of(&original, &path)), &path, problem));
+        }
+        errors.retain(|e| !lenient.iter().any(|k| e.key == *k || e.key.starts_with(&format!("{k}."))));
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+
+        // Only `unmatched` can be wrong without leaving the rules directory in doubt.
+        let rules_known =
+            !errors.iter().any(|e| (e.key == "rules" || e.key.starts_with("rules.")) && e.key != "rules.unmatched");
+        let rules = rules_known.then(|| RulesSite {
+            dir: config.resolve(&config.rules.dir),
+            unmatched: config.rules.unmatched.clone(),
+            destinations: declared,
+        });
+        if errors.is_empty() {
+            Checked { config: Some(config), errors, rules }
+        } else {
+            Checked { config: None, errors, rules }
+        }
     }
 
     /// Resolves a path from the config against the config file's directory.
@@ -828,13 +1072,19 @@ impl Config {
         all
     }
 
-    /// Checks what the types cannot; returns `(key, message)` for every problem.
-    pub fn validate(&self) -> Vec<(String, String)> {
-        let mut errs: Vec<(String, String)> = Vec::new();
-        let mut err = |k: String, m: String| errs.push((k, m));
+    /// Checks what the types cannot; returns every problem with its key.
+    pub fn validate(&self) -> Vec<Invalid> {
+        self.validate_with(&|name| self.destination.contains_key(name))
+    }
+
+    /// [`Config::validate`], with `declared` saying which destination names exist.
+    fn validate_with(&self, declared: &dyn Fn(&str) -> bool) -> Vec<Invalid> {
+        let errs = std::cell::RefCell::new(Vec::<Invalid>::new());
+        let err =
+            |key: String, message: String| errs.borrow_mut().push(Invalid { key, problem: Problem::Invalid(message) });
 
         let unmatched = self.rules.unmatched.as_str();
-        if unmatched != "dead" && unmatched != "drop" && !self.destination.contains_key(unmatched) {
+        if unmatched != "dead" && unmatched != "drop" && !declared(unmatched) {
             err(
                 "rules.unmatched".into(),
                 format!("{unmatched:?} is neither \"dead\", \"drop\" nor a destination name"),
@@ -933,7 +1183,7 @@ impl Config {
         }
 
         for (name, d) in &self.destination {
-            validate_destination(name, d, &mut err);
+            validate_destination(name, d, &mut |k, m| err(k, m));
         }
         let b = &self.delivery.backoff;
         if b.initial > b.max {
@@ -952,7 +1202,7 @@ impl Config {
         {
             err("admin.token".into(), "is empty: remove it for no token, or set one".into());
         }
-        errs
+        errs.into_inner()
     }
 }
 
@@ -1029,33 +1279,8 @@ pub(crate) fn one_line(s: &str) -> String {
     s.split('\n').map(str::trim_end).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
-fn expand_value(
-    value: &mut toml::Value,
-    key: String,
-    env: &dyn Fn(&str, &str) -> Option<String>,
-    err: &mut dyn FnMut(String, String),
-) {
-    match value {
-        toml::Value::String(s) => match expand_env(s, &|name| env(&key, name)) {
-            Ok(expanded) => *s = expanded,
-            Err(m) => err(key, m),
-        },
-        toml::Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                expand_value(item, format!("{key}[{i}]"), env, err);
-            }
-        }
-        toml::Value::Table(table) => {
-            for (k, v) in table.iter_mut() {
-                expand_value(v, format!("{key}.{k}"), env, err);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Replaces `${NAME}` with the variable's value; `$${` is a literal `${`.
-fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, EnvError> {
     if !s.contains('$') {
         return Ok(s.to_string());
     }
@@ -1068,12 +1293,12 @@ fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
-            let end = tail.find('}').ok_or_else(|| "unclosed ${ in value".to_string())?;
+            let end = tail.find('}').ok_or(EnvError::Unclosed)?;
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("${{{name}}} is not a valid environment variable reference"));
+                return Err(EnvError::BadName(name.to_string()));
             }
-            let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            let value = env(name).ok_or_else(|| EnvError::Unset(name.to_string()))?;
             out.push_str(&value);
             rest = &tail[end + 1..];
         } else {

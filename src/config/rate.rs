@@ -3,6 +3,17 @@
 use serde::Deserialize;
 use std::fmt;
 
+/// Why a `rate` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error("expected a rate like \"1000/min\" or \"off\", found {0:?}")]
+    Shape(String),
+    #[error("{0:?} is not a positive number")]
+    Count(String),
+    #[error("unknown rate unit {0:?} (use s, min or hour)")]
+    Unit(String),
+}
+
 /// Requests per minute allowed to one destination; `None` means unlimited.
 #[derive(Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -22,24 +33,23 @@ impl Rate {
     }
 
     /// Parses `N/s`, `N/sec`, `N/min`, `N/m`, `N/h`, `N/hour`, or `off`/`unlimited`.
-    pub fn parse(s: &str) -> Result<Rate, String> {
+    pub fn parse(s: &str) -> Result<Rate, RateError> {
         let s = s.trim();
         if s == "off" || s == "unlimited" {
             return Ok(Rate::unlimited());
         }
-        let (n, unit) =
-            s.split_once('/').ok_or_else(|| format!("expected a rate like \"1000/min\" or \"off\", found {s:?}"))?;
+        let (n, unit) = s.split_once('/').ok_or_else(|| RateError::Shape(s.to_string()))?;
         let n: f64 = n
             .trim()
             .parse()
             .ok()
             .filter(|n: &f64| n.is_finite() && *n > 0.0)
-            .ok_or_else(|| format!("{:?} is not a positive number", n.trim()))?;
+            .ok_or_else(|| RateError::Count(n.trim().to_string()))?;
         let factor = match unit.trim() {
             "s" | "sec" | "second" => 60.0,
             "m" | "min" | "minute" => 1.0,
             "h" | "hour" => 1.0 / 60.0,
-            other => return Err(format!("unknown rate unit {other:?} (use s, min or hour)")),
+            other => return Err(RateError::Unit(other.to_string())),
         };
         Ok(Rate::per_minute(n * factor))
     }
@@ -71,8 +81,8 @@ mod tests {
         assert_eq!(Rate::parse("20/s").unwrap().per_second(), Some(20.0));
         assert_eq!(Rate::parse("3600/hour").unwrap().per_second(), Some(1.0));
         assert_eq!(Rate::parse("off").unwrap().per_second(), None);
-        assert!(Rate::parse("1000").is_err());
-        assert!(Rate::parse("0/min").is_err());
-        assert!(Rate::parse("5/fortnight").is_err());
+        assert_eq!(Rate::parse("1000"), Err(RateError::Shape("1000".into())));
+        assert_eq!(Rate::parse("0/min"), Err(RateError::Count("0".into())));
+        assert_eq!(Rate::parse("5/fortnight"), Err(RateError::Unit("fortnight".into())));
     }
 }

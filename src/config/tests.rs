@@ -114,6 +114,7 @@ fn secrets_do_not_show_in_debug() {
 fn every_unset_variable_is_named() {
     let errs = messages(parse_with(FULL, &[("OPS_KEY", "x")]));
     assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert_eq!(errs[0], "mailhook.toml:25: imap[0].password: environment variable IMAP_PASSWORD is not set");
     assert!(errs.iter().any(|e| e.contains("imap[0].password") && e.contains("IMAP_PASSWORD is not set")));
     assert!(errs.iter().any(|e| e.contains("destination.kustomer-orders.token") && e.contains("KUSTOMER_HOOK_TOKEN")));
     assert!(errs.iter().any(|e| e.contains("destination.kustomer-email.key")));
@@ -145,7 +146,103 @@ fn bad_value_names_its_key() {
 #[test]
 fn syntax_error_has_a_line() {
     let errs = messages(parse_with("[spool]\ndir = \"unclosed\n", &[]));
-    assert!(errs[0].contains("line 2"), "{}", errs[0]);
+    assert_eq!(errs, ["mailhook.toml:2: invalid basic string, expected `\"`"]);
+}
+
+#[test]
+fn every_syntax_error_is_reported_on_one_line_each() {
+    let errs = messages(parse_with("[spool]\ndir = \"unclosed\n[smtp]\nlisten = [1,\n", &[]));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("mailhook.toml:2: ") && errs[1].starts_with("mailhook.toml:4: "), "{errs:#?}");
+    assert!(errs.iter().all(|e| !e.contains('\n')), "{errs:#?}");
+}
+
+#[test]
+fn an_unknown_key_gives_file_line_key_and_the_nearest_valid_key() {
+    let errs = messages(parse_with("[smtp]\nlisten = [\"127.0.0.1:25\"]\nmax_sise = \"1MB\"\n", &[]));
+    assert_eq!(errs, ["mailhook.toml:3: smtp.max_sise: unknown key `max_sise` \u{2014} did you mean `max_size`?"]);
+}
+
+#[test]
+fn an_unknown_key_like_no_valid_one_lists_them() {
+    let errs = messages(parse_with("[admin]\ncolour = \"blue\"\n", &[]));
+    assert_eq!(errs, ["mailhook.toml:2: admin.colour: unknown key `colour` (expected one of: listen, token)"]);
+}
+
+#[test]
+fn an_unknown_value_suggests_the_nearest_valid_one() {
+    let errs =
+        messages(parse_with("[destination.hook]\ntype = \"kustomer-webhook\"\nurl = \"https://x.example/h\"\n", &[]));
+    assert_eq!(
+        errs,
+        [
+            "mailhook.toml:2: destination.hook.type: unknown value `kustomer-webhook` \u{2014} did you mean `kustomer-web-hook`?"
+        ]
+    );
+}
+
+#[test]
+fn a_misspelt_required_key_is_reported_once() {
+    let text = "[[imap]]\nname = \"a\"\nhst = \"localhost\"\nuser = \"u\"\npassword = \"p\"\n";
+    let errs = messages(parse_with(text, &[]));
+    assert_eq!(errs, ["mailhook.toml:3: imap[0].hst: unknown key `hst` \u{2014} did you mean `host`?"]);
+}
+
+#[test]
+fn every_key_in_error_is_reported_at_once_with_its_line() {
+    let text = r#"
+[smtp]
+listen = ["127.0.0.1:2525"]
+max_sise = "1MB"
+
+[destination.hook]
+type = "kustomer-web-hook"
+url = "https://x.example/hooks/web/1"
+token = "${HOOK_TOKEN}"
+
+[delivery]
+timeout = "ten seconds"
+concurrency = 0
+
+[rules]
+unmatched = "hook"
+"#;
+    let errs = messages(parse_with(text, &[]));
+    assert_eq!(
+        errs,
+        [
+            "mailhook.toml:4: smtp.max_sise: unknown key `max_sise` \u{2014} did you mean `max_size`?",
+            "mailhook.toml:9: destination.hook.token: environment variable HOOK_TOKEN is not set",
+            "mailhook.toml:12: delivery.timeout: invalid value: string \"ten seconds\", expected a duration",
+            "mailhook.toml:13: delivery.concurrency: must be at least 1",
+        ]
+    );
+}
+
+#[test]
+fn a_key_missing_from_its_table_is_reported_at_the_table() {
+    let errs = messages(parse_with("\n[destination.hook]\ntype = \"webhook\"\n", &[]));
+    assert_eq!(errs, ["mailhook.toml:2: destination.hook.url: is required for type \"webhook\""]);
+}
+
+#[test]
+fn the_rules_are_located_despite_errors_elsewhere() {
+    let text = "[rules]\ndir = \"r\"\n[destination.hook]\ntype = \"kustomer-webhook\"\n[smtp]\nlisten = 1\n";
+    let env = |_: &str| None;
+    let checked = Config::check_text(text, Path::new("m.toml"), Path::new("/etc/mailhook"), &env);
+    assert_eq!(checked.errors.len(), 2, "{:#?}", checked.errors);
+    let site = checked.rules.expect("rules located");
+    assert_eq!(site.dir, Path::new("/etc/mailhook/r"));
+    assert!(site.destinations.contains("hook"), "a destination in error is still declared");
+
+    let text = "[rules]\ndir = \"r\"\nunmatched = \"nowhere\"\n";
+    let checked = Config::check_text(text, Path::new("m.toml"), Path::new("/etc/mailhook"), &env);
+    assert_eq!(checked.errors.len(), 1, "{:#?}", checked.errors);
+    assert_eq!(checked.rules.expect("an unknown unmatched leaves the dir known").dir, Path::new("/etc/mailhook/r"));
+
+    let text = "[rules]\ndri = \"r\"\n";
+    let checked = Config::check_text(text, Path::new("m.toml"), Path::new("/etc/mailhook"), &env);
+    assert!(checked.rules.is_none(), "a [rules] in error says nothing of where the rules are");
 }
 
 #[test]
@@ -211,6 +308,12 @@ fn values_from_the_environment_are_masked_in_errors() {
     }
     let errs = messages(parse_with("[admin]\nlisten = \"${SECRET2}\"\n", &[("SECRET2", "pw-9876")]));
     assert!(errs[0].contains("admin.listen") && errs[0].contains("***"), "{errs:?}");
+    let errs = messages(parse_with("[destination.d]\ntype = \"${T}\"\n", &[("T", "kustomer-secret")]));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("destination.d.type: unknown value `***`") && !errs[0].contains("kustomer-secret"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -227,9 +330,9 @@ fn a_missing_key_is_named_with_its_type() {
         "[destination.hook]\ntype = \"kustomer-web-hook\"\nurl = \"https://x.example/hook\"\n",
         &[],
     ));
-    assert_eq!(errs, ["mailhook.toml: destination.hook.token: is required for type \"kustomer-web-hook\""]);
+    assert_eq!(errs, ["mailhook.toml:1: destination.hook.token: is required for type \"kustomer-web-hook\""]);
     let errs = messages(parse_with("[destination.hook]\ntype = \"carrier-pigeon\"\n", &[]));
-    assert!(errs[0].starts_with("mailhook.toml: destination.hook.type: unknown type \"carrier-pigeon\""), "{errs:?}");
+    assert!(errs[0].starts_with("mailhook.toml:2: destination.hook.type: unknown value `carrier-pigeon`"), "{errs:?}");
     let errs = messages(parse_with("[destination.out]\ntype = \"file\"\npath = \"x\"\ntimeout = \"soon\"\n", &[]));
     assert!(errs[0].contains("destination.out.timeout"), "{errs:?}");
 }
@@ -304,11 +407,11 @@ fn the_spool_commands_need_only_spool_and_rules_variables() {
     let text = "[spool]\ndir = \"${SPOOL}\"\n[destination.w]\ntype = \"kustomer-web-hook\"\n\
                 url = \"${URL}\"\ntoken = \"${TOKEN}\"\n";
     let env = |name: &str| (name == "SPOOL").then(|| "/var/spool/mh".to_string());
-    let c = Config::parse_with(text, Path::new("m.toml"), Path::new("/"), &env, &["spool", "rules"]).unwrap();
+    let c = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &env, &["spool", "rules"]).into_result().unwrap();
     assert_eq!(c.spool.dir, PathBuf::from("/var/spool/mh"));
     assert!(c.destination.contains_key("w"));
     let none = |_: &str| None;
-    let errs = Config::parse_with(text, Path::new("m.toml"), Path::new("/"), &none, &["spool", "rules"]).unwrap_err();
+    let errs = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &none, &["spool", "rules"]).into_result().unwrap_err();
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].key, "spool.dir");
 }

@@ -27,41 +27,89 @@ pub struct EmailHook {
     key: String,
 }
 
+/// Why an email hook could not be set up from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum EmailHookError {
+    #[error("tls contradicts the relay's smtps://")]
+    TlsContradicts,
+    #[error("relay {0:?} must start with smtp:// or smtps://")]
+    RelayScheme(String),
+    #[error("relay {relay:?}: bad port {port:?}")]
+    RelayPort {
+        relay: String,
+        port: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("relay {0:?}: expected smtp://host:port")]
+    RelayHost(String),
+    #[error("ca_file {}: {source}", path.display())]
+    CaRead {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ca_file {}: {source}", path.display())]
+    CaPem {
+        path: std::path::PathBuf,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+    #[error("TLS setup for {host}: {source}")]
+    Tls {
+        host: String,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+    #[error("{key}: {source}")]
+    Address {
+        key: &'static str,
+        #[source]
+        source: lettre::address::AddressError,
+    },
+}
+
 /// `(implicit TLS, host, port)` of a relay URL.
-pub fn parse_relay(relay: &str) -> Result<(bool, String, u16), String> {
+pub fn parse_relay(relay: &str) -> Result<(bool, String, u16), EmailHookError> {
     let (implicit, rest) = if let Some(r) = relay.strip_prefix("smtps://") {
         (true, r)
     } else if let Some(r) = relay.strip_prefix("smtp://") {
         (false, r)
     } else {
-        return Err(format!("relay {relay:?} must start with smtp:// or smtps://"));
+        return Err(EmailHookError::RelayScheme(relay.to_string()));
     };
     let rest = rest.trim_end_matches('/');
     let default_port = if implicit { 465 } else { 25 };
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| format!("relay {relay:?}: bad port {p:?}"))?)
+            let port = p.parse::<u16>().map_err(|source| EmailHookError::RelayPort {
+                relay: relay.to_string(),
+                port: p.to_string(),
+                source,
+            })?;
+            (h, port)
         }
         _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains('/') || host.contains('@') {
-        return Err(format!("relay {relay:?}: expected smtp://host:port"));
+        return Err(EmailHookError::RelayHost(relay.to_string()));
     }
     Ok((implicit, host.to_string(), port))
 }
 
 impl EmailHook {
-    pub fn new(d: &EmailHookConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<EmailHook, String> {
+    pub fn new(d: &EmailHookConfig, timeout: Duration, ca_file: Option<&Path>) -> Result<EmailHook, EmailHookError> {
         let (_, host, port) = parse_relay(&d.relay)?;
-        let mode = d.relay_tls().ok_or("tls contradicts the relay's smtps://")?;
+        let mode = d.relay_tls().ok_or(EmailHookError::TlsContradicts)?;
         let mut tls = TlsParameters::builder(host.clone());
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
-            let cert = Certificate::from_pem(&pem).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            let path = ca.to_path_buf();
+            let pem = std::fs::read(ca).map_err(|source| EmailHookError::CaRead { path: path.clone(), source })?;
+            let cert = Certificate::from_pem(&pem).map_err(|source| EmailHookError::CaPem { path, source })?;
             tls = tls.add_root_certificate(cert);
         }
-        let tls = tls.build_rustls().map_err(|e| format!("TLS setup for {host}: {e}"))?;
+        let tls = tls.build_rustls().map_err(|source| EmailHookError::Tls { host: host.clone(), source })?;
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
             .timeout(Some(timeout))
@@ -74,8 +122,9 @@ impl EmailHook {
         if let (Some(user), Some(pass)) = (&d.username, &d.password) {
             builder = builder.credentials(Credentials::new(user.clone(), pass.expose().to_string()));
         }
-        let from: Mailbox = d.from.parse().map_err(|e| format!("from: {e}"))?;
-        let to: Mailbox = d.address.parse().map_err(|e| format!("address: {e}"))?;
+        let address = |key: &'static str| move |source| EmailHookError::Address { key, source };
+        let from: Mailbox = d.from.parse().map_err(address("from"))?;
+        let to: Mailbox = d.address.parse().map_err(address("address"))?;
         let key = d.key.expose().to_string();
         Ok(EmailHook { transport: builder.build(), from, to, key })
     }
@@ -127,9 +176,9 @@ mod tests {
         assert_eq!(parse_relay("smtps://smtp.example.com").unwrap(), (true, "smtp.example.com".into(), 465));
         assert_eq!(parse_relay("smtp://127.0.0.1:2525/").unwrap(), (false, "127.0.0.1".into(), 2525));
         assert_eq!(parse_relay("smtp://[::1]:25").unwrap(), (false, "::1".into(), 25));
-        assert!(parse_relay("http://x").is_err());
-        assert!(parse_relay("smtp://host:port").is_err());
-        assert!(parse_relay("smtp://user@host").is_err());
+        assert!(matches!(parse_relay("http://x"), Err(EmailHookError::RelayScheme(_))));
+        assert!(matches!(parse_relay("smtp://host:port"), Err(EmailHookError::RelayPort { .. })));
+        assert!(matches!(parse_relay("smtp://user@host"), Err(EmailHookError::RelayHost(_))));
     }
 
     #[test]

@@ -13,7 +13,18 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
-type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+/// What a write of one batch of lines gave: every line of the batch shares it.
+type Written = Result<(), std::sync::Arc<std::io::Error>>;
+type Job = (Vec<u8>, oneshot::Sender<Written>);
+
+/// The output file (or its directory) could not be opened, or its writer not started.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct OpenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
 
 pub struct FileDestination {
     path: PathBuf,
@@ -21,30 +32,24 @@ pub struct FileDestination {
 }
 
 impl FileDestination {
-    pub fn open(path: &Path) -> Result<FileDestination, String> {
+    pub fn open(path: &Path) -> Result<FileDestination, OpenError> {
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError { path, source }
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(at(dir))?;
         }
         use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new()
-            .mode(0o600)
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        drop_partial_line(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file =
+            OpenOptions::new().mode(0o600).create(true).read(true).append(true).open(path).map_err(at(path))?;
+        drop_partial_line(&file).map_err(at(path))?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let shown = path.display().to_string();
         std::thread::Builder::new()
             .name("file-destination".into())
-            .spawn(move || write_lines(file, rx, shown))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .spawn(move || write_lines(file, rx))
+            .map_err(at(path))?;
         Ok(FileDestination { path: path.to_path_buf(), tx })
     }
 
@@ -58,7 +63,7 @@ impl FileDestination {
         }
         match rx.await {
             Ok(Ok(())) => Attempt::Done,
-            Ok(Err(reason)) => Attempt::Retry { after: None, reason },
+            Ok(Err(e)) => Attempt::Retry { after: None, reason: format!("{}: {e}", self.path.display()) },
             Err(_) => Attempt::Retry { after: None, reason: format!("{}: writer stopped", self.path.display()) },
         }
     }
@@ -88,7 +93,7 @@ fn drop_partial_line(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
+fn write_lines(mut file: File, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -97,10 +102,10 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
                 break;
             }
         }
-        let mut result = Ok(());
+        let mut result: Written = Ok(());
         for (line, _) in &batch {
             if let Err(e) = file.write_all(line) {
-                result = Err(format!("{path}: {e}"));
+                result = Err(std::sync::Arc::new(e));
                 // Take back what part of the batch was written: it is sent again later.
                 let _ = drop_partial_line(&file);
                 break;
@@ -109,7 +114,7 @@ fn write_lines(mut file: File, rx: mpsc::Receiver<Job>, path: String) {
         if result.is_ok()
             && let Err(e) = file.sync_data()
         {
-            result = Err(format!("{path}: {e}"));
+            result = Err(std::sync::Arc::new(e));
         }
         for (_, reply) in batch {
             let _ = reply.send(result.clone());
@@ -138,5 +143,16 @@ mod tests {
         let dest = FileDestination::open(&path).unwrap();
         assert!(matches!(rt.block_on(dest.send(b"{}")), Attempt::Done));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn an_output_file_that_cannot_be_opened_names_its_path_and_keeps_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, "").unwrap();
+        let e = FileDestination::open(&blocker.join("out.jsonl")).err().expect("parent is a file");
+        assert_eq!(e.path, blocker);
+        assert_eq!(e.source.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(e.to_string().starts_with(&format!("{}: ", blocker.display())), "{e}");
     }
 }

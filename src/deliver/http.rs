@@ -10,6 +10,39 @@ use std::time::{Duration, SystemTime};
 /// How much of an error response body goes into the dead-letter reason.
 const BODY_START: usize = 200;
 
+/// Why an HTTP destination could not be set up from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpDestinationError {
+    #[error("token holds characters not allowed in a header")]
+    Token(#[source] reqwest::header::InvalidHeaderValue),
+    #[error("header name {name:?} is not valid")]
+    HeaderName {
+        name: String,
+        #[source]
+        source: reqwest::header::InvalidHeaderName,
+    },
+    #[error("header {name}: value holds characters not allowed in a header")]
+    HeaderValue {
+        name: String,
+        #[source]
+        source: reqwest::header::InvalidHeaderValue,
+    },
+    #[error("ca_file {}: {source}", path.display())]
+    CaRead {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ca_file {}: not a PEM certificate: {source}", path.display())]
+    CaPem {
+        path: std::path::PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 pub struct HttpDestination {
     client: reqwest::Client,
     url: String,
@@ -25,21 +58,21 @@ impl HttpDestination {
         extra: Option<&BTreeMap<String, Secret>>,
         timeout: Duration,
         ca_file: Option<&Path>,
-    ) -> Result<HttpDestination, String> {
+    ) -> Result<HttpDestination, HttpDestinationError> {
+        use HttpDestinationError as E;
         let url = url.to_string();
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(token) = token {
-            let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| "token holds characters not allowed in a header".to_string())?;
+            let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(E::Token)?;
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
         for (name, value) in extra.into_iter().flatten() {
-            let n =
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("header name {name:?} is not valid"))?;
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|source| E::HeaderName { name: name.clone(), source })?;
             let mut v = HeaderValue::from_str(value.expose())
-                .map_err(|_| format!("header {name}: value holds characters not allowed in a header"))?;
+                .map_err(|source| E::HeaderValue { name: name.clone(), source })?;
             v.set_sensitive(true);
             headers.insert(n, v);
         }
@@ -49,14 +82,14 @@ impl HttpDestination {
             .user_agent(concat!("mailhook/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(Duration::from_secs(60));
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("ca_file {}: {e}", ca.display()))?;
+            let pem = std::fs::read(ca).map_err(|source| E::CaRead { path: ca.to_path_buf(), source })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("ca_file {}: not a PEM certificate: {e}", ca.display()))?;
+                .map_err(|source| E::CaPem { path: ca.to_path_buf(), source })?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let client = builder.build().map_err(|e| format!("HTTP client: {e}"))?;
+        let client = builder.build().map_err(E::Client)?;
         Ok(HttpDestination { client, url, headers })
     }
 

@@ -40,12 +40,25 @@ pub enum Attempt {
     Fail { reason: String },
 }
 
-/// Errors building a destination from its config (bad CA file, unparsable relay URL, …).
+/// A destination that could not be built from its config (bad CA file, unparsable relay URL,
+/// output file that cannot be opened, …): `serve` refuses to start.
 #[derive(Debug, thiserror::Error)]
-#[error("destination {name}: {message}")]
+#[error("destination {name}: {problem}")]
 pub struct BuildError {
     pub name: String,
-    pub message: String,
+    #[source]
+    pub problem: BuildProblem,
+}
+
+/// What was wrong, by kind of destination.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildProblem {
+    #[error(transparent)]
+    Http(#[from] http::HttpDestinationError),
+    #[error(transparent)]
+    Email(#[from] email::EmailHookError),
+    #[error(transparent)]
+    File(#[from] file::OpenError),
 }
 
 /// A configured destination, ready to send.
@@ -64,29 +77,31 @@ enum Target {
 impl Destination {
     /// Builds the destination `name` from its config.
     pub fn build(name: &str, d: &DestinationConfig, config: &Config) -> Result<Destination, BuildError> {
-        let err = |message: String| BuildError { name: name.to_string(), message };
+        let err = |problem: BuildProblem| BuildError { name: name.to_string(), problem };
         let timeout = d.pacing().timeout.unwrap_or(config.delivery.timeout);
         let ca = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| config.resolve(p));
         let target = match d {
             DestinationConfig::KustomerWebHook(h) => {
                 let token = Some(h.token.expose());
                 Target::Http(
-                    http::HttpDestination::new(&h.url, token, None, timeout, ca(&h.ca_file).as_deref()).map_err(err)?,
+                    http::HttpDestination::new(&h.url, token, None, timeout, ca(&h.ca_file).as_deref())
+                        .map_err(|e| err(e.into()))?,
                 )
             }
             DestinationConfig::KustomerFormHook(h) => Target::Http(
-                http::HttpDestination::new(&h.url, None, None, timeout, ca(&h.ca_file).as_deref()).map_err(err)?,
+                http::HttpDestination::new(&h.url, None, None, timeout, ca(&h.ca_file).as_deref())
+                    .map_err(|e| err(e.into()))?,
             ),
             DestinationConfig::Webhook(h) => Target::Http(
                 http::HttpDestination::new(&h.url, None, Some(&h.headers), timeout, ca(&h.ca_file).as_deref())
-                    .map_err(err)?,
+                    .map_err(|e| err(e.into()))?,
             ),
-            DestinationConfig::KustomerEmailHook(e) => {
-                Target::Email(email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(err)?)
-            }
-            DestinationConfig::File(f) => {
-                Target::File(file::FileDestination::open(&config.resolve(&f.path)).map_err(err)?)
-            }
+            DestinationConfig::KustomerEmailHook(e) => Target::Email(
+                email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(|e| err(e.into()))?,
+            ),
+            DestinationConfig::File(f) => Target::File(
+                file::FileDestination::open(&config.resolve(&f.path)).map_err(|e| err(e.into()))?,
+            ),
         };
         // Every secret of the config (a receiver may echo any header it was sent, and one
         // destination's key may be another's), longest first, so that a secret that holds

@@ -4,10 +4,21 @@
 use crate::model::Payload;
 use serde_json::{Map, Value as Json};
 
+/// A payload that cannot be made to fit `max_body`: permanent, sending it again would fail the
+/// same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "payload of {size} bytes cannot be shrunk under max_body ({max} bytes): fields other than html and text are too large"
+)]
+pub struct TooLarge {
+    pub size: usize,
+    pub max: usize,
+}
+
 /// The body to send for `payload`: its text when that is at most `max_body` bytes, else the
 /// payload shrunk to fit. Fails when it cannot fit even without `html` and with an empty
 /// `text`.
-pub fn encode(payload: &Payload, max_body: usize) -> Result<Vec<u8>, String> {
+pub fn encode(payload: &Payload, max_body: usize) -> Result<Vec<u8>, TooLarge> {
     let text = payload.as_str();
     if text.len() <= max_body {
         return Ok(text.as_bytes().to_vec());
@@ -30,7 +41,7 @@ pub fn fit(payload: Payload, max_body: usize) -> Payload {
 }
 
 /// [`encode`] of a payload as a map.
-fn encode_map(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, String> {
+fn encode_map(payload: &Map<String, Json>, max_body: usize) -> Result<Vec<u8>, TooLarge> {
     let body = serde_json::to_vec(payload).expect("JSON serialises");
     if body.len() <= max_body {
         return Ok(body);
@@ -57,7 +68,7 @@ fn shrink(
     payload: &Map<String, Json>,
     original: usize,
     max_body: usize,
-) -> Result<(Vec<u8>, Map<String, Json>), String> {
+) -> Result<(Vec<u8>, Map<String, Json>), TooLarge> {
     let mut p = payload.clone();
     p.insert("truncated".into(), Json::Bool(true));
     p.shift_remove("html");
@@ -126,10 +137,8 @@ pub fn pre_trim(payload: &mut Map<String, Json>, max_body: usize) {
     }
 }
 
-fn too_large(size: usize, max: usize) -> String {
-    format!(
-        "payload of {size} bytes cannot be shrunk under max_body ({max} bytes): fields other than html and text are too large"
-    )
+fn too_large(size: usize, max: usize) -> TooLarge {
+    TooLarge { size, max }
 }
 
 #[cfg(test)]
@@ -202,6 +211,6 @@ mod tests {
     #[test]
     fn impossible_shrink_is_an_error() {
         let p = obj(json!({"id": "1", "fields": {"blob": "x".repeat(5000)}, "text": "t"}));
-        assert!(encode(&p, 1000).unwrap_err().contains("cannot be shrunk"));
+        assert!(encode(&p, 1000).unwrap_err().to_string().contains("cannot be shrunk"));
     }
 }

@@ -130,15 +130,23 @@ impl AdminState {
         let (spool, n) = (self.spool.clone(), self.probes.fetch_add(1, Ordering::Relaxed));
         match tokio::task::spawn_blocking(move || probe_spool(&spool, n)).await {
             Ok(Ok(())) => {}
-            Ok(Err(p)) => problems.push(p),
+            Ok(Err(e)) => problems.push(e.to_string()),
             Err(e) => problems.push(format!("spool: probe did not finish: {e}")),
         }
         problems
     }
 }
 
+/// The spool cannot take a message: `/healthz` reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("spool {}: cannot write: {source}", dir.display())]
+struct ProbeError {
+    dir: std::path::PathBuf,
+    source: std::io::Error,
+}
+
 /// Creates, writes and removes a file in the spool's `tmp/`: what every message needs.
-fn probe_spool(spool: &Spool, n: u64) -> Result<(), String> {
+fn probe_spool(spool: &Spool, n: u64) -> Result<(), ProbeError> {
     let tmp = spool.dir().join("tmp");
     let path = tmp.join(format!(".healthz-{}-{n}", std::process::id()));
     let result = std::fs::File::options()
@@ -147,9 +155,9 @@ fn probe_spool(spool: &Spool, n: u64) -> Result<(), String> {
         .open(&path)
         .and_then(|mut f| f.write_all(b"ok"))
         .and_then(|()| std::fs::remove_file(&path));
-    result.map_err(|e| {
+    result.map_err(|source| {
         let _ = std::fs::remove_file(&path);
-        format!("spool {}: cannot write: {e}", tmp.display())
+        ProbeError { dir: tmp, source }
     })
 }
 

@@ -35,8 +35,8 @@ pub enum ServeError {
     Listener(#[from] ListenerError),
     #[error(transparent)]
     Admin(#[from] AdminError),
-    #[error("{0}")]
-    Imap(String),
+    #[error(transparent)]
+    Imap(#[from] crate::ingest::imap::WatchersError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -90,8 +90,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
     let reloader = Reloader::start(&config, rules, metrics.clone())?;
-    let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)
-        .map_err(ServeError::Imap)?;
+    let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)?;
     let mut tasks = tokio::task::JoinSet::new();
     for watcher in watchers {
         tasks.spawn(watcher.run(stop_rx.clone()));

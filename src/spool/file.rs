@@ -11,7 +11,7 @@
 //! bytes because its `size` is only known once they have all arrived; the fixed-length footer
 //! says where they end. `cat` shows the message as received, then the line of metadata.
 
-use super::{Meta, SpoolError};
+use super::{Damage, Meta, SpoolError};
 use std::fs::File;
 use std::io::{self, Read as _, Write};
 use std::os::unix::fs::FileExt;
@@ -43,17 +43,17 @@ fn parse_footer(footer: &[u8]) -> Option<u64> {
 }
 
 /// Where the raw message ends and where the metadata ends, in a file of `len` bytes.
-fn layout(len: u64, footer: &[u8]) -> Result<(u64, u64), String> {
-    let end = len.checked_sub(FOOTER_LEN as u64).ok_or("too short for a spool file")?;
-    let size = parse_footer(footer).ok_or("no spool footer at its end")?;
+fn layout(len: u64, footer: &[u8]) -> Result<(u64, u64), Damage> {
+    let end = len.checked_sub(FOOTER_LEN as u64).ok_or(Damage::TooShort)?;
+    let size = parse_footer(footer).ok_or(Damage::NoFooter)?;
     if size > end {
-        return Err(format!("its footer gives a size of {size} bytes, past its end"));
+        return Err(Damage::SizePastEnd(size));
     }
     Ok((size, end))
 }
 
-fn corrupt(id: &str, reason: impl std::fmt::Display) -> SpoolError {
-    SpoolError::Corrupt { id: id.to_string(), reason: reason.to_string() }
+fn corrupt(id: &str, reason: impl Into<Damage>) -> SpoolError {
+    SpoolError::Corrupt { id: id.to_string(), reason: reason.into() }
 }
 
 fn decode_meta(id: &str, json: &[u8]) -> Result<Meta, SpoolError> {
@@ -76,7 +76,7 @@ pub(super) fn read(path: &Path, id: &str, raw_up_to: u64) -> io::Result<Result<R
     }
     let mut footer = [0u8; FOOTER_LEN];
     if len < FOOTER_LEN as u64 {
-        return Ok(Err(corrupt(id, "too short for a spool file")));
+        return Ok(Err(corrupt(id, Damage::TooShort)));
     }
     file.read_exact_at(&mut footer, len - FOOTER_LEN as u64)?;
     let (size, end) = match layout(len, &footer) {

@@ -117,7 +117,11 @@ pub enum SpoolError {
     #[error("message {0} is not in the spool")]
     NotFound(String),
     #[error("message {id}: unreadable metadata: {reason}")]
-    Corrupt { id: String, reason: String },
+    Corrupt {
+        id: String,
+        #[source]
+        reason: Damage,
+    },
     #[error("spool writer has stopped")]
     Stopped,
     #[error("{0:?} is not a message id (a ULID such as 01JD4Z6W8Q2M3N4P5R6S7T8V9X)")]
@@ -149,6 +153,19 @@ pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
 pub(crate) fn private_file(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     File::options().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+/// What is wrong with a spool file that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum Damage {
+    #[error("too short for a spool file")]
+    TooShort,
+    #[error("no spool footer at its end")]
+    NoFooter,
+    #[error("its footer gives a size of {0} bytes, past its end")]
+    SizePastEnd(u64),
+    #[error("{0}")]
+    Metadata(#[from] serde_json::Error),
 }
 
 impl SpoolError {
@@ -354,7 +371,7 @@ impl Spool {
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(|meta| (meta, None))
-                .map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.to_string() }),
+                .map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.into() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound && state == State::Incoming => {
                 let file = self.incoming_file(id);
                 file::read(&file, id, raw_up_to).map_err(|e| not_found(&file, e))?

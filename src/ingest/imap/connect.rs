@@ -65,18 +65,109 @@ impl AsyncWrite for Stream {
 
 pub type ImapSession = Session<Stream>;
 
-/// Why a connection could not be made. `Auth` means the server refused the credentials: an
-/// operator must act, retrying alone will not help.
+/// Why a connection could not be made. Network and TLS failures may pass by themselves;
+/// refused or unavailable credentials need an operator (see [`ConnectError::is_temporary`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{0}")]
-    Network(String),
-    #[error("{0}")]
-    Tls(String),
+    #[error("cannot connect to {server}: {source}")]
+    Connect {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} closed the connection before its greeting")]
+    NoGreeting { server: String },
+    #[error("no greeting from {server}: {source}")]
+    Greeting {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} during authentication: {source}")]
+    Dropped {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} refused STARTTLS: {source}")]
+    Starttls {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host:?} is not a valid TLS server name: {source}")]
+    ServerName {
+        host: String,
+        #[source]
+        source: tokio_rustls::rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS with {server}: {source}")]
+    Handshake {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("authentication refused for {user}: {reason}")]
     Auth { user: String, reason: String },
-    #[error("{0}")]
-    Credentials(String),
+    #[error("token_file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("token_command: {0}")]
+    TokenCommand(#[source] io::Error),
+    #[error("token_command failed ({status}): {stderr}")]
+    TokenCommandFailed { status: std::process::ExitStatus, stderr: String },
+    #[error("token_command printed something that is not UTF-8")]
+    TokenNotUtf8,
+    #[error("xoauth2 needs token_file or token_command")]
+    NoTokenSource,
+    #[error("the XOAUTH2 access token is empty")]
+    EmptyToken,
+}
+
+impl ConnectError {
+    /// Whether reconnecting later may work: a network or TLS failure may pass; refused or
+    /// unavailable credentials need an operator.
+    pub fn is_temporary(&self) -> bool {
+        use ConnectError::*;
+        match self {
+            Connect { .. }
+            | NoGreeting { .. }
+            | Greeting { .. }
+            | Dropped { .. }
+            | Starttls { .. }
+            | Handshake { .. } => true,
+            ServerName { .. }
+            | Auth { .. }
+            | TokenFile { .. }
+            | TokenCommand(_)
+            | TokenCommandFailed { .. }
+            | TokenNotUtf8
+            | NoTokenSource
+            | EmptyToken => false,
+        }
+    }
+}
+
+/// An extra CA file (`ca_file`) that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("ca_file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ca_file {}: {source}", path.display())]
+    Certificate {
+        path: PathBuf,
+        #[source]
+        source: tokio_rustls::rustls::Error,
+    },
+    #[error("ca_file {}: no PEM certificate in it", .0.display())]
+    Empty(PathBuf),
 }
 
 /// Everything needed to (re)connect one account, prepared once from its config.
@@ -97,7 +188,7 @@ pub struct Connector {
 impl Connector {
     /// Builds a connector; paths in `account` are already resolved. Fails on an unreadable
     /// `ca_file`.
-    pub fn new(account: &ImapConfig, ca_file: Option<&Path>, timeout: Duration) -> Result<Connector, String> {
+    pub fn new(account: &ImapConfig, ca_file: Option<&Path>, timeout: Duration) -> Result<Connector, CaFileError> {
         let tls_config = match account.tls {
             ImapTls::None => None,
             ImapTls::Implicit | ImapTls::Starttls => Some(Arc::new(tls_config(ca_file)?)),
@@ -127,7 +218,7 @@ impl Connector {
         let server = self.server();
         let tcp = within(self.timeout, TcpStream::connect((self.host.as_str(), self.port)))
             .await
-            .map_err(|e| ConnectError::Network(format!("cannot connect to {server}: {e}")))?;
+            .map_err(|source| ConnectError::Connect { server: server.clone(), source })?;
         let _ = tcp.set_nodelay(true);
         let stream = match self.tls {
             ImapTls::None => Stream::Plain(tcp),
@@ -139,7 +230,7 @@ impl Connector {
                     client.run_command_and_check_ok("STARTTLS", None).await.map_err(io::Error::other)
                 })
                 .await
-                .map_err(|e| ConnectError::Tls(format!("{server} refused STARTTLS: {e}")))?;
+                .map_err(|source| ConnectError::Starttls { server: server.clone(), source })?;
                 let Stream::Plain(tcp) = client.into_inner() else { unreachable!("STARTTLS on a plain stream") };
                 Stream::Tls(Box::new(self.handshake(tcp).await?))
             }
@@ -155,18 +246,18 @@ impl Connector {
         let server = self.server();
         match within(self.timeout, async { client.read_response().await }).await {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(ConnectError::Network(format!("{server} closed the connection before its greeting"))),
-            Err(e) => Err(ConnectError::Network(format!("no greeting from {server}: {e}"))),
+            Ok(None) => Err(ConnectError::NoGreeting { server }),
+            Err(source) => Err(ConnectError::Greeting { server, source }),
         }
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, ConnectError> {
         let config = self.tls_config.clone().expect("TLS configured");
         let name = ServerName::try_from(self.host.clone())
-            .map_err(|e| ConnectError::Tls(format!("{:?} is not a valid TLS server name: {e}", self.host)))?;
+            .map_err(|source| ConnectError::ServerName { host: self.host.clone(), source })?;
         within(self.timeout, TlsConnector::from(config).connect(name, tcp))
             .await
-            .map_err(|e| ConnectError::Tls(format!("TLS with {}: {e}", self.server())))
+            .map_err(|source| ConnectError::Handshake { server: self.server(), source })
     }
 
     async fn authenticate(&self, client: Client<Stream>) -> Result<ImapSession, ConnectError> {
@@ -175,7 +266,7 @@ impl Connector {
             async_imap::error::Error::No(reason) | async_imap::error::Error::Bad(reason) => {
                 ConnectError::Auth { user: user.clone(), reason: reason.trim().to_string() }
             }
-            other => ConnectError::Network(format!("{} during authentication: {other}", self.server())),
+            other => ConnectError::Dropped { server: self.server(), source: io::Error::other(other) },
         };
         let secret = match self.auth {
             ImapAuth::Login | ImapAuth::Plain => {
@@ -200,7 +291,7 @@ impl Connector {
             })
         })
         .await
-        .map_err(|e| ConnectError::Network(format!("{} during authentication: {e}", self.server())))?;
+        .map_err(|source| ConnectError::Dropped { server: self.server(), source })?;
         result.map_err(refused)
     }
 
@@ -209,27 +300,26 @@ impl Connector {
         let token = if let Some(path) = &self.token_file {
             tokio::fs::read_to_string(path)
                 .await
-                .map_err(|e| ConnectError::Credentials(format!("token_file {}: {e}", path.display())))?
+                .map_err(|source| ConnectError::TokenFile { path: path.clone(), source })?
         } else if let Some(command) = &self.token_command {
             let output = within(
                 self.timeout,
                 tokio::process::Command::new("/bin/sh").arg("-c").arg(command).kill_on_drop(true).output(),
             )
             .await
-            .map_err(|e| ConnectError::Credentials(format!("token_command: {e}")))?;
+            .map_err(ConnectError::TokenCommand)?;
             if !output.status.success() {
                 let stderr = String::from_utf8_lossy(&output.stderr);
                 let first = stderr.lines().next().unwrap_or("").chars().take(200).collect::<String>();
-                return Err(ConnectError::Credentials(format!("token_command failed ({}): {first}", output.status)));
+                return Err(ConnectError::TokenCommandFailed { status: output.status, stderr: first });
             }
-            String::from_utf8(output.stdout)
-                .map_err(|_| ConnectError::Credentials("token_command printed something that is not UTF-8".into()))?
+            String::from_utf8(output.stdout).map_err(|_| ConnectError::TokenNotUtf8)?
         } else {
-            return Err(ConnectError::Credentials("xoauth2 needs token_file or token_command".into()));
+            return Err(ConnectError::NoTokenSource);
         };
         let token = token.trim().to_string();
         if token.is_empty() {
-            return Err(ConnectError::Credentials("the XOAUTH2 access token is empty".into()));
+            return Err(ConnectError::EmptyToken);
         }
         Ok(token)
     }
@@ -254,35 +344,68 @@ impl Authenticator for Sasl {
     }
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, CaFileError> {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        let read = |source| CaFileError::Read { path: path.to_path_buf(), source };
+        let pem = std::fs::read(path).map_err(read)?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            let cert = cert.map_err(read)?;
+            roots.add(cert).map_err(|source| CaFileError::Certificate { path: path.to_path_buf(), source })?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!("ca_file {}: no PEM certificate in it", path.display()));
+            return Err(CaFileError::Empty(path.to_path_buf()));
         }
     }
     Ok(tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Runs `f` with a deadline; a timeout becomes an `io::Error` saying how long was waited.
-pub async fn within<T, E: fmt::Display>(
+pub async fn within<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     limit: Duration,
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, io::Error> {
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+        Ok(Err(e)) => Err(io::Error::other(e)),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {}", humantime::format_duration(limit)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(text: &str) -> ImapConfig {
+        let text = format!("[[imap]]\nname = \"a\"\nhost = \"127.0.0.1\"\nuser = \"u\"\n{text}");
+        let config = crate::config::Config::parse(&text, Path::new("m.toml"), Path::new("/"), &|_| None).unwrap();
+        config.imap[0].clone()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_temporary() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let a = account(&format!("port = {port}\ntls = \"none\"\npassword = \"p\"\n"));
+        let e = Connector::new(&a, None, Duration::from_secs(5)).unwrap().connect().await.expect_err("closed port");
+        assert!(matches!(e, ConnectError::Connect { .. }) && e.is_temporary(), "{e}");
+        assert!(e.to_string().starts_with(&format!("cannot connect to 127.0.0.1:{port}: ")), "{e}");
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "no certificate here").unwrap();
+        let a = account("password = \"p\"\n");
+        let e = Connector::new(&a, Some(&ca), Duration::from_secs(5)).err().expect("empty CA file");
+        assert!(matches!(&e, CaFileError::Empty(p) if *p == ca), "{e}");
+        let e = Connector::new(&a, Some(&dir.path().join("missing.pem")), Duration::from_secs(5)).err().unwrap();
+        assert!(matches!(&e, CaFileError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound), "{e}");
     }
 }

@@ -39,7 +39,7 @@ use crate::spool::Spool;
 use crate::spool::{Fresh, Inbox};
 use async_imap::types::Fetch;
 use checkpoint::{Checkpoint, Position, fingerprint};
-use connect::{ConnectError, Connector, ImapSession, within};
+use connect::{CaFileError, ConnectError, Connector, ImapSession, within};
 use futures_util::StreamExt;
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
@@ -74,21 +74,75 @@ const IDLE_QUIET: Duration = Duration::from_secs(5 * 60);
 /// Reconnect delays: exponential from 1 s to 2 min, with jitter.
 const RECONNECT: BackoffConfig = BackoffConfig { initial: Duration::from_secs(1), max: Duration::from_secs(120) };
 
-/// Why a session ended.
+/// Why the watchers could not be built: `serve` refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchersError {
+    #[error("imap account {account:?}: {source}")]
+    CaFile {
+        account: String,
+        #[source]
+        source: CaFileError,
+    },
+    #[error("imap account {account:?} folder {folder:?}: fingerprints: {source}")]
+    Fingerprints {
+        account: String,
+        folder: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a session ended. The watcher reconnects after every one of them; [`is_temporary`]
+/// says whether that alone can help.
+///
+/// [`is_temporary`]: WatchError::is_temporary
 #[derive(Debug, thiserror::Error)]
 enum WatchError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error("{command}: {source}")]
+    Imap {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("during IDLE: {0}")]
+    Idle(#[source] async_imap::error::Error),
     #[error("{0}")]
-    Imap(String),
-    #[error("spool: {0}")]
-    Spool(String),
+    Protocol(String),
+    #[error("spool: UID {uid}: {source}")]
+    Spool {
+        uid: u32,
+        #[source]
+        source: StoreError,
+    },
     #[error("checkpoint: {0}")]
-    Checkpoint(std::io::Error),
+    Checkpoint(#[source] std::io::Error),
+}
+
+impl WatchError {
+    /// Refused or unavailable credentials need an operator; anything else may pass.
+    fn is_temporary(&self) -> bool {
+        match self {
+            WatchError::Connect(e) => e.is_temporary(),
+            _ => true,
+        }
+    }
+}
+
+/// Why one fetched message did not reach the spool (the server keeps it; it is fetched again).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("{0}")]
+    Write(#[source] std::io::Error),
+    #[error("spool task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn imap_err(what: &str) -> impl Fn(std::io::Error) -> WatchError + '_ {
-    move |e| WatchError::Imap(format!("{what}: {e}"))
+    move |source| WatchError::Imap { command: what.to_string(), source }
 }
 
 /// One watched folder.
@@ -119,14 +173,14 @@ pub fn watchers(
     inbox: &Arc<Inbox>,
     metrics: &Metrics,
     spooled: &[(Source, String)],
-) -> Result<Vec<Watcher>, String> {
+) -> Result<Vec<Watcher>, WatchersError> {
     let mut out = Vec::new();
     for account in &config.imap {
         let ca = account.ca_file.as_ref().map(|p| config.resolve(p));
         let mut resolved: ImapConfig = account.clone();
         resolved.token_file = account.token_file.as_ref().map(|p| config.resolve(p));
         let connector = Connector::new(&resolved, ca.as_deref(), COMMAND_TIMEOUT)
-            .map_err(|e| format!("imap account {:?}: {e}", account.name))?;
+            .map_err(|source| WatchersError::CaFile { account: account.name.clone(), source })?;
         for folder in &account.folders {
             let checkpoint = Checkpoint::new(spool.dir(), &account.name, folder, config.spool.fsync);
             let ours: Vec<&String> = spooled
@@ -137,8 +191,11 @@ pub fn watchers(
                 .map(|(_, fp)| fp)
                 .collect();
             if !ours.is_empty() {
-                let cannot =
-                    |e: std::io::Error| format!("imap account {:?} folder {folder:?}: fingerprints: {e}", account.name);
+                let cannot = |source| WatchersError::Fingerprints {
+                    account: account.name.clone(),
+                    folder: folder.clone(),
+                    source,
+                };
                 let seen = checkpoint.seen().map_err(cannot)?;
                 let new: Vec<String> = ours.into_iter().filter(|fp| !seen.contains(*fp)).cloned().collect();
                 checkpoint.remember(&new).map_err(cannot)?;
@@ -193,15 +250,16 @@ impl Watcher {
             failures = failures.saturating_add(1);
             let delay = backoff(&RECONNECT, failures);
             let retry_in = humantime::format_duration(Duration::from_secs(delay.as_secs().max(1)));
-            match &error {
-                WatchError::Connect(ConnectError::Auth { .. } | ConnectError::Credentials(_)) => error!(
-                    account = %self.account, folder = %self.folder, error = %error, retry_in = %retry_in,
-                    "IMAP login failed; check the account's user and password or token"
-                ),
-                _ => warn!(
+            if error.is_temporary() {
+                warn!(
                     account = %self.account, folder = %self.folder, error = %error, retry_in = %retry_in,
                     "IMAP connection lost; reconnecting"
-                ),
+                );
+            } else {
+                error!(
+                    account = %self.account, folder = %self.folder, error = %error, retry_in = %retry_in,
+                    "IMAP login failed; check the account's user and password or token"
+                );
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -229,7 +287,7 @@ impl Watcher {
             .map_err(imap_err(&format!("SELECT {:?}", self.folder)))?;
         let uidvalidity = mailbox
             .uid_validity
-            .ok_or_else(|| WatchError::Imap(format!("the server gave no UIDVALIDITY for {:?}", self.folder)))?;
+            .ok_or_else(|| WatchError::Protocol(format!("the server gave no UIDVALIDITY for {:?}", self.folder)))?;
         self.health.set_connected(true);
 
         let stored = self.checkpoint.load().map_err(WatchError::Checkpoint)?;
@@ -292,7 +350,7 @@ impl Watcher {
             let (wait, _stop) = handle.wait_with_timeout(limit.min(IDLE_QUIET));
             tokio::select! {
                 r = tokio::time::timeout(limit, wait) => match r {
-                    Ok(Err(e)) => return Err(WatchError::Imap(format!("during IDLE: {e}"))),
+                    Ok(Err(e)) => return Err(WatchError::Idle(e)),
                     Ok(Ok(_)) | Err(_) => Woken::Sync,
                 },
                 _ = shutdown.changed() => Woken::Shutdown,
@@ -358,7 +416,7 @@ impl Watcher {
         already: Option<&HashSet<String>>,
     ) -> Result<(), WatchError> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut done: Vec<(u32, Result<String, String>)> = Vec::new();
+        let mut done: Vec<(u32, Result<String, StoreError>)> = Vec::new();
         let mut skipped: Vec<u32> = Vec::new();
         let mut pending_bytes = 0usize;
         {
@@ -368,15 +426,15 @@ impl Watcher {
             loop {
                 let item = tokio::time::timeout(COMMAND_TIMEOUT, stream.next())
                     .await
-                    .map_err(|_| WatchError::Imap("UID FETCH: no data within 1m".into()))?;
+                    .map_err(|_| WatchError::Protocol("UID FETCH: no data within 1m".into()))?;
                 let fetch: Fetch = match item {
                     None => break,
                     Some(Ok(f)) => f,
-                    Some(Err(e)) => return Err(WatchError::Imap(format!("UID FETCH: {e}"))),
+                    Some(Err(e)) => return Err(imap_err("UID FETCH")(std::io::Error::other(e))),
                 };
                 let Some(uid) = fetch.uid.filter(|u| batch.binary_search(u).is_ok()) else { continue };
                 let Some(body) = fetch.body() else {
-                    return Err(WatchError::Imap(format!("the server sent no body for UID {uid}")));
+                    return Err(WatchError::Protocol(format!("the server sent no body for UID {uid}")));
                 };
                 let fp = fingerprint(body);
                 if already.is_some_and(|seen| seen.contains(&fp)) {
@@ -406,8 +464,7 @@ impl Watcher {
 
         // Advance over every UID of the batch up to the first that failed to commit.
         done.sort_by_key(|(uid, _)| *uid);
-        let failed = done.iter().find_map(|(uid, r)| r.as_ref().err().map(|e| (*uid, e.clone())));
-        let limit = failed.as_ref().map_or(u32::MAX, |(f, _)| *f);
+        let limit = done.iter().find(|(_, r)| r.is_err()).map_or(u32::MAX, |(uid, _)| *uid);
         let mut received = 0;
         for (uid, result) in &done {
             if let Ok(id) = result {
@@ -433,8 +490,8 @@ impl Watcher {
             // shows at the next command.
             warn!(account = %self.account, folder = %self.folder, error = %e, "after-action failed; the messages stay on the server but will not be fetched again");
         }
-        match failed {
-            Some((uid, e)) => Err(WatchError::Spool(format!("UID {uid}: {e}"))),
+        match done.into_iter().find_map(|(uid, r)| r.err().map(|source| WatchError::Spool { uid, source })) {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -471,7 +528,7 @@ impl Watcher {
 }
 
 /// A message fetched and being committed: UID, size, the commit (spool id).
-type Pending = (u32, usize, JoinHandle<Result<String, String>>);
+type Pending = (u32, usize, JoinHandle<Result<String, StoreError>>);
 
 /// Which messages a sync considers.
 #[derive(Debug, Clone, Copy)]
@@ -497,17 +554,16 @@ async fn store(
     envelope: Envelope,
     raw: Vec<u8>,
     (checkpoint, fp): (Checkpoint, String),
-) -> Result<String, String> {
+) -> Result<String, StoreError> {
     let fingerprint = fp.clone();
     let (draft, raw) = tokio::task::spawn_blocking(move || {
-        let mut draft = spool.draft().map_err(|e| e.to_string())?;
+        let mut draft = spool.draft()?;
         draft.set_fingerprint(fingerprint);
-        draft.write_all(&raw).map_err(|e| e.to_string())?;
-        Ok::<_, String>((draft, raw))
+        draft.write_all(&raw).map_err(StoreError::Write)?;
+        Ok::<_, StoreError>((draft, raw))
     })
-    .await
-    .map_err(|e| e.to_string())??;
-    let meta = draft.commit(envelope).await.map_err(|e| e.to_string())?;
+    .await??;
+    let meta = draft.commit(envelope).await?;
     let id = meta.id.clone();
     if let Err(e) = checkpoint.remember_now(&fp) {
         // Only a crash before the checkpoint could then send it twice.
@@ -518,8 +574,8 @@ async fn store(
     Ok(id)
 }
 
-async fn join(job: JoinHandle<Result<String, String>>) -> Result<String, String> {
-    job.await.unwrap_or_else(|e| Err(format!("spool task failed: {e}")))
+async fn join(job: JoinHandle<Result<String, StoreError>>) -> Result<String, StoreError> {
+    job.await.unwrap_or_else(|e| Err(e.into()))
 }
 
 async fn store_flags(session: &mut ImapSession, set: &str, flags: &str) -> Result<(), WatchError> {

@@ -73,12 +73,46 @@ pub struct SessionConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    #[error("{protocol}.tls: {message}")]
-    Tls { protocol: &'static str, message: String },
+    #[error("{protocol}.tls: {source}")]
+    Tls {
+        protocol: &'static str,
+        #[source]
+        source: TlsError,
+    },
     #[error("{protocol}.listen: cannot listen on {addr}: {source}")]
     Bind { protocol: &'static str, addr: String, source: io::Error },
-    #[error("{protocol}.recipients: {message}")]
-    Recipients { protocol: &'static str, message: String },
+    #[error("{protocol}.recipients: {source}")]
+    Recipients {
+        protocol: &'static str,
+        #[source]
+        source: regex::Error,
+    },
+}
+
+impl ListenerError {
+    /// A port in use may be free on the next try; a bad certificate or pattern stays bad.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, ListenerError::Bind { .. })
+    }
+}
+
+/// A certificate or key that cannot serve TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: no PEM certificate in it", .0.display())]
+    NoCertificate(std::path::PathBuf),
+    #[error("{}: no PEM private key in it", .0.display())]
+    NoKey(std::path::PathBuf),
+    #[error("{0}")]
+    Protocols(#[source] rustls::Error),
+    #[error("certificate and key do not go together: {0}")]
+    Mismatch(#[source] rustls::Error),
 }
 
 impl SessionConfig {
@@ -101,14 +135,14 @@ impl SessionConfig {
         let tls = match &l.tls {
             Some(t) => Some(
                 tls_acceptor(&config.resolve(&t.cert), &config.resolve(&t.key))
-                    .map_err(|message| ListenerError::Tls { protocol, message })?,
+                    .map_err(|source| ListenerError::Tls { protocol, source })?,
             ),
             None => None,
         };
         let recipients = l
             .recipients
             .iter()
-            .map(|r| Regex::new(r).map_err(|e| ListenerError::Recipients { protocol, message: e.to_string() }))
+            .map(|r| Regex::new(r).map_err(|source| ListenerError::Recipients { protocol, source }))
             .collect::<Result<_, _>>()?;
         Ok(SessionConfig {
             lmtp,
@@ -135,26 +169,27 @@ impl SessionConfig {
 }
 
 /// A TLS acceptor from PEM certificate chain and key files.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, TlsError> {
+    let at = |p: &std::path::Path| {
+        let path = p.to_path_buf();
+        move |source| TlsError::Read { path, source }
+    };
+    let cert_pem = std::fs::read(cert).map_err(at(cert))?;
+    let key_pem = std::fs::read(key).map_err(at(key))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice()).collect::<Result<_, _>>().map_err(at(cert))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", cert.display()));
+        return Err(TlsError::NoCertificate(cert.to_path_buf()));
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("{}: {e}", key.display()))?
-        .ok_or_else(|| format!("{}: no PEM private key in it", key.display()))?;
+        .map_err(at(key))?
+        .ok_or_else(|| TlsError::NoKey(key.to_path_buf()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Protocols)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not go together: {e}"))?;
+        .map_err(TlsError::Mismatch)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 

@@ -3,6 +3,7 @@
 use super::*;
 use crate::config::Secret;
 use crate::spool::{SpoolOptions, State};
+use std::path::Path;
 use tokio::io::{AsyncReadExt, duplex};
 
 struct Harness {
@@ -360,4 +361,26 @@ async fn refusals_are_counted_by_reason() {
         let line = format!("mailhook_rejections_total{{protocol=\"smtp\",reason=\"{reason}\"}} 1\n");
         assert!(text.contains(&line), "{reason} not counted once:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_temporary_and_a_missing_certificate_is_not() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let text = format!("[smtp]\nlisten = [\"{addr}\"]\n");
+    let config = Config::parse(&text, Path::new("m.toml"), Path::new("/nonexistent"), &|_| None).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let e = Listener::bind(config.smtp.as_ref().unwrap(), false, &config, &metrics).await.err().expect("port taken");
+    assert!(matches!(e, ListenerError::Bind { .. }) && e.is_temporary(), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let text = format!("[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls = {{ cert = {cert:?}, key = {key:?} }}\n");
+    let config = Config::parse(&text, Path::new("m.toml"), dir.path(), &|_| None).unwrap();
+    let e = Listener::bind(config.smtp.as_ref().unwrap(), false, &config, &metrics).await.err().expect("bad cert");
+    assert!(matches!(e, ListenerError::Tls { source: TlsError::NoCertificate(_), .. }), "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert_eq!(e.to_string(), format!("smtp.tls: {}: no PEM certificate in it", cert.display()));
 }
