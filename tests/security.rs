@@ -87,7 +87,7 @@ fn a_key_that_does_not_belong_to_the_type_is_refused_by_name() {
         .run(&["check", "--config", "mailhook.toml"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(
-        stderr(&out).contains("mailhook.toml: destination.audit.token: is not used by type \"file\""),
+        stderr(&out).contains("mailhook.toml:8: destination.audit.token: is not used by type \"file\""),
         "{}",
         stderr(&out)
     );
