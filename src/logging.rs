@@ -20,6 +20,10 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => false,
         LogFormat::Json => true,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only where a person reads it: never into a pipe or a file.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
