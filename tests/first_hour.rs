@@ -277,3 +277,20 @@ fn text_logs_have_no_colour_codes_in_a_file_and_paths_have_no_dot_slashes() {
     assert!(!text.contains('\u{1b}'), "colour codes in a file:\n{text:?}");
     assert!(!text.contains("././"), "{text}");
 }
+
+#[test]
+fn an_unquoted_header_key_is_told_to_be_quoted() {
+    let rules = "[[rule]]\nname = \"sap\"\nto = [\"a\"]\n\n[rule.when]\nheader.X-Mailer = '^SAP'\n";
+    let gw = Gateway::new(FILES, rules);
+    let out = gw.run(&["check", "--config", "mailhook.toml"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("when.header: a header key is one key with a dot in it: write it quoted: \"header.X-Mailer\""),
+        "{err}"
+    );
+    // Written quoted, it loads.
+    gw.write_rules("10-test.toml", &rules.replace("header.X-Mailer", "\"header.X-Mailer\""));
+    let out = gw.run(&["check", "--config", "mailhook.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
