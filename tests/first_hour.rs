@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use support::gateway::{BIN, Gateway, message};
+use support::smtp_client::SmtpClient;
 
 /// `file` destinations `a` and `b` under `out/`; unmatched mail is a dead letter.
 const FILES: &str = "[rules]\ndir = \"rules\"\nunmatched = \"dead\"\n\n\
@@ -149,25 +150,42 @@ fn ingest_wait_prints_the_outcome_once_delivered_or_dead() {
     assert!(out.contains("still incoming after 1s: is `mailhook serve` running?"), "{out}");
 }
 
+/// Sends one message over SMTP, as `curl` does; returns the spool id from the `250` reply.
+fn send(addr: std::net::SocketAddr, n: usize, subject: &str) -> String {
+    let mut c = SmtpClient::connect(addr);
+    c.hello("EHLO", "client.test");
+    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
+    c.expect("RCPT TO:<hook@example.com>", &["250"]);
+    let reply = c.data(&message(n, subject));
+    if reply.code != 250 {
+        c.fail("message not accepted");
+    }
+    c.expect("QUIT", &["221"]);
+    reply.text().rsplit(' ').next().unwrap().to_string()
+}
+
 #[test]
 fn a_mail_right_after_a_rules_file_is_saved_is_judged_by_the_new_rules() {
-    let mut gw = Gateway::new(FILES, &rule("orders", "Order", "a"));
+    let config = format!("[smtp]\nlisten = [\"127.0.0.1:0\"]\nrecipients = ['@example\\.com$']\n\n{FILES}");
+    let mut gw = Gateway::new(&config, &rule("orders", "Order", "a"));
     gw.start();
-    gw.wait_log("serving", 1, std::time::Duration::from_secs(20), |v| v["message"] == "mailhook serving");
+    let smtp = gw.listening("smtp");
+    let wait = |id: &str| {
+        let out = gw.run(&["queue", "wait", "--config", "mailhook.toml", id]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
     for n in 0..3 {
-        // A new file, then a mail only it matches: no pause in between.
+        // A new file, then a mail only it matches, over SMTP (handed to the workers at once):
+        // no pause in between.
         gw.write_rules(&format!("2{n}-new.toml"), &rule(&format!("new-{n}"), &format!("Fresh{n}"), "b"));
-        let wait = ["ingest", "--config", "mailhook.toml", "--to", "hook@example.com", "--wait"];
-        let (code, out, err) = run_with_input(&gw, &wait, &message(n, &format!("Fresh{n}")));
-        assert_eq!(code, 0, "{out}{err}\n{}", gw.logs());
-        assert!(out.trim().ends_with("delivered"), "{out}");
+        let id = send(smtp, n, &format!("Fresh{n}"));
+        assert_eq!(wait(&id), format!("{id} delivered"), "{}", gw.logs());
         assert_eq!(lines(&gw, "b").last().unwrap()["rule"], format!("new-{n}"));
     }
     // An edit of an existing file counts too.
     gw.write_rules("10-test.toml", &rule("orders-edited", "Order", "b"));
-    let wait = ["ingest", "--config", "mailhook.toml", "--to", "hook@example.com", "--wait"];
-    let (code, out, _) = run_with_input(&gw, &wait, &message(9, "Order"));
-    assert_eq!(code, 0, "{out}");
+    let id = send(smtp, 9, "Order");
+    assert_eq!(wait(&id), format!("{id} delivered"));
     assert_eq!(lines(&gw, "b").last().unwrap()["rule"], "orders-edited");
     assert_eq!(gw.stop(), 0);
 }
