@@ -175,9 +175,10 @@ enum QueueCommand {
         id: String,
     },
     /// Queue a dead or deferred message for delivery now (destinations that took it are skipped)
-    #[command(
-        after_help = "Examples:\n  mailhook queue retry --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X\n  mailhook queue retry --config mailhook.toml --all-dead"
-    )]
+    #[command(after_help = "A message that died when it was judged (no rule matched, a required field missing) is\n\
+            judged with the current rules first; when they still reject it, it stays dead and the\n\
+            reason is printed (edit the rule, then `mailhook replay ID`; or --force to queue it anyway).\n\n\
+            Examples:\n  mailhook queue retry --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X\n  mailhook queue retry --config mailhook.toml --all-dead")]
     Retry {
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
         config: PathBuf,
