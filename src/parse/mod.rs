@@ -10,6 +10,13 @@
 //! encoded words in headers, RFC 2231 parameters, quoted-printable and base64 bodies, and every
 //! charset it knows; an unknown charset is read as UTF-8 (lossy) and reported.
 //!
+//! Real-world damage is repaired before and after mail-parser, each repair noted in `problems`:
+//! a byte-order mark, blank lines or a stray line before the headers are skipped, and the
+//! obsolete `Name  :` syntax is read; raw 8-bit header bytes outside encoded words are read as
+//! Windows-1252 when they are not UTF-8; a body labelled ASCII or a legacy charset that is
+//! valid non-ASCII UTF-8 is read as UTF-8. `text` and `html` get LF line endings and one final
+//! line break here, the one place they are normalised, so every route gives the same payload.
+//!
 //! The plain-text body is the concatenation of the message's text parts. For HTML-only mail it
 //! is the HTML rendered as text by `html2text` (tables keep their cells apart, scripts and
 //! styles are dropped). `html` is only ever real HTML from the message; it is never made up
@@ -89,8 +96,8 @@ const MAX_STRAY_LINES: usize = 2;
 /// Where the header block starts, or `None` when the input has none (it is all body).
 ///
 /// Blank and whitespace-only lines before the first header field are skipped; up to
-/// [`MAX_STRAY_LINES`] lines that are not header fields may precede it (mail-parser passes
-/// over them). A header field is `Name:` or, in the obsolete syntax of RFC 5322 §4.5,
+/// [`MAX_STRAY_LINES`] lines that are not header fields may precede it; they are dropped
+/// (mail-parser would pass over a line without a colon, but make a header of one with). A header field is `Name:` or, in the obsolete syntax of RFC 5322 §4.5,
 /// `Name  :` with white space before the colon.
 fn header_block<'a>(raw: &'a [u8], problems: &mut Vec<String>) -> Option<&'a [u8]> {
     let mut start = 0;
