@@ -44,10 +44,17 @@ enum Command {
         config: PathBuf,
     },
     /// Spool one message read from standard input (for a Postfix pipe or a sendmail alias)
-    #[command(after_help = "Exits 0 only once the message is on disk (fsync'd); 75 (EX_TEMPFAIL) when the spool\n\
-        cannot take it (missing or read-only directory, disk full), so the caller keeps the\n\
-        message and retries; 78 when the config is bad. Prints the spool id on success.\n\n\
+    #[command(after_help = "Exits 0 only once the message is on disk (fsync'd) and prints its spool id. Exits 75\n\
+        (EX_TEMPFAIL) for anything the operator can fix: the config cannot be read or has an error,\n\
+        the spool is missing or not writable, the disk is full; the MTA keeps the message and\n\
+        tries again. Exits 65 only for a message that can never be taken (empty input).\n\
+        --to takes every recipient that follows it (Postfix's ${recipient} gives one argument\n\
+        each); the message is spooled once for all of them.\n\n\
+        --wait (for a shell, not a pipe): then waits until serve has judged and tried the message,\n\
+        prints `ID delivered`, `ID dead: reason` or `ID deferred: error`, and exits 0 when\n\
+        delivered, 1 when dead or deferred, 75 when serve did not get to it in time.\n\n\
         Examples:\n  mailhook ingest --config /etc/mailhook/mailhook.toml --from \"$SENDER\" --to \"$RECIPIENT\" < message.eml\n  \
+        mailhook ingest --wait --to hook@example.com < message.eml\n  \
         Postfix master.cf:  mailhook unix - n n - - pipe\n    \
         flags=Rq user=mailhook argv=/usr/local/bin/mailhook ingest --config /etc/mailhook/mailhook.toml --from ${sender} --to ${recipient}")]
     Ingest {
@@ -57,9 +64,12 @@ enum Command {
         /// Envelope sender
         #[arg(long, value_name = "ADDR")]
         from: Option<String>,
-        /// Envelope recipient; repeat for several
-        #[arg(long = "to", value_name = "ADDR")]
+        /// Envelope recipients: every address after --to (or --to repeated)
+        #[arg(long = "to", value_name = "ADDR", num_args = 1.., action = clap::ArgAction::Append)]
         to: Vec<String>,
+        /// Then wait (up to DURATION, default 30s) for serve's first delivery, and print the outcome
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
     },
     /// Inspect the spool and act on it: list, show, retry, drop
     #[command(subcommand)]
@@ -106,7 +116,7 @@ enum Command {
         /// Envelope recipient (RCPT TO); repeat for several
         #[arg(long = "recipient", value_name = "ADDR")]
         recipients: Vec<String>,
-        /// Raw email files (.eml)
+        /// Raw email files (.eml); `-` reads one from standard input
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
@@ -165,16 +175,35 @@ enum QueueCommand {
         id: String,
     },
     /// Queue a dead or deferred message for delivery now (destinations that took it are skipped)
-    #[command(
-        after_help = "Examples:\n  mailhook queue retry --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X\n  mailhook queue retry --config mailhook.toml --all-dead"
-    )]
+    #[command(after_help = "A message that died when it was judged (no rule matched, a required field missing) is\n\
+            judged with the current rules first; when they still reject it, it stays dead and the\n\
+            reason is printed (edit the rule, then `mailhook replay ID`; or --force to queue it anyway).\n\n\
+            Examples:\n  mailhook queue retry --config mailhook.toml 01JD4Z6W8Q2M3N4P5R6S7T8V9X\n  mailhook queue retry --config mailhook.toml --all-dead")]
     Retry {
         #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
         config: PathBuf,
         /// Every dead letter
         #[arg(long)]
         all_dead: bool,
+        /// Queue a message the current rules still reject (it will die again)
+        #[arg(long)]
+        force: bool,
         #[arg(value_name = "ID", required_unless_present = "all_dead")]
+        ids: Vec<String>,
+    },
+    /// Wait until messages have been judged and tried once by the running serve
+    #[command(after_help = "Without ids: every message waiting for its first judgement or being delivered\n\
+        right now. Prints `ID delivered`, `ID dead: reason` or `ID deferred: error` per message;\n\
+        exits 0 when all were delivered, 1 when one is dead or deferred, 75 when serve did not\n\
+        get to one within --timeout.\n\n\
+        Example:\n  curl -s smtp://127.0.0.1:2525 --mail-rcpt hook@example.com -T mail.eml && mailhook queue wait")]
+    Wait {
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// How long to wait at most
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(value_name = "ID")]
         ids: Vec<String>,
     },
     /// Delete messages from the spool for good
@@ -277,13 +306,16 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => cmd::check::run(&config),
         Command::Serve { config } => serve(&config, cli.log_format),
-        Command::Ingest { config, from, to } => cmd::ingest::run(
-            &cmd::ingest::IngestOptions { config: &config, mail_from: from, recipients: to },
+        Command::Ingest { config, from, to, wait } => cmd::ingest::run(
+            &cmd::ingest::IngestOptions { config: &config, mail_from: from, recipients: to, wait },
             &mut std::io::stdin().lock(),
         ),
         Command::Queue(QueueCommand::List { config, json }) => cmd::queue::list(&config, json),
         Command::Queue(QueueCommand::Show { config, json, id }) => cmd::queue::show(&config, &id, json),
-        Command::Queue(QueueCommand::Retry { config, all_dead, ids }) => cmd::queue::retry(&config, &ids, all_dead),
+        Command::Queue(QueueCommand::Retry { config, all_dead, force, ids }) => {
+            cmd::queue::retry(&config, &ids, all_dead, force)
+        }
+        Command::Queue(QueueCommand::Wait { config, timeout, ids }) => cmd::queue::wait_command(&config, &ids, timeout),
         Command::Queue(QueueCommand::Drop { config, ids }) => cmd::queue::drop(&config, &ids),
         Command::Replay { config, dead, ids } => cmd::queue::replay(&config, &ids, dead),
     };

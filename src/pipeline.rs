@@ -22,7 +22,7 @@
 //! lasts. It is sent again once, when the spool is writable again.
 
 use crate::backoff::backoff;
-use crate::config::{BackoffConfig, Config};
+use crate::config::{BackoffConfig, Config, DeliveryConfig, DestinationConfig, Rate};
 use crate::deliver::throttle::Bucket;
 use crate::deliver::{Attempt, BuildError, Destination, shrink};
 use crate::metrics::{Delivery, Metrics};
@@ -101,8 +101,15 @@ impl Recent {
 /// Shared, swappable rules: a message is always judged by one consistent set.
 pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
 
+/// Called before a message from `incoming/` is judged, so that the rules in force are the
+/// rules on disk at that moment (serve's reloader checks the rules directory): a mail sent
+/// right after a rules file was saved is judged by the new rules, not by the old ones until
+/// the watcher's debounced reload.
+pub type BeforeJudging = Arc<dyn Fn() + Send + Sync>;
+
 pub struct Pipeline {
     rules: SharedRules,
+    before_judging: Option<BeforeJudging>,
     inbox: Arc<Inbox>,
     work: Arc<Work>,
 }
@@ -139,13 +146,14 @@ impl Pipeline {
             let destination = Destination::build(name, d, config)?;
             metrics.destination(name);
             let delivery = &config.delivery;
+            let rate = pace(d, delivery);
             let d = d.pacing();
             targets.insert(
                 name.clone(),
                 Arc::new(PacedDestination {
                     name: name.clone(),
                     destination,
-                    bucket: Bucket::new(d.rate.unwrap_or(delivery.rate)),
+                    bucket: Bucket::new(rate),
                     permits: Semaphore::new(d.concurrency.unwrap_or(delivery.concurrency)),
                     timeout: d.timeout.unwrap_or(delivery.timeout),
                     retry_for: d.retry_for.unwrap_or(delivery.retry_for),
@@ -157,9 +165,16 @@ impl Pipeline {
         let judge_budget = Semaphore::new(JUDGE_BUDGET_MB as usize);
         Ok(Pipeline {
             rules,
+            before_judging: None,
             inbox: Arc::new(Inbox::default()),
             work: Arc::new(Work { spool, targets, judge_budget, metrics, spool_trouble: AtomicBool::new(false) }),
         })
+    }
+
+    /// Sets what runs before each new message is judged (see [`BeforeJudging`]).
+    pub fn before_judging(mut self, hook: BeforeJudging) -> Pipeline {
+        self.before_judging = Some(hook);
+        self
     }
 
     /// Where listeners hand over the messages they commit, so they are picked up at once.
@@ -352,6 +367,11 @@ impl Pipeline {
         fresh: Option<Fresh>,
     ) {
         in_flight.insert(id.clone());
+        if from == State::Incoming
+            && let Some(hook) = &self.before_judging
+        {
+            hook();
+        }
         // One consistent set for the whole judgement, even if a reload swaps it meanwhile.
         let rules = self.rules.read().expect("rules lock").clone();
         let work = self.work.clone();
@@ -435,6 +455,7 @@ async fn round(
                     None => warn!(id, rule = "-", reason = %reason, "dead letter"),
                 }
                 meta.dead_reason = Some(reason);
+                meta.dead_rule = rule;
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
                 return Ok(Finished::Dead);
             }
@@ -605,6 +626,17 @@ async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &
     attempt
 }
 
+/// The rate a destination is paced at: its own `rate`, else `[delivery] rate` (Kustomer's
+/// 1,000 a minute by default) — except a `file`, which needs no pacing and is unpaced unless
+/// it sets a `rate` of its own.
+fn pace(d: &DestinationConfig, delivery: &DeliveryConfig) -> Rate {
+    match d.pacing().rate {
+        Some(rate) => rate,
+        None if matches!(d, DestinationConfig::File(_)) => Rate::unlimited(),
+        None => delivery.rate,
+    }
+}
+
 fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs().max(1))
 }
@@ -612,6 +644,18 @@ fn round_secs(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_destinations_are_unpaced_and_hooks_keep_kustomers_rate() {
+        let text = "[destination.out]\ntype = \"file\"\npath = \"out.jsonl\"\n\
+                    [destination.paced]\ntype = \"file\"\npath = \"p.jsonl\"\nrate = \"5/s\"\n\
+                    [destination.hook]\ntype = \"kustomer-form-hook\"\nurl = \"https://x.example/v1/hooks/form/o/h\"\n";
+        let config = Config::parse(text, std::path::Path::new("t.toml"), std::path::Path::new("."), &|_| None).unwrap();
+        let rate = |name: &str| pace(&config.destination[name], &config.delivery).per_second();
+        assert_eq!(rate("out"), None);
+        assert_eq!(rate("paced"), Some(5.0));
+        assert_eq!(rate("hook"), Some(1000.0 / 60.0));
+    }
 
     #[test]
     fn a_payload_without_an_id_is_sent_with_the_message_id() {

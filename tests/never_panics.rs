@@ -83,6 +83,8 @@ fn header_value() -> impl Strategy<Value = Vec<u8>> {
         "[ -~]{0,60}".prop_map(String::into_bytes),
         Just(b"=?utf-8?B?R3LDvMOfZQ==?= =?iso-8859-1?q?M=FCnchen?=".to_vec()),
         Just(b"=?x-unknown?Q?broken=ZZ?= =?utf-8?B?###?=".to_vec()),
+        Just(b"=?iso-8859-1?Q?Fr\xf6sche?= J\xf6rg =?iso-8859-7?Q?\xc1\xe8?=".to_vec()),
+        Just(b"=?\xff?Q?\xfe?= =?x?Q?\xf6 ?= =?=?=?Q??= \xf6".to_vec()),
         Just(b"\"J\xf6rg\" <j@example.de>, <>, @, a@b@c, ;;".to_vec()),
         Just(b"multipart/mixed; boundary=\"b\"".to_vec()),
         Just(b"multipart/alternative; boundary=b".to_vec()),
@@ -109,18 +111,27 @@ fn body_piece() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// What old systems put before the headers: a byte-order mark, blank lines, a stray line.
+const PREFIXES: &[&[u8]] =
+    &[b"", b"\xEF\xBB\xBF", b" \r\n", b"\n\t\n", b">From a@b Tue Dec  1 09:30:00 2026\r\n", b"From a@b\n"];
+
+/// A header's colon: usual, and the obsolete syntax's white space before it (RFC 5322 §4.5).
+const COLONS: &[&[u8]] = &[b": ", b"  : ", b"\t:", b":"];
+
 fn email_like() -> impl Strategy<Value = Vec<u8>> {
     (
+        prop::sample::select(PREFIXES),
         prop::collection::vec((prop::sample::select(HEADER_NAMES), header_value()), 0..12),
         prop::collection::vec(body_piece(), 0..8),
         any::<bool>(),
+        prop::sample::select(COLONS),
     )
-        .prop_map(|(headers, body, crlf)| {
+        .prop_map(|(prefix, headers, body, crlf, colon)| {
             let nl: &[u8] = if crlf { b"\r\n" } else { b"\n" };
-            let mut raw = Vec::new();
+            let mut raw = prefix.to_vec();
             for (name, value) in headers {
                 raw.extend_from_slice(name.as_bytes());
-                raw.extend_from_slice(b": ");
+                raw.extend_from_slice(colon);
                 raw.extend_from_slice(&value);
                 raw.extend_from_slice(nl);
             }
@@ -143,6 +154,31 @@ proptest! {
     #[test]
     fn email_like_input_never_panics(raw in email_like()) {
         judge(&raw);
+    }
+
+    /// Whatever old systems put before the headers, and however the colon is spaced, the
+    /// headers are read, and the body keeps its words with LF line endings.
+    #[test]
+    fn headers_survive_any_prefix(
+        prefix in prop::sample::select(PREFIXES),
+        colon in prop::sample::select(COLONS),
+        subject in "[A-Za-z0-9][ -~]{0,40}[A-Za-z0-9]",
+        crlf in any::<bool>(),
+    ) {
+        let nl: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+        let mut raw = prefix.to_vec();
+        raw.extend_from_slice(b"Subject");
+        raw.extend_from_slice(colon);
+        raw.extend_from_slice(subject.as_bytes());
+        raw.extend_from_slice(nl);
+        raw.extend_from_slice(nl);
+        raw.extend_from_slice(b"line one");
+        raw.extend_from_slice(nl);
+        raw.extend_from_slice(b"line two");
+        raw.extend_from_slice(nl);
+        let email = parse(&raw);
+        prop_assert_eq!(email.subject, subject);
+        prop_assert_eq!(email.text, "line one\nline two\n");
     }
 }
 

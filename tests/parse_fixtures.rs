@@ -425,3 +425,90 @@ fn monitoring_alert_plain_ascii() {
     );
     assert!(email.problems.is_empty(), "{:?}", email.problems);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real-world damage: what other parsers read, and a person sees in a mail client
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn encoded_words_with_raw_8bit_bytes_are_decoded_once() {
+    let email = parse(include_bytes!("../fixtures/malformed-8bit-encoded-word.eml"));
+    // =?iso-8859-1?Q?...Fr<0xF6>sche?=: the raw byte is ISO-8859-1 "ö".
+    assert_eq!(email.subject, "Die Hasen und die Frösche");
+    // =?iso-8859-7?Q?<C1 E8 E7 ED E1>_K?=: Greek capital alpha, theta, eta, nu, alpha.
+    assert_eq!(email.to[0].name, "Αθηνα K");
+    assert_eq!(email.to[0].address, "athina.k@example.gr");
+    // Raw bytes outside an encoded word: Windows-1252 "ö" and "ß".
+    assert_eq!(email.from[0].name, "Jörg Weiß");
+    assert_eq!(email.text, "Es waren einmal die Hasen und die Frösche.\n");
+    assert_not_contains(&email.subject, "Ã");
+}
+
+#[test]
+fn headers_after_a_blank_line_a_bom_or_a_stray_line_are_kept() {
+    let email = parse(include_bytes!("../fixtures/malformed-leading-blank-line.eml"));
+    assert_eq!(email.from[0].address, "backup@nas01.example.com");
+    assert_eq!(email.subject, "Backup finished: 3 volumes");
+    assert_eq!(email.text, "All 3 volumes were backed up.\n");
+
+    let email = parse(include_bytes!("../fixtures/malformed-byte-order-mark.eml"));
+    assert_eq!(email.from[0].name, "Lagerverwaltung");
+    assert_eq!(email.from[0].address, "lager@example.de");
+    assert_eq!(email.subject, "Bestand niedrig: Artikel 4711");
+    assert_eq!(email.text, "Artikel 4711 (Espresso Classico) hat nur noch 3 Stück.\n");
+
+    let email = parse(include_bytes!("../fixtures/malformed-first-header.eml"));
+    assert_eq!(email.from[0].address, "alerts@monitor.example.com");
+    assert_eq!(email.subject, "PROBLEM: disk /var on db1 is 95% full");
+    assert_eq!(email.text, "Disk /var on db1 is 95% full.\n");
+    assert!(email.headers.iter().all(|h| !h.name.contains(' ')), "{:?}", email.headers);
+}
+
+#[test]
+fn obsolete_header_syntax_is_read() {
+    let email = parse(include_bytes!("../fixtures/malformed-obsolete-header-syntax.eml"));
+    assert_eq!(email.from[0].name, "John Doe");
+    assert_eq!(email.from[0].address, "jdoe@machine.example");
+    assert_eq!(email.to[0].name, "Mary Smith");
+    assert_eq!(email.to[0].address, "mary@example.net");
+    assert_eq!(email.subject, "Saying Hello");
+    assert_eq!(email.date, "1997-11-21T09:55:06-06:00");
+    assert_eq!(email.message_id, "1234@local.machine.example");
+    assert_eq!(email.text, "This is a message just to say hello.\nSo, \"Hello\".\n");
+    assert!(email.problems.is_empty(), "{:?}", email.problems);
+}
+
+#[test]
+fn utf8_under_a_wrong_charset_label_is_read_as_utf8() {
+    let email = parse(include_bytes!("../fixtures/malformed-utf8-declared-gb2312.eml"));
+    assert_eq!(email.from[0].name, "示例商城");
+    assert_eq!(email.subject, "订单 10086 已发货");
+    assert_eq!(email.text, "您好，您的订单 10086 已发货。\n");
+    assert!(email.problems.iter().any(|p| p.contains("GB2312")), "{:?}", email.problems);
+
+    let email = parse(include_bytes!("../fixtures/malformed-utf8-declared-us-ascii.eml"));
+    assert_eq!(email.text, "Grüße aus München: Zählerstand 12345 kWh.\n");
+    assert!(email.problems.iter().any(|p| p.contains("us-ascii")), "{:?}", email.problems);
+}
+
+#[test]
+fn an_empty_plain_alternative_gives_way_to_the_html() {
+    let email = parse(include_bytes!("../fixtures/multipart-empty-plain-alternative.eml"));
+    assert_contains(&email.text, "Your order 4711 has shipped.");
+    assert_contains(&email.text, "Tracking: 1Z999AA10123456784");
+    assert_contains(&email.html, "<p>Tracking: 1Z999AA10123456784</p>");
+}
+
+#[test]
+fn text_has_lf_line_endings_whatever_the_file_has() {
+    let lf = parse(include_bytes!("../fixtures/lf-line-endings.eml"));
+    assert_eq!(lf.text, "rotated 14 files\nfreed 2.1 GB\n");
+    let crlf = parse(&include_bytes!("../fixtures/lf-line-endings.eml").iter().fold(Vec::new(), |mut v, &b| {
+        if b == b'\n' {
+            v.push(b'\r');
+        }
+        v.push(b);
+        v
+    }));
+    assert_eq!(crlf, lf);
+}

@@ -11,10 +11,10 @@
 //! - `mailhook` is the binary cargo built for the tests, first on `PATH`;
 //! - `127.0.0.1:2525` and `127.0.0.1:9025` become free ports, in the copied config and in
 //!   every command;
-//! - delivery is asynchronous: a command that reads an output file (`cat`, `grep`) is tried
-//!   again for up to 20 s until it succeeds and prints something (the file may exist, empty,
-//!   before the line is written), and after a command that writes into `rules/` the test waits
-//!   for serve to log the reload.
+//! - every command runs once, right after the one before it, with no pause and no second try:
+//!   as a person pasting the guide would run it. A command that reads an output file (`cat`,
+//!   `grep`) must print something: the guide itself waits where delivery is asynchronous
+//!   (`ingest --wait`, `queue wait`), and serve reloads changed rules before it judges.
 //!
 //! Blocks tagged `sh outside` need what this machine does not have (Postfix, systemd as PID 1,
 //! root on a server): they are checked with `bash -n`, every repository file they name must
@@ -204,10 +204,6 @@ impl Guide {
         }
     }
 
-    fn reloads(&self) -> usize {
-        self.log_lines().iter().filter(|v| v["message"] == "rules reloaded").count()
-    }
-
     /// Runs one command of an `sh` block; returns its stdout.
     fn run(&mut self, block: &Block, cmd: &str) {
         let bare = without_comment(cmd);
@@ -223,24 +219,14 @@ impl Guide {
         }
         let script = Guide::move_ports(&self.ports, cmd);
         let reads_output = ["cat ", "grep "].iter().any(|p| bare.starts_with(p)) && !bare.contains('>');
-        let writes_rules = bare.contains("> rules/");
-        let reloads_before = self.reloads();
-        let deadline = Instant::now() + WAIT;
-        let out = loop {
-            let path = format!("{}:{}", self.bin.path().display(), std::env::var("PATH").unwrap_or_default());
-            let out = Command::new("bash")
-                .args(["-c", &format!("set -euo pipefail\n{script}")])
-                .current_dir(self.path())
-                .env("PATH", path)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            let done = out.status.success() && !(reads_output && out.stdout.is_empty());
-            if done || Instant::now() > deadline {
-                break out;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let path = format!("{}:{}", self.bin.path().display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("bash")
+            .args(["-c", &format!("set -euo pipefail\n{script}")])
+            .current_dir(self.path())
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success() && !(reads_output && stdout.is_empty()),
@@ -250,13 +236,6 @@ impl Guide {
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-        if writes_rules && self.serve.is_some() {
-            let deadline = Instant::now() + WAIT;
-            while self.reloads() <= reloads_before {
-                assert!(Instant::now() < deadline, "serve did not reload after `{cmd}`:\n{}", self.log());
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
         self.transcript.push((bare.to_string(), stdout));
     }
 

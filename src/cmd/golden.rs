@@ -85,6 +85,17 @@ pub fn run(opts: &TestOptions) -> Exit {
             }
         }
     }
+    // A golden whose mail is gone tests nothing any more: say so rather than pass quietly.
+    for golden in orphans(&opts.dir) {
+        failed += 1;
+        exit = exit.max(Exit::Failed);
+        let eml = golden.with_extension("eml");
+        println!(
+            "ORPHAN  {}: no {} beside it (restore the mail, or delete the golden)",
+            golden.display(),
+            eml.display()
+        );
+    }
     if opts.update {
         println!("{updated} updated, {passed} unchanged");
     } else {
@@ -101,6 +112,18 @@ pub fn cases(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// The `*.json` files of `dir` with no `*.eml` of the same name, sorted by name.
+pub fn orphans(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json") && p.is_file())
+        .filter(|p| !p.with_extension("eml").exists())
+        .collect();
+    files.sort();
+    files
 }
 
 /// Runs one case: `eml` against `golden`, or rewrites `golden` when `update` is set.

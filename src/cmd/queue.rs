@@ -42,7 +42,8 @@ fn summary(state: State, meta: &Meta, now: SystemTime) -> Json {
                 .collect::<Vec<_>>()
                 .join(","),
         ),
-        None => (None, String::new()),
+        // Dead when judged: the rule that matched but could not build its payload, if any.
+        None => (meta.dead_rule.clone(), String::new()),
     };
     json!({
         "id": meta.id,
@@ -214,11 +215,15 @@ pub fn show(config_path: &Path, id: &str, as_json: bool) -> Exit {
 
 /// `queue retry`: a dead letter goes back in line (destinations that failed are tried again;
 /// one never judged is judged again); a deferred message becomes due now.
-pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
+///
+/// A message that died when it was judged (no rule matched, a required field missing) would
+/// die again for the same reason: unless `force`, it is judged with the current rules first,
+/// and left where it is, with the reason, when they still reject it.
+pub fn retry(config_path: &Path, ids: &[String], all_dead: bool, force: bool) -> Exit {
     if let Err(code) = check_ids(ids) {
         return code;
     }
-    let (_, spool) = match super::open_spool(config_path) {
+    let (config, spool) = match super::open_spool(config_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -226,13 +231,38 @@ pub fn retry(config_path: &Path, ids: &[String], all_dead: bool) -> Exit {
         Ok(ids) => ids,
         Err(code) => return code,
     };
+    let mut current_rules = None;
     each_message(&spool, ids, |id, state, mut meta| {
         if state == State::Incoming {
             println!("{id}: already waiting to be judged");
             return Step::Skip(Exit::Ok);
         }
+        if meta.decision.is_none() && !force {
+            if current_rules.is_none() {
+                match rules(&config) {
+                    Ok(r) => current_rules = Some(r),
+                    Err(code) => return Step::Skip(code),
+                }
+            }
+            let rules = current_rules.as_ref().expect("loaded above");
+            let raw = match spool.read_raw(id) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{id}: {e}");
+                    return Step::Skip(Exit::DataErr);
+                }
+            };
+            if let Action::Dead { reason } = rules.evaluate(&parse(&raw), &meta.envelope).action {
+                eprintln!(
+                    "{id}: not queued: the rules still reject it ({reason}); edit the rule, then \
+                     `mailhook replay {id}`, or queue it as it is with `queue retry --force`"
+                );
+                return Step::Skip(Exit::Failed);
+            }
+        }
         meta.next_attempt = None;
         meta.dead_reason = None;
+        meta.dead_rule = None;
         let to = match &mut meta.decision {
             Some(d) => {
                 for s in d.destinations.values_mut() {
@@ -380,15 +410,103 @@ pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
                     payload: outcome.payload,
                     destinations: to.into_iter().map(|d| (d, DestStatus::pending())).collect(),
                 });
+                meta.dead_rule = None;
                 Step::Move(State::Deferred, Box::new(meta), line)
             }
             Action::Dead { reason } => {
                 let line = format!("{id}: still a dead letter: {reason}");
                 meta.decision = None;
                 meta.dead_reason = Some(reason);
+                meta.dead_rule = outcome.rule;
                 Step::Move(State::Dead, Box::new(meta), line)
             }
             Action::Drop => Step::Remove(format!("{id}: rule {rule} drops it; removed")),
         }
     })
+}
+
+/// How a message left the first stage of its delivery, as [`wait`] saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Gone from the spool: every destination took it (or a rule dropped it).
+    Delivered,
+    /// Some destination is to be tried again later.
+    Deferred(String),
+    /// A dead letter, with the reason.
+    Dead(String),
+    /// Still waiting to be judged or sent when the time was up.
+    Pending(State),
+}
+
+/// Waits until each of `ids` has been judged and tried once by the running `serve` (it is
+/// gone, deferred or dead), or `timeout` has passed; prints one line per message
+/// (`ID delivered`, `ID dead: reason`, ...). Exit 0 when every one was delivered, 1 when one
+/// is deferred or dead, 75 when the time ran out first (is `serve` running?).
+pub fn wait(spool: &Spool, ids: &[String], timeout: std::time::Duration) -> Exit {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut exit = Exit::Ok;
+    for id in ids {
+        let settled = loop {
+            let state = spool.find(id);
+            let settled = match state {
+                None => Some(Settled::Delivered),
+                Some(State::Dead) => Some(Settled::Dead(
+                    spool.read_meta(State::Dead, id).ok().and_then(|m| m.dead_reason).unwrap_or_default(),
+                )),
+                Some(State::Deferred) => Some(Settled::Deferred(
+                    spool
+                        .read_meta(State::Deferred, id)
+                        .ok()
+                        .and_then(|m| m.last_error.or(m.next_attempt.map(|t| format!("next attempt at {t}"))))
+                        .unwrap_or_default(),
+                )),
+                Some(s) => (std::time::Instant::now() >= deadline).then_some(Settled::Pending(s)),
+            };
+            match settled {
+                Some(s) => break s,
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        match settled {
+            Settled::Delivered => println!("{id} delivered"),
+            Settled::Deferred(why) => {
+                println!("{id} deferred: {why}");
+                exit = exit.max(Exit::Failed);
+            }
+            Settled::Dead(why) => {
+                println!("{id} dead: {why}");
+                exit = exit.max(Exit::Failed);
+            }
+            Settled::Pending(state) => {
+                println!("{id} still {state} after {}s: is `mailhook serve` running?", timeout.as_secs());
+                exit = exit.max(Exit::TempFail);
+            }
+        }
+    }
+    exit
+}
+
+/// `queue wait`: waits for the named messages, or for every message that is waiting for its
+/// first judgement or being delivered right now (`incoming/`, `active/`).
+pub fn wait_command(config_path: &Path, ids: &[String], timeout: std::time::Duration) -> Exit {
+    let (_, spool) = match super::open_spool(config_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let ids = if ids.is_empty() {
+        let mut all = Vec::new();
+        for state in [State::Incoming, State::Active] {
+            match spool.list(state) {
+                Ok(ids) => all.extend(ids),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Exit::TempFail;
+                }
+            }
+        }
+        all
+    } else {
+        ids.to_vec()
+    };
+    wait(&spool, &ids, timeout)
 }

@@ -16,7 +16,8 @@ pub struct TryOptions {
 }
 
 /// Prints one JSON object per file on stdout: `{"file", "rule", "to", "payload"}` (plus
-/// `dead` or `dropped`). Unreadable files are reported on stderr and give exit 65.
+/// `dead` or `dropped`). Unreadable files are reported on stderr and give exit 65. A file
+/// named `-` is read from standard input.
 pub fn run(opts: &TryOptions) -> Exit {
     let rules = match opts.rules.load() {
         Ok(r) => r,
@@ -26,7 +27,14 @@ pub fn run(opts: &TryOptions) -> Exit {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for file in &opts.files {
-        let raw = match std::fs::read(file) {
+        let stdin = file.as_os_str() == "-";
+        let read = if stdin {
+            let mut raw = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut raw).map(|_| raw)
+        } else {
+            std::fs::read(file)
+        };
+        let raw = match read {
             Ok(raw) => raw,
             Err(e) => {
                 eprintln!("{}: cannot read: {e}", file.display());
@@ -35,7 +43,8 @@ pub fn run(opts: &TryOptions) -> Exit {
             }
         };
         let email = parse(&raw);
-        let spec = match EnvelopeSpec::sidecar(file) {
+        let sidecar = if stdin { Ok(None) } else { EnvelopeSpec::sidecar(file) };
+        let spec = match sidecar {
             Ok(Some(sidecar)) => merge(&opts.envelope, sidecar),
             Ok(None) => opts.envelope.clone(),
             Err(e) => {

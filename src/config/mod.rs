@@ -1024,7 +1024,10 @@ impl Config {
 
     /// Resolves a path from the config against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
+        let joined = if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) };
+        // `./rules` beside a config in `.` is `rules`, not `././rules`.
+        let clean: PathBuf = joined.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+        if clean.as_os_str().is_empty() { PathBuf::from(".") } else { clean }
     }
 
     /// What is allowed but weakens a default: `(key, message)` for each. `check` prints them

@@ -10,15 +10,25 @@
 //! encoded words in headers, RFC 2231 parameters, quoted-printable and base64 bodies, and every
 //! charset it knows; an unknown charset is read as UTF-8 (lossy) and reported.
 //!
+//! Real-world damage is repaired before and after mail-parser, each repair noted in `problems`:
+//! a byte-order mark, blank lines or a stray line before the headers are skipped, and the
+//! obsolete `Name  :` syntax is read; raw 8-bit header bytes outside encoded words are read as
+//! Windows-1252 when they are not UTF-8; a body labelled ASCII or a legacy charset that is
+//! valid non-ASCII UTF-8 is read as UTF-8. `text` and `html` get LF line endings and one final
+//! line break here, the one place they are normalised, so every route gives the same payload.
+//!
 //! The plain-text body is the concatenation of the message's text parts. For HTML-only mail it
 //! is the HTML rendered as text by `html2text` (tables keep their cells apart, scripts and
 //! styles are dropped). `html` is only ever real HTML from the message; it is never made up
 //! from a text part.
 
 use crate::model::{Address, Attachment, Email, Header};
+use mail_parser::decoders::base64::base64_decode;
 use mail_parser::decoders::charsets::map::charset_decoder;
+use mail_parser::decoders::quoted_printable::quoted_printable_decode;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{Encoding, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use std::borrow::Cow;
 
 /// How deep nested `message/rfc822` parts are followed.
 const MAX_NESTING: usize = 8;
@@ -36,13 +46,17 @@ const MAX_HTML_TO_TEXT: usize = 2 * 1024 * 1024;
 /// let email = mailhook::parse::parse(b"From: UPS <pkginfo@ups.com>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nhello\r\n");
 /// assert_eq!(email.subject, "Grüße");
 /// assert_eq!(email.from[0].address, "pkginfo@ups.com");
-/// assert_eq!(email.text, "hello\r\n");
+/// assert_eq!(email.text, "hello\n");
 /// ```
 pub fn parse(raw: &[u8]) -> Email {
+    let mut problems = Vec::new();
+    let raw = skip_byte_order_mark(raw, &mut problems);
     let raw = skip_mbox_separator(raw);
-    if !starts_with_header_field(raw) {
-        return body_only(raw);
-    }
+    let Some(raw) = header_block(raw, &mut problems) else {
+        let mut email = body_only(raw);
+        email.problems.splice(0..0, problems);
+        return email;
+    };
     let repaired = repair_8bit_headers(raw);
     let bytes = repaired.as_deref().unwrap_or(raw);
     let parser = MessageParser::new().default_header_text();
@@ -51,31 +65,81 @@ pub fn parse(raw: &[u8]) -> Email {
         None => return body_only(raw),
     };
     if repaired.is_some() {
-        email.problems.push("header bytes that are not UTF-8 were read as Windows-1252".to_string());
+        problems.push("header bytes that are not UTF-8 were read as Windows-1252".to_string());
     }
+    email.problems.splice(0..0, problems);
     email
 }
 
-/// Skips an mbox `From sender date` line, which a pipe from an MTA may put before the headers.
-fn skip_mbox_separator(raw: &[u8]) -> &[u8] {
-    if raw.starts_with(b"From ") {
-        match raw.iter().position(|&b| b == b'\n') {
-            Some(end) => &raw[end + 1..],
-            None => &[],
+/// Skips a UTF-8 byte-order mark, which some Windows tools write before the headers.
+fn skip_byte_order_mark<'a>(raw: &'a [u8], problems: &mut Vec<String>) -> &'a [u8] {
+    match raw.strip_prefix(b"\xEF\xBB\xBF") {
+        Some(rest) => {
+            problems.push("a byte-order mark before the headers was skipped".to_string());
+            rest
         }
-    } else {
-        raw
+        None => raw,
     }
 }
 
-/// Whether the input opens with a header field (`Name:`, name made of printable ASCII).
-fn starts_with_header_field(raw: &[u8]) -> bool {
-    let line_end = raw.iter().position(|&b| b == b'\n').unwrap_or(raw.len());
-    let line = &raw[..line_end];
-    match line.iter().position(|&b| b == b':') {
-        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
-        _ => false,
+/// Skips an mbox `From sender date` line, which a pipe from an MTA may put before the headers
+/// (but not `From  : ...`, a From header in the obsolete syntax).
+fn skip_mbox_separator(raw: &[u8]) -> &[u8] {
+    let end = raw.iter().position(|&b| b == b'\n').map_or(raw.len(), |i| i + 1);
+    if raw.starts_with(b"From ") && !is_header_field(&raw[..end]) { &raw[end..] } else { raw }
+}
+
+/// How many lines at the top may be something else than a header field before the header
+/// block is taken to be missing (old gateways sometimes write one stray line first).
+const MAX_STRAY_LINES: usize = 2;
+
+/// Where the header block starts, or `None` when the input has none (it is all body).
+///
+/// Blank and whitespace-only lines before the first header field are skipped; up to
+/// [`MAX_STRAY_LINES`] lines that are not header fields may precede it; they are dropped
+/// (mail-parser would pass over a line without a colon, but make a header of one with). A header field is `Name:` or, in the obsolete syntax of RFC 5322 §4.5,
+/// `Name  :` with white space before the colon.
+fn header_block<'a>(raw: &'a [u8], problems: &mut Vec<String>) -> Option<&'a [u8]> {
+    let mut start = 0;
+    let mut blank = 0;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            break;
+        }
+        start += line.len();
+        blank += 1;
     }
+    let rest = &raw[start..];
+    let (mut stray, mut skipped) = (0, 0);
+    for line in rest.split_inclusive(|&b| b == b'\n').take(MAX_STRAY_LINES + 1) {
+        if is_header_field(line) {
+            if blank > 0 {
+                problems.push(format!("{blank} blank line(s) before the headers were skipped"));
+            }
+            if stray > 0 {
+                problems.push(format!("{stray} line(s) before the headers are not header fields: skipped"));
+            }
+            return Some(&rest[skipped..]);
+        }
+        // A blank line ends the header block: what follows is body.
+        if line.iter().all(u8::is_ascii_whitespace) {
+            break;
+        }
+        stray += 1;
+        skipped += line.len();
+    }
+    None
+}
+
+/// Whether a line opens a header field: a name of printable ASCII, white space allowed only
+/// between the name and the colon (RFC 5322 §4.5's obsolete syntax).
+fn is_header_field(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let name = &line[..colon];
+    let end = name.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(0, |i| i + 1);
+    end > 0 && name[..end].iter().all(|&b| (33..=126).contains(&b))
 }
 
 /// An input without a header block: all of it is the plain-text body.
@@ -86,7 +150,7 @@ fn body_only(raw: &[u8]) -> Email {
     } else {
         "no header block: the whole input was read as a plain-text body"
     };
-    Email { text: decode_lossy(body), problems: vec![problem.to_string()], ..Email::default() }
+    Email { text: normalise_text(&decode_lossy(body)), problems: vec![problem.to_string()], ..Email::default() }
 }
 
 /// UTF-8 if it is, else Windows-1252 (the usual charset of unlabelled 8-bit mail).
@@ -101,22 +165,75 @@ fn decode_lossy(bytes: &[u8]) -> String {
 }
 
 /// Raw 8-bit bytes in headers are not allowed but common: UTF-8 ones are read as they are;
-/// a header line that is not valid UTF-8 is re-encoded from Windows-1252. Returns the repaired
-/// message, or `None` when the header block is already valid UTF-8 (the usual case: no copy).
+/// other bytes are re-encoded from Windows-1252. Bytes inside an RFC 2047 encoded word
+/// (`=?charset?Q?...?=`) are left alone: mail-parser decodes them with the word's own charset,
+/// and converting them first would decode them twice. Returns the repaired message, or `None`
+/// when nothing needs repair (the usual case: no copy).
 fn repair_8bit_headers(raw: &[u8]) -> Option<Vec<u8>> {
     let end = header_block_end(raw);
     if std::str::from_utf8(&raw[..end]).is_ok() {
         return None;
     }
     let mut out = Vec::with_capacity(raw.len() + 64);
+    let mut repaired = false;
     for line in raw[..end].split_inclusive(|&b| b == b'\n') {
-        match std::str::from_utf8(line) {
-            Ok(_) => out.extend_from_slice(line),
-            Err(_) => out.extend_from_slice(decode_lossy(line).as_bytes()),
+        if std::str::from_utf8(line).is_ok() {
+            out.extend_from_slice(line);
+            continue;
         }
+        let mut rest = line;
+        while !rest.is_empty() {
+            let (plain, word) = split_at_encoded_word(rest);
+            if std::str::from_utf8(plain).is_err() {
+                repaired = true;
+            }
+            out.extend_from_slice(decode_lossy(plain).as_bytes());
+            out.extend_from_slice(word);
+            rest = &rest[plain.len() + word.len()..];
+        }
+    }
+    if !repaired {
+        return None;
     }
     out.extend_from_slice(&raw[end..]);
     Some(out)
+}
+
+/// Splits `bytes` into the text before the first encoded word and that word
+/// (`=?charset?E?text?=`, empty when there is none).
+fn split_at_encoded_word(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let mut from = 0;
+    while let Some(at) = find(&bytes[from..], b"=?").map(|i| i + from) {
+        if let Some(len) = encoded_word_len(&bytes[at..]) {
+            return (&bytes[..at], &bytes[at..at + len]);
+        }
+        from = at + 2;
+    }
+    (bytes, &[])
+}
+
+/// The length of the encoded word `bytes` opens with: `=?`, a charset, `?`, one encoding
+/// letter, `?`, text without white space, `?=`.
+fn encoded_word_len(bytes: &[u8]) -> Option<usize> {
+    let body = bytes.strip_prefix(b"=?")?;
+    let charset = body.iter().position(|&b| b == b'?')?;
+    if charset == 0 || body[..charset].iter().any(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    let after = &body[charset + 1..];
+    if after.len() < 2 || !matches!(after[0], b'Q' | b'q' | b'B' | b'b') || after[1] != b'?' {
+        return None;
+    }
+    let text = &after[2..];
+    let end = find(text, b"?=")?;
+    if text[..end].iter().any(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    Some(2 + charset + 1 + 2 + end + 2)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Offset just past the header block (the empty line included), or the input's length.
@@ -129,6 +246,31 @@ fn header_block_end(raw: &[u8]) -> usize {
         }
     }
     raw.len()
+}
+
+/// Line endings as a person reads them, whatever the route the mail took: CRLF and lone CR
+/// become LF, and the text ends with one line break (SMTP always ends a message with CRLF, a
+/// file may end without one or with a blank line an SMTP client added). The one place line
+/// endings are normalised, so one email gives one payload over SMTP, LMTP, a pipe or `try`.
+fn normalise_text(text: &str) -> String {
+    let trimmed = text.trim_end_matches(['\r', '\n', ' ', '\t']);
+    if trimmed.is_empty() {
+        return String::new();
+    }
+    let mut out = String::with_capacity(trimmed.len() + 1);
+    let mut chars = trimmed.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' {
+            if chars.peek() == Some(&'\n') {
+                chars.next();
+            }
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\n');
+    out
 }
 
 fn convert(message: &Message<'_>, depth: usize) -> Email {
@@ -147,8 +289,12 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
         email.problems.push("the message has no header fields".to_string());
     }
 
+    email.html = html_body(message, &mut email.problems);
     email.text = text_body(message, &mut email.problems);
-    email.html = html_body(message);
+    if email.text.trim().is_empty() && !email.html.trim().is_empty() {
+        // An empty text/plain alternative beside a full HTML one: the HTML is the message.
+        email.text = html_to_text(&email.html, &mut email.problems);
+    }
 
     for (index, part) in message.parts.iter().enumerate() {
         if part.is_encoding_problem {
@@ -177,6 +323,8 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
         let attachment = attachment(part, depth, &mut email.problems);
         email.attachments.push(attachment);
     }
+    email.text = normalise_text(&email.text);
+    email.html = normalise_text(&email.html);
     email
 }
 
@@ -243,8 +391,8 @@ fn text_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
             continue;
         };
         let piece = match &part.body {
-            PartType::Text(t) => t.to_string(),
-            PartType::Html(h) => html_to_text(h, problems),
+            PartType::Text(t) => part_text(message, *id, t, problems).into_owned(),
+            PartType::Html(h) => html_to_text(&part_text(message, *id, h, problems), problems),
             _ => continue,
         };
         if !text.is_empty() && !text.ends_with('\n') {
@@ -255,17 +403,59 @@ fn text_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
     text
 }
 
-fn html_body(message: &Message<'_>) -> String {
+fn html_body(message: &Message<'_>, problems: &mut Vec<String>) -> String {
     let mut html = String::new();
     for id in &message.html_body {
         if let Some(MessagePart { body: PartType::Html(h), .. }) = message.parts.get(*id as usize) {
             if !html.is_empty() {
                 html.push('\n');
             }
-            html.push_str(h);
+            html.push_str(&part_text(message, *id, h, problems));
         }
     }
     html
+}
+
+/// The text of a text part, as mail-parser decoded it with the declared charset, unless that
+/// charset is ASCII or a legacy one and the content is in fact valid UTF-8 with non-ASCII
+/// characters: mislabelled mail (the tool writes UTF-8, the header says `us-ascii` or
+/// `GB2312`) is read as the UTF-8 it is, and that is noted in `problems`. Valid UTF-8 with
+/// non-ASCII bytes is next to never a legacy charset's text by chance.
+fn part_text<'a>(message: &Message<'_>, id: u32, decoded: &'a str, problems: &mut Vec<String>) -> Cow<'a, str> {
+    let Some(part) = message.parts.get(id as usize) else {
+        return Cow::Borrowed(decoded);
+    };
+    let Some(charset) = part.content_type().and_then(|ct| ct.attribute("charset")) else {
+        return Cow::Borrowed(decoded);
+    };
+    if !is_legacy_charset(charset) {
+        return Cow::Borrowed(decoded);
+    }
+    let raw = message.raw_message();
+    let start = (part.offset_body as usize).min(raw.len());
+    let end = (part.offset_end as usize).clamp(start, raw.len());
+    let content = &raw[start..end];
+    let bytes = match part.encoding {
+        Encoding::Base64 => base64_decode(content),
+        Encoding::QuotedPrintable => quoted_printable_decode(content),
+        Encoding::None => Some(content.to_vec()),
+    };
+    match bytes.map(String::from_utf8) {
+        Some(Ok(text)) if !text.is_ascii() => {
+            problems.push(format!("part {id}: declared charset {charset:?}, but the content is UTF-8: read as UTF-8"));
+            Cow::Owned(text)
+        }
+        _ => Cow::Borrowed(decoded),
+    }
+}
+
+/// A charset other than the Unicode ones (UTF-8, -16, -32, -7) that mail-parser decodes.
+fn is_legacy_charset(charset: &str) -> bool {
+    let c = charset.trim().to_ascii_lowercase();
+    !c.starts_with("utf")
+        && !c.starts_with("unicode")
+        && !c.starts_with("ucs")
+        && charset_decoder(c.as_bytes()).is_some()
 }
 
 /// Renders HTML as readable plain text: block structure kept, tables laid out with their cells
@@ -385,7 +575,7 @@ mod tests {
         assert_eq!(email.date, "2026-12-01T09:30:00+01:00");
         assert_eq!(email.message_id, "abc.123@example.com");
         assert_eq!(email.header("x-custom"), Some("hello"));
-        assert_eq!(email.text, "The disk is full.\r\n");
+        assert_eq!(email.text, "The disk is full.\n");
         assert_eq!(email.html, "");
         assert!(email.problems.is_empty(), "{:?}", email.problems);
     }
@@ -432,7 +622,7 @@ mod tests {
     fn text_part_is_never_invented_as_html() {
         let email = parse(b"Subject: x\r\n\r\nplain only\r\n");
         assert_eq!(email.html, "");
-        assert_eq!(email.text, "plain only\r\n");
+        assert_eq!(email.text, "plain only\n");
     }
 
     #[test]
@@ -491,7 +681,7 @@ mod tests {
         assert_eq!(email.subject, "");
         assert_eq!(email.problems, vec!["no header block: the whole input was read as a plain-text body"]);
         let email = parse(b"\r\nbody after an empty header block\r\n");
-        assert_eq!(email.text, "body after an empty header block\r\n");
+        assert_eq!(email.text, "body after an empty header block\n");
     }
 
     #[test]
@@ -507,11 +697,127 @@ mod tests {
         let email = parse(&raw);
         assert_eq!(email.subject, "Grüße");
         assert_eq!(email.from[0].name, "Jörg");
-        assert_eq!(email.text, "body é\r\n");
+        assert_eq!(email.text, "body é\n");
         // Valid UTF-8 headers are parsed in place, with no problem reported.
         raw = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nx".to_vec();
         let email = parse(&raw);
         assert_eq!(email.subject, "Grüße");
         assert!(email.problems.is_empty(), "{:?}", email.problems);
+    }
+
+    #[test]
+    fn encoded_word_with_raw_8bit_bytes_is_decoded_once() {
+        let raw = b"Subject: =?iso-8859-1?Q?Die_Hasen_und_die_Fr\xf6sche?=\r\n\
+                    To: =?iso-8859-7?Q?\xc1\xe8\xe7\xed\xe1?= <a@example.gr>\r\n\
+                    From: J\xf6rg <j@example.de>\r\n\r\nx\r\n";
+        let email = parse(raw);
+        assert_eq!(email.subject, "Die Hasen und die Frösche");
+        assert_eq!(email.to[0].name, "Αθηνα");
+        assert_eq!(email.from[0].name, "Jörg");
+        assert_eq!(email.problems, vec!["header bytes that are not UTF-8 were read as Windows-1252"]);
+        // Raw bytes only inside encoded words: nothing to repair, nothing reported.
+        let email = parse(b"Subject: =?iso-8859-1?Q?Fr\xf6sche?=\r\n\r\nx\r\n");
+        assert_eq!(email.subject, "Frösche");
+        assert!(email.problems.is_empty(), "{:?}", email.problems);
+    }
+
+    #[test]
+    fn encoded_words_are_found_in_a_line() {
+        assert_eq!(split_at_encoded_word(b"a =?x?Q?b?= c"), (&b"a "[..], &b"=?x?Q?b?="[..]));
+        assert_eq!(split_at_encoded_word(b"=? no ?= word"), (&b"=? no ?= word"[..], &b""[..]));
+        assert_eq!(split_at_encoded_word(b"=?x?Z?b?= =?y?b?Yg==?="), (&b"=?x?Z?b?= "[..], &b"=?y?b?Yg==?="[..]));
+        assert_eq!(split_at_encoded_word(b"=?x?Q?unterminated"), (&b"=?x?Q?unterminated"[..], &b""[..]));
+    }
+
+    #[test]
+    fn headers_survive_what_old_systems_put_before_them() {
+        let cases: [(&[u8], &str); 5] = [
+            (b" \r\nSubject: blank line first\r\n\r\nbody\r\n", "1 blank line(s) before the headers were skipped"),
+            (b"\n\t\nSubject: blank line first\n\nbody\n", "2 blank line(s) before the headers were skipped"),
+            (
+                b"\xef\xbb\xbfSubject: blank line first\r\n\r\nbody\r\n",
+                "a byte-order mark before the headers was skipped",
+            ),
+            (
+                b">From a@example.com Tue Dec  1 09:30:00 2026\r\nSubject: blank line first\r\n\r\nbody\r\n",
+                "1 line(s) before the headers are not header fields: skipped",
+            ),
+            (b"Subject    : blank line first\r\n\r\nbody\r\n", ""),
+        ];
+        for (raw, problem) in cases {
+            let email = parse(raw);
+            assert_eq!(email.subject, "blank line first", "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(email.text, "body\n");
+            let expected: Vec<&str> = if problem.is_empty() { vec![] } else { vec![problem] };
+            assert_eq!(email.problems, expected);
+        }
+        let email = parse(b"From  : John Doe <jdoe@machine.example>\r\nTo    : mary@example.net\r\n\r\nhi\r\n");
+        assert_eq!(email.from[0].address, "jdoe@machine.example");
+        assert_eq!(email.from[0].name, "John Doe");
+        assert_eq!(email.to[0].address, "mary@example.net");
+        assert_eq!(email.header("From"), Some("John Doe <jdoe@machine.example>"));
+    }
+
+    #[test]
+    fn more_stray_lines_than_allowed_are_a_body() {
+        let email = parse(b"one\r\ntwo\r\nthree\r\nSubject: late\r\n\r\nx");
+        assert_eq!(email.subject, "");
+        assert!(email.text.starts_with("one\n"), "{:?}", email.text);
+    }
+
+    #[test]
+    fn mislabelled_utf8_is_read_as_utf8_and_noted() {
+        let raw = "Subject: x\r\nContent-Type: text/plain; charset=GB2312\r\n\r\n您好，订单已发货。\r\n";
+        let email = parse(raw.as_bytes());
+        assert_eq!(email.text, "您好，订单已发货。\n");
+        assert_eq!(
+            email.problems,
+            vec!["part 0: declared charset \"GB2312\", but the content is UTF-8: read as UTF-8"]
+        );
+        let raw = b"Subject: x\r\nContent-Type: text/plain; charset=us-ascii\r\n\
+                    Content-Transfer-Encoding: base64\r\n\r\nR3LDvMOfZQ==\r\n";
+        assert_eq!(parse(raw).text, "Grüße\n");
+        // A real legacy body stays as the charset says.
+        let email = parse(b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nGr\xfc\xdfe\r\n");
+        assert_eq!(email.text, "Grüße\n");
+        assert!(email.problems.is_empty(), "{:?}", email.problems);
+        // Plain ASCII under any label: nothing to note.
+        let email = parse(b"Subject: x\r\nContent-Type: text/plain; charset=GB2312\r\n\r\nhello\r\n");
+        assert!(email.problems.is_empty(), "{:?}", email.problems);
+    }
+
+    #[test]
+    fn an_empty_plain_alternative_does_not_hide_the_html() {
+        let raw = crlf(
+            "Subject: x\n\
+             Content-Type: multipart/alternative; boundary=\"a\"\n\
+             \n\
+             --a\n\
+             Content-Type: text/plain\n\
+             \n\
+             \x20 \n\
+             --a\n\
+             Content-Type: text/html\n\
+             \n\
+             <p>Order <b>4711</b> shipped</p>\n\
+             --a--\n",
+        );
+        let email = parse(&raw);
+        assert_eq!(email.text, "Order 4711 shipped\n");
+        assert_eq!(email.html, "<p>Order <b>4711</b> shipped</p>\n");
+    }
+
+    #[test]
+    fn line_endings_are_the_same_whatever_the_route() {
+        let lf = b"Subject: x\n\nline one\nline two\n".to_vec();
+        let crlf_bytes = b"Subject: x\r\n\r\nline one\r\nline two\r\n".to_vec();
+        // A bare-LF file sent over SMTP: the client's CRLF before the final dot stays.
+        let smtp_of_lf = b"Subject: x\n\nline one\nline two\n\r\n".to_vec();
+        let no_final_newline = b"Subject: x\n\nline one\nline two".to_vec();
+        for raw in [lf, crlf_bytes, smtp_of_lf, no_final_newline] {
+            assert_eq!(parse(&raw).text, "line one\nline two\n", "{:?}", String::from_utf8_lossy(&raw));
+        }
+        assert_eq!(normalise_text("a\r\nb\rc\n\n \r\n"), "a\nb\nc\n");
+        assert_eq!(normalise_text(" \r\n"), "");
     }
 }

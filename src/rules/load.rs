@@ -389,11 +389,14 @@ impl FileCompiler<'_> {
     fn target(&mut self, key: &Spanned<String>, full_key: &str) -> Option<Target> {
         let target = Target::parse(key.get_ref());
         if target.is_none() {
-            self.error(
-                key.span().start,
-                Some(full_key.to_string()),
-                "unknown key (use from, to, cc, recipient, source, subject, body, html, attachment or header.<Name>)",
-            );
+            // Unquoted, `header.X-Mailer = '...'` is TOML for a table `header`: the dot must be
+            // inside one quoted key.
+            let message = if key.get_ref() == "header" {
+                "a header key is one key with a dot in it: write it quoted: \"header.X-Mailer\" = '...'"
+            } else {
+                "unknown key (use from, to, cc, recipient, source, subject, body, html, attachment or \"header.<Name>\")"
+            };
+            self.error(key.span().start, Some(full_key.to_string()), message);
         }
         target
     }

@@ -18,7 +18,7 @@ use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, load_rules};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use admin::{Admin, AdminError};
-use reload::Reloader;
+use reload::{Reloader, RulesOnDisk};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -50,6 +50,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         warn!(key = %key, "{message}");
     }
     let metrics = Metrics::new();
+    let before_load = reload::Snapshot::of(&config.resolve(&config.rules.dir));
     let rules = load_rules(&config).map_err(ServeError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
     metrics.rules_loaded(rules.rules().iter().map(|r| r.name.as_str()));
@@ -74,7 +75,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         "spool recovered"
     );
 
-    let pipeline = Arc::new(Pipeline::new(&config, spool.clone(), rules.clone(), metrics.clone())?);
+    let on_disk = Arc::new(RulesOnDisk::new(&config, rules.clone(), metrics.clone(), before_load));
+    let refresh = on_disk.clone();
+    let pipeline =
+        Arc::new(Pipeline::new(&config, spool.clone(), rules, metrics.clone())?.before_judging(Arc::new(move || {
+            refresh.refresh();
+        })));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Listeners and the admin endpoint bind before anything runs, so a port in use refuses to start.
@@ -89,7 +95,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Some(admin) => Some(Admin::bind(admin, metrics.clone(), spool.clone()).await?),
         None => None,
     };
-    let reloader = Reloader::start(&config, rules, metrics.clone())?;
+    let reloader = Reloader::start(on_disk)?;
     let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)?;
     let mut tasks = tokio::task::JoinSet::new();
     for watcher in watchers {

@@ -11,6 +11,13 @@
 //! event came for [`DEBOUNCE`]. The new set is loaded with [`crate::rules::load_rules`], which
 //! also checks that every destination a rule names exists, and replaces the shared set in one
 //! step: a message being judged keeps the set it started with.
+//!
+//! A reload is also ordered before new judgements: before a new message is judged,
+//! [`RulesOnDisk::refresh`] compares the rules directory (its files' names, sizes, inodes and
+//! modification times) with what the loaded set was read from, and loads the set again at once
+//! when they differ. So a mail sent right after a rules file was saved is judged by the new
+//! rules, without waiting for the debounce. (Two saves of the same size within one tick of the
+//! file system's clock look alike; the watcher's reload still catches the second.)
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -30,12 +37,114 @@ pub const DEBOUNCE: Duration = Duration::from_millis(300);
 /// A burst of changes longer than this still gives a reload at this point.
 const MAX_DELAY: Duration = Duration::from_secs(3);
 
-/// Watches the rules directory and SIGHUP; reloads the rules on either.
-pub struct Reloader {
+/// What the rules directory looked like: each rules file's name, size, inode and modification
+/// time, in name order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot(Vec<(std::ffi::OsString, u64, u64, Option<std::time::SystemTime>)>);
+
+impl Snapshot {
+    /// Reads the directory (a few `stat`s; no file is opened).
+    pub fn of(dir: &Path) -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else { return Snapshot::default() };
+        let mut files: Vec<_> = entries
+            .filter_map(Result::ok)
+            .filter(|e| is_rules_file(&e.path()))
+            .filter_map(|e| {
+                let m = std::fs::metadata(e.path()).ok()?;
+                Some((e.file_name(), m.len(), m.ino(), m.modified().ok()))
+            })
+            .collect();
+        files.sort();
+        Snapshot(files)
+    }
+}
+
+/// The rules in force and the directory they were read from: one reload at a time, whoever
+/// asks for it (the watcher, SIGHUP, or the pipeline before judging).
+pub struct RulesOnDisk {
     config: Arc<Config>,
     dir: PathBuf,
     rules: SharedRules,
     metrics: Arc<Metrics>,
+    /// The directory as it was just before the set in force (or the last refused one) was read.
+    seen: std::sync::Mutex<Snapshot>,
+}
+
+impl RulesOnDisk {
+    /// `seen`: the directory as it was before `rules` were loaded.
+    pub fn new(config: &Config, rules: SharedRules, metrics: Arc<Metrics>, seen: Snapshot) -> RulesOnDisk {
+        RulesOnDisk {
+            config: Arc::new(config.clone()),
+            dir: config.resolve(&config.rules.dir),
+            rules,
+            metrics,
+            seen: std::sync::Mutex::new(seen),
+        }
+    }
+
+    /// Reloads now when the directory changed since the rules were read; returns whether it did.
+    /// Blocking (a few `stat`s; a load when something changed).
+    pub fn refresh(&self) -> bool {
+        self.refresh_as(Trigger::Judging)
+    }
+
+    fn refresh_as(&self, trigger: Trigger) -> bool {
+        let now = Snapshot::of(&self.dir);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return false;
+        }
+        // Taken before the load: a change made while loading is seen next time.
+        *seen = now;
+        self.load(trigger);
+        true
+    }
+
+    /// Loads the whole set again whatever the directory looks like (SIGHUP).
+    fn reload(&self, trigger: Trigger) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        *seen = Snapshot::of(&self.dir);
+        self.load(trigger);
+    }
+
+    /// Loads and compiles the whole rules directory; swaps it in when valid.
+    fn load(&self, trigger: Trigger) {
+        match load_rules(&self.config) {
+            Ok(set) => {
+                let (count, files) = (set.rules().len(), set.files().len());
+                self.metrics.rules_loaded(set.rules().iter().map(|r| r.name.as_str()));
+                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                self.metrics.reloaded(true);
+                info!(rules = count, files, trigger = ?trigger, dir = %self.dir.display(), "rules reloaded");
+            }
+            Err(errors) => {
+                for e in &errors {
+                    error!(
+                        file = %e.file.display(),
+                        line = e.line,
+                        rule = e.rule.as_deref(),
+                        key = e.key.as_deref(),
+                        error = %e.message,
+                        "rules error: {e}"
+                    );
+                }
+                error!(
+                    errors = errors.len(),
+                    trigger = ?trigger,
+                    dir = %self.dir.display(),
+                    "rules reload refused: {} error(s); the previous rules keep serving",
+                    errors.len()
+                );
+                self.metrics.reloaded(false);
+            }
+        }
+    }
+}
+
+/// Watches the rules directory and SIGHUP; reloads the rules on either.
+pub struct Reloader {
+    on_disk: Arc<RulesOnDisk>,
     changes: mpsc::UnboundedReceiver<()>,
     hangup: Signal,
     /// Kept alive for as long as the directory is to be watched.
@@ -47,14 +156,16 @@ pub struct Reloader {
 enum Trigger {
     Change,
     Hangup,
+    /// A new message was about to be judged and the directory had changed.
+    Judging,
 }
 
 impl Reloader {
     /// Takes over SIGHUP and starts watching the rules directory. A directory that cannot be
     /// watched (inotify limits) is logged; SIGHUP still reloads.
-    pub fn start(config: &Config, rules: SharedRules, metrics: Arc<Metrics>) -> std::io::Result<Reloader> {
+    pub fn start(on_disk: Arc<RulesOnDisk>) -> std::io::Result<Reloader> {
         let hangup = signal(SignalKind::hangup())?;
-        let dir = config.resolve(&config.rules.dir);
+        let dir = on_disk.dir.clone();
         let (tx, changes) = mpsc::unbounded_channel();
         let watcher = match watch_dir(&dir, tx) {
             Ok(w) => {
@@ -66,7 +177,7 @@ impl Reloader {
                 None
             }
         };
-        Ok(Reloader { config: Arc::new(config.clone()), dir, rules, metrics, changes, hangup, _watcher: watcher })
+        Ok(Reloader { on_disk, changes, hangup, _watcher: watcher })
     }
 
     /// Reloads on every change and SIGHUP until `shutdown` turns true.
@@ -100,45 +211,20 @@ impl Reloader {
         }
     }
 
-    /// Loads and compiles the whole rules directory; swaps it in when valid.
+    /// Reloads off the async threads: on a change only if the directory differs from what the
+    /// rules in force were read from (the pipeline may have reloaded already), on SIGHUP always.
     async fn reload(&self, trigger: Trigger) {
-        let config = self.config.clone();
-        let loaded = match tokio::task::spawn_blocking(move || load_rules(&config)).await {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                error!(error = %e, "rules reload did not finish; the previous rules keep serving");
-                self.metrics.reloaded(false);
-                return;
+        let on_disk = self.on_disk.clone();
+        let done = tokio::task::spawn_blocking(move || match trigger {
+            Trigger::Hangup => on_disk.reload(trigger),
+            _ => {
+                on_disk.refresh_as(trigger);
             }
-        };
-        match loaded {
-            Ok(set) => {
-                let (count, files) = (set.rules().len(), set.files().len());
-                self.metrics.rules_loaded(set.rules().iter().map(|r| r.name.as_str()));
-                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-                self.metrics.reloaded(true);
-                info!(rules = count, files, trigger = ?trigger, dir = %self.dir.display(), "rules reloaded");
-            }
-            Err(errors) => {
-                for e in &errors {
-                    error!(
-                        file = %e.file.display(),
-                        line = e.line,
-                        rule = e.rule.as_deref(),
-                        key = e.key.as_deref(),
-                        error = %e.message,
-                        "rules error: {e}"
-                    );
-                }
-                error!(
-                    errors = errors.len(),
-                    trigger = ?trigger,
-                    dir = %self.dir.display(),
-                    "rules reload refused: {} error(s); the previous rules keep serving",
-                    errors.len()
-                );
-                self.metrics.reloaded(false);
-            }
+        })
+        .await;
+        if let Err(e) = done {
+            error!(error = %e, "rules reload did not finish; the previous rules keep serving");
+            self.on_disk.metrics.reloaded(false);
         }
     }
 }

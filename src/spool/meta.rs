@@ -30,6 +30,10 @@ pub struct Meta {
     /// Why the message is a dead letter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,
+    /// The rule that matched but could not build its payload (a required field missing), for a
+    /// message that died when it was judged: it has no decision to name the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_rule: Option<String>,
     /// SHA-256 of the raw message, for a source that may offer it again (IMAP): recovery hands
     /// these to the watchers, so that a message spooled just before a crash, before its
     /// watcher noted it, is not spooled a second time.
@@ -86,6 +90,7 @@ impl Meta {
             decision: None,
             last_error: None,
             dead_reason: None,
+            dead_rule: None,
             fingerprint: None,
         }
     }
