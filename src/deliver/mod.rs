@@ -41,6 +41,33 @@ pub enum Attempt {
     Fail { reason: String },
 }
 
+/// What a receiver answered to one attempt, for the archive: the HTTP status or the SMTP
+/// reply, and the start of the response body ([`REPLY_BODY_MAX`] bytes at most).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status code (HTTP destinations).
+    pub status: Option<u16>,
+    /// The SMTP relay's reply (email hooks), or what went wrong before any answer.
+    pub reply: Option<String>,
+    /// The first [`REPLY_BODY_MAX`] bytes of the response body (cut on a character boundary).
+    pub body: Option<String>,
+}
+
+/// How much of a response body an attempt keeps.
+pub const REPLY_BODY_MAX: usize = 2048;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Errors building a destination from its config (bad CA file, unparsable relay URL, …).
 #[derive(Debug, thiserror::Error)]
 #[error("destination {name}: {message}")]
@@ -78,10 +105,22 @@ impl Destination {
 
     /// One attempt to deliver `body` (the JSON payload) for spool message `id`.
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
+        self.send_traced(id, body).await.0
+    }
+
+    /// [`Destination::send`], with what the receiver answered.
+    pub async fn send_traced(&self, id: &str, body: &[u8]) -> (Attempt, Reply) {
         match self {
-            Destination::Http(h) => h.send(id, body).await,
-            Destination::Email(e) => e.send(id, body).await,
-            Destination::File(f) => f.send(body).await,
+            Destination::Http(h) => h.send_traced(id, body).await,
+            Destination::Email(e) => {
+                let attempt = e.send(id, body).await;
+                let reply = match &attempt {
+                    Attempt::Done => None,
+                    Attempt::Retry { reason, .. } | Attempt::Fail { reason } => Some(reason.clone()),
+                };
+                (attempt, Reply { reply, ..Reply::default() })
+            }
+            Destination::File(f) => (f.send(body).await, Reply::default()),
         }
     }
 }

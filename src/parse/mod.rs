@@ -56,6 +56,25 @@ pub fn parse(raw: &[u8]) -> Email {
     email
 }
 
+/// The decoded content of the `n`th of [`Email::attachments`] (top level), for download.
+pub fn attachment_content(raw: &[u8], n: usize) -> Option<Vec<u8>> {
+    let raw = skip_mbox_separator(raw);
+    if !starts_with_header_field(raw) {
+        return None;
+    }
+    let repaired = repair_8bit_headers(raw);
+    let bytes = repaired.as_deref().unwrap_or(raw);
+    let message = MessageParser::new().default_header_text().parse(bytes)?;
+    // The same parts, in the same order, as `convert` lists them.
+    let part = message.attachments().filter(|p| unterminated_multipart(p).is_none()).nth(n)?;
+    Some(match &part.body {
+        PartType::Text(t) | PartType::Html(t) => t.as_bytes().to_vec(),
+        PartType::Binary(b) | PartType::InlineBinary(b) => b.to_vec(),
+        PartType::Message(inner) => inner.raw_message().to_vec(),
+        PartType::Multipart(_) => Vec::new(),
+    })
+}
+
 /// Skips an mbox `From sender date` line, which a pipe from an MTA may put before the headers.
 fn skip_mbox_separator(raw: &[u8]) -> &[u8] {
     if raw.starts_with(b"From ") {

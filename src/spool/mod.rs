@@ -54,6 +54,7 @@
 //!    without metadata (a removal cut short) is removed, and a bare `ID.eml` without metadata
 //!    is moved to `corrupt/` once older than [`TMP_GRACE`].
 
+pub mod actions;
 mod committer;
 mod file;
 mod inbox;
@@ -73,6 +74,12 @@ pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 
 /// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
 pub const TMP_GRACE: Duration = Duration::from_secs(600);
+
+/// Whether `id` is a spool id: a ULID in its canonical form. Anything else (`../x`, an empty
+/// string) is never looked up on disk.
+pub fn is_id(id: &str) -> bool {
+    id.len() == 26 && ulid::Ulid::from_string(id).is_ok_and(|u| u.to_string() == id)
+}
 
 /// Where a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -289,6 +296,10 @@ impl Spool {
 
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
+        // Only a spool id (a ULID) ever becomes part of a path.
+        if !is_id(id) {
+            return None;
+        }
         State::ALL
             .into_iter()
             .find(|s| self.path(*s, id).exists())
