@@ -29,7 +29,9 @@ use crate::metrics::{Delivery, Metrics};
 use crate::model::{Action, Payload};
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Fresh, Inbox, Meta, Spool, SpoolError, State, format_time, parse_time};
+use crate::spool::{
+    Decision, DestState, DestStatus, Fresh, Inbox, Meta, Spool, SpoolError, State, format_time, parse_time,
+};
 use crate::store::{ArchiveState, ArchiveWriter, AttemptRecord, Finished as Archived};
 use serde_json::Value as Json;
 use std::borrow::Cow;

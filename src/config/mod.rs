@@ -424,12 +424,7 @@ pub struct ArchiveConfig {
 
 impl Default for ArchiveConfig {
     fn default() -> Self {
-        ArchiveConfig {
-            enabled: true,
-            path: None,
-            keep: default_archive_keep(),
-            max_size: default_archive_max_size(),
-        }
+        ArchiveConfig { enabled: true, path: None, keep: default_archive_keep(), max_size: default_archive_max_size() }
     }
 }
 

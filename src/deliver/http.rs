@@ -67,7 +67,10 @@ impl HttpDestination {
             Ok(r) => classify(r).await,
             Err(e) => {
                 let reason = describe(&e);
-                (Attempt::Retry { after: None, reason: reason.clone() }, Reply { reply: Some(reason), ..Reply::default() })
+                (
+                    Attempt::Retry { after: None, reason: reason.clone() },
+                    Reply { reply: Some(reason), ..Reply::default() },
+                )
             }
         }
     }

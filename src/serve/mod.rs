@@ -18,13 +18,13 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use crate::store::sqlite::SqliteArchive;
+use crate::store::{Archive, ArchiveWriter};
 use admin::{Admin, AdminError};
 use reload::Reloader;
 use std::sync::{Arc, RwLock};
-use tokio::sync::watch;
-use crate::store::sqlite::SqliteArchive;
-use crate::store::{Archive, ArchiveWriter};
 use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]

@@ -153,7 +153,12 @@ pub fn search_finds_subject_and_text(a: &dyn Archive) {
     a.record(&message(&x, ArchiveState::Delivered, "Invoice 2231 overdue", "a@b.c", "please pay")).unwrap();
     a.record(&message(&y, ArchiveState::Delivered, "Hello", "a@b.c", "the parcel for invoice 77 arrived")).unwrap();
     let ids = |q: &str| -> Vec<String> {
-        a.list(&MessageQuery { q: Some(q.into()), ..Default::default() }).unwrap().items.into_iter().map(|s| s.id).collect()
+        a.list(&MessageQuery { q: Some(q.into()), ..Default::default() })
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
     };
     assert_eq!(ids("invoice"), vec![y.clone(), x.clone()]);
     assert_eq!(ids("overdue"), vec![x.clone()]);
@@ -185,10 +190,7 @@ pub fn counts_and_stats(a: &dyn Archive) {
     a.record(&message(&id_at(now, 3), ArchiveState::Dead, "c", "a@b.c", "x")).unwrap();
     a.add_attempt(&attempt(&id_at(now, 3), "deferred", 429)).unwrap();
     let counts = a.counts_by_state().unwrap();
-    assert_eq!(
-        counts,
-        vec![(ArchiveState::Delivered, 2), (ArchiveState::Dropped, 0), (ArchiveState::Dead, 1)]
-    );
+    assert_eq!(counts, vec![(ArchiveState::Delivered, 2), (ArchiveState::Dropped, 0), (ArchiveState::Dead, 1)]);
     let hours = a.hourly(now - Duration::from_secs(24 * 3600)).unwrap();
     assert_eq!(hours.iter().map(|(_, n)| n).sum::<u64>(), 3);
     let stats = a.rule_stats(now - Duration::from_secs(3600)).unwrap();

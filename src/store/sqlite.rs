@@ -304,8 +304,9 @@ impl Archive for SqliteArchive {
             let envelope = serde_json::from_str(&envelope).map_err(corrupt)?;
             let fields = fields.map(|f| serde_json::from_str::<Json>(&f)).transpose().map_err(corrupt)?;
             let payload = payload.map(|p| serde_json::from_str::<Json>(&p)).transpose().map_err(corrupt)?;
-            let mut stmt =
-                c.prepare_cached(&format!("SELECT {ATTEMPT_COLUMNS} FROM attempt WHERE message_id = ?1 ORDER BY rowid"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempt WHERE message_id = ?1 ORDER BY rowid"
+            ))?;
             let attempts = stmt.query_map(params![id], attempt)?.collect::<Result<Vec<_>, _>>()?;
             Ok(Some(Record {
                 summary,
@@ -325,11 +326,9 @@ impl Archive for SqliteArchive {
             return Ok(None);
         }
         self.read(|c| {
-            Ok(c.query_row(
-                "SELECT bytes FROM raw JOIN message USING (seq) WHERE message.id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            Ok(c.query_row("SELECT bytes FROM raw JOIN message USING (seq) WHERE message.id = ?1", params![id], |r| {
+                r.get(0)
+            })
             .optional()?)
         })
     }
@@ -343,7 +342,8 @@ impl Archive for SqliteArchive {
         };
         use rusqlite::types::Value as V;
         if let Some(q) = query.q.as_deref().and_then(fts_query) {
-            clauses.push(format!("m.seq IN (SELECT rowid FROM message_fts WHERE message_fts MATCH {})", arg(V::Text(q))));
+            clauses
+                .push(format!("m.seq IN (SELECT rowid FROM message_fts WHERE message_fts MATCH {})", arg(V::Text(q))));
         }
         if let Some(s) = query.state {
             clauses.push(format!("m.state = {}", arg(V::Text(s.as_str().into()))));
@@ -364,7 +364,10 @@ impl Archive for SqliteArchive {
             ));
         }
         if let Some(d) = &query.destination {
-            clauses.push(format!("m.seq IN (SELECT seq FROM address WHERE kind = 'dest' AND value = {})", arg(V::Text(d.clone()))));
+            clauses.push(format!(
+                "m.seq IN (SELECT seq FROM address WHERE kind = 'dest' AND value = {})",
+                arg(V::Text(d.clone()))
+            ));
         }
         // Ids are ULIDs: a time bound is an id bound, which every index above ends with.
         if let Some(since) = query.since {

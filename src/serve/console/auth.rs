@@ -27,8 +27,7 @@ pub const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
 
 /// An email's sanitised HTML: no script, nothing loaded but inline images, framed only by the
 /// console itself; `sandbox` makes it an opaque origin even when opened on its own.
-pub const EMAIL_CSP: &str =
-    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox; base-uri 'none'; form-action 'none'; frame-ancestors 'self'";
+pub const EMAIL_CSP: &str = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox; base-uri 'none'; form-action 'none'; frame-ancestors 'self'";
 
 /// The same, with remote images allowed (the operator asked for them for one message).
 pub const EMAIL_CSP_REMOTE_IMAGES: &str = "default-src 'none'; img-src data: https: http:; style-src 'unsafe-inline'; sandbox; base-uri 'none'; form-action 'none'; frame-ancestors 'self'";
@@ -148,8 +147,7 @@ pub fn loopback_host(headers: &HeaderMap) -> bool {
         _ => host,
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether a POST comes from a page of another site (`Sec-Fetch-Site`, else `Origin` against

@@ -57,7 +57,18 @@ mod tests {
     #[test]
     fn nothing_active_survives() {
         let out = sanitise(HOSTILE, false).to_ascii_lowercase();
-        for gone in ["<script", "onerror", "javascript:", "<base", "http-equiv", "url(", "127.0.0.1", "<iframe", "<form", "<style"] {
+        for gone in [
+            "<script",
+            "onerror",
+            "javascript:",
+            "<base",
+            "http-equiv",
+            "url(",
+            "127.0.0.1",
+            "<iframe",
+            "<form",
+            "<style",
+        ] {
             assert!(!out.contains(gone), "{gone} survived: {out}");
         }
         assert!(out.contains("data:image/png"), "inline images stay: {out}");

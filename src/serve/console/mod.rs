@@ -88,6 +88,8 @@ impl Console {
         ] {
             templates.add_template(name, text).expect("the console's templates compile");
         }
+        templates
+            .add_filter("urlencode", |s: String| -> String { form_urlencoded::byte_serialize(s.as_bytes()).collect() });
         Console {
             archive,
             writer,
@@ -158,9 +160,10 @@ struct Gate {
 impl Console {
     /// The session of a page request; else the answer (to the login page, or 403 for a host
     /// that is not this machine when there is no token).
-    fn gate(&self, headers: &HeaderMap) -> Result<Gate, Response> {
+    fn gate(&self, headers: &HeaderMap) -> Result<Gate, Box<Response>> {
         if self.token.is_none() && !auth::loopback_host(headers) {
-            return Err(self.error(StatusCode::FORBIDDEN, "this console without a token answers only to 127.0.0.1 or localhost"));
+            let why = "this console without a token answers only to 127.0.0.1 or localhost";
+            return Err(Box::new(self.error(StatusCode::FORBIDDEN, why)));
         }
         if let Some(session) = self.sessions.find(headers) {
             return Ok(Gate { session, set_cookie: None });
@@ -170,20 +173,20 @@ impl Console {
             let cookie = auth::set_cookie(&session, self.secure_cookie);
             return Ok(Gate { session, set_cookie: Some(cookie) });
         }
-        Err((StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response())
+        Err(Box::new((StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response()))
     }
 
     /// [`Console::gate`] plus the CSRF token of a state-changing form (403 without it).
-    fn gate_post(&self, headers: &HeaderMap, csrf: Option<&str>) -> Result<Gate, Response> {
+    fn gate_post(&self, headers: &HeaderMap, csrf: Option<&str>) -> Result<Gate, Box<Response>> {
         let gate = match self.gate(headers) {
             Ok(g) if g.set_cookie.is_none() => g,
             // A session opened by this very POST cannot have a form token yet.
-            Ok(_) => return Err(self.error(StatusCode::FORBIDDEN, "missing or wrong CSRF token")),
+            Ok(_) => return Err(Box::new(self.error(StatusCode::FORBIDDEN, "missing or wrong CSRF token"))),
             Err(r) => return Err(r),
         };
         match csrf {
             Some(t) if auth::same_secret(t.as_bytes(), gate.session.csrf.as_bytes()) => Ok(gate),
-            _ => Err(self.error(StatusCode::FORBIDDEN, "missing or wrong CSRF token")),
+            _ => Err(Box::new(self.error(StatusCode::FORBIDDEN, "missing or wrong CSRF token"))),
         }
     }
 
@@ -200,9 +203,10 @@ impl Console {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 Some(r)
             }
-            None if !auth::loopback_host(headers) => {
-                Some(api_error(StatusCode::FORBIDDEN, "this console without a token answers only to 127.0.0.1 or localhost"))
-            }
+            None if !auth::loopback_host(headers) => Some(api_error(
+                StatusCode::FORBIDDEN,
+                "this console without a token answers only to 127.0.0.1 or localhost",
+            )),
             None if post && auth::cross_site(headers) => Some(api_error(StatusCode::FORBIDDEN, "cross-site request")),
             None => None,
         }
@@ -240,7 +244,9 @@ impl Console {
     }
 
     fn archive(&self) -> Result<Arc<dyn Archive>, StoreError> {
-        self.archive.clone().ok_or_else(|| StoreError::Io(std::io::Error::other("the archive is off ([archive] enabled = false)")))
+        self.archive
+            .clone()
+            .ok_or_else(|| StoreError::Io(std::io::Error::other("the archive is off ([archive] enabled = false)")))
     }
 }
 
@@ -311,7 +317,7 @@ struct CsrfForm {
 async fn logout(Extract(c): Extract<St>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
     let gate = match c.gate_post(&headers, form.csrf.as_deref()) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     c.sessions.close(&gate.session.id);
     let to = if c.token.is_some() { "/login" } else { "/" };
@@ -325,7 +331,7 @@ async fn logout(Extract(c): Extract<St>, headers: HeaderMap, Form(form): Form<Cs
 async fn overview(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = SystemTime::now();
     let day_ago = now - Duration::from_secs(24 * 3600);
@@ -346,7 +352,7 @@ async fn overview(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
                 let fields: Vec<Json> = r
                     .filled
                     .iter()
-                    .map(|(k, n)| json!({"name": k, "share": (*n as f64 * 100.0 / r.matches.max(1) as f64).round()}))
+                    .map(|(k, n)| json!({"name": k, "share": (*n * 100 + r.matches / 2) / r.matches.max(1)}))
                     .collect();
                 json!({"rule": r.rule, "matches": r.matches, "fields": fields})
             })
@@ -434,7 +440,9 @@ struct ListParams {
 fn to_query(p: &ListParams, now: SystemTime) -> Result<MessageQuery, String> {
     let set = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let state = match set(&p.state) {
-        Some(s) => Some(ArchiveState::parse(&s).ok_or_else(|| format!("state: {s:?} is not delivered, dropped or dead"))?),
+        Some(s) => {
+            Some(ArchiveState::parse(&s).ok_or_else(|| format!("state: {s:?} is not delivered, dropped or dead"))?)
+        }
         None => None,
     };
     let since = match set(&p.since) {
@@ -470,7 +478,7 @@ fn to_query(p: &ListParams, now: SystemTime) -> Result<MessageQuery, String> {
 async fn messages(Extract(c): Extract<St>, headers: HeaderMap, RawQuery(raw_query): RawQuery) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let params: ListParams = serde_urlencoded_lossy(raw_query.as_deref());
     let query = match to_query(&params, SystemTime::now()) {
@@ -564,7 +572,7 @@ async fn message(
 ) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (record, raw) = match load(&c, &id).await {
         Ok(Some(x)) => x,
@@ -600,7 +608,7 @@ async fn message(
         "payload": record.payload.as_ref().map(pretty),
         "payload_size": payload_size,
         "payload_limit": c.max_body,
-        "payload_share": (payload_size as f64 * 100.0 / c.max_body.max(1) as f64).round(),
+        "payload_share": format!("{:.1}", payload_size as f64 * 100.0 / c.max_body.max(1) as f64),
         "attempts": record.attempts,
         "in_spool": in_spool,
         "problems": email.problems,
@@ -619,7 +627,7 @@ struct ViewParams {
 
 async fn raw(Extract(c): Extract<St>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
     if let Err(r) = c.gate(&headers) {
-        return r;
+        return *r;
     }
     match load(&c, &id).await {
         Ok(Some((_, raw))) => (
@@ -642,7 +650,7 @@ async fn email_html(
     Query(view): Query<ViewParams>,
 ) -> Response {
     if let Err(r) = c.gate(&headers) {
-        return r;
+        return *r;
     }
     let raw = match load(&c, &id).await {
         Ok(Some((_, raw))) => raw,
@@ -673,7 +681,7 @@ async fn attachment(
     UrlPath((id, n)): UrlPath<(String, usize)>,
 ) -> Response {
     if let Err(r) = c.gate(&headers) {
-        return r;
+        return *r;
     }
     let raw = match load(&c, &id).await {
         Ok(Some((_, raw))) => raw,
@@ -731,13 +739,15 @@ async fn act(c: &Console, id: &str, action: &str) -> Acted {
         match action.as_str() {
             "retry" => spooled(actions::retry(&spool, &id).map(|to| format!("{id}: queued for delivery now ({to})"))),
             "drop" => spooled(actions::drop(&spool, &id).map(|from| format!("{id}: dropped from {from}"))),
-            "replay" if spool.find(&id).is_some() => spooled(crate::pipeline::replay(&spool, &rules, &id).map(|r| match r {
-                Replayed::Queued { rule, to } => {
-                    format!("{id}: rule {} → {}", rule.unwrap_or_else(|| "(no rule)".into()), to.join(", "))
-                }
-                Replayed::StillDead(reason) => format!("{id}: still a dead letter: {reason}"),
-                Replayed::Dropped(_) => format!("{id}: a rule drops it; removed"),
-            })),
+            "replay" if spool.find(&id).is_some() => {
+                spooled(crate::pipeline::replay(&spool, &rules, &id).map(|r| match r {
+                    Replayed::Queued { rule, to } => {
+                        format!("{id}: rule {} → {}", rule.unwrap_or_else(|| "(no rule)".into()), to.join(", "))
+                    }
+                    Replayed::StillDead(reason) => format!("{id}: still a dead letter: {reason}"),
+                    Replayed::Dropped(_) => format!("{id}: a rule drops it; removed"),
+                }))
+            }
             // Delivered (or dropped) long ago: only the archive has it. It goes into the spool
             // again as a new message, judged by the current rules.
             "replay" => {
@@ -773,7 +783,9 @@ struct ActionForm {
 /// Where to go after a form: a path of the console's own, else the message list.
 fn back_to(back: Option<&str>) -> String {
     match back {
-        Some(b) if b.starts_with('/') && !b.starts_with("//") && !b.contains('\\') && !b.contains("://") => b.to_string(),
+        Some(b) if b.starts_with('/') && !b.starts_with("//") && !b.contains('\\') && !b.contains("://") => {
+            b.to_string()
+        }
         _ => "/messages".to_string(),
     }
 }
@@ -786,7 +798,7 @@ async fn page_action(
 ) -> Response {
     let gate = match c.gate_post(&headers, form.csrf.as_deref()) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (status, notice) = match act(&c, &id, &action).await {
         Acted::Done(line) => (StatusCode::OK, line),
@@ -808,7 +820,7 @@ fn notice_page(c: &Console, gate: &Gate, status: StatusCode, lines: Vec<String>,
 async fn dead(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let spool = c.spool.clone();
     let listed = blocking(move || -> Result<Vec<Json>, crate::spool::SpoolError> {
@@ -850,7 +862,7 @@ async fn dead_action(Extract(c): Extract<St>, headers: HeaderMap, body: String) 
     }
     let gate = match c.gate_post(&headers, csrf.as_deref()) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if ids.is_empty() {
         return notice_page(&c, &gate, StatusCode::BAD_REQUEST, vec!["No message was ticked.".into()], "/dead");
@@ -894,7 +906,7 @@ fn rule_sources(rules: &crate::rules::RuleSet) -> Vec<(PathBuf, String)> {
 async fn playground_page(Extract(c): Extract<St>, headers: HeaderMap, Query(form): Query<PlaygroundForm>) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rules = c.rules.read().expect("rules lock").clone();
     let sources = blocking(move || rule_sources(&rules)).await;
@@ -915,7 +927,7 @@ async fn playground_page(Extract(c): Extract<St>, headers: HeaderMap, Query(form
 async fn playground_run(Extract(c): Extract<St>, headers: HeaderMap, Form(form): Form<PlaygroundForm>) -> Response {
     let gate = match c.gate_post(&headers, form.csrf.as_deref()) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     // The message: pasted text wins over an archived id.
     let pasted = form.eml.clone().filter(|e| !e.trim().is_empty());
@@ -939,7 +951,9 @@ async fn playground_run(Extract(c): Extract<St>, headers: HeaderMap, Form(form):
                 email.to.iter().chain(&email.cc).map(|a| a.address.clone()).filter(|a| !a.is_empty()).collect();
             (envelope, raw)
         }
-        (None, None) => return c.error(StatusCode::BAD_REQUEST, "paste a message, upload one, or give an archived message's id"),
+        (None, None) => {
+            return c.error(StatusCode::BAD_REQUEST, "paste a message, upload one, or give an archived message's id");
+        }
     };
     let rules = c.rules.read().expect("rules lock").clone();
     let unmatched = Unmatched::from_config(&c.unmatched);
@@ -996,14 +1010,14 @@ async fn playground_run(Extract(c): Extract<St>, headers: HeaderMap, Form(form):
 async fn tail(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
     let gate = match c.gate(&headers) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     c.render(&gate, StatusCode::OK, "tail.html", json!({"page": "tail", "live": c.writer.is_some()}))
 }
 
 async fn tail_events(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
     if let Err(r) = c.gate(&headers) {
-        return r;
+        return *r;
     }
     let Some(writer) = &c.writer else {
         return c.error(StatusCode::NOT_FOUND, "the live tail needs the archive ([archive] enabled = true)");
@@ -1053,7 +1067,8 @@ async fn api_get(Extract(c): Extract<St>, headers: HeaderMap, UrlPath(id): UrlPa
         Ok(Some((record, raw))) => {
             let email = crate::parse::parse(&raw);
             let mut body = serde_json::to_value(&record).unwrap_or_default();
-            body["headers"] = Json::from(email.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>());
+            body["headers"] =
+                Json::from(email.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>());
             json_response(StatusCode::OK, body)
         }
         Ok(None) => api_error(StatusCode::NOT_FOUND, "no such message in the archive"),

@@ -55,7 +55,13 @@ fn display(p: &Path) -> String {
 
 /// The first key of the `n`th rule of `file` whose condition alone does not hold: each key is
 /// compiled as a rule of its own and judged by the same engine.
-fn first_failed(sources: &[(PathBuf, String)], file: &Path, n: usize, email: &Email, envelope: &Envelope) -> Option<String> {
+fn first_failed(
+    sources: &[(PathBuf, String)],
+    file: &Path,
+    n: usize,
+    email: &Email,
+    envelope: &Envelope,
+) -> Option<String> {
     let (_, text) = sources.iter().find(|(p, _)| p == file)?;
     let doc: toml::Table = toml::from_str(text).ok()?;
     let rule = doc.get("rule")?.as_array()?.get(n)?.as_table()?;
