@@ -595,6 +595,7 @@ async fn message(
     let ctx = json!({
         "page": "messages",
         "m": record.summary,
+        "source": record.envelope.source.to_string(),
         "envelope": record.envelope,
         "reason": record.reason,
         "size": record.size,
