@@ -143,16 +143,23 @@ async fn visible_text(browser: &Client) -> String {
     p.await.expect("the paragraph is shown").text().await.unwrap()
 }
 
-async fn text_of(browser: &Client, css: &str) -> String {
-    browser
-        .wait()
-        .at_most(Duration::from_secs(15))
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+/// The text of `css` once `ready` accepts it (pages change under a click: an element found
+/// on the page being left goes stale, so it is looked up again until then, at most 15 s).
+async fn wait_text(browser: &Client, css: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    loop {
+        if let Ok(e) = browser.find(Locator::Css(css)).await
+            && let Ok(text) = e.text().await
+        {
+            if ready(&text) {
+                return text;
+            }
+            last = text;
+        }
+        assert!(Instant::now() < deadline, "{css}: still {last:?} after 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,13 +192,18 @@ async fn the_console_in_a_real_browser() {
     assert!(browser.current_url().await.unwrap().path().ends_with("/login"), "sent to the login page");
     browser.find(Locator::Css("#token")).await.unwrap().send_keys(TOKEN).await.unwrap();
     browser.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
-    assert_eq!(text_of(&browser, "h1").await, "Overview");
+    wait_text(&browser, "h1", |t| t == "Overview").await;
     screenshot(&browser, "overview").await;
 
     // Find a message by its subject and open it.
     browser.goto(&format!("{base}/messages")).await.unwrap();
     browser.find(Locator::Css("input[name=q]")).await.unwrap().send_keys("4711").await.unwrap();
     browser.find(Locator::Css("form.filters button")).await.unwrap().click().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !browser.current_url().await.unwrap().query().is_some_and(|q| q.contains("q=4711")) {
+        assert!(Instant::now() < deadline, "the search did not load");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let link = browser
         .wait()
         .at_most(Duration::from_secs(15))
@@ -201,13 +213,13 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(browser.find_all(Locator::Css("table.list a")).await.unwrap().len(), 1, "only the match is listed");
     screenshot(&browser, "messages").await;
     link.click().await.unwrap();
-    assert_eq!(text_of(&browser, "h1").await, "Order 4711 shipped");
+    wait_text(&browser, "h1", |t| t == "Order 4711 shipped").await;
     assert!(browser.current_url().await.unwrap().path().ends_with(&shipped));
     screenshot(&browser, "message").await;
 
     // The hostile message: shown, and nothing of it runs or loads, framed or opened alone.
     browser.goto(&format!("{base}/messages/{evil}")).await.unwrap();
-    let title = text_of(&browser, "h1").await;
+    let title = wait_text(&browser, "h1", |t| t.starts_with("Order 666")).await;
     assert!(title.contains("onerror"), "the subject is shown as text: {title}");
     let frame =
         browser.wait().at_most(Duration::from_secs(15)).for_element(Locator::Css("iframe.email")).await.unwrap();
@@ -240,11 +252,11 @@ async fn the_console_in_a_real_browser() {
     browser.find(Locator::Css(&format!("input[value='{dead_id}']"))).await.unwrap().click().await.unwrap();
     screenshot(&browser, "dead").await;
     browser.find(Locator::Css("button[value=retry]")).await.unwrap().click().await.unwrap();
-    let notice = text_of(&browser, "ul.notices").await;
+    let notice = wait_text(&browser, "ul.notices", |_| true).await;
     assert!(notice.contains("queued for delivery now"), "{notice}");
     wait_listed(addr, "state=dead", 0);
     browser.goto(&format!("{base}/messages/{dead_id}")).await.unwrap();
-    assert_eq!(text_of(&browser, "p.meta .state").await, "delivered");
+    wait_text(&browser, "p.meta .state", |t| t == "delivered").await;
     let outcomes = browser.find_all(Locator::Css("table.attempts td[class^=outcome]")).await.unwrap();
     let mut seen = Vec::new();
     for o in outcomes {
@@ -255,14 +267,14 @@ async fn the_console_in_a_real_browser() {
     // The playground: the archived message through a rule edited in the browser.
     browser.goto(&format!("{base}/playground?id={shipped}")).await.unwrap();
     browser.find(Locator::Css("form.playground > button")).await.unwrap().click().await.unwrap();
-    let before = text_of(&browser, "#payload").await;
+    let before = wait_text(&browser, "#payload", |_| true).await;
     assert!(before.contains("\"order\": \"4711\"") && !before.contains("ticket"), "{before}");
     let rules = browser.find(Locator::Css("#rules")).await.unwrap();
     rules.send_keys("\n[rule.payload]\nticket = \"T-{{ order }}\"\n").await.unwrap();
     browser.find(Locator::Css("form.playground > button")).await.unwrap().click().await.unwrap();
-    let after = text_of(&browser, "#payload").await;
+    let after = wait_text(&browser, "#payload", |t| t.contains("ticket")).await;
     assert_eq!(serde_json::from_str::<Value>(&after).unwrap(), json!({"ticket": "T-4711"}), "{after}");
-    assert_eq!(text_of(&browser, "#matched-rule").await, "orders");
+    wait_text(&browser, "#matched-rule", |t| t == "orders").await;
     screenshot(&browser, "playground").await;
 
     browser.goto(&format!("{base}/tail")).await.unwrap();

@@ -15,9 +15,9 @@
 //! yet committed: the attempts and the final entry of messages whose round ended in the last
 //! moments (see `docs/design.md`, "Archive").
 //!
-//! Ids are spool ids: ULIDs, checked by [`is_id`] before any use. A ULID sorts by the time the
-//! message was received, so "newest first" is "id descending", and a page's cursor is the last
-//! id it showed.
+//! Ids are spool ids: ULIDs, checked by [`is_id`] before any use. Lists are newest first, in the
+//! order messages were archived (a dead letter retried and delivered moves to the top); a
+//! page's cursor is opaque to callers.
 
 pub mod conformance;
 pub mod sqlite;
@@ -197,7 +197,7 @@ pub struct Record {
     pub attempts: Vec<AttemptRecord>,
 }
 
-/// Which messages to list: every filter given must hold. Newest first.
+/// Which messages to list: every filter given must hold. Newest first (most recently archived).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessageQuery {
     /// Words to find in the subject or the text (each word must appear; a word matches as a prefix).
@@ -215,7 +215,7 @@ pub struct MessageQuery {
     pub until: Option<SystemTime>,
     /// At most this many (1..=[`MAX_PAGE`]; 0 means 50).
     pub limit: usize,
-    /// The `next` of the previous page.
+    /// The `next` of the previous page (opaque).
     pub cursor: Option<String>,
 }
 

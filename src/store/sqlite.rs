@@ -3,12 +3,16 @@
 //! ```text
 //! message(seq PK, id UNIQUE, state, received_ms, finished_at, source, sender, subject, rule,
 //!         destinations JSON, envelope JSON, fields JSON, payload, reason, size)
-//!   indexes: (state, id) (rule, id) (sender, id) (source, id) (received_ms)
+//!   indexes: (state) (rule) (sender) (source) (received_ms), each ending in seq (the rowid)
 //! address(seq, kind 'to'|'dest', value)      index (kind, value, seq): recipients, destinations
 //! raw(seq PK, bytes BLOB)                    the message exactly as received, same transaction
 //! attempt(message_id, at, destination, outcome, status, reply, body, duration_ms)
 //! message_fts(subject, text)                 FTS5, contentless, rowid = message.seq
 //! ```
+//!
+//! Lists are in the order messages were archived, newest first (`seq` descending): every index
+//! ends in `seq`, and FTS5 walks its matches in `rowid` (= `seq`) order, so a page stops after
+//! its rows however many messages match. The cursor of a page is the last `seq` it showed.
 //!
 //! The raw message lives in the database, in a table of its own (a list never reads it): an
 //! entry and its raw bytes are written in one transaction, so there is never one without the
@@ -44,10 +48,10 @@ CREATE TABLE IF NOT EXISTS message (
     reason TEXT,
     size INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS message_state ON message(state, id);
-CREATE INDEX IF NOT EXISTS message_rule ON message(rule, id);
-CREATE INDEX IF NOT EXISTS message_sender ON message(sender, id);
-CREATE INDEX IF NOT EXISTS message_source ON message(source, id);
+CREATE INDEX IF NOT EXISTS message_state ON message(state);
+CREATE INDEX IF NOT EXISTS message_rule ON message(rule);
+CREATE INDEX IF NOT EXISTS message_sender ON message(sender);
+CREATE INDEX IF NOT EXISTS message_source ON message(source);
 CREATE INDEX IF NOT EXISTS message_received ON message(received_ms);
 CREATE TABLE IF NOT EXISTS address (
     seq INTEGER NOT NULL,
@@ -341,9 +345,11 @@ impl Archive for SqliteArchive {
             format!("?{}", args.len())
         };
         use rusqlite::types::Value as V;
-        if let Some(q) = query.q.as_deref().and_then(fts_query) {
-            clauses
-                .push(format!("m.seq IN (SELECT rowid FROM message_fts WHERE message_fts MATCH {})", arg(V::Text(q))));
+        // A search walks the full-text index newest first and joins each match.
+        let fts = query.q.as_deref().and_then(fts_query);
+        let key = if fts.is_some() { "f.rowid" } else { "m.seq" };
+        if let Some(q) = fts {
+            clauses.push(format!("message_fts MATCH {}", arg(V::Text(q))));
         }
         if let Some(s) = query.state {
             clauses.push(format!("m.state = {}", arg(V::Text(s.as_str().into()))));
@@ -369,35 +375,36 @@ impl Archive for SqliteArchive {
                 arg(V::Text(d.clone()))
             ));
         }
-        // Ids are ULIDs: a time bound is an id bound, which every index above ends with.
+        // Time bounds filter the newest-first walk (`+`: no index of their own, which would
+        // have every message since then sorted).
         if let Some(since) = query.since {
-            clauses.push(format!("m.id >= {}", arg(V::Text(id_floor(since)))));
+            clauses.push(format!("+m.received_ms >= {}", arg(V::Integer(unix_ms(since)))));
         }
         if let Some(until) = query.until {
-            clauses.push(format!("m.id < {}", arg(V::Text(id_floor(until)))));
+            clauses.push(format!("+m.received_ms < {}", arg(V::Integer(unix_ms(until)))));
         }
         if let Some(cursor) = &query.cursor {
-            if !is_id(cursor) {
-                return Err(StoreError::BadId(cursor.clone()));
-            }
-            clauses.push(format!("m.id < {}", arg(V::Text(cursor.clone()))));
+            let seq: i64 = cursor.parse().map_err(|_| StoreError::BadId(cursor.clone()))?;
+            clauses.push(format!("{key} < {}", arg(V::Integer(seq))));
         }
         let size = query.page_size();
         let limit = arg(V::Integer(size as i64 + 1));
         let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+        let from = if key == "f.rowid" { "message_fts f JOIN message m ON m.seq = f.rowid" } else { "message m" };
         let sql = format!(
-            "SELECT m.id, m.state, m.received_ms, m.sender, m.subject, m.rule, m.destinations FROM message m {filter} ORDER BY m.id DESC LIMIT {limit}"
+            "SELECT m.seq, m.id, m.state, m.received_ms, m.sender, m.subject, m.rule, m.destinations FROM {from} {filter} ORDER BY {key} DESC LIMIT {limit}"
         );
         self.read(|c| {
             let mut stmt = c.prepare_cached(&sql)?;
-            let mut items = stmt.query_map(params_from_iter(args.iter()), summary)?.collect::<Result<Vec<_>, _>>()?;
-            let next = if items.len() > size {
-                items.truncate(size);
-                items.last().map(|s| s.id.clone())
+            let rows = stmt.query_map(params_from_iter(args.iter()), |r| Ok((r.get::<_, i64>("seq")?, summary(r)?)))?;
+            let mut rows = rows.collect::<Result<Vec<_>, _>>()?;
+            let next = if rows.len() > size {
+                rows.truncate(size);
+                rows.last().map(|(seq, _)| seq.to_string())
             } else {
                 None
             };
-            Ok(Page { items, next })
+            Ok(Page { items: rows.into_iter().map(|(_, s)| s).collect(), next })
         })
     }
 

@@ -456,7 +456,7 @@ fn to_query(p: &ListParams, now: SystemTime) -> Result<MessageQuery, String> {
     };
     let cursor = set(&p.cursor);
     if let Some(c) = &cursor
-        && !is_id(c)
+        && c.parse::<u64>().is_err()
     {
         return Err("cursor: not a cursor of this list".into());
     }
