@@ -37,7 +37,7 @@ fn message(i: usize, start_ms: u64) -> (ArchivedMessage, AttemptRecord) {
     envelope.mail_from = Some(sender);
     envelope.recipients = vec!["support@shop.example.com".into()];
     let payload = format!(r#"{{"id":"{id}","rule":"support","fields":{{"order":"{i}"}}}}"#);
-    let state = if i % 50 == 0 { ArchiveState::Dead } else { ArchiveState::Delivered };
+    let state = if i.is_multiple_of(50) { ArchiveState::Dead } else { ArchiveState::Delivered };
     let m = ArchivedMessage::build(
         state,
         envelope,
@@ -98,7 +98,7 @@ fn main() {
     let disk: u64 =
         std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).sum();
 
-    let sender = format!("customer{}@example{}.com", 1234 % 5000, 1234 % 7);
+    let sender = format!("customer1234@example{}.com", 1234 % 7);
     let queries = [
         ("first page (50, newest first)", MessageQuery::default()),
         ("search by sender (exact address)", MessageQuery { from: Some(sender), ..Default::default() }),
