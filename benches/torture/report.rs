@@ -321,7 +321,10 @@ pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delive
     if orphans > 0 {
         row.note(format!("{orphans} raw message(s) left without metadata by a kill (delivered or never acknowledged)"));
     }
-    check_archive(row, &spool.join("archive/archive.db"));
+    // Inside the spool by default; beside it where the spool is a mount of its own.
+    for db in [spool.join("archive/archive.db"), spool.parent().unwrap_or(spool).join("archive/archive.db")] {
+        check_archive(row, &db);
+    }
     c["tmp"]
 }
 

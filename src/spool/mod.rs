@@ -75,10 +75,11 @@ pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 /// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
 pub const TMP_GRACE: Duration = Duration::from_secs(600);
 
-/// Whether `id` is a spool id: a ULID in its canonical form. Anything else (`../x`, an empty
-/// string) is never looked up on disk.
+/// Whether `id` can be a spool id: letters and digits only (a ULID, or an id of an older
+/// spool), at most 64 of them. Anything else (`../x`, an empty string) is never looked up on
+/// disk.
 pub fn is_id(id: &str) -> bool {
-    id.len() == 26 && ulid::Ulid::from_string(id).is_ok_and(|u| u.to_string() == id)
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Where a message is.
