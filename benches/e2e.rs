@@ -23,6 +23,7 @@
 //! cargo bench --bench e2e
 //! cargo bench --bench e2e -- --messages 2000 --cases 2k:20,50k:20
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
+//! MAILHOOK_BENCH_ARCHIVE=off cargo bench --bench e2e   # without the archive, to compare
 //! ```
 
 #[path = "common/proc.rs"]
@@ -149,6 +150,8 @@ struct Serve {
 
 impl Serve {
     fn start(dir: &Path, sink: SocketAddr) -> Serve {
+        // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
+        let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
         std::fs::create_dir_all(dir.join("rules")).unwrap();
         std::fs::write(
             dir.join("mailhook.toml"),
@@ -156,7 +159,8 @@ impl Serve {
                 "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
                  [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
                  [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n"
+                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
+                 [archive]\nenabled = {archive}\n"
             ),
         )
         .unwrap();

@@ -21,6 +21,7 @@
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
+//! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
 //! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
@@ -39,6 +40,7 @@ pub mod spool;
 pub mod parse;
 pub mod rules;
 pub mod deliver;
+pub mod store;
 pub mod pipeline;
 pub mod serve;
 pub mod cmd;

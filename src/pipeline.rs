@@ -24,12 +24,15 @@
 use crate::backoff::backoff;
 use crate::config::{BackoffConfig, Config, DeliveryConfig, DestinationConfig, Rate};
 use crate::deliver::throttle::Bucket;
-use crate::deliver::{Attempt, BuildError, Destination, shrink};
+use crate::deliver::{Attempt, BuildError, Destination, Reply, shrink};
 use crate::metrics::{Delivery, Metrics};
 use crate::model::{Action, Payload};
 use crate::parse::parse;
 use crate::rules::RuleSet;
-use crate::spool::{Decision, DestState, DestStatus, Fresh, Inbox, Spool, SpoolError, State, format_time, parse_time};
+use crate::spool::{
+    Decision, DestState, DestStatus, Fresh, Inbox, Meta, Spool, SpoolError, State, format_time, parse_time,
+};
+use crate::store::{ArchiveState, ArchiveWriter, AttemptRecord, Finished as Archived};
 use serde_json::Value as Json;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -122,6 +125,8 @@ struct Work {
     metrics: Arc<Metrics>,
     /// Set when a round could not write the spool; see [`Pipeline::paused`].
     spool_trouble: AtomicBool,
+    /// Where finished messages and attempts are recorded, when the archive is on.
+    archive: Option<ArchiveWriter>,
 }
 
 /// How a round left a message.
@@ -167,13 +172,26 @@ impl Pipeline {
             rules,
             before_judging: None,
             inbox: Arc::new(Inbox::default()),
-            work: Arc::new(Work { spool, targets, judge_budget, metrics, spool_trouble: AtomicBool::new(false) }),
+            work: Arc::new(Work {
+                spool,
+                targets,
+                judge_budget,
+                metrics,
+                spool_trouble: AtomicBool::new(false),
+                archive: None,
+            }),
         })
     }
 
     /// Sets what runs before each new message is judged (see [`BeforeJudging`]).
     pub fn before_judging(mut self, hook: BeforeJudging) -> Pipeline {
         self.before_judging = Some(hook);
+        self
+    }
+
+    /// Records every finished message and every attempt in `archive` (before [`Pipeline::run`]).
+    pub fn with_archive(mut self, archive: ArchiveWriter) -> Pipeline {
+        Arc::get_mut(&mut self.work).expect("set before the pipeline runs").archive = Some(archive);
         self
     }
 
@@ -402,7 +420,7 @@ async fn round(
     from: State,
     fresh: Option<Fresh>,
 ) -> Result<Finished, SpoolError> {
-    let Work { spool, targets, judge_budget: budget, metrics, .. } = work;
+    let Work { spool, targets, judge_budget: budget, metrics, archive, .. } = work;
     let (mut meta, kept_raw) = match fresh {
         Some(f) => (f.meta, f.raw),
         // A new message from another process (`ingest`), or one the inbox had no room for:
@@ -415,6 +433,8 @@ async fn round(
     let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
     let _budget = budget.acquire_many(megabytes).await;
 
+    // The raw message, when it was read this round: the archive keeps it.
+    let mut held_raw: Option<Vec<u8>> = None;
     if meta.decision.is_none() {
         let outcome = if meta.size <= INLINE_JUDGE_SIZE {
             // Small mail is parsed and judged in a few microseconds: no thread hand-off.
@@ -422,15 +442,23 @@ async fn round(
                 Some(raw) => raw,
                 None => spool.read_raw(id)?,
             };
-            rules.evaluate(&parse(&raw), &meta.envelope)
+            let outcome = rules.evaluate(&parse(&raw), &meta.envelope);
+            held_raw = archive.is_some().then_some(raw);
+            outcome
         } else {
             let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
             let envelope = meta.envelope.clone();
-            tokio::task::spawn_blocking(move || {
-                raw_spool.read_raw(&raw_id).map(|raw| rules.evaluate(&parse(&raw), &envelope))
+            let keep = archive.is_some();
+            let (outcome, raw) = tokio::task::spawn_blocking(move || {
+                raw_spool.read_raw(&raw_id).map(|raw| {
+                    let outcome = rules.evaluate(&parse(&raw), &envelope);
+                    (outcome, keep.then_some(raw))
+                })
             })
             .await
-            .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??
+            .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
+            held_raw = raw;
+            outcome
         };
         let rule = outcome.rule.clone();
         metrics.received(meta.envelope.source.protocol());
@@ -441,7 +469,9 @@ async fn round(
         match outcome.action {
             Action::Drop => {
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
+                let raw = raw_for_archive(work, id, held_raw).await;
                 spool.remove(id, from).await?;
+                archive_done(work, ArchiveState::Dropped, &meta, raw, rule, None).await;
                 return Ok(Finished::Removed);
             }
             Action::Dead { reason } => {
@@ -455,8 +485,12 @@ async fn round(
                     None => warn!(id, rule = "-", reason = %reason, "dead letter"),
                 }
                 meta.dead_reason = Some(reason);
-                meta.dead_rule = rule;
+                meta.dead_rule = rule.clone();
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
+                let raw = raw_for_archive(work, id, held_raw).await;
+                // The payload a rule built, though nothing was sent, shows what it extracted.
+                let payload = rule.is_some().then(|| outcome.payload.as_str().to_string());
+                archive_done(work, ArchiveState::Dead, &meta, raw, rule, payload).await;
                 return Ok(Finished::Dead);
             }
             Action::Deliver { to } => {
@@ -497,18 +531,24 @@ async fn round(
         let target = targets.get(name).cloned();
         let name = name.clone();
         async move {
-            let attempt = match target {
-                None => Attempt::Fail { reason: format!("destination {name:?} is no longer configured") },
+            let started = SystemTime::now();
+            let clock = Instant::now();
+            let (attempt, reply) = match target {
+                None => {
+                    let reason = format!("destination {name:?} is no longer configured");
+                    (Attempt::Fail { reason: reason.clone() }, Reply { reply: Some(reason), ..Reply::default() })
+                }
                 Some(t) => send(&t, id, payload, metrics).await,
             };
-            (name, attempt)
+            (name, attempt, (started, clock.elapsed(), reply))
         }
     });
-    let results: Vec<(String, Attempt)> = futures_util::future::join_all(attempts).await;
+    let results: Vec<(String, Attempt, (SystemTime, Duration, Reply))> = futures_util::future::join_all(attempts).await;
 
     let decision = meta.decision.as_mut().expect("decided above");
     let mut errors = Vec::new();
-    for (name, attempt) in results {
+    let mut traces = Vec::new();
+    for (name, attempt, trace) in results {
         let status = decision.destinations.get_mut(&name).expect("due destinations come from the decision");
         status.attempts += 1;
         match attempt {
@@ -547,6 +587,17 @@ async fn round(
                 }
             }
         }
+        let outcome = match status.state {
+            DestState::Done => "delivered",
+            DestState::Dead => "dead",
+            DestState::Pending => "deferred",
+        };
+        traces.push(attempt_record(id, name, outcome, trace));
+    }
+    if let Some(archive) = archive {
+        for trace in traces {
+            archive.attempt(trace).await;
+        }
     }
     meta.attempts += 1;
     if !errors.is_empty() {
@@ -555,7 +606,11 @@ async fn round(
 
     let statuses: Vec<&DestStatus> = decision.destinations.values().collect();
     if statuses.iter().all(|s| s.state == DestState::Done) {
+        let raw = raw_for_archive(work, id, held_raw).await;
         spool.remove(id, at).await?;
+        let rule = decision.rule.clone();
+        let payload = Some(decision.payload.as_str().to_string());
+        archive_done(work, ArchiveState::Delivered, &meta, raw, rule, payload).await;
         return Ok(Finished::Removed);
     }
     let next = statuses
@@ -578,7 +633,73 @@ async fn round(
     );
     meta.next_attempt = None;
     spool.transition(id, at, State::Dead, Some(&meta)).await?;
+    let raw = raw_for_archive(work, id, held_raw).await;
+    let (rule, payload) = match &meta.decision {
+        Some(d) => (d.rule.clone(), Some(d.payload.as_str().to_string())),
+        None => (None, None),
+    };
+    archive_done(work, ArchiveState::Dead, &meta, raw, rule, payload).await;
     Ok(Finished::Dead)
+}
+
+/// The raw message for the archive (read again unless this round holds it); `None` when the
+/// archive is off, or the message cannot be read (then it is not archived, and says so).
+async fn raw_for_archive(work: &Work, id: &str, held: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    work.archive.as_ref()?;
+    if held.is_some() {
+        return held;
+    }
+    let (spool, raw_id) = (work.spool.clone(), id.to_string());
+    match tokio::task::spawn_blocking(move || spool.read_raw(&raw_id)).await {
+        Ok(Ok(raw)) => Some(raw),
+        Ok(Err(e)) => {
+            warn!(id, error = %e, "cannot read the message for the archive; it is not archived");
+            None
+        }
+        Err(e) => {
+            warn!(id, error = %e, "cannot read the message for the archive; it is not archived");
+            None
+        }
+    }
+}
+
+/// Hands a finished message to the archive (after the spool has recorded its end).
+async fn archive_done(
+    work: &Work,
+    state: ArchiveState,
+    meta: &Meta,
+    raw: Option<Vec<u8>>,
+    rule: Option<String>,
+    payload: Option<String>,
+) {
+    let (Some(archive), Some(raw)) = (&work.archive, raw) else { return };
+    let destinations = meta.decision.as_ref().map(|d| d.destinations.keys().cloned().collect()).unwrap_or_default();
+    archive
+        .finished(Archived {
+            state,
+            envelope: meta.envelope.clone(),
+            raw,
+            rule,
+            payload,
+            destinations,
+            reason: meta.dead_reason.clone(),
+            at: SystemTime::now(),
+        })
+        .await;
+}
+
+fn attempt_record(id: &str, destination: String, outcome: &str, trace: (SystemTime, Duration, Reply)) -> AttemptRecord {
+    let (started, took, reply) = trace;
+    AttemptRecord {
+        message_id: id.to_string(),
+        at: format_time(started),
+        destination,
+        outcome: outcome.to_string(),
+        status: reply.status,
+        reply: reply.reply,
+        body: reply.body,
+        duration_ms: took.as_millis() as u64,
+    }
 }
 
 /// `payload` with the message's `id` added when it has none (a `[rule.payload]` without one):
@@ -599,23 +720,28 @@ fn to_limit(destinations: &BTreeMap<String, DestStatus>, targets: &HashMap<Strin
 }
 
 /// One attempt to one destination: shrink, wait for a permit and a token, send.
-async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &Metrics) -> Attempt {
+async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &Metrics) -> (Attempt, Reply) {
+    let no_answer = |reason: String| Reply { reply: Some(reason), ..Reply::default() };
     let body = match shrink::encode(payload, target.max_body) {
         Ok(b) => b,
-        Err(e) => return Attempt::Fail { reason: e.to_string() },
+        Err(e) => {
+            let reason = e.to_string();
+            return (Attempt::Fail { reason: reason.clone() }, no_answer(reason));
+        }
     };
     let Ok(_permit) = target.permits.acquire().await else {
-        return Attempt::Retry { after: None, reason: "shutting down".into() };
+        return (Attempt::Retry { after: None, reason: "shutting down".into() }, no_answer("shutting down".into()));
     };
     target.bucket.acquire().await;
     debug!(id, destination = %target.name, bytes = body.len(), "sending");
     // The destination's own timeout applies; this one only guards against a hang past it.
     let guard = target.timeout + Duration::from_secs(30);
     let started = Instant::now();
-    let attempt = match tokio::time::timeout(guard, target.destination.send(id, &body)).await {
+    let (attempt, reply) = match tokio::time::timeout(guard, target.destination.send_traced(id, &body)).await {
         Ok(a) => a,
         Err(_) => {
-            Attempt::Retry { after: None, reason: format!("no answer within {}", humantime::format_duration(guard)) }
+            let reason = format!("no answer within {}", humantime::format_duration(guard));
+            (Attempt::Retry { after: None, reason: reason.clone() }, no_answer(reason))
         }
     };
     metrics.delivery_time(&target.name, started.elapsed());
@@ -623,7 +749,59 @@ async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &
         // The receiver asked everyone to slow down: pause the whole destination.
         target.bucket.pause(*after);
     }
-    attempt
+    (attempt, reply)
+}
+
+/// What judging a stored message again with the current rules did (`replay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Queued for delivery now to `to`.
+    Queued { rule: Option<String>, to: Vec<String> },
+    /// Still a dead letter, for this reason.
+    StillDead(String),
+    /// A rule drops it: removed from the spool.
+    Dropped(Option<String>),
+}
+
+/// Judges `raw` again with `rules`: the new decision replaces the old one in `meta` (every
+/// destination pending again). Returns where the message goes (`None`: removed) and what
+/// happened.
+pub fn rejudge(rules: &RuleSet, raw: &[u8], meta: &mut Meta) -> (Option<State>, Replayed) {
+    let outcome = rules.evaluate(&parse(raw), &meta.envelope);
+    meta.next_attempt = None;
+    meta.last_error = None;
+    match outcome.action {
+        Action::Deliver { to } => {
+            meta.dead_reason = None;
+            meta.dead_rule = None;
+            meta.decision = Some(Decision {
+                rule: outcome.rule.clone(),
+                decided_at: format_time(SystemTime::now()),
+                payload: outcome.payload,
+                destinations: to.iter().map(|d| (d.clone(), DestStatus::pending())).collect(),
+            });
+            (Some(State::Deferred), Replayed::Queued { rule: outcome.rule, to })
+        }
+        Action::Dead { reason } => {
+            meta.decision = None;
+            meta.dead_reason = Some(reason.clone());
+            meta.dead_rule = outcome.rule;
+            (Some(State::Dead), Replayed::StillDead(reason))
+        }
+        Action::Drop => (None, Replayed::Dropped(outcome.rule)),
+    }
+}
+
+/// `replay` of one spooled message (not one being delivered right now).
+pub fn replay(spool: &Spool, rules: &RuleSet, id: &str) -> Result<Replayed, crate::spool::actions::ActionError> {
+    let (state, mut meta) = crate::spool::actions::locate(spool, id)?;
+    let raw = spool.read_raw(id)?;
+    let (to, replayed) = rejudge(rules, &raw, &mut meta);
+    match to {
+        Some(to) => spool.transition_blocking(id, state, to, Some(&meta))?,
+        None => spool.remove_blocking(id, state)?,
+    }
+    Ok(replayed)
 }
 
 /// The rate a destination is paced at: its own `rate`, else `[delivery] rate` (Kustomer's

@@ -354,7 +354,10 @@ fn queue_retry_and_drop() {
 fn sigterm_lets_a_delivery_in_flight_finish() {
     let hook = HookServer::start(HookOptions::default());
     hook.set_delay(Duration::from_millis(1500));
-    let mut gw = Gateway::new(&format!("{DELIVERY}{}", form_hook("form", &hook)), &rule_to(&["form"]));
+    // The archive lives beside the tmpfs: its database, open for writing, would keep the kernel
+    // from remounting the spool read-only.
+    let archive = "[archive]\npath = \"archive/archive.db\"\n";
+    let mut gw = Gateway::new(&format!("{DELIVERY}{archive}{}", form_hook("form", &hook)), &rule_to(&["form"]));
     gw.ingest(&message(1, "x"));
     gw.start();
     hook.wait_for_requests(1, WAIT);
@@ -471,7 +474,10 @@ fn a_read_only_spool_pauses_deliveries_instead_of_repeating_them() {
     let hook = HookServer::start(HookOptions::default());
     // The answer comes 1.5 s after the request: time to turn the spool read-only meanwhile.
     hook.set_delay(Duration::from_millis(1500));
-    let mut gw = Gateway::new(&format!("{DELIVERY}{}", form_hook("form", &hook)), &rule_to(&["form"]));
+    // The archive lives beside the tmpfs: its database, open for writing, would keep the kernel
+    // from remounting the spool read-only.
+    let archive = "[archive]\npath = \"archive/archive.db\"\n";
+    let mut gw = Gateway::new(&format!("{DELIVERY}{archive}{}", form_hook("form", &hook)), &rule_to(&["form"]));
     let mnt = gw.path().join("spool");
     let mount =
         |args: &[&str]| std::process::Command::new("mount").args(args).arg(&mnt).status().is_ok_and(|s| s.success());

@@ -467,7 +467,13 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     );
     let sink = Sink::start();
     let port = free_port();
-    let mut gw = ctx.gateway(&smtp_config(port, &delivery("10s"), &webhook_destination(&sink)), RULE);
+    // The archive lives beside the tmpfs here: its database, open for writing, would keep the
+    // kernel from remounting the spool read-only.
+    let config = format!(
+        "{}[archive]\npath = \"archive/archive.db\"\n",
+        smtp_config(port, &delivery("10s"), &webhook_destination(&sink))
+    );
+    let mut gw = ctx.gateway(&config, RULE);
     let spool = gw.path().join("spool");
     let tmpfs = match Tmpfs::mount(&spool) {
         Ok(t) => t,

@@ -321,7 +321,44 @@ pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delive
     if orphans > 0 {
         row.note(format!("{orphans} raw message(s) left without metadata by a kill (delivered or never acknowledged)"));
     }
+    // Inside the spool by default; beside it where the spool is a mount of its own.
+    for db in [spool.join("archive/archive.db"), spool.parent().unwrap_or(spool).join("archive/archive.db")] {
+        check_archive(row, &db);
+    }
     c["tmp"]
+}
+
+/// Checks the archive after the kills: one entry per message (no duplicates), every entry with
+/// its raw message and every raw message with its entry.
+pub fn check_archive(row: &mut Row, db: &Path) {
+    if !db.exists() {
+        return;
+    }
+    let conn = match rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        Ok(c) => c,
+        Err(e) => return row.violation(format!("archive {}: cannot open: {e}", db.display())),
+    };
+    let count = |sql: &str| -> Result<i64, rusqlite::Error> { conn.query_row(sql, [], |r| r.get(0)) };
+    let checks = [
+        ("entries", "SELECT count(*) FROM message"),
+        ("duplicate entries", "SELECT count(*) FROM (SELECT id FROM message GROUP BY id HAVING count(*) > 1)"),
+        (
+            "entries without their raw message",
+            "SELECT count(*) FROM message m WHERE NOT EXISTS (SELECT 1 FROM raw r WHERE r.seq = m.seq)",
+        ),
+        (
+            "raw messages without an entry",
+            "SELECT count(*) FROM raw r WHERE NOT EXISTS (SELECT 1 FROM message m WHERE m.seq = r.seq)",
+        ),
+    ];
+    for (what, sql) in checks {
+        match count(sql) {
+            Ok(n) if what == "entries" => row.note(format!("{n} archive entries")),
+            Ok(0) => {}
+            Ok(n) => row.violation(format!("archive: {n} {what}")),
+            Err(e) => row.violation(format!("archive: cannot count {what}: {e}")),
+        }
+    }
 }
 
 fn secs(d: Option<Duration>) -> String {

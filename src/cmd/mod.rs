@@ -8,7 +8,7 @@ pub mod queue;
 pub mod try_rules;
 
 use crate::config::Config;
-use crate::model::{Action, Email, Envelope, Outcome, Source};
+use crate::model::{Email, Envelope, Outcome, Source};
 use crate::rules::{RuleError, RuleSet, Unmatched};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
@@ -177,21 +177,5 @@ impl EnvelopeSpec {
 /// reason) or `dropped` when the message would not be delivered, and `problems` when the
 /// parser had to skip or repair something.
 pub fn outcome_json(email: &Email, outcome: &Outcome) -> Map<String, Json> {
-    let mut m = Map::new();
-    m.insert("rule".into(), outcome.rule.clone().map_or(Json::Null, Json::String));
-    m.insert("to".into(), Json::from(outcome.destinations().to_vec()));
-    match &outcome.action {
-        Action::Dead { reason } => {
-            m.insert("dead".into(), Json::String(reason.clone()));
-        }
-        Action::Drop => {
-            m.insert("dropped".into(), Json::Bool(true));
-        }
-        Action::Deliver { .. } => {}
-    }
-    if !email.problems.is_empty() {
-        m.insert("problems".into(), Json::from(email.problems.clone()));
-    }
-    m.insert("payload".into(), outcome.payload.to_json());
-    m
+    outcome.report(email)
 }

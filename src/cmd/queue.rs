@@ -6,8 +6,9 @@ use super::Exit;
 use crate::config::Config;
 use crate::model::Action;
 use crate::parse::parse;
+use crate::pipeline::Replayed;
 use crate::rules::{RuleSet, load_rules};
-use crate::spool::{Decision, DestState, DestStatus, Meta, Spool, SpoolError, State, check_id, format_time};
+use crate::spool::{Meta, Spool, SpoolError, State, check_id};
 use serde_json::{Value as Json, json};
 use std::path::Path;
 use std::time::SystemTime;
@@ -260,21 +261,7 @@ pub fn retry(config_path: &Path, ids: &[String], all_dead: bool, force: bool) ->
                 return Step::Skip(Exit::Failed);
             }
         }
-        meta.next_attempt = None;
-        meta.dead_reason = None;
-        meta.dead_rule = None;
-        let to = match &mut meta.decision {
-            Some(d) => {
-                for s in d.destinations.values_mut() {
-                    if s.state != DestState::Done {
-                        s.state = DestState::Pending;
-                        s.next_attempt = None;
-                    }
-                }
-                State::Deferred
-            }
-            None => State::Incoming,
-        };
+        let to = crate::spool::actions::requeue(&mut meta);
         Step::Move(to, Box::new(meta), format!("{id}: queued for delivery now"))
     })
 }
@@ -396,31 +383,16 @@ pub fn replay(config_path: &Path, ids: &[String], dead: bool) -> Exit {
                 return Step::Skip(Exit::DataErr);
             }
         };
-        let outcome = rules.evaluate(&parse(&raw), &meta.envelope);
-        let rule = outcome.rule.clone().unwrap_or_else(|| "(no rule)".into());
-        meta.next_attempt = None;
-        meta.last_error = None;
-        match outcome.action {
-            Action::Deliver { to } => {
-                let line = format!("{id}: rule {rule} → {}", to.join(", "));
-                meta.dead_reason = None;
-                meta.decision = Some(Decision {
-                    rule: outcome.rule,
-                    decided_at: format_time(SystemTime::now()),
-                    payload: outcome.payload,
-                    destinations: to.into_iter().map(|d| (d, DestStatus::pending())).collect(),
-                });
-                meta.dead_rule = None;
-                Step::Move(State::Deferred, Box::new(meta), line)
+        let name = |rule: &Option<String>| rule.clone().unwrap_or_else(|| "(no rule)".into());
+        match crate::pipeline::rejudge(&rules, &raw, &mut meta) {
+            (Some(to), Replayed::Queued { rule, to: dests }) => {
+                Step::Move(to, Box::new(meta), format!("{id}: rule {} → {}", name(&rule), dests.join(", ")))
             }
-            Action::Dead { reason } => {
-                let line = format!("{id}: still a dead letter: {reason}");
-                meta.decision = None;
-                meta.dead_reason = Some(reason);
-                meta.dead_rule = outcome.rule;
-                Step::Move(State::Dead, Box::new(meta), line)
+            (Some(to), Replayed::StillDead(reason)) => {
+                Step::Move(to, Box::new(meta), format!("{id}: still a dead letter: {reason}"))
             }
-            Action::Drop => Step::Remove(format!("{id}: rule {rule} drops it; removed")),
+            (_, Replayed::Dropped(rule)) => Step::Remove(format!("{id}: rule {} drops it; removed", name(&rule))),
+            (None, _) => Step::Remove(format!("{id}: removed")),
         }
     })
 }

@@ -76,6 +76,8 @@ pub struct Config {
     #[serde(default)]
     pub delivery: DeliveryConfig,
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -648,8 +650,42 @@ fn default_backoff_max() -> Duration {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
-    /// Bearer token required on every admin request when set.
+    /// Bearer token required on every admin request when set; the console's login asks for it.
     pub token: Option<Secret>,
+    /// Serve the operator console (pages and JSON API) beside `/healthz` and `/metrics`. Without
+    /// a token it is only allowed on a loopback address.
+    #[serde(default = "default_true")]
+    pub console: bool,
+}
+
+/// `[archive]`: what is kept of each finished message (see `docs/design.md`, "Archive").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The SQLite database; default `SPOOL/archive/archive.db`.
+    pub path: Option<PathBuf>,
+    /// Messages older than this are removed.
+    #[serde(default = "default_archive_keep", with = "humantime_serde")]
+    pub keep: Duration,
+    /// The oldest messages are removed while the archive is larger than this.
+    #[serde(default = "default_archive_max_size")]
+    pub max_size: bytesize::ByteSize,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig { enabled: true, path: None, keep: default_archive_keep(), max_size: default_archive_max_size() }
+    }
+}
+
+fn default_archive_keep() -> Duration {
+    Duration::from_secs(30 * 86400)
+}
+
+fn default_archive_max_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::gb(5)
 }
 
 fn default_admin_listen() -> String {
@@ -800,7 +836,12 @@ impl Config {
     /// config must never deliver, and these commands never do.
     pub fn load_for_spool(path: &Path) -> Result<Config, Vec<ConfigError>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError { file: path.to_path_buf(), line: None, key: String::new(), problem: Problem::Unreadable(e) }]
+            vec![ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                key: String::new(),
+                problem: Problem::Unreadable(e),
+            }]
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
@@ -1023,6 +1064,17 @@ impl Config {
     }
 
     /// Resolves a path from the config against the config file's directory.
+    /// Where the archive is, when it is enabled.
+    pub fn archive_path(&self) -> Option<PathBuf> {
+        if !self.archive.enabled {
+            return None;
+        }
+        Some(match &self.archive.path {
+            Some(p) => self.resolve(p),
+            None => self.resolve(&self.spool.dir).join("archive").join("archive.db"),
+        })
+    }
+
     pub fn resolve(&self, path: &Path) -> PathBuf {
         let joined = if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) };
         // `./rules` beside a config in `.` is `rules`, not `././rules`.
@@ -1204,6 +1256,22 @@ impl Config {
             && token.expose().trim().is_empty()
         {
             err("admin.token".into(), "is empty: remove it for no token, or set one".into());
+        }
+        if let Some(admin) = &self.admin
+            && admin.console
+            && admin.token.is_none()
+            && admin.listen.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback())
+        {
+            err(
+                "admin.token".into(),
+                format!(
+                    "the console on {} would be open to the network: set a token, listen on a loopback address, or set console = false",
+                    admin.listen
+                ),
+            );
+        }
+        if self.archive.keep.is_zero() {
+            err("archive.keep".into(), "must be longer than zero".into());
         }
         errs.into_inner()
     }

@@ -407,11 +407,15 @@ fn the_spool_commands_need_only_spool_and_rules_variables() {
     let text = "[spool]\ndir = \"${SPOOL}\"\n[destination.w]\ntype = \"kustomer-web-hook\"\n\
                 url = \"${URL}\"\ntoken = \"${TOKEN}\"\n";
     let env = |name: &str| (name == "SPOOL").then(|| "/var/spool/mh".to_string());
-    let c = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &env, &["spool", "rules"]).into_result().unwrap();
+    let c = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &env, &["spool", "rules"])
+        .into_result()
+        .unwrap();
     assert_eq!(c.spool.dir, PathBuf::from("/var/spool/mh"));
     assert!(c.destination.contains_key("w"));
     let none = |_: &str| None;
-    let errs = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &none, &["spool", "rules"]).into_result().unwrap_err();
+    let errs = Config::check_text_with(text, Path::new("m.toml"), Path::new("/"), &none, &["spool", "rules"])
+        .into_result()
+        .unwrap_err();
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].key, "spool.dir");
 }

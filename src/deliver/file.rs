@@ -42,8 +42,7 @@ impl FileDestination {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(at(dir))?;
         }
         use std::os::unix::fs::OpenOptionsExt;
-        let file =
-            OpenOptions::new().mode(0o600).create(true).read(true).append(true).open(path).map_err(at(path))?;
+        let file = OpenOptions::new().mode(0o600).create(true).read(true).append(true).open(path).map_err(at(path))?;
         drop_partial_line(&file).map_err(at(path))?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()

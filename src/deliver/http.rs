@@ -1,6 +1,6 @@
 //! HTTP destinations: Kustomer web hooks (Bearer key), form hooks, any webhook.
 
-use super::{Attempt, body_start};
+use super::{Attempt, REPLY_BODY_MAX, Reply, body_start, cut};
 use crate::config::Secret;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use std::collections::BTreeMap;
@@ -94,6 +94,11 @@ impl HttpDestination {
     }
 
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
+        self.send_traced(id, body).await.0
+    }
+
+    /// One attempt, with the status and the start of the body the receiver answered.
+    pub async fn send_traced(&self, id: &str, body: &[u8]) -> (Attempt, Reply) {
         let mut headers = self.headers.clone();
         if let Ok(v) = HeaderValue::from_str(id) {
             headers.insert("idempotency-key", v);
@@ -101,23 +106,43 @@ impl HttpDestination {
         let response = self.client.post(&self.url).headers(headers).body(body.to_vec()).send().await;
         match response {
             Ok(r) => classify(r).await,
-            Err(e) => Attempt::Retry { after: None, reason: describe(&e) },
+            Err(e) => {
+                let reason = describe(&e);
+                (
+                    Attempt::Retry { after: None, reason: reason.clone() },
+                    Reply { reply: Some(reason), ..Reply::default() },
+                )
+            }
         }
     }
 }
 
-async fn classify(r: reqwest::Response) -> Attempt {
+async fn classify(mut r: reqwest::Response) -> (Attempt, Reply) {
     let status = r.status();
-    if status.is_success() {
-        return Attempt::Done;
-    }
     let after = retry_after(r.headers(), SystemTime::now());
-    let body = r.text().await.unwrap_or_default();
+    // Only the start of the body is kept: a receiver's answer is no reason to hold megabytes.
+    let mut bytes = Vec::new();
+    while bytes.len() <= REPLY_BODY_MAX {
+        match r.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let body = String::from_utf8_lossy(&bytes);
+    let reply = Reply {
+        status: Some(status.as_u16()),
+        reply: None,
+        body: (!body.is_empty()).then(|| cut(&body, REPLY_BODY_MAX).to_string()),
+    };
+    if status.is_success() {
+        return (Attempt::Done, reply);
+    }
     let reason = format!("HTTP {}: {}", status.as_u16(), body_start(&body, BODY_START));
-    match status.as_u16() {
+    let attempt = match status.as_u16() {
         408 | 425 | 429 | 500..=599 => Attempt::Retry { after, reason },
         _ => Attempt::Fail { reason },
-    }
+    };
+    (attempt, reply)
 }
 
 /// The delay a response asks for: `Retry-After` (seconds or an HTTP date), else

@@ -40,6 +40,33 @@ pub enum Attempt {
     Fail { reason: String },
 }
 
+/// What a receiver answered to one attempt, for the archive: the HTTP status or the SMTP
+/// reply, and the start of the response body ([`REPLY_BODY_MAX`] bytes at most).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status code (HTTP destinations).
+    pub status: Option<u16>,
+    /// The SMTP relay's reply (email hooks), or what went wrong before any answer.
+    pub reply: Option<String>,
+    /// The first [`REPLY_BODY_MAX`] bytes of the response body (cut on a character boundary).
+    pub body: Option<String>,
+}
+
+/// How much of a response body an attempt keeps.
+pub const REPLY_BODY_MAX: usize = 2048;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A destination that could not be built from its config (bad CA file, unparsable relay URL,
 /// output file that cannot be opened, …): `serve` refuses to start.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +123,12 @@ impl Destination {
                 http::HttpDestination::new(&h.url, None, Some(&h.headers), timeout, ca(&h.ca_file).as_deref())
                     .map_err(|e| err(e.into()))?,
             ),
-            DestinationConfig::KustomerEmailHook(e) => Target::Email(
-                email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(|e| err(e.into()))?,
-            ),
-            DestinationConfig::File(f) => Target::File(
-                file::FileDestination::open(&config.resolve(&f.path)).map_err(|e| err(e.into()))?,
-            ),
+            DestinationConfig::KustomerEmailHook(e) => {
+                Target::Email(email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(|e| err(e.into()))?)
+            }
+            DestinationConfig::File(f) => {
+                Target::File(file::FileDestination::open(&config.resolve(&f.path)).map_err(|e| err(e.into()))?)
+            }
         };
         // Every secret of the config (a receiver may echo any header it was sent, and one
         // destination's key may be another's), longest first, so that a secret that holds
@@ -117,16 +144,35 @@ impl Destination {
     /// One attempt to deliver `body` (the JSON payload) for spool message `id`. The reason of
     /// a failure never holds a configured secret, even when the receiver echoed one back.
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
-        let attempt = match &self.target {
-            Target::Http(h) => h.send(id, body).await,
-            Target::Email(e) => e.send(id, body).await,
-            Target::File(f) => f.send(body).await,
+        self.send_traced(id, body).await.0
+    }
+
+    /// [`Destination::send`], with what the receiver answered. Neither the reason of a failure
+    /// nor the answer kept for the archive ever holds a configured secret.
+    pub async fn send_traced(&self, id: &str, body: &[u8]) -> (Attempt, Reply) {
+        let (attempt, reply) = match &self.target {
+            Target::Http(h) => h.send_traced(id, body).await,
+            Target::Email(e) => {
+                let attempt = e.send(id, body).await;
+                let reply = match &attempt {
+                    Attempt::Done => None,
+                    Attempt::Retry { reason, .. } | Attempt::Fail { reason } => Some(reason.clone()),
+                };
+                (attempt, Reply { reply, ..Reply::default() })
+            }
+            Target::File(f) => (f.send(body).await, Reply::default()),
         };
-        match attempt {
+        let attempt = match attempt {
             Attempt::Done => Attempt::Done,
             Attempt::Retry { after, reason } => Attempt::Retry { after, reason: redact(reason, &self.secrets) },
             Attempt::Fail { reason } => Attempt::Fail { reason: redact(reason, &self.secrets) },
-        }
+        };
+        let reply = Reply {
+            status: reply.status,
+            reply: reply.reply.map(|r| redact(r, &self.secrets)),
+            body: reply.body.map(|b| redact(b, &self.secrets)),
+        };
+        (attempt, reply)
     }
 }
 

@@ -190,6 +190,32 @@ pub struct Outcome {
     pub payload: Payload,
 }
 
+impl Outcome {
+    /// The JSON object `try` prints, `test` compares and the console's playground shows:
+    /// `rule`, `to`, `payload`, `dead` (the reason) or `dropped` when the message would not be
+    /// delivered, and `problems` when the parser had to skip or repair something.
+    pub fn report(&self, email: &Email) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::Value as Json;
+        let mut m = serde_json::Map::new();
+        m.insert("rule".into(), self.rule.clone().map_or(Json::Null, Json::String));
+        m.insert("to".into(), Json::from(self.destinations().to_vec()));
+        match &self.action {
+            Action::Dead { reason } => {
+                m.insert("dead".into(), Json::String(reason.clone()));
+            }
+            Action::Drop => {
+                m.insert("dropped".into(), Json::Bool(true));
+            }
+            Action::Deliver { .. } => {}
+        }
+        if !email.problems.is_empty() {
+            m.insert("problems".into(), Json::from(email.problems.clone()));
+        }
+        m.insert("payload".into(), self.payload.to_json());
+        m
+    }
+}
+
 /// A payload: one JSON object, kept as the compact text that is stored and sent.
 ///
 /// The rules serialise it once; the spool stores it and destinations send it as it is,

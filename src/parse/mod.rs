@@ -82,6 +82,26 @@ fn skip_byte_order_mark<'a>(raw: &'a [u8], problems: &mut Vec<String>) -> &'a [u
     }
 }
 
+/// The decoded content of the `n`th of [`Email::attachments`] (top level), for download. The
+/// message is read as [`parse`] reads it.
+pub fn attachment_content(raw: &[u8], n: usize) -> Option<Vec<u8>> {
+    let mut problems = Vec::new();
+    let raw = skip_byte_order_mark(raw, &mut problems);
+    let raw = skip_mbox_separator(raw);
+    let raw = header_block(raw, &mut problems)?;
+    let repaired = repair_8bit_headers(raw);
+    let bytes = repaired.as_deref().unwrap_or(raw);
+    let message = MessageParser::new().default_header_text().parse(bytes)?;
+    // The same parts, in the same order, as `convert` lists them.
+    let part = message.attachments().filter(|p| unterminated_multipart(p).is_none()).nth(n)?;
+    Some(match &part.body {
+        PartType::Text(t) | PartType::Html(t) => t.as_bytes().to_vec(),
+        PartType::Binary(b) | PartType::InlineBinary(b) => b.to_vec(),
+        PartType::Message(inner) => inner.raw_message().to_vec(),
+        PartType::Multipart(_) => Vec::new(),
+    })
+}
+
 /// Skips an mbox `From sender date` line, which a pipe from an MTA may put before the headers
 /// (but not `From  : ...`, a From header in the obsolete syntax).
 fn skip_mbox_separator(raw: &[u8]) -> &[u8] {

@@ -5,10 +5,11 @@
 //! |---|---|
 //! | `GET /healthz` | `200 {"status":"ok"}` when every listener accepts, every IMAP folder synced within twice its interval and the spool takes a file; else `503 {"status":"unhealthy","problems":[...]}` |
 //! | `GET /metrics` | every counter of [`Metrics`], Prometheus text format 0.0.4 |
+//! | the console's pages and JSON API | see [`super::console`] (unless `[admin] console = false`) |
 //! | anything else | 404 |
 //!
-//! With `[admin] token`, every request must carry `Authorization: Bearer <token>` (else 401,
-//! whatever the path and method: the token is checked before routing, so nothing about the
+//! With `[admin] token`, every request to `/healthz`, `/metrics` or an unknown path must carry `Authorization: Bearer <token>` (else 401,
+//! whatever the method: the token is checked before routing, so nothing about the
 //! routes shows through to a client without it);
 //! the comparison takes the same time however much of the token is right, and the token is
 //! never logged. The socket is bound before `serve` starts working, so a port in use refuses to
@@ -41,6 +42,10 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 pub enum AdminError {
     #[error("admin.listen: cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error(
+        "admin.listen: the console on {0} would be open to the network without [admin] token: set a token, listen on a loopback address, or set console = false"
+    )]
+    OpenConsole(SocketAddr),
 }
 
 /// The bound admin endpoint, ready to run.
@@ -48,6 +53,7 @@ pub struct Admin {
     listener: TcpListener,
     addr: SocketAddr,
     state: Arc<AdminState>,
+    console: Option<super::console::Console>,
 }
 
 struct AdminState {
@@ -59,12 +65,20 @@ struct AdminState {
 
 impl Admin {
     /// Binds `[admin] listen` (so a port in use is an error at start-up).
-    pub async fn bind(config: &AdminConfig, metrics: Arc<Metrics>, spool: Spool) -> Result<Admin, AdminError> {
+    pub async fn bind(
+        config: &AdminConfig,
+        metrics: Arc<Metrics>,
+        spool: Spool,
+        console: Option<super::console::Console>,
+    ) -> Result<Admin, AdminError> {
         let bind_error = |source| AdminError::Bind { addr: config.listen.clone(), source };
         let listener = TcpListener::bind(&config.listen).await.map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let state = Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0) });
-        Ok(Admin { listener, addr, state })
+        if console.is_some() && config.token.is_none() && !addr.ip().is_loopback() {
+            return Err(AdminError::OpenConsole(addr));
+        }
+        Ok(Admin { listener, addr, state, console })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -73,12 +87,15 @@ impl Admin {
 
     /// Serves until `shutdown` turns true, then lets requests in flight finish (briefly).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
             .fallback(not_found)
             .layer(axum::middleware::from_fn_with_state(self.state.clone(), authenticate))
             .with_state(self.state.clone());
+        if let Some(console) = self.console {
+            router = router.merge(console.router());
+        }
         info!(protocol = "admin", addr = %self.addr, auth = self.state.token.is_some(), "listening");
         if !self.addr.ip().is_loopback() && self.state.token.is_none() {
             warn!(addr = %self.addr, "the admin endpoint is reachable beyond this machine without [admin] token");

@@ -9,6 +9,7 @@
 //! a grace period.
 
 pub mod admin;
+pub mod console;
 pub mod reload;
 
 use crate::config::Config;
@@ -17,9 +18,12 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, load_rules};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use crate::store::sqlite::SqliteArchive;
+use crate::store::{Archive, ArchiveWriter};
 use admin::{Admin, AdminError};
 use reload::{Reloader, RulesOnDisk};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -37,6 +41,8 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Imap(#[from] crate::ingest::imap::WatchersError),
+    #[error(transparent)]
+    Archive(#[from] crate::store::StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -75,12 +81,27 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         "spool recovered"
     );
 
+    let archive: Option<Arc<dyn Archive>> = match config.archive_path() {
+        Some(path) => {
+            let opened = tokio::task::spawn_blocking(move || SqliteArchive::open(&path))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            info!(archive = %opened.path().display(), "archive open");
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
+    let writer = archive.clone().map(ArchiveWriter::start);
     let on_disk = Arc::new(RulesOnDisk::new(&config, rules.clone(), metrics.clone(), before_load));
     let refresh = on_disk.clone();
-    let pipeline =
-        Arc::new(Pipeline::new(&config, spool.clone(), rules, metrics.clone())?.before_judging(Arc::new(move || {
+    let mut pipeline =
+        Pipeline::new(&config, spool.clone(), rules.clone(), metrics.clone())?.before_judging(Arc::new(move || {
             refresh.refresh();
-        })));
+        }));
+    if let Some(w) = &writer {
+        pipeline = pipeline.with_archive(w.clone());
+    }
+    let pipeline = Arc::new(pipeline);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Listeners and the admin endpoint bind before anything runs, so a port in use refuses to start.
@@ -92,7 +113,19 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         listeners.push(Listener::bind(lmtp, true, &config, &metrics).await?);
     }
     let admin = match &config.admin {
-        Some(admin) => Some(Admin::bind(admin, metrics.clone(), spool.clone()).await?),
+        Some(admin) => {
+            let console = admin.console.then(|| {
+                console::Console::new(
+                    &config,
+                    archive.clone(),
+                    writer.clone(),
+                    spool.clone(),
+                    rules.clone(),
+                    metrics.clone(),
+                )
+            });
+            Some(Admin::bind(admin, metrics.clone(), spool.clone(), console).await?)
+        }
         None => None,
     };
     let reloader = Reloader::start(on_disk)?;
@@ -108,6 +141,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tasks.spawn(admin.run(stop_rx.clone()));
     }
     tasks.spawn(reloader.run(stop_rx.clone()));
+    if let Some(archive) = &archive {
+        tasks.spawn(retention(archive.clone(), config.archive.keep, config.archive.max_size.as_u64(), stop_rx.clone()));
+    }
     let workers = tokio::spawn(pipeline.clone().run(stop_rx));
     info!(destinations = config.destination.len(), "mailhook serving");
 
@@ -116,8 +152,33 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = workers.await;
+    if let Some(w) = writer {
+        // Everything the rounds handed over is committed before the process ends.
+        w.flush().await;
+    }
     info!("stopped");
     Ok(())
+}
+
+/// How often retention runs while `serve` runs (and once at start).
+const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Removes what `[archive] keep` and `max_size` say must go, now and every
+/// [`RETENTION_INTERVAL`], until shutdown.
+async fn retention(archive: Arc<dyn Archive>, keep: Duration, max_size: u64, mut stop: watch::Receiver<bool>) {
+    loop {
+        let a = archive.clone();
+        match tokio::task::spawn_blocking(move || a.enforce_retention(keep, max_size, SystemTime::now())).await {
+            Ok(Ok(r)) if r.removed > 0 => info!(removed = r.removed, size = r.size, "archive retention"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "archive retention failed; tried again later"),
+            Err(e) => warn!(error = %e, "archive retention failed; tried again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, caught from the moment this exists.

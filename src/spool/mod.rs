@@ -59,6 +59,7 @@
 //!    without metadata (a removal cut short) is removed, and a bare `ID.eml` without metadata
 //!    is moved to `corrupt/` once older than [`TMP_GRACE`].
 
+pub mod actions;
 mod committer;
 mod file;
 mod inbox;
@@ -78,6 +79,13 @@ pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 
 /// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
 pub const TMP_GRACE: Duration = Duration::from_secs(600);
+
+/// Whether `id` can be a spool id: letters and digits only (a ULID, or an id of an older
+/// spool), at most 64 of them. Anything else (`../x`, an empty string) is never looked up on
+/// disk.
+pub fn is_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
 
 /// Where a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

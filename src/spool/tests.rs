@@ -271,6 +271,19 @@ fn a_spool_of_bare_raw_messages_is_still_worked() {
 }
 
 #[test]
+fn only_letters_and_digits_are_looked_up_as_ids() {
+    let (_d, spool) = open();
+    let id = spool.store(envelope(), b"Subject: x\r\n\r\nx\r\n").unwrap();
+    assert_eq!(spool.find(&id), Some(State::Incoming));
+    // A path that would reach the message's own file from elsewhere is no id.
+    let around = format!("../incoming/{id}");
+    assert_eq!(spool.find(&around), None);
+    for bad in ["", "..", "../../etc/passwd", "a/b", "a.b", &"A".repeat(65)] {
+        assert_eq!(spool.find(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
 fn concurrent_stores_are_all_durable() {
     let (_d, spool) = open();
     let threads: Vec<_> = (0..8)

@@ -1,0 +1,561 @@
+//! The embedded archive: one SQLite database (WAL), with FTS5 over subject and text.
+//!
+//! ```text
+//! message(seq PK, id UNIQUE, state, received_ms, finished_at, source, sender, subject, rule,
+//!         destinations JSON, envelope JSON, fields JSON, payload, reason, size)
+//!   indexes: (state) (rule) (sender) (source) (received_ms), each ending in seq (the rowid)
+//! address(seq, kind 'to'|'dest', value)      index (kind, value, seq): recipients, destinations
+//! raw(seq PK, bytes BLOB)                    the message exactly as received, same transaction
+//! attempt(message_id, at, destination, outcome, status, reply, body, duration_ms)
+//! message_fts(subject, text)                 FTS5, contentless, rowid = message.seq
+//! ```
+//!
+//! Lists are in the order messages were archived, newest first (`seq` descending): every index
+//! ends in `seq`, and FTS5 walks its matches in `rowid` (= `seq`) order, so a page stops after
+//! its rows however many messages match. The cursor of a page is the last `seq` it showed.
+//!
+//! The raw message lives in the database, in a table of its own (a list never reads it): an
+//! entry and its raw bytes are written in one transaction, so there is never one without the
+//! other, and retention removes both at once. `auto_vacuum = INCREMENTAL` gives the pages of
+//! removed messages back to the file system after each retention pass.
+
+use super::{
+    Archive, ArchiveState, ArchivedMessage, AttemptRecord, DestinationStatus, Entry, MessageQuery, Page, Record,
+    Retention, RuleStats, StoreError, Summary, id_floor, is_id, unix_ms,
+};
+use rusqlite::{Connection, OptionalExtension, Transaction, params, params_from_iter};
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS message (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    finished_at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    rule TEXT,
+    destinations TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    fields TEXT,
+    payload TEXT,
+    reason TEXT,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_state ON message(state);
+CREATE INDEX IF NOT EXISTS message_rule ON message(rule);
+CREATE INDEX IF NOT EXISTS message_sender ON message(sender);
+CREATE INDEX IF NOT EXISTS message_source ON message(source);
+CREATE INDEX IF NOT EXISTS message_received ON message(received_ms);
+CREATE TABLE IF NOT EXISTS address (
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS address_value ON address(kind, value, seq);
+CREATE INDEX IF NOT EXISTS address_seq ON address(seq);
+CREATE TABLE IF NOT EXISTS raw (
+    seq INTEGER PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempt (
+    message_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    reply TEXT,
+    body TEXT,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempt_message ON attempt(message_id);
+CREATE INDEX IF NOT EXISTS attempt_destination ON attempt(destination, at);
+CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(subject, text, content='', contentless_delete=1);
+";
+
+/// Messages removed per statement when the archive is over its size.
+const SIZE_BATCH: i64 = 500;
+
+/// The SQLite archive. One connection writes, one reads (WAL lets them run side by side).
+pub struct SqliteArchive {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl SqliteArchive {
+    /// Opens (creating if need be) the archive at `path`.
+    pub fn open(path: &Path) -> Result<SqliteArchive, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let open_error = |source| StoreError::Open { path: path.display().to_string(), source };
+        let writer = Connection::open(path).map_err(open_error)?;
+        // auto_vacuum must be set before the first table is created.
+        writer
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .map_err(open_error)?;
+        writer.execute_batch(SCHEMA).map_err(open_error)?;
+        let reader = Connection::open(path).map_err(open_error)?;
+        reader.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
+        writer.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
+        Ok(SqliteArchive { path: path.to_path_buf(), writer: Mutex::new(writer), reader: Mutex::new(reader) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn)
+    }
+}
+
+fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), StoreError> {
+    if !is_id(&m.id) {
+        return Err(StoreError::BadId(m.id.clone()));
+    }
+    delete_ids(tx, "SELECT seq FROM message WHERE id = ?1", params![m.id], false)?;
+    let received_ms = ulid::Ulid::from_string(&m.id).map(|u| u.timestamp_ms() as i64).unwrap_or(0);
+    let envelope = serde_json::to_string(&m.envelope).expect("an envelope serialises");
+    let destinations = serde_json::to_string(&m.destinations).expect("names serialise");
+    let fields = m.fields.as_ref().map(|f| f.to_string());
+    tx.execute(
+        "INSERT INTO message (id, state, received_ms, finished_at, source, sender, subject, rule, destinations,
+             envelope, fields, payload, reason, size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            m.id,
+            m.state.as_str(),
+            received_ms,
+            m.finished_at,
+            m.envelope.source.protocol(),
+            m.sender,
+            m.subject,
+            m.rule,
+            destinations,
+            envelope,
+            fields,
+            m.payload,
+            m.reason,
+            m.raw.len() as i64
+        ],
+    )?;
+    let seq = tx.last_insert_rowid();
+    tx.execute("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)", params![seq, m.raw])?;
+    tx.execute("INSERT INTO message_fts (rowid, subject, text) VALUES (?1, ?2, ?3)", params![seq, m.subject, m.text])?;
+    let mut addr = tx.prepare_cached("INSERT INTO address (seq, kind, value) VALUES (?1, ?2, ?3)")?;
+    for r in &m.envelope.recipients {
+        addr.execute(params![seq, "to", r.to_lowercase()])?;
+    }
+    for d in &m.destinations {
+        addr.execute(params![seq, "dest", d])?;
+    }
+    Ok(())
+}
+
+fn insert_attempt(tx: &Transaction<'_>, a: &AttemptRecord) -> Result<(), StoreError> {
+    if !is_id(&a.message_id) {
+        return Err(StoreError::BadId(a.message_id.clone()));
+    }
+    tx.prepare_cached(
+        "INSERT INTO attempt (message_id, at, destination, outcome, status, reply, body, duration_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        a.message_id,
+        a.at,
+        a.destination,
+        a.outcome,
+        a.status,
+        a.reply,
+        a.body,
+        a.duration_ms as i64
+    ])?;
+    Ok(())
+}
+
+/// Deletes the messages whose `seq`s `select` returns (with their raw bytes, addresses, index
+/// entries, and, when `attempts`, their attempts). Returns how many.
+fn delete_ids(
+    tx: &Transaction<'_>,
+    select: &str,
+    args: impl rusqlite::Params,
+    attempts: bool,
+) -> Result<u64, StoreError> {
+    let seqs: Vec<(i64, String)> = {
+        let sql = format!("SELECT seq, id FROM message WHERE seq IN ({select})");
+        let mut stmt = tx.prepare(&sql)?;
+        stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+    };
+    for (seq, id) in &seqs {
+        tx.execute("DELETE FROM message_fts WHERE rowid = ?1", params![seq])?;
+        tx.execute("DELETE FROM raw WHERE seq = ?1", params![seq])?;
+        tx.execute("DELETE FROM address WHERE seq = ?1", params![seq])?;
+        tx.execute("DELETE FROM message WHERE seq = ?1", params![seq])?;
+        if attempts {
+            tx.execute("DELETE FROM attempt WHERE message_id = ?1", params![id])?;
+        }
+    }
+    Ok(seqs.len() as u64)
+}
+
+/// The FTS5 query for what a user typed: each word quoted (so no word is read as an operator)
+/// and matched as a prefix; every word must appear.
+fn fts_query(q: &str) -> Option<String> {
+    let words: Vec<String> = q
+        .split(|c: char| !c.is_alphanumeric() && c != '@' && c != '.' && c != '-' && c != '_')
+        .filter(|w| !w.is_empty())
+        .map(|w| format!("\"{}\"*", w.replace('"', "\"\"")))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
+}
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<Summary> {
+    let state: String = r.get("state")?;
+    let destinations: String = r.get("destinations")?;
+    let id: String = r.get("id")?;
+    let received_ms: i64 = r.get("received_ms")?;
+    Ok(Summary {
+        state: ArchiveState::parse(&state).unwrap_or(ArchiveState::Dead),
+        received_at: crate::spool::format_time(SystemTime::UNIX_EPOCH + Duration::from_millis(received_ms as u64)),
+        from: r.get("sender")?,
+        subject: r.get("subject")?,
+        rule: r.get("rule")?,
+        destinations: serde_json::from_str(&destinations).unwrap_or_default(),
+        id,
+    })
+}
+
+fn attempt(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptRecord> {
+    Ok(AttemptRecord {
+        message_id: r.get("message_id")?,
+        at: r.get("at")?,
+        destination: r.get("destination")?,
+        outcome: r.get("outcome")?,
+        status: r.get("status")?,
+        reply: r.get("reply")?,
+        body: r.get("body")?,
+        duration_ms: r.get::<_, i64>("duration_ms")?.max(0) as u64,
+    })
+}
+
+const ATTEMPT_COLUMNS: &str = "message_id, at, destination, outcome, status, reply, body, duration_ms";
+
+impl Archive for SqliteArchive {
+    fn record(&self, message: &ArchivedMessage) -> Result<(), StoreError> {
+        self.write(|tx| insert_message(tx, message))
+    }
+
+    fn add_attempt(&self, attempt: &AttemptRecord) -> Result<(), StoreError> {
+        self.write(|tx| insert_attempt(tx, attempt))
+    }
+
+    fn write_batch(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for entry in entries {
+                // One bad entry (an id that is no ULID) must not cost the others their place.
+                let result = match entry {
+                    Entry::Message(m) => insert_message(tx, m),
+                    Entry::Attempt(a) => insert_attempt(tx, a),
+                };
+                match result {
+                    Err(StoreError::BadId(id)) => tracing::warn!(id = %id, "not archived: not a spool id"),
+                    other => other?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        if !is_id(id) {
+            return Ok(None);
+        }
+        self.read(|c| {
+            let row = c
+                .query_row("SELECT * FROM message WHERE id = ?1", params![id], |r| {
+                    Ok((
+                        summary(r)?,
+                        r.get::<_, String>("envelope")?,
+                        r.get::<_, String>("finished_at")?,
+                        r.get::<_, i64>("size")?,
+                        r.get::<_, Option<String>>("reason")?,
+                        r.get::<_, Option<String>>("fields")?,
+                        r.get::<_, Option<String>>("payload")?,
+                    ))
+                })
+                .optional()?;
+            let Some((summary, envelope, finished_at, size, reason, fields, payload)) = row else {
+                return Ok(None);
+            };
+            let corrupt = |e: serde_json::Error| StoreError::Corrupt { id: id.to_string(), reason: e.to_string() };
+            let envelope = serde_json::from_str(&envelope).map_err(corrupt)?;
+            let fields = fields.map(|f| serde_json::from_str::<Json>(&f)).transpose().map_err(corrupt)?;
+            let payload = payload.map(|p| serde_json::from_str::<Json>(&p)).transpose().map_err(corrupt)?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempt WHERE message_id = ?1 ORDER BY rowid"
+            ))?;
+            let attempts = stmt.query_map(params![id], attempt)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(Record {
+                summary,
+                envelope,
+                finished_at,
+                size: size.max(0) as u64,
+                reason,
+                fields,
+                payload,
+                attempts,
+            }))
+        })
+    }
+
+    fn raw(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if !is_id(id) {
+            return Ok(None);
+        }
+        self.read(|c| {
+            Ok(c.query_row("SELECT bytes FROM raw JOIN message USING (seq) WHERE message.id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+        })
+    }
+
+    fn list(&self, query: &MessageQuery) -> Result<Page, StoreError> {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut arg = |v: rusqlite::types::Value| {
+            args.push(v);
+            format!("?{}", args.len())
+        };
+        use rusqlite::types::Value as V;
+        // A search walks the full-text index newest first and joins each match.
+        let fts = query.q.as_deref().and_then(fts_query);
+        let key = if fts.is_some() { "f.rowid" } else { "m.seq" };
+        if let Some(q) = fts {
+            clauses.push(format!("message_fts MATCH {}", arg(V::Text(q))));
+        }
+        if let Some(s) = query.state {
+            clauses.push(format!("m.state = {}", arg(V::Text(s.as_str().into()))));
+        }
+        if let Some(r) = &query.rule {
+            clauses.push(format!("m.rule = {}", arg(V::Text(r.clone()))));
+        }
+        if let Some(f) = &query.from {
+            clauses.push(format!("m.sender = {}", arg(V::Text(f.trim().to_lowercase()))));
+        }
+        if let Some(s) = &query.source {
+            clauses.push(format!("m.source = {}", arg(V::Text(s.clone()))));
+        }
+        if let Some(t) = &query.to {
+            clauses.push(format!(
+                "m.seq IN (SELECT seq FROM address WHERE kind = 'to' AND value = {})",
+                arg(V::Text(t.trim().to_lowercase()))
+            ));
+        }
+        if let Some(d) = &query.destination {
+            clauses.push(format!(
+                "m.seq IN (SELECT seq FROM address WHERE kind = 'dest' AND value = {})",
+                arg(V::Text(d.clone()))
+            ));
+        }
+        // Time bounds filter the newest-first walk (`+`: no index of their own, which would
+        // have every message since then sorted).
+        if let Some(since) = query.since {
+            clauses.push(format!("+m.received_ms >= {}", arg(V::Integer(unix_ms(since)))));
+        }
+        if let Some(until) = query.until {
+            clauses.push(format!("+m.received_ms < {}", arg(V::Integer(unix_ms(until)))));
+        }
+        if let Some(cursor) = &query.cursor {
+            let seq: i64 = cursor.parse().map_err(|_| StoreError::BadId(cursor.clone()))?;
+            clauses.push(format!("{key} < {}", arg(V::Integer(seq))));
+        }
+        let size = query.page_size();
+        let limit = arg(V::Integer(size as i64 + 1));
+        let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+        let from = if key == "f.rowid" { "message_fts f JOIN message m ON m.seq = f.rowid" } else { "message m" };
+        let sql = format!(
+            "SELECT m.seq, m.id, m.state, m.received_ms, m.sender, m.subject, m.rule, m.destinations FROM {from} {filter} ORDER BY {key} DESC LIMIT {limit}"
+        );
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params_from_iter(args.iter()), |r| Ok((r.get::<_, i64>("seq")?, summary(r)?)))?;
+            let mut rows = rows.collect::<Result<Vec<_>, _>>()?;
+            let next = if rows.len() > size {
+                rows.truncate(size);
+                rows.last().map(|(seq, _)| seq.to_string())
+            } else {
+                None
+            };
+            Ok(Page { items: rows.into_iter().map(|(_, s)| s).collect(), next })
+        })
+    }
+
+    fn counts_by_state(&self) -> Result<Vec<(ArchiveState, u64)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT count(*) FROM message WHERE state = ?1")?;
+            ArchiveState::ALL
+                .into_iter()
+                .map(|s| Ok((s, stmt.query_row(params![s.as_str()], |r| r.get::<_, i64>(0))?.max(0) as u64)))
+                .collect()
+        })
+    }
+
+    fn hourly(&self, since: SystemTime) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT received_ms / 3600000 AS hour, count(*) FROM message WHERE received_ms >= ?1 GROUP BY hour ORDER BY hour",
+            )?;
+            let rows = stmt.query_map(params![unix_ms(since)], |r| {
+                Ok((r.get::<_, i64>(0)?.max(0) as u64 * 3600, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn rule_stats(&self, since: SystemTime) -> Result<Vec<RuleStats>, StoreError> {
+        self.read(|c| {
+            let mut stats: BTreeMap<String, RuleStats> = BTreeMap::new();
+            let mut stmt = c.prepare_cached(
+                "SELECT rule, count(*) FROM message WHERE rule IS NOT NULL AND received_ms >= ?1 GROUP BY rule",
+            )?;
+            for row in stmt.query_map(params![unix_ms(since)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (rule, n) = row?;
+                stats.insert(rule.clone(), RuleStats { rule, matches: n.max(0) as u64, filled: Vec::new() });
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT m.rule, f.key, count(*) FROM message m, json_each(m.fields) f
+                 WHERE m.rule IS NOT NULL AND m.fields IS NOT NULL AND m.received_ms >= ?1
+                   AND f.type != 'null' AND NOT (f.type = 'text' AND trim(f.value) = '')
+                 GROUP BY m.rule, f.key ORDER BY m.rule, f.key",
+            )?;
+            let rows = stmt.query_map(params![unix_ms(since)], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            for row in rows {
+                let (rule, key, n) = row?;
+                if let Some(s) = stats.get_mut(&rule) {
+                    s.filled.push((key, n.max(0) as u64));
+                }
+            }
+            Ok(stats.into_values().collect())
+        })
+    }
+
+    fn destinations(&self) -> Result<Vec<DestinationStatus>, StoreError> {
+        self.read(|c| {
+            let names: Vec<String> = c
+                .prepare_cached("SELECT DISTINCT destination FROM attempt ORDER BY destination")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut last = c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempt WHERE destination = ?1 ORDER BY at DESC, rowid DESC LIMIT 1"
+            ))?;
+            let mut failed = c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempt WHERE destination = ?1 AND outcome != 'delivered' ORDER BY at DESC, rowid DESC LIMIT 1"
+            ))?;
+            let mut out = Vec::new();
+            for name in names {
+                let Some(l) = last.query_row(params![name], attempt).optional()? else { continue };
+                let e = failed.query_row(params![name], attempt).optional()?;
+                out.push(DestinationStatus { destination: name, last: l, last_error: e });
+            }
+            Ok(out)
+        })
+    }
+
+    fn enforce_retention(&self, keep: Duration, max_size: u64, now: SystemTime) -> Result<Retention, StoreError> {
+        let cutoff = now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH);
+        let floor = id_floor(cutoff);
+        let mut removed = self.write(|tx| {
+            let n = delete_ids(tx, "SELECT seq FROM message WHERE id < ?1", params![floor], true)?;
+            // Attempts of messages that never reached the archive (still queued long ago, or
+            // lost by a crash) go by the same clock.
+            tx.execute(
+                "DELETE FROM attempt WHERE at < ?1 AND message_id NOT IN (SELECT id FROM message)",
+                params![crate::spool::format_time(cutoff)],
+            )?;
+            Ok(n)
+        })?;
+        self.vacuum()?;
+        loop {
+            let size = self.size()?;
+            if size <= max_size {
+                return Ok(Retention { removed, size });
+            }
+            // Enough of the oldest to get under the limit at the average size, and one more.
+            let n = self.write(|tx| {
+                let count: i64 = tx.query_row("SELECT count(*) FROM message", [], |r| r.get(0))?;
+                let average = (size / count.max(1) as u64).max(1);
+                let batch = (((size - max_size) / average) as i64 + 1).clamp(1, SIZE_BATCH);
+                delete_ids(tx, "SELECT seq FROM message ORDER BY id LIMIT ?1", params![batch], true)
+            })?;
+            self.vacuum()?;
+            if n == 0 {
+                // Nothing left to remove: what remains is the empty schema.
+                return Ok(Retention { removed, size: self.size()? });
+            }
+            removed += n;
+        }
+    }
+
+    fn size(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok(((pages - free).max(0) * page) as u64)
+        })
+    }
+}
+
+impl SqliteArchive {
+    /// Gives the free pages back to the file system and folds the WAL into the database.
+    fn vacuum(&self) -> Result<(), StoreError> {
+        let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        conn.execute_batch("PRAGMA incremental_vacuum;")?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_meets_the_archive_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = std::cell::Cell::new(0);
+        let fresh = || -> Box<dyn Archive> {
+            n.set(n.get() + 1);
+            Box::new(SqliteArchive::open(&dir.path().join(format!("a{}.db", n.get()))).unwrap())
+        };
+        crate::store::conformance::run_all(&fresh);
+    }
+
+    #[test]
+    fn user_words_never_become_fts_operators() {
+        assert_eq!(fts_query("invoice 42").as_deref(), Some("\"invoice\"* \"42\"*"));
+        assert_eq!(fts_query("a OR b").as_deref(), Some("\"a\"* \"OR\"* \"b\"*"));
+        assert_eq!(fts_query("\"x\" NEAR(y) *"), Some("\"x\"* \"NEAR\"* \"y\"*".to_string()));
+        assert_eq!(fts_query("  ()  "), None);
+    }
+}
