@@ -11,11 +11,21 @@
 //! event came for [`DEBOUNCE`]. The new set is loaded with [`crate::serve::load_rules`], which
 //! also checks that every destination a rule names exists, and replaces the shared set in one
 //! step: a message being judged keeps the set it started with.
+//!
+//! With the archive on, a valid new set is first judged against the old one over the newest
+//! `[rules] shadow_last` archived messages ([`crate::lifecycle::shadow`]); the summary is logged
+//! and the report kept for the console's "Rule changes" page. When a message that a rule had
+//! matched would now be unmatched or a dead letter, `[rules] guard = "refuse"` keeps the old set
+//! (and logs why); the default `"warn"` swaps the new set in and warns. The trial rules
+//! (`[rules] trial_dir`) are loaded again at every reload.
 
 use crate::config::Config;
+use crate::lifecycle::shadow::{self, Scope};
+use crate::lifecycle::{Observer, ReloadReport, SharedReport};
 use crate::metrics::Metrics;
 use crate::pipeline::SharedRules;
 use crate::serve::load_rules;
+use crate::store::Archive;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +50,14 @@ pub struct Reloader {
     hangup: Signal,
     /// Kept alive for as long as the directory is to be watched.
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Where shadow runs read messages, and where their last report goes.
+    archive: Option<Arc<dyn Archive>>,
+    report: SharedReport,
+    observer: Option<Arc<Observer>>,
 }
+
+/// Differences a reload's report keeps (all are counted).
+pub const REPORT_KEEP: usize = 200;
 
 /// Why a reload happened (for the log).
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +83,32 @@ impl Reloader {
                 None
             }
         };
-        Ok(Reloader { config: Arc::new(config.clone()), dir, rules, metrics, changes, hangup, _watcher: watcher })
+        Ok(Reloader {
+            config: Arc::new(config.clone()),
+            dir,
+            rules,
+            metrics,
+            changes,
+            hangup,
+            _watcher: watcher,
+            archive: None,
+            report: SharedReport::default(),
+            observer: None,
+        })
+    }
+
+    /// Shadow-runs each new set over `archive` (the report goes to `report`), and reloads the
+    /// observer's trial rules with the live ones.
+    pub fn with_lifecycle(
+        mut self,
+        archive: Option<Arc<dyn Archive>>,
+        report: SharedReport,
+        observer: Option<Arc<Observer>>,
+    ) -> Reloader {
+        self.archive = archive;
+        self.report = report;
+        self.observer = observer;
+        self
     }
 
     /// Reloads on every change and SIGHUP until `shutdown` turns true.
@@ -111,11 +153,17 @@ impl Reloader {
                 return;
             }
         };
+        self.reload_trial().await;
         match loaded {
             Ok(set) => {
                 let (count, files) = (set.rules().len(), set.files().len());
+                let set = Arc::new(set);
+                if !self.shadow(&set).await {
+                    self.metrics.reloaded(false);
+                    return;
+                }
                 self.metrics.rules_loaded(set.rules().iter().map(|r| r.name.as_str()));
-                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = set;
                 self.metrics.reloaded(true);
                 info!(rules = count, files, trigger = ?trigger, dir = %self.dir.display(), "rules reloaded");
             }
@@ -139,6 +187,81 @@ impl Reloader {
                 );
                 self.metrics.reloaded(false);
             }
+        }
+    }
+}
+
+impl Reloader {
+    /// Judges the newest archived messages with the serving rules and `new`; logs and keeps
+    /// the report. Returns whether `new` may serve (`false`: the guard refuses it).
+    async fn shadow(&self, new: &Arc<crate::rules::RuleSet>) -> bool {
+        let last = self.config.rules.shadow_last;
+        let Some(archive) = self.archive.clone().filter(|_| last > 0) else { return true };
+        let old = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let other = new.clone();
+        let scope = Scope { since: None, last: Some(last) };
+        let run = tokio::task::spawn_blocking(move || shadow::run(&*archive, &old, &other, scope, REPORT_KEEP)).await;
+        let report = match run {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(error = %e, "shadow run of the new rules failed; they apply without one");
+                return true;
+            }
+            Err(e) => {
+                warn!(error = %e, "shadow run of the new rules failed; they apply without one");
+                return true;
+            }
+        };
+        let c = &report.counts;
+        info!(
+            judged = c.judged,
+            unchanged = c.unchanged,
+            changed_rule = c.changed_rule,
+            newly_matched = c.newly_matched,
+            newly_unmatched = c.newly_unmatched,
+            newly_dead = c.newly_dead,
+            changed_fields = c.changed_fields,
+            took_ms = report.took_ms,
+            "shadow run of the new rules: {}",
+            c.line()
+        );
+        let refuse = report.breaking > 0 && self.config.rules.guard == "refuse";
+        if report.breaking > 0 {
+            if refuse {
+                error!(
+                    breaking = report.breaking,
+                    dir = %self.dir.display(),
+                    "rules reload refused by [rules] guard = \"refuse\": {}; the previous rules keep serving",
+                    report.breaking_summary()
+                );
+            } else {
+                warn!(
+                    breaking = report.breaking,
+                    "the new rules break mail that worked: {}",
+                    report.breaking_summary()
+                );
+            }
+        }
+        *self.report.write().unwrap_or_else(|e| e.into_inner()) = Some(ReloadReport { report, applied: !refuse });
+        !refuse
+    }
+
+    /// Loads the trial rules again, if there are any.
+    async fn reload_trial(&self) {
+        let Some(observer) = self.observer.clone().filter(|o| o.trial.is_some()) else { return };
+        let loaded =
+            tokio::task::spawn_blocking(move || observer.trial.as_ref().map(|t| (t.dir().to_path_buf(), t.reload())))
+                .await;
+        match loaded {
+            Ok(Some((dir, Ok(n)))) => info!(rules = n, dir = %dir.display(), "trial rules loaded"),
+            Ok(Some((dir, Err(errors)))) => {
+                for e in &errors {
+                    error!(error = %e, "trial rules error");
+                }
+                error!(dir = %dir.display(), errors = errors.len(), "trial rules not loaded; no trial until they load");
+            }
+            Ok(None) => {}
+            Err(e) => error!(error = %e, "trial rules reload did not finish"),
         }
     }
 }
