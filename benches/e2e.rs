@@ -23,6 +23,7 @@
 //! cargo bench --bench e2e
 //! cargo bench --bench e2e -- --messages 2000 --cases 2k:20,50k:20
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
+//! MAILHOOK_BENCH_DRIFT=off cargo bench --bench e2e    # without drift alarms (on by default)
 //! ```
 
 #[path = "common/proc.rs"]
@@ -150,13 +151,18 @@ struct Serve {
 impl Serve {
     fn start(dir: &Path, sink: SocketAddr) -> Serve {
         std::fs::create_dir_all(dir.join("rules")).unwrap();
+        // MAILHOOK_BENCH_DRIFT=off runs without drift alarms, to compare their cost side by side.
+        let drift = match std::env::var("MAILHOOK_BENCH_DRIFT").as_deref() {
+            Ok("off") => "[drift]\nenabled = false\n",
+            _ => "",
+        };
         std::fs::write(
             dir.join("mailhook.toml"),
             format!(
                 "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
                  [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\n\
                  [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n"
+                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n{drift}"
             ),
         )
         .unwrap();
