@@ -252,6 +252,17 @@ fn a_layout_change_raises_one_drift_that_survives_a_restart_and_resolves_on_retu
         "{warning}"
     );
 
+    let drifts = get_json(admin, "/api/v1/changes")["drifts"].clone();
+    assert_eq!(drifts.as_array().map(Vec::len), Some(1), "{drifts}");
+    assert_eq!(
+        (drifts[0]["field"].as_str(), drifts[0]["sender"].as_str()),
+        (Some("order_id"), Some("erp@erp.example"))
+    );
+    let example = drifts[0]["examples"][0].as_str().unwrap().to_string();
+    let (status, _, page) = http_get(admin, "/changes", None);
+    assert_eq!(status, 200);
+    assert!(page.contains(&format!("<a href=\"/playground?id={example}\">try in the playground</a>")), "{page}");
+
     // A restart keeps the drift (and does not announce it again).
     assert_eq!(gw.stop(), 0);
     assert!(gw.path().join("spool/lifecycle/drift.json").is_file());

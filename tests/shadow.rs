@@ -1,6 +1,6 @@
 //! `mailhook shadow` on an archive built in the test through the store's own API: the exact
 //! report a rules edit gives, and the exit status (0 nothing changes, 1 something does,
-//! 64 usage, 75 no archive, 78 bad rules).
+//! 64 usage, 75 no archive, 78 bad rules); `check` loading the trial rules.
 
 use mailhook::model::{Envelope, Source};
 use mailhook::store::sqlite::SqliteArchive;
@@ -210,4 +210,23 @@ fn usage_config_and_missing_archive_errors() {
     let out = shadow(s.dir.path(), &["--rules", "rules.same"]);
     assert_eq!(out.status.code(), Some(75));
     assert!(text(&out.stderr).starts_with("no archive at "), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_loads_the_trial_rules_too() {
+    let s = setup(&[], Duration::from_secs(60));
+    let p = s.dir.path();
+    let config = CONFIG.replace("dir = \"rules\"\n", "dir = \"rules\"\ntrial_dir = \"trial\"\n");
+    std::fs::write(p.join("mailhook.toml"), config).unwrap();
+    std::fs::create_dir(p.join("trial")).unwrap();
+    std::fs::write(p.join("trial/10-ups.toml"), EDITED).unwrap();
+    let check =
+        |dir: &Path| Command::new(env!("CARGO_BIN_EXE_mailhook")).args(["check"]).current_dir(dir).output().unwrap();
+    let out = check(p);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("  trial rules: 2 from "), "{}", text(&out.stdout));
+    std::fs::write(p.join("trial/20-bad.toml"), "[[rule]]\nname = \"x\"\nto = [\"nowhere\"]\n").unwrap();
+    let out = check(p);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out.stderr).contains("unknown destination \"nowhere\""), "{}", text(&out.stderr));
 }
