@@ -281,3 +281,31 @@ fn a_layout_change_raises_one_drift_that_survives_a_restart_and_resolves_on_retu
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(hook.requests().len(), 2, "exactly one drift and one resolution");
 }
+
+#[test]
+fn the_rule_changes_page_needs_the_login_and_carries_the_security_headers() {
+    let token = "ch4nges-t0ken";
+    let mut gw = Gateway::new(&config("", &format!("token = \"{token}\"\n")), UPS);
+    gw.start();
+    let admin = gw.listening("admin");
+    let (status, _, _) = http_get(admin, "/api/v1/changes", None);
+    assert_eq!(status, 401, "the API wants the bearer token");
+    let (status, _, body) = http_get(admin, "/api/v1/changes", Some(token));
+    assert_eq!(status, 200, "{body}");
+    let changes: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(changes["reload"], Value::Null, "no reload yet");
+    assert_eq!(changes["trial"], Value::Null, "no trial_dir");
+    assert_eq!(changes["drifts"], serde_json::json!([]));
+
+    // The page without a session goes to the login, with the console's headers.
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    write!(stream, "GET /changes HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut head = String::new();
+    stream.read_to_string(&mut head).unwrap();
+    let head = head.to_lowercase();
+    assert!(head.starts_with("http/1.1 303"), "{head}");
+    assert!(head.contains("location: /login"), "{head}");
+    assert!(head.contains("content-security-policy:"), "{head}");
+    assert!(head.contains("referrer-policy: no-referrer"), "{head}");
+}
