@@ -188,6 +188,8 @@ fn json_output_and_the_scope_options() {
     let out = shadow(s.dir.path(), &["--rules", "rules.new", "--since", "10m"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("judged 0 archived messages: 0 unchanged"), "{}", text(&out.stdout));
+    let out = shadow(s.dir.path(), &["--rules", "rules.new", "--since", "1000000y"]);
+    assert!(text(&out.stdout).starts_with("judged 3 archived messages"), "before 1970 is every message");
     let out = shadow(s.dir.path(), &["--rules", "rules.new", "--since", "2h"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stdout).starts_with("judged 3 archived messages"), "{}", text(&out.stdout));

@@ -50,7 +50,9 @@ pub fn run(opts: &ShadowOptions) -> Exit {
     };
     let scope = match (opts.since, opts.last) {
         (None, None) => Scope { since: None, last: Some(config.rules.shadow_last.max(1)) },
-        (since, last) => Scope { since: since.map(|d| SystemTime::now() - d), last },
+        (since, last) => {
+            Scope { since: since.map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH)), last }
+        }
     };
     let report = SqliteArchive::open(&path).and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX));
     let report = match report {
