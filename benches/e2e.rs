@@ -24,6 +24,7 @@
 //! cargo bench --bench e2e -- --messages 2000 --cases 2k:20,50k:20
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
 //! MAILHOOK_BENCH_ARCHIVE=off cargo bench --bench e2e   # without the archive, to compare
+//! MAILHOOK_BENCH_DRIFT=off cargo bench --bench e2e    # without drift alarms (on by default)
 //! ```
 
 #[path = "common/proc.rs"]
@@ -153,6 +154,11 @@ impl Serve {
         // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
         let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
         std::fs::create_dir_all(dir.join("rules")).unwrap();
+        // MAILHOOK_BENCH_DRIFT=off runs without drift alarms, to compare their cost side by side.
+        let drift = match std::env::var("MAILHOOK_BENCH_DRIFT").as_deref() {
+            Ok("off") => "[drift]\nenabled = false\n",
+            _ => "",
+        };
         std::fs::write(
             dir.join("mailhook.toml"),
             format!(
@@ -160,7 +166,7 @@ impl Serve {
                  [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
                  [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
                  [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
-                 [archive]\nenabled = {archive}\n"
+                 [archive]\nenabled = {archive}\n{drift}"
             ),
         )
         .unwrap();

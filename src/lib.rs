@@ -22,9 +22,10 @@
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
 //! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention |
+//! | [`lifecycle`] | rule changes and sender changes: shadow runs over the archive, trial rules, drift alarms |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
 //! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, shutdown |
-//! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
+//! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay`, `shadow` |
 //! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
 //! | [`backoff`] | the retry schedule shared by delivery and the IMAP watchers |
@@ -41,6 +42,7 @@ pub mod parse;
 pub mod rules;
 pub mod deliver;
 pub mod store;
+pub mod lifecycle;
 pub mod pipeline;
 pub mod serve;
 pub mod cmd;

@@ -138,6 +138,34 @@ enum Command {
         #[arg(default_value = "fixtures", value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Judge archived messages with the live rules and with NEW_DIR's, and report what would change
+    #[command(after_help = "Each archived message (raw bytes and envelope) is judged with the rules the config\n\
+        points at and with the rules in --rules, exactly as `mailhook try` judges a file. Prints\n\
+        how many messages are unchanged, changed rule, newly matched, newly unmatched, newly dead\n\
+        or changed fields, then each difference with a field-level diff:\n  \
+        rule: ups-delivery-notice → (none)\n  \
+        fields.order_id: 4711 → (missing)\n\
+        Without --since or --last: the newest [rules] shadow_last messages (1000).\n\n\
+        Exit: 0 nothing would change, 1 something would, 64 usage, 75 no archive yet, 78 bad config or rules.\n\n\
+        Examples:\n  mailhook shadow --config mailhook.toml --rules rules.new\n  \
+        mailhook shadow --config mailhook.toml --rules rules.new --since 7d --json")]
+    Shadow {
+        /// The config file (its archive, and its rules as the live rules)
+        #[arg(long, short, default_value = "mailhook.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// The rules directory to compare with the live rules
+        #[arg(long, value_name = "NEW_DIR")]
+        rules: PathBuf,
+        /// Messages received within this long (e.g. 7d, 12h)
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "last")]
+        since: Option<std::time::Duration>,
+        /// The newest N messages
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        last: Option<u64>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config file and the rules it points at; every error names file, line, rule and key
     #[command(after_help = "Checks the whole mailhook.toml (unknown keys, ${VAR}s that are not set, bad\n\
         durations, sizes, addresses, regexes, destinations missing a url or token, ...) and every\n\
@@ -305,6 +333,13 @@ fn main() -> ExitCode {
             cmd::golden::run(&cmd::golden::TestOptions { rules: rules.source(), dir, update })
         }
         Command::Check { config } => cmd::check::run(&config),
+        Command::Shadow { config, rules, since, last, json } => cmd::shadow::run(&cmd::shadow::ShadowOptions {
+            config,
+            rules,
+            since,
+            last: last.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            json,
+        }),
         Command::Serve { config } => serve(&config, cli.log_format),
         Command::Ingest { config, from, to, wait } => cmd::ingest::run(
             &cmd::ingest::IngestOptions { config: &config, mail_from: from, recipients: to, wait },

@@ -27,6 +27,11 @@
 //! | `mailhook_imap_fetched_total` | counter | `account`, `folder` |
 //! | `mailhook_rules_reloads_total` | counter | `result` (`ok`, `error`) |
 //! | `mailhook_rules` | gauge | |
+//! | `mailhook_trial_diff_total` | counter | `kind` (`changed_rule`, `newly_matched`, `newly_unmatched`, `newly_dead`, `changed_fields`) |
+//! | `mailhook_rule_field_fill_ratio` | gauge | `rule`, `field` |
+//! | `mailhook_drift_active` | gauge | `rule`, `field` |
+//! | `mailhook_drift_tracked` | gauge | |
+//! | `mailhook_drift_dropped_total` | counter | |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -247,6 +252,32 @@ pub struct SpoolGauges {
     pub dead: u64,
 }
 
+/// What the drift tracker (`lifecycle::drift`) reports, read each time `/metrics` or
+/// `/healthz` is asked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriftGauges {
+    /// (rule, field, share of the rule's matches in the current windows that had it filled).
+    pub fill: Vec<(String, String, f64)>,
+    /// (rule, field, senders whose mail drifted); 0 once resolved.
+    pub active: Vec<(String, String, u64)>,
+    /// One line per active drift, for `/healthz`.
+    pub warnings: Vec<String>,
+    /// Rule and sender pairs tracked now.
+    pub tracked: u64,
+    /// Pairs let go to stay within the cap.
+    pub dropped: u64,
+}
+
+/// Where [`DriftGauges`] come from (set once by `serve`).
+#[derive(Default)]
+struct DriftSource(Mutex<Option<Arc<dyn Fn() -> DriftGauges + Send + Sync>>>);
+
+impl std::fmt::Debug for DriftSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DriftSource")
+    }
+}
+
 /// Counters of one metric, one per combination of `N` label values.
 #[derive(Debug)]
 struct Family<const N: usize> {
@@ -320,6 +351,8 @@ pub struct Metrics {
     reloads: Family<1>,
     rules: AtomicU64,
     spool: Mutex<Option<SpoolGauges>>,
+    trial_diffs: Family<1>,
+    drift: DriftSource,
 }
 
 impl Metrics {
@@ -446,6 +479,27 @@ impl Metrics {
         *self.spool.lock().unwrap_or_else(|e| e.into_inner()) = Some(gauges);
     }
 
+    /// The trial rules disagreed with the live rules `n` times in `kind` (0 makes the series exist).
+    pub fn trial_diff(&self, kind: &str, n: u64) {
+        self.trial_diffs.add([kind], n);
+    }
+
+    /// Where the drift gauges are read from.
+    pub fn set_drift_source(&self, source: impl Fn() -> DriftGauges + Send + Sync + 'static) {
+        *self.drift.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(source));
+    }
+
+    /// The drift gauges now, when drift alarms are on.
+    pub fn drift(&self) -> Option<DriftGauges> {
+        let source = self.drift.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        source.map(|f| f())
+    }
+
+    /// What `/healthz` lists under `warnings` (it stays 200 for them): the active drifts.
+    pub fn warnings(&self) -> Vec<String> {
+        self.drift().map(|d| d.warnings).unwrap_or_default()
+    }
+
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = Exposition::default();
@@ -565,6 +619,40 @@ impl Metrics {
         );
         out.head("mailhook_rules", "gauge", "Rules in the set now serving.");
         out.sample("mailhook_rules", &[], self.rules.load(Ordering::Relaxed));
+
+        if !self.trial_diffs.snapshot().is_empty() {
+            out.family1(
+                "mailhook_trial_diff_total",
+                "counter",
+                "New messages the trial rules judged differently from the live rules, by kind.",
+                "kind",
+                &self.trial_diffs,
+            );
+        }
+        if let Some(d) = self.drift() {
+            let name = "mailhook_rule_field_fill_ratio";
+            out.head(
+                name,
+                "gauge",
+                "Share of a rule's recent matches (the current drift windows) that had the field filled.",
+            );
+            for (rule, field, ratio) in &d.fill {
+                out.sample(name, &[("rule", rule), ("field", field)], float(*ratio));
+            }
+            let name = "mailhook_drift_active";
+            out.head(name, "gauge", "Senders whose mail no longer fits the rule, by rule and field (0 once resolved).");
+            for (rule, field, n) in &d.active {
+                out.sample(name, &[("rule", rule), ("field", field)], n);
+            }
+            out.head("mailhook_drift_tracked", "gauge", "Rule and sender pairs the drift alarms track.");
+            out.sample("mailhook_drift_tracked", &[], d.tracked);
+            out.head(
+                "mailhook_drift_dropped_total",
+                "counter",
+                "Rule and sender pairs let go to stay within [drift] max_tracked.",
+            );
+            out.sample("mailhook_drift_dropped_total", &[], d.dropped);
+        }
         out.text
     }
 }

@@ -25,6 +25,7 @@ use crate::backoff::backoff;
 use crate::config::{BackoffConfig, Config, DeliveryConfig, DestinationConfig, Rate};
 use crate::deliver::throttle::Bucket;
 use crate::deliver::{Attempt, BuildError, Destination, Reply, shrink};
+use crate::lifecycle::Observer;
 use crate::metrics::{Delivery, Metrics};
 use crate::model::{Action, Payload};
 use crate::parse::parse;
@@ -127,6 +128,8 @@ struct Work {
     spool_trouble: AtomicBool,
     /// Where finished messages and attempts are recorded, when the archive is on.
     archive: Option<ArchiveWriter>,
+    /// Told of each new message and its outcome (trial rules, drift alarms).
+    observer: Option<Arc<Observer>>,
 }
 
 /// How a round left a message.
@@ -179,6 +182,7 @@ impl Pipeline {
                 metrics,
                 spool_trouble: AtomicBool::new(false),
                 archive: None,
+                observer: None,
             }),
         })
     }
@@ -192,6 +196,12 @@ impl Pipeline {
     /// Records every finished message and every attempt in `archive` (before [`Pipeline::run`]).
     pub fn with_archive(mut self, archive: ArchiveWriter) -> Pipeline {
         Arc::get_mut(&mut self.work).expect("set before the pipeline runs").archive = Some(archive);
+        self
+    }
+
+    /// Tells `observer` of every new message and its outcome (before [`Pipeline::run`]).
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Pipeline {
+        Arc::get_mut(&mut self.work).expect("set before the pipeline runs").observer = Some(observer);
         self
     }
 
@@ -442,16 +452,25 @@ async fn round(
                 Some(raw) => raw,
                 None => spool.read_raw(id)?,
             };
-            let outcome = rules.evaluate(&parse(&raw), &meta.envelope);
+            let email = parse(&raw);
+            let outcome = rules.evaluate(&email, &meta.envelope);
+            if let Some(o) = &work.observer {
+                o.judged(&email, &meta.envelope, &outcome);
+            }
             held_raw = archive.is_some().then_some(raw);
             outcome
         } else {
             let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
             let envelope = meta.envelope.clone();
             let keep = archive.is_some();
+            let observer = work.observer.clone();
             let (outcome, raw) = tokio::task::spawn_blocking(move || {
                 raw_spool.read_raw(&raw_id).map(|raw| {
-                    let outcome = rules.evaluate(&parse(&raw), &envelope);
+                    let email = parse(&raw);
+                    let outcome = rules.evaluate(&email, &envelope);
+                    if let Some(o) = &observer {
+                        o.judged(&email, &envelope, &outcome);
+                    }
                     (outcome, keep.then_some(raw))
                 })
             })

@@ -37,6 +37,28 @@ pub fn run(config_path: &Path) -> Exit {
     for (key, message) in config.warnings() {
         eprintln!("warning: {}: {key}: {message}", config_path.display());
     }
+
+    // Trial rules must load as live rules do: they are promoted by moving the file.
+    let trial = match &config.rules.trial_dir {
+        Some(dir) => {
+            let dir = config.resolve(dir);
+            let loaded =
+                crate::rules::RuleSet::load_dir(&dir, crate::rules::Unmatched::from_config(&config.rules.unmatched))
+                    .and_then(|set| {
+                        let errors = set.check_destinations(|d| config.destination.contains_key(d));
+                        if errors.is_empty() { Ok(set) } else { Err(errors) }
+                    });
+            match loaded {
+                Ok(set) => Some((dir, set.rules().len())),
+                Err(errors) => {
+                    print_rule_errors(&errors);
+                    return Exit::Config;
+                }
+            }
+        }
+        None => None,
+    };
+
     println!("{}: ok", config_path.display());
     println!(
         "  rules: {} in {} file{} from {} (unmatched: {})",
@@ -46,6 +68,9 @@ pub fn run(config_path: &Path) -> Exit {
         rules_dir.display(),
         config.rules.unmatched
     );
+    if let Some((dir, n)) = trial {
+        println!("  trial rules: {n} from {}", dir.display());
+    }
     for (name, d) in &config.destination {
         println!("  destination {name}: {}", d.type_name());
     }

@@ -1,10 +1,11 @@
-//! The operator commands that need no running server: `try`, `test` and `check`.
+//! The operator commands that need no running server: `try`, `test`, `check`, `shadow`, ...
 //! Each returns an [`Exit`] code; `main.rs` only parses arguments and calls them.
 
 pub mod check;
 pub mod golden;
 pub mod ingest;
 pub mod queue;
+pub mod shadow;
 pub mod try_rules;
 
 use crate::config::Config;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub enum Exit {
     /// Everything went well.
     Ok = 0,
-    /// `test`: at least one golden file did not match.
+    /// `test`: at least one golden file did not match; `shadow`: a message would be judged differently.
     Failed = 1,
     /// EX_USAGE: the command line was wrong.
     Usage = 64,

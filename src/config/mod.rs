@@ -78,6 +78,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub archive: ArchiveConfig,
+    #[serde(default)]
+    pub drift: DriftConfig,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -111,12 +113,95 @@ pub struct RulesConfig {
     /// `dead` (keep for replay), `drop`, or a destination name.
     #[serde(default = "default_unmatched")]
     pub unmatched: String,
+    /// A reload judges this many of the newest archived messages with the old and the new
+    /// rules and logs the difference (0: no shadow run).
+    #[serde(default = "default_shadow_last")]
+    pub shadow_last: usize,
+    /// `warn` (apply the new rules, warn about what they break) or `refuse` (keep the old
+    /// rules when a message that had matched would be unmatched or dead).
+    #[serde(default = "default_guard")]
+    pub guard: String,
+    /// Rules tried beside the live ones on every new message, never delivered.
+    pub trial_dir: Option<PathBuf>,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
-        RulesConfig { dir: default_rules_dir(), unmatched: default_unmatched() }
+        RulesConfig {
+            dir: default_rules_dir(),
+            unmatched: default_unmatched(),
+            shadow_last: default_shadow_last(),
+            guard: default_guard(),
+            trial_dir: None,
+        }
     }
+}
+
+fn default_shadow_last() -> usize {
+    1000
+}
+fn default_guard() -> String {
+    "warn".to_string()
+}
+
+/// `[drift]`: alarms when a sender's mail stops fitting the rule that matched it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Messages of one rule from one sender in a window; the last window is compared with
+    /// the one before it.
+    #[serde(default = "default_drift_window")]
+    pub window: usize,
+    /// A fill rate that falls by more than this (0..1) is a drift.
+    #[serde(default = "default_drift_drop")]
+    pub drop: f64,
+    /// Each window must hold at least this many messages before it is judged.
+    #[serde(default = "default_drift_min_messages")]
+    pub min_messages: usize,
+    /// `address` (each sender address) or `domain` (each sender domain).
+    #[serde(default = "default_drift_sender")]
+    pub sender: String,
+    /// Rule and sender pairs tracked at most; the least recently seen goes when full.
+    #[serde(default = "default_drift_max_tracked")]
+    pub max_tracked: usize,
+    /// A destination that gets a `rule.drift` payload per new drift and `rule.drift.resolved`.
+    pub notify: Option<String>,
+    /// The console's address as the integration owner reaches it (`https://mailhook.example.com`),
+    /// for the example links of a drift; default: the admin endpoint's own address.
+    pub console_url: Option<String>,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            enabled: true,
+            window: default_drift_window(),
+            drop: default_drift_drop(),
+            min_messages: default_drift_min_messages(),
+            sender: default_drift_sender(),
+            max_tracked: default_drift_max_tracked(),
+            notify: None,
+            console_url: None,
+        }
+    }
+}
+
+fn default_drift_window() -> usize {
+    50
+}
+fn default_drift_drop() -> f64 {
+    0.5
+}
+fn default_drift_min_messages() -> usize {
+    10
+}
+fn default_drift_sender() -> String {
+    "address".to_string()
+}
+fn default_drift_max_tracked() -> usize {
+    10_000
 }
 
 fn default_rules_dir() -> PathBuf {
@@ -1144,6 +1229,30 @@ impl Config {
                 "rules.unmatched".into(),
                 format!("{unmatched:?} is neither \"dead\", \"drop\" nor a destination name"),
             );
+        }
+        if !["warn", "refuse"].contains(&self.rules.guard.as_str()) {
+            err("rules.guard".into(), format!("{:?} is neither \"warn\" nor \"refuse\"", self.rules.guard));
+        }
+        let drift = &self.drift;
+        if drift.window == 0 {
+            err("drift.window".into(), "must be at least 1".into());
+        }
+        if !(drift.drop > 0.0 && drift.drop <= 1.0) {
+            err("drift.drop".into(), "must be more than 0 and at most 1".into());
+        }
+        if drift.min_messages == 0 || drift.min_messages > drift.window {
+            err("drift.min_messages".into(), format!("must be between 1 and drift.window ({})", drift.window));
+        }
+        if !["address", "domain"].contains(&drift.sender.as_str()) {
+            err("drift.sender".into(), format!("{:?} is neither \"address\" nor \"domain\"", drift.sender));
+        }
+        if drift.max_tracked == 0 {
+            err("drift.max_tracked".into(), "must be at least 1".into());
+        }
+        if let Some(n) = &drift.notify
+            && !self.destination.contains_key(n)
+        {
+            err("drift.notify".into(), format!("{n:?} is not a [destination.*] name"));
         }
 
         for (section, listener) in [("smtp", &self.smtp), ("lmtp", &self.lmtp)] {

@@ -166,7 +166,7 @@ fn an_unknown_key_gives_file_line_key_and_the_nearest_valid_key() {
 #[test]
 fn an_unknown_key_like_no_valid_one_lists_them() {
     let errs = messages(parse_with("[admin]\ncolour = \"blue\"\n", &[]));
-    assert_eq!(errs, ["mailhook.toml:2: admin.colour: unknown key `colour` (expected one of: listen, token)"]);
+    assert_eq!(errs, ["mailhook.toml:2: admin.colour: unknown key `colour` (expected one of: listen, token, console)"]);
 }
 
 #[test]

@@ -80,6 +80,9 @@ pub struct BuildError {
 /// What was wrong, by kind of destination.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildProblem {
+    /// Named (by `[drift] notify`, say) but not a `[destination.NAME]` of the config.
+    #[error("no [destination.*] of that name")]
+    Undeclared,
     #[error(transparent)]
     Http(#[from] http::HttpDestinationError),
     #[error(transparent)]

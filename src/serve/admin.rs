@@ -3,7 +3,7 @@
 //!
 //! | path | answer |
 //! |---|---|
-//! | `GET /healthz` | `200 {"status":"ok"}` when every listener accepts, every IMAP folder synced within twice its interval and the spool takes a file; else `503 {"status":"unhealthy","problems":[...]}` |
+//! | `GET /healthz` | `200 {"status":"ok"}` (plus `"warnings": [...]` for drifts in progress) when every listener accepts, every IMAP folder synced within twice its interval and the spool takes a file; else `503 {"status":"unhealthy","problems":[...]}` |
 //! | `GET /metrics` | every counter of [`Metrics`], Prometheus text format 0.0.4 |
 //! | the console's pages and JSON API | see [`super::console`] (unless `[admin] console = false`) |
 //! | anything else | 404 |
@@ -180,11 +180,21 @@ fn probe_spool(spool: &Spool, n: u64) -> Result<(), ProbeError> {
 
 async fn healthz(Extract(state): Extract<Arc<AdminState>>) -> Response {
     let problems = state.problems().await;
+    // Drifts are listed but do not make the gateway unhealthy: mail still flows.
+    let warnings = state.metrics.warnings();
     if problems.is_empty() {
-        return json(StatusCode::OK, serde_json::json!({"status": "ok"}));
+        let mut body = serde_json::json!({"status": "ok"});
+        if !warnings.is_empty() {
+            body["warnings"] = serde_json::json!(warnings);
+        }
+        return json(StatusCode::OK, body);
     }
     warn!(problems = %problems.join("; "), "unhealthy");
-    json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "unhealthy", "problems": problems}))
+    let mut body = serde_json::json!({"status": "unhealthy", "problems": problems});
+    if !warnings.is_empty() {
+        body["warnings"] = serde_json::json!(warnings);
+    }
+    json(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn metrics(Extract(state): Extract<Arc<AdminState>>) -> Response {

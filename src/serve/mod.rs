@@ -14,6 +14,9 @@ pub mod reload;
 
 use crate::config::Config;
 use crate::ingest::smtp::{Listener, ListenerError};
+use crate::lifecycle::drift::{Drift, Settings as DriftSettings};
+use crate::lifecycle::trial::Trial;
+use crate::lifecycle::{Observer, SharedReport};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, load_rules};
@@ -92,7 +95,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
     let writer = archive.clone().map(ArchiveWriter::start);
-    let on_disk = Arc::new(RulesOnDisk::new(&config, rules.clone(), metrics.clone(), before_load));
+    let lifecycle = Lifecycle::start(&config, &spool_dir, &metrics)?;
+    let on_disk = Arc::new(RulesOnDisk::new(&config, rules.clone(), metrics.clone(), before_load).with_lifecycle(
+        archive.clone(),
+        lifecycle.report.clone(),
+        Some(lifecycle.observer.clone()),
+    ));
     let refresh = on_disk.clone();
     let mut pipeline =
         Pipeline::new(&config, spool.clone(), rules.clone(), metrics.clone())?.before_judging(Arc::new(move || {
@@ -100,6 +108,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }));
     if let Some(w) = &writer {
         pipeline = pipeline.with_archive(w.clone());
+    }
+    if !lifecycle.observer.is_empty() {
+        pipeline = pipeline.with_observer(lifecycle.observer.clone());
     }
     let pipeline = Arc::new(pipeline);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -123,8 +134,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                     rules.clone(),
                     metrics.clone(),
                 )
+                .with_lifecycle(lifecycle.report.clone(), lifecycle.observer.clone())
             });
-            Some(Admin::bind(admin, metrics.clone(), spool.clone(), console).await?)
+            let has_console = console.is_some();
+            let bound = Admin::bind(admin, metrics.clone(), spool.clone(), console).await?;
+            if let (true, Some(d)) = (has_console, &lifecycle.observer.drift) {
+                d.default_links(format!("http://{}/messages/", bound.addr()));
+            }
+            Some(bound)
         }
         None => None,
     };
@@ -141,6 +158,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tasks.spawn(admin.run(stop_rx.clone()));
     }
     tasks.spawn(reloader.run(stop_rx.clone()));
+    if let Some(drift) = &lifecycle.observer.drift {
+        tasks.spawn(crate::lifecycle::drift::keep_saved(drift.clone(), stop_rx.clone()));
+        if let Some((name, destination)) = lifecycle.notify {
+            tasks.spawn(crate::lifecycle::drift::notify(drift.events(), name, destination, stop_rx.clone()));
+        }
+    }
     if let Some(archive) = &archive {
         tasks.spawn(retention(archive.clone(), config.archive.keep, config.archive.max_size.as_u64(), stop_rx.clone()));
     }
@@ -152,12 +175,62 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = workers.await;
+    if let Some(drift) = &lifecycle.observer.drift {
+        // What the last rounds counted, after the saver's last pass.
+        if let Err(e) = drift.save() {
+            warn!(error = %e, "cannot save the drift state");
+        }
+    }
     if let Some(w) = writer {
         // Everything the rounds handed over is committed before the process ends.
         w.flush().await;
     }
     info!("stopped");
     Ok(())
+}
+
+/// The lifecycle parts `serve` wires in: what the pipeline tells of each message (trial rules,
+/// drift alarms), the last reload's shadow report, and where drift notifications go.
+struct Lifecycle {
+    observer: Arc<Observer>,
+    report: SharedReport,
+    notify: Option<(String, crate::deliver::Destination)>,
+}
+
+impl Lifecycle {
+    fn start(config: &Config, spool_dir: &std::path::Path, metrics: &Arc<Metrics>) -> Result<Lifecycle, ServeError> {
+        let trial = Trial::new(config, metrics.clone());
+        if let Some(t) = &trial {
+            match t.reload() {
+                Ok(n) => info!(rules = n, dir = %t.dir().display(), "trial rules loaded"),
+                Err(errors) => {
+                    for e in &errors {
+                        error!(error = %e, "trial rules error");
+                    }
+                    error!(dir = %t.dir().display(), "trial rules not loaded; no trial until a reload loads them");
+                }
+            }
+        }
+        let drift = config.drift.enabled.then(|| {
+            let path = spool_dir.join("lifecycle").join("drift.json");
+            Arc::new(Drift::new(DriftSettings::from_config(config), Some(path)))
+        });
+        if let Some(d) = &drift {
+            let d = d.clone();
+            metrics.set_drift_source(move || d.gauges());
+        }
+        let notify = match (&drift, &config.drift.notify) {
+            (Some(_), Some(name)) => {
+                let d = config.destination.get(name).ok_or_else(|| crate::deliver::BuildError {
+                    name: name.clone(),
+                    problem: crate::deliver::BuildProblem::Undeclared,
+                })?;
+                Some((name.clone(), crate::deliver::Destination::build(name, d, config)?))
+            }
+            _ => None,
+        };
+        Ok(Lifecycle { observer: Arc::new(Observer { trial, drift }), report: SharedReport::default(), notify })
+    }
 }
 
 /// How often retention runs while `serve` runs (and once at start).

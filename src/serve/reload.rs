@@ -18,11 +18,21 @@
 //! when they differ. So a mail sent right after a rules file was saved is judged by the new
 //! rules, without waiting for the debounce. (Two saves of the same size within one tick of the
 //! file system's clock look alike; the watcher's reload still catches the second.)
+//!
+//! With the archive on, a valid new set is first judged against the old one over the newest
+//! `[rules] shadow_last` archived messages ([`crate::lifecycle::shadow`]); the summary is logged
+//! and the report kept for the console's "Rule changes" page. When a message that a rule had
+//! matched would now be unmatched or a dead letter, `[rules] guard = "refuse"` keeps the old set
+//! (and logs why); the default `"warn"` swaps the new set in and warns. The trial rules
+//! (`[rules] trial_dir`) are loaded again at every reload.
 
 use crate::config::Config;
+use crate::lifecycle::shadow::{self, Scope};
+use crate::lifecycle::{Observer, ReloadReport, SharedReport};
 use crate::metrics::Metrics;
 use crate::pipeline::SharedRules;
 use crate::rules::load_rules;
+use crate::store::Archive;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -69,6 +79,11 @@ pub struct RulesOnDisk {
     metrics: Arc<Metrics>,
     /// The directory as it was just before the set in force (or the last refused one) was read.
     seen: std::sync::Mutex<Snapshot>,
+    /// Where a new set is shadow-run before it serves, and where its report goes.
+    archive: Option<Arc<dyn Archive>>,
+    report: SharedReport,
+    /// Holds the trial rules, loaded again with the live ones.
+    observer: Option<Arc<Observer>>,
 }
 
 impl RulesOnDisk {
@@ -80,6 +95,9 @@ impl RulesOnDisk {
             rules,
             metrics,
             seen: std::sync::Mutex::new(seen),
+            archive: None,
+            report: SharedReport::default(),
+            observer: None,
         }
     }
 
@@ -110,11 +128,18 @@ impl RulesOnDisk {
 
     /// Loads and compiles the whole rules directory; swaps it in when valid.
     fn load(&self, trigger: Trigger) {
-        match load_rules(&self.config) {
+        let loaded = load_rules(&self.config);
+        self.reload_trial();
+        match loaded {
             Ok(set) => {
                 let (count, files) = (set.rules().len(), set.files().len());
+                let set = Arc::new(set);
+                if !self.shadow(&set) {
+                    self.metrics.reloaded(false);
+                    return;
+                }
                 self.metrics.rules_loaded(set.rules().iter().map(|r| r.name.as_str()));
-                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                *self.rules.write().unwrap_or_else(|e| e.into_inner()) = set;
                 self.metrics.reloaded(true);
                 info!(rules = count, files, trigger = ?trigger, dir = %self.dir.display(), "rules reloaded");
             }
@@ -150,6 +175,9 @@ pub struct Reloader {
     /// Kept alive for as long as the directory is to be watched.
     _watcher: Option<notify::RecommendedWatcher>,
 }
+
+/// Differences a reload's report keeps (all are counted).
+pub const REPORT_KEEP: usize = 200;
 
 /// Why a reload happened (for the log).
 #[derive(Debug, Clone, Copy)]
@@ -225,6 +253,85 @@ impl Reloader {
         if let Err(e) = done {
             error!(error = %e, "rules reload did not finish; the previous rules keep serving");
             self.on_disk.metrics.reloaded(false);
+        }
+    }
+}
+
+impl RulesOnDisk {
+    /// Shadow-runs each new set over `archive` (the report goes to `report`), and reloads the
+    /// observer's trial rules with the live ones.
+    pub fn with_lifecycle(
+        mut self,
+        archive: Option<Arc<dyn Archive>>,
+        report: SharedReport,
+        observer: Option<Arc<Observer>>,
+    ) -> RulesOnDisk {
+        self.archive = archive;
+        self.report = report;
+        self.observer = observer;
+        self
+    }
+
+    /// Judges the newest archived messages with the serving rules and `new`; logs and keeps
+    /// the report. Returns whether `new` may serve (`false`: the guard refuses it).
+    fn shadow(&self, new: &Arc<crate::rules::RuleSet>) -> bool {
+        let last = self.config.rules.shadow_last;
+        let Some(archive) = self.archive.clone().filter(|_| last > 0) else { return true };
+        let old = self.rules.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let other = new.clone();
+        let scope = Scope { since: None, last: Some(last) };
+        let report = match shadow::run(&*archive, &old, &other, scope, REPORT_KEEP) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "shadow run of the new rules failed; they apply without one");
+                return true;
+            }
+        };
+        let c = &report.counts;
+        info!(
+            judged = c.judged,
+            unchanged = c.unchanged,
+            changed_rule = c.changed_rule,
+            newly_matched = c.newly_matched,
+            newly_unmatched = c.newly_unmatched,
+            newly_dead = c.newly_dead,
+            changed_fields = c.changed_fields,
+            took_ms = report.took_ms,
+            "shadow run of the new rules: {}",
+            c.line()
+        );
+        let refuse = report.breaking > 0 && self.config.rules.guard == "refuse";
+        if report.breaking > 0 {
+            if refuse {
+                error!(
+                    breaking = report.breaking,
+                    dir = %self.dir.display(),
+                    "rules reload refused by [rules] guard = \"refuse\": {}; the previous rules keep serving",
+                    report.breaking_summary()
+                );
+            } else {
+                warn!(
+                    breaking = report.breaking,
+                    "the new rules break mail that worked: {}",
+                    report.breaking_summary()
+                );
+            }
+        }
+        *self.report.write().unwrap_or_else(|e| e.into_inner()) = Some(ReloadReport { report, applied: !refuse });
+        !refuse
+    }
+
+    /// Loads the trial rules again, if there are any.
+    fn reload_trial(&self) {
+        let Some(trial) = self.observer.as_ref().and_then(|o| o.trial.as_ref()) else { return };
+        match trial.reload() {
+            Ok(n) => info!(rules = n, dir = %trial.dir().display(), "trial rules loaded"),
+            Err(errors) => {
+                for e in &errors {
+                    error!(error = %e, "trial rules error");
+                }
+                error!(dir = %trial.dir().display(), errors = errors.len(), "trial rules not loaded; no trial until they load");
+            }
         }
     }
 }

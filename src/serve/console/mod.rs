@@ -12,6 +12,7 @@
 //! | `GET /dead`, `POST /dead` | dead letters, and an action on the ones ticked |
 //! | `GET /playground`, `POST /playground` | an email through the rules, optionally with one file edited |
 //! | `GET /tail`, `GET /tail/events` | the live tail (Server-Sent Events) |
+//! | `GET /changes`, `GET /api/v1/changes` | rule changes: the last reload's shadow run, trial rules, drifts ([`changes`]) |
 //! | `GET /api/v1/messages`, `GET /api/v1/messages/{id}`, `POST /api/v1/messages/{id}/{action}` | JSON, `Authorization: Bearer <[admin] token>` |
 //!
 //! Pages are rendered on the server (minijinja, templates embedded in the binary); the one
@@ -21,6 +22,7 @@
 //! exactly as `mailhook queue retry|drop` and `mailhook replay`.
 
 pub mod auth;
+pub mod changes;
 pub mod html;
 pub mod playground;
 
@@ -63,6 +65,8 @@ pub struct Console {
     secure_cookie: bool,
     sessions: Sessions,
     templates: minijinja::Environment<'static>,
+    /// Rule changes and drift ([`changes`]), when `serve` hands them over.
+    lifecycle: Option<changes::Lifecycle>,
 }
 
 impl Console {
@@ -85,6 +89,7 @@ impl Console {
             ("playground.html", include_str!("templates/playground.html")),
             ("tail.html", include_str!("templates/tail.html")),
             ("error.html", include_str!("templates/error.html")),
+            ("changes.html", include_str!("templates/changes.html")),
         ] {
             templates.add_template(name, text).expect("the console's templates compile");
         }
@@ -102,6 +107,7 @@ impl Console {
             secure_cookie: false,
             sessions: Sessions::default(),
             templates,
+            lifecycle: None,
         }
     }
 
@@ -122,6 +128,8 @@ impl Console {
             .route("/playground", get(playground_page).post(playground_run))
             .route("/tail", get(tail))
             .route("/tail/events", get(tail_events))
+            .route("/changes", get(changes::page))
+            .route("/api/v1/changes", get(changes::api))
             .route("/static/console.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
             .route("/static/console.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
             .route("/api/v1/messages", get(api_list))
