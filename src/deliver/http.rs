@@ -13,6 +13,7 @@ pub struct HttpDestination {
     client: reqwest::Client,
     url: String,
     headers: HeaderMap,
+    signer: super::sign::Signer,
 }
 
 impl HttpDestination {
@@ -35,6 +36,11 @@ impl HttpDestination {
             v.set_sensitive(true);
             headers.insert(n, v);
         }
+        let mut keys = Vec::new();
+        for secret in &d.signing_secret.0 {
+            keys.push(crate::config::signing_key(secret).map_err(|e| format!("signing_secret: {e}"))?);
+        }
+        let signer = super::sign::Signer::new(keys);
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -49,7 +55,7 @@ impl HttpDestination {
             }
         }
         let client = builder.build().map_err(|e| format!("HTTP client: {e}"))?;
-        Ok(HttpDestination { client, url, headers })
+        Ok(HttpDestination { client, url, headers, signer })
     }
 
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
@@ -60,7 +66,15 @@ impl HttpDestination {
     pub async fn send_traced(&self, id: &str, body: &[u8]) -> (Attempt, Reply) {
         let mut headers = self.headers.clone();
         if let Ok(v) = HeaderValue::from_str(id) {
-            headers.insert("idempotency-key", v);
+            headers.insert("idempotency-key", v.clone());
+            if !self.signer.is_empty() {
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+                headers.insert("webhook-id", v);
+                headers.insert("webhook-timestamp", HeaderValue::from(now));
+                if let Ok(sig) = HeaderValue::from_str(&self.signer.signature(id, now, body)) {
+                    headers.insert("webhook-signature", sig);
+                }
+            }
         }
         let response = self.client.post(&self.url).headers(headers).body(body.to_vec()).send().await;
         match response {

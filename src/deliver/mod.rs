@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `kustomer-web-hook` | [`http`] | POST JSON with `Authorization: Bearer <token>` |
 //! | `kustomer-form-hook` | [`http`] | POST JSON, no auth |
-//! | `webhook` | [`http`] | POST JSON with the configured headers |
+//! | `webhook` | [`http`] | POST JSON with the configured headers, signed as Standard Webhooks says with `signing_secret` ([`sign`]) |
 //! | `kustomer-email-hook` | [`email`] | an HTML email carrying the payload as JSON-LD, via an SMTP relay |
 //! | `file` | [`file`] | one JSON line appended and flushed to disk |
 //!
@@ -24,6 +24,7 @@ pub mod email;
 pub mod file;
 pub mod http;
 pub mod shrink;
+pub mod sign;
 pub mod throttle;
 
 use crate::config::{Config, DestinationConfig, DestinationType};
