@@ -27,6 +27,7 @@
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
 //! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
+//! | [`links`] | signed links to an email's public page and attachments (`[web]`) |
 //! | [`backoff`] | the retry schedule shared by delivery and the IMAP watchers |
 //! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
 //! | [`logging`] | the tracing subscriber: text or JSON lines |
@@ -47,5 +48,6 @@ pub mod cmd;
 pub mod model;
 pub mod config;
 pub mod backoff;
+pub mod links;
 pub mod metrics;
 pub mod logging;

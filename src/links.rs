@@ -58,8 +58,7 @@ impl Links {
     pub fn from_config(web: &WebConfig) -> Option<Links> {
         let base = web.public_url.as_deref()?.trim_end_matches('/').to_string();
         let key = web.link_key.as_ref()?;
-        let keys =
-            std::iter::once(key).chain(&web.old_link_keys).map(|k| k.expose().as_bytes().to_vec()).collect();
+        let keys = std::iter::once(key).chain(&web.old_link_keys).map(|k| k.expose().as_bytes().to_vec()).collect();
         Some(Links { base, url_field: web.url_field.clone(), ttl: web.link_ttl, keys })
     }
 

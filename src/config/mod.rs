@@ -551,7 +551,9 @@ fn validate_web(web: &WebConfig, err: &mut impl FnMut(String, String)) {
             err("web.public_url".into(), "must be a base URL, without ? or #".into());
         }
         match &web.link_key {
-            None => err("web.link_key".into(), "is required with web.public_url: links cannot be signed without it".into()),
+            None => {
+                err("web.link_key".into(), "is required with web.public_url: links cannot be signed without it".into())
+            }
             Some(k) if k.expose().len() < MIN_LINK_KEY => {
                 err("web.link_key".into(), format!("is too short: use at least {MIN_LINK_KEY} random characters"))
             }
@@ -576,7 +578,10 @@ fn validate_web(web: &WebConfig, err: &mut impl FnMut(String, String)) {
     }
     for (i, k) in web.card_keys.iter().enumerate() {
         if k.expose().len() < MIN_API_KEY || !k.expose().chars().all(|c| c.is_ascii_graphic()) {
-            err(format!("web.card_keys[{i}]"), format!("use at least {MIN_API_KEY} random printable characters, no spaces"));
+            err(
+                format!("web.card_keys[{i}]"),
+                format!("use at least {MIN_API_KEY} random printable characters, no spaces"),
+            );
         }
     }
     if let Some(problem) = url_problem(&web.kustomer_card_js) {
@@ -590,7 +595,10 @@ fn validate_web(web: &WebConfig, err: &mut impl FnMut(String, String)) {
     }
     for (i, a) in web.frame_ancestors.iter().enumerate() {
         if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '\'') {
-            err(format!("web.frame_ancestors[{i}]"), format!("{a:?} is not one CSP source (such as https://*.kustomerapp.com)"));
+            err(
+                format!("web.frame_ancestors[{i}]"),
+                format!("{a:?} is not one CSP source (such as https://*.kustomerapp.com)"),
+            );
         }
     }
 }
@@ -831,7 +839,9 @@ impl Config {
                 err("web.listen".into(), "serves archived mail: it needs [archive] enabled".into());
             }
             let admin = self.admin.as_ref().map(|a| a.listen.as_str());
-            if web.listen.is_some() && web.listen.as_deref() == admin {
+            let fixed_port =
+                web.listen.as_deref().and_then(|l| l.parse::<SocketAddr>().ok()).is_some_and(|a| a.port() != 0);
+            if fixed_port && web.listen.as_deref() == admin {
                 err("web.listen".into(), "must differ from admin.listen: the public side is served on its own".into());
             }
         }

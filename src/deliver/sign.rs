@@ -71,7 +71,8 @@ mod tests {
     fn one_entry_per_secret_in_order() {
         let a = signing_key(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
         let b = signing_key(&Secret::new("whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA==")).unwrap();
-        let both = Signer::new(vec![a, b]).signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let both =
+            Signer::new(vec![a, b]).signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
         let entries: Vec<&str> = both.split(' ').collect();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0], "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");

@@ -32,6 +32,7 @@ pub(crate) const RESERVED: &[&str] = &[
     "envelope",
     "rule",
     "fields",
+    "links",
 ];
 
 /// Which of the [`RESERVED`] names a rule's templates refer to (bit `i` for `RESERVED[i]`).
@@ -260,11 +261,19 @@ pub(crate) struct Context<'a> {
     fields: Fields<'a>,
     /// The same fields as template values, once the engine needs them.
     values: OnceCell<Arc<BTreeMap<String, Value>>>,
+    /// Signed links, when `[web] public_url` is set.
+    links: Option<&'a crate::links::Links>,
 }
 
 impl<'a> Context<'a> {
     pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Fields<'a>) -> Context<'a> {
-        Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new() }
+        Context { email, envelope, rule, base: RefCell::default(), fields, values: OnceCell::new(), links: None }
+    }
+
+    /// Lets templates see the message's signed links as `links`.
+    pub(crate) fn with_links(mut self, links: Option<&'a crate::links::Links>) -> Context<'a> {
+        self.links = links;
+        self
     }
 
     pub(crate) fn email(&self) -> &Email {
@@ -323,6 +332,9 @@ impl<'a> Context<'a> {
         let missing = uses.without(base.0);
         if missing != Uses::default() {
             add_base_values(Arc::make_mut(&mut base.1), self.email, self.envelope, self.rule, missing);
+            if missing.has("links") {
+                Arc::make_mut(&mut base.1).insert("links", links_value(self.links, self.email, self.envelope));
+            }
             base.0 = base.0.union(missing);
         }
         let base = base.1.clone();
@@ -374,6 +386,30 @@ fn add_base_values(
         };
         base.insert(name, value);
     }
+}
+
+/// `links`: `url`, `attachment_urls` (comma-joined) and `attachments` (`{name, url}` each);
+/// empty strings and an empty list without `[web] public_url`.
+fn links_value(links: Option<&crate::links::Links>, email: &Email, envelope: &Envelope) -> Value {
+    let (url, attachments) = match links {
+        Some(l) => (l.message(&envelope.id), l.attachments(&envelope.id, email)),
+        None => (String::new(), Vec::new()),
+    };
+    let joined = attachments.iter().map(|(_, u)| u.as_str()).collect::<Vec<_>>().join(", ");
+    let list: Vec<Value> = attachments
+        .into_iter()
+        .map(|(name, url)| {
+            let mut m: BTreeMap<&str, Value> = BTreeMap::new();
+            m.insert("name", Value::from(name));
+            m.insert("url", Value::from(url));
+            Value::from(m)
+        })
+        .collect();
+    let mut m: BTreeMap<&str, Value> = BTreeMap::new();
+    m.insert("url", Value::from(url));
+    m.insert("attachment_urls", Value::from(joined));
+    m.insert("attachments", Value::from(list));
+    Value::from(m)
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {

@@ -103,7 +103,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
     }
     let memo_slots = assign_memo_slots(&mut conditions.all);
     let files = sources.iter().map(|(f, _)| f.clone()).collect();
-    Ok(RuleSet { rules, conditions, unmatched, templates, files, memo_slots })
+    Ok(RuleSet { rules, conditions, unmatched, templates, files, memo_slots, links: None })
 }
 
 /// Gives every `when` condition that more than one rule has (same key, same pattern) a slot in

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod console;
+pub mod public;
 pub mod reload;
 
 use crate::config::Config;
@@ -41,6 +42,8 @@ pub enum ServeError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     Archive(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Public(#[from] public::PublicError),
     #[error("{0}")]
     Imap(String),
     #[error("{0}")]
@@ -49,7 +52,9 @@ pub enum ServeError {
 
 /// Loads and checks the rules of `config` (destinations included).
 pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
-    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    let mut rules =
+        RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    rules.set_links(config.web.as_ref().and_then(crate::links::Links::from_config).map(Arc::new));
     let errors = rules.check_destinations(|d| config.destination.contains_key(d));
     if errors.is_empty() { Ok(rules) } else { Err(errors) }
 }
@@ -126,6 +131,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let web = match (config.web.as_ref().and_then(|w| w.listen.as_ref()), &archive) {
+        (Some(_), Some(archive)) => {
+            Some(public::PublicListener::bind(public::Public::new(&config, archive.clone())?).await?)
+        }
+        (Some(_), None) => return Err(public::PublicError::Config("listen needs [archive] enabled").into()),
+        (None, _) => None,
+    };
     let reloader = Reloader::start(&config, rules, metrics.clone())?;
     let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)
         .map_err(ServeError::Imap)?;
@@ -138,6 +150,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     if let Some(admin) = admin {
         tasks.spawn(admin.run(stop_rx.clone()));
+    }
+    if let Some(web) = web {
+        tasks.spawn(web.run(stop_rx.clone()));
     }
     tasks.spawn(reloader.run(stop_rx.clone()));
     if let Some(archive) = &archive {
