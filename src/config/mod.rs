@@ -524,7 +524,7 @@ fn default_card_js() -> String {
     "https://cdn.kustomerapp.com/card-js/latest/kustomer-card.min.js".to_string()
 }
 fn default_card_attribute() -> String {
-    "mailhookUrl".to_string()
+    "mailhookUrlStr".to_string()
 }
 fn default_frame_ancestors() -> Vec<String> {
     vec!["https://*.kustomerapp.com".to_string()]
