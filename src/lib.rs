@@ -23,7 +23,7 @@
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
 //! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
-//! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, shutdown |
+//! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, the public listener (signed pages, Kustomer card, lookup API), shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay` |
 //! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |

@@ -2,8 +2,9 @@
 //! shutdown. The only module that knows all the others.
 //!
 //! Start-up order: rules and destinations are built first (any error refuses to start), then
-//! the spool is locked and recovered, the listeners and the admin endpoint bind (a port in use
-//! refuses to start), and only then does work begin. SIGHUP or a change in the rules directory
+//! the spool is locked and recovered, the listeners, the admin endpoint and the public listener
+//! ([`public`], `[web] listen`) bind (a port in use refuses to start), and only then does work
+//! begin. SIGHUP or a change in the rules directory
 //! reloads the rules ([`reload`]). SIGTERM or SIGINT stops claiming new work, closes the
 //! listeners, the admin endpoint and the rules watcher, and lets rounds in flight finish within
 //! a grace period.
