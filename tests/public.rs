@@ -299,7 +299,7 @@ fn forged_expired_and_rotated_out_links_get_one_403_and_a_lost_email_410() {
 #[test]
 fn lookup_answers_one_object_and_the_card_api_checks_its_key() {
     let hook = HookServer::start(HookOptions::default());
-    let mut gw = gateway(&hook, "card_rules = [\"orders\"]\n");
+    let mut gw = gateway(&hook, "card_rules = [\"orders\"]\napi_rate = \"off\"\n");
     gw.ingest(&order_with_attachment(1, "shop@example.com"));
     gw.ingest(&order_with_attachment(2, "Shop@Example.com"));
     gw.ingest(b"From: other@example.org\r\nTo: hook@example.com\r\nSubject: Hello\r\n\r\nhi\r\n");
@@ -329,6 +329,50 @@ fn lookup_answers_one_object_and_the_card_api_checks_its_key() {
         assert_eq!(a.status, 401, "{bad:?}");
         assert!(a.json().is_object());
     }
+
+    // Many generated requests: whatever is asked, by whomever, the answer is one JSON object
+    // with no array anywhere.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let addresses = [
+        "shop@example.com",
+        "SHOP@example.com",
+        "other@example.org",
+        "hook@example.com",
+        "x@y",
+        "",
+        "%40",
+        "a%2Cb@c.d",
+    ];
+    let directions = ["", "&direction=to", "&direction=from", "&direction=up", "&direction="];
+    let keys = [Some(auth.as_str()), Some("Bearer nope"), None];
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..300 {
+        let path = format!(
+            "/api/v1/lookup?email={}{}",
+            addresses[next(addresses.len() as u64) as usize],
+            directions[next(directions.len() as u64) as usize]
+        );
+        let headers: Vec<(&str, &str)> = keys[next(3) as usize].map(|k| ("Authorization", k)).into_iter().collect();
+        let a = http(web, "GET", &path, &headers);
+        let body = a.json();
+        fn has_array(v: &Value) -> bool {
+            match v {
+                Value::Array(_) => true,
+                Value::Object(m) => m.values().any(has_array),
+                _ => false,
+            }
+        }
+        assert!(body.is_object() && !has_array(&body), "{path}: {} {body}", a.status);
+        assert!([200, 400, 401, 404].contains(&a.status), "{path}: {}", a.status);
+        seen.insert(a.status);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), [200, 400, 401, 404], "every kind of answer was generated");
 
     // The card's API: a card key lists the customer's mail (only card_rules' rules)...
     let card = format!("Bearer {CARD_KEY}");

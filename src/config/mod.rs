@@ -586,6 +586,12 @@ fn validate_web(web: &WebConfig, err: &mut impl FnMut(String, String)) {
     }
     if let Some(problem) = url_problem(&web.kustomer_card_js) {
         err("web.kustomer_card_js".into(), problem);
+    } else if web
+        .kustomer_card_js
+        .contains(|c: char| c.is_whitespace() || matches!(c, ';' | ',' | '\'' | '"' | '?' | '#'))
+    {
+        // It becomes a CSP source of the card page: one URL, nothing that could end the directive.
+        err("web.kustomer_card_js".into(), "must be one plain URL (no query, spaces, ; or quotes)".into());
     }
     if web.card_attribute.trim().is_empty() {
         err("web.card_attribute".into(), "must not be empty".into());
