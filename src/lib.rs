@@ -24,10 +24,11 @@
 //! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention |
 //! | [`lifecycle`] | rule changes and sender changes: shadow runs over the archive, trial rules, drift alarms |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
-//! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, shutdown |
+//! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, the public listener (signed pages, Kustomer card, lookup API), shutdown |
 //! | [`cmd`] | the operator commands: `try`, `test`, `check`, `ingest`, `queue`, `replay`, `shadow` |
 //! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
+//! | [`links`] | signed links to an email's public page and attachments (`[web]`) |
 //! | [`backoff`] | the retry schedule shared by delivery and the IMAP watchers |
 //! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
 //! | [`logging`] | the tracing subscriber: text or JSON lines |
@@ -49,5 +50,6 @@ pub mod cmd;
 pub mod model;
 pub mod config;
 pub mod backoff;
+pub mod links;
 pub mod metrics;
 pub mod logging;

@@ -515,3 +515,55 @@ fn a_read_only_spool_pauses_deliveries_instead_of_repeating_them() {
     assert!(requests.iter().all(|r| r.idempotency_key.as_deref() == Some(id.as_str())));
     assert_eq!(gw.stop(), 0);
 }
+
+/// Standard Webhooks: every request carries webhook-id (the spool id), webhook-timestamp and one
+/// `v1,` signature per configured secret, which the receiver checks with the spec's formula.
+#[test]
+fn webhook_with_signing_secrets_is_signed_with_each() {
+    use base64::Engine;
+    use ring::hmac;
+    let hook = HookServer::start(HookOptions::default());
+    hook.push_status(503);
+    let (old, new) = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludA==");
+    let config = format!(
+        "{DELIVERY}[destination.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsigning_secret = [\"${{OLD}}\", \"${{NEW}}\"]\n",
+        hook.url("/hook")
+    );
+    let mut gw = Gateway::new(&config, &rule_to(&["ops"])).env("OLD", old).env("NEW", new);
+    let id = gw.ingest(&message(0, "signed"));
+    gw.start();
+    let got = hook.wait_for_accepted(1, WAIT);
+    let requests = hook.requests();
+    assert_eq!(requests.len(), 2, "one refused, one accepted: {requests:?}");
+    let expected = |secret: &str, r: &support::hook::Recorded| {
+        let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+        let ts = r.header("webhook-timestamp").unwrap();
+        let mut signed = format!("{}.{ts}.", r.header("webhook-id").unwrap()).into_bytes();
+        signed.extend_from_slice(&r.body);
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &signed);
+        format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(tag.as_ref()))
+    };
+    for r in &requests {
+        assert_eq!(r.header("webhook-id"), Some(id.as_str()), "the spool id, the same on the retry");
+        let ts: u64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(ts <= now && now - ts < 60, "timestamp {ts} is not now ({now})");
+        assert_eq!(r.header("webhook-signature").unwrap(), format!("{} {}", expected(old, r), expected(new, r)));
+    }
+    assert_eq!(got[0].header("webhook-id"), Some(id.as_str()));
+    assert_eq!(gw.stop(), 0);
+    let logs = gw.logs();
+    assert!(!logs.contains("MfKQ9r8G") && !logs.contains("c2VjcmV0LW9m"), "a signing secret leaked into the logs");
+}
+
+#[test]
+fn a_bad_signing_secret_refuses_the_config_without_showing_it() {
+    let config = "[destination.ops]\ntype = \"webhook\"\nurl = \"https://ops.example.com/hook\"\nsigning_secret = \"${S}\"\n[destination.k]\ntype = \"kustomer-form-hook\"\nurl = \"https://acme.api.kustomerapp.com/v1/hooks/form/o/h\"\nsigning_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+    let gw = Gateway::new(config, &rule_to(&["ops"])).env("S", "whsec_c2VjcmV0!!notbase64-secretvalue");
+    let out = gw.run(&["check"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(text.contains("destination.ops.signing_secret[0]: the part after \"whsec_\" is not base64"), "{text}");
+    assert!(text.contains("destination.k.signing_secret: is not used by type \"kustomer-form-hook\""), "{text}");
+    assert!(!text.contains("notbase64-secretvalue"), "{text}");
+}

@@ -80,6 +80,8 @@ pub struct Config {
     pub archive: ArchiveConfig,
     #[serde(default)]
     pub drift: DriftConfig,
+    /// The public side: signed links, the Kustomer card, the lookup API.
+    pub web: Option<WebConfig>,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -491,6 +493,10 @@ destination_table! {
         url: String,
         #[serde(default)]
         headers: BTreeMap<String, Secret>,
+        /// Standard Webhooks signing secrets (`whsec_` + base64), one or a list; every request
+        /// is signed with each (rotation: list the new one beside the old one).
+        #[serde(default)]
+        signing_secret: OneOrMany<Secret>,
         ca_file: Option<PathBuf>,
     }
 }
@@ -600,7 +606,7 @@ impl DestinationConfig {
         match self {
             DestinationConfig::KustomerWebHook(d) => vec![&d.token],
             DestinationConfig::KustomerEmailHook(d) => std::iter::once(&d.key).chain(&d.password).collect(),
-            DestinationConfig::Webhook(d) => d.headers.values().collect(),
+            DestinationConfig::Webhook(d) => d.headers.values().chain(&d.signing_secret.0).collect(),
             DestinationConfig::KustomerFormHook(_) | DestinationConfig::File(_) => Vec::new(),
         }
     }
@@ -771,6 +777,163 @@ fn default_archive_keep() -> Duration {
 
 fn default_archive_max_size() -> bytesize::ByteSize {
     bytesize::ByteSize::gb(5)
+}
+
+/// `[web]`: what is served to Kustomer and its agents (see `src/serve/public/`), and the
+/// links put in payloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// The public listener (behind a TLS reverse proxy). Without it, links are still built
+    /// (another instance may serve them).
+    pub listen: Option<String>,
+    /// The base of every link, as the browser reaches it (`https://mailhook.example.com`).
+    pub public_url: Option<String>,
+    /// The payload key that holds the email's link.
+    #[serde(default = "default_url_field")]
+    pub url_field: String,
+    /// The key links are signed with (at least 32 characters; give it through `${VAR}`).
+    pub link_key: Option<Secret>,
+    /// How long a link is valid, counted from when the email was received.
+    #[serde(default = "default_link_ttl", with = "humantime_serde")]
+    pub link_ttl: Duration,
+    /// Keys links were signed with before `link_key`: still accepted.
+    #[serde(default)]
+    pub old_link_keys: Vec<Secret>,
+    /// Bearer key of `GET /api/v1/lookup`; without it the lookup API is off.
+    pub api_key: Option<Secret>,
+    /// Lookup requests allowed (all callers together).
+    #[serde(default = "default_api_rate")]
+    pub api_rate: Rate,
+    /// The Kustomer Cards SDK script the card page loads.
+    #[serde(default = "default_card_js")]
+    pub kustomer_card_js: String,
+    /// The conversation's or KObject's custom attribute holding a mailhook link or id.
+    #[serde(default = "default_card_attribute")]
+    pub card_attribute: String,
+    /// Keys a card may present (each a read key to the archived mail of every customer).
+    #[serde(default)]
+    pub card_keys: Vec<Secret>,
+    /// Rules whose mail the card may show; empty: every rule's.
+    #[serde(default)]
+    pub card_rules: Vec<String>,
+    /// Who may frame the card (`Content-Security-Policy: frame-ancestors`).
+    #[serde(default = "default_frame_ancestors")]
+    pub frame_ancestors: Vec<String>,
+}
+
+fn default_url_field() -> String {
+    "url".to_string()
+}
+fn default_link_ttl() -> Duration {
+    Duration::from_secs(90 * 86400)
+}
+fn default_api_rate() -> Rate {
+    Rate::per_minute(600.0)
+}
+fn default_card_js() -> String {
+    "https://cdn.kustomerapp.com/card-js/latest/kustomer-card.min.js".to_string()
+}
+fn default_card_attribute() -> String {
+    "mailhookUrlStr".to_string()
+}
+fn default_frame_ancestors() -> Vec<String> {
+    vec!["https://*.kustomerapp.com".to_string()]
+}
+
+/// The shortest `link_key` accepted.
+pub const MIN_LINK_KEY: usize = 32;
+/// The shortest `api_key` or card key accepted.
+pub const MIN_API_KEY: usize = 16;
+
+fn validate_web(web: &WebConfig, err: &mut impl FnMut(String, String)) {
+    if let Some(listen) = &web.listen
+        && listen.parse::<SocketAddr>().is_err()
+    {
+        err("web.listen".into(), format!("{listen:?} is not an IP:port address"));
+    }
+    if web.listen.is_some() && web.public_url.is_none() {
+        err("web.public_url".into(), "is required with web.listen: the links it serves are built on it".into());
+    }
+    if let Some(url) = &web.public_url {
+        if let Some(problem) = url_problem(url) {
+            err("web.public_url".into(), problem);
+        } else if url.contains(['?', '#']) {
+            err("web.public_url".into(), "must be a base URL, without ? or #".into());
+        }
+        match &web.link_key {
+            None => {
+                err("web.link_key".into(), "is required with web.public_url: links cannot be signed without it".into())
+            }
+            Some(k) if k.expose().len() < MIN_LINK_KEY => {
+                err("web.link_key".into(), format!("is too short: use at least {MIN_LINK_KEY} random characters"))
+            }
+            Some(_) => {}
+        }
+    }
+    for (i, k) in web.old_link_keys.iter().enumerate() {
+        if k.expose().len() < MIN_LINK_KEY {
+            err(format!("web.old_link_keys[{i}]"), format!("is too short: use at least {MIN_LINK_KEY} characters"));
+        }
+    }
+    if web.url_field.trim().is_empty() {
+        err("web.url_field".into(), "must not be empty".into());
+    }
+    if web.link_ttl.is_zero() {
+        err("web.link_ttl".into(), "must be longer than zero".into());
+    }
+    if let Some(k) = &web.api_key
+        && k.expose().len() < MIN_API_KEY
+    {
+        err("web.api_key".into(), format!("is too short: use at least {MIN_API_KEY} random characters"));
+    }
+    for (i, k) in web.card_keys.iter().enumerate() {
+        if k.expose().len() < MIN_API_KEY || !k.expose().chars().all(|c| c.is_ascii_graphic()) {
+            err(
+                format!("web.card_keys[{i}]"),
+                format!("use at least {MIN_API_KEY} random printable characters, no spaces"),
+            );
+        }
+    }
+    if let Some(problem) = url_problem(&web.kustomer_card_js) {
+        err("web.kustomer_card_js".into(), problem);
+    } else if web
+        .kustomer_card_js
+        .contains(|c: char| c.is_whitespace() || matches!(c, ';' | ',' | '\'' | '"' | '?' | '#'))
+    {
+        // It becomes a CSP source of the card page: one URL, nothing that could end the directive.
+        err("web.kustomer_card_js".into(), "must be one plain URL (no query, spaces, ; or quotes)".into());
+    }
+    if web.card_attribute.trim().is_empty() {
+        err("web.card_attribute".into(), "must not be empty".into());
+    }
+    if web.frame_ancestors.is_empty() {
+        err("web.frame_ancestors".into(), "needs at least one source (Kustomer frames the card)".into());
+    }
+    for (i, a) in web.frame_ancestors.iter().enumerate() {
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == ';' || c == ',' || c == '\'') {
+            err(
+                format!("web.frame_ancestors[{i}]"),
+                format!("{a:?} is not one CSP source (such as https://*.kustomerapp.com)"),
+            );
+        }
+    }
+}
+
+/// Why `url` cannot be a base the browser reaches safely: https, or http to a loopback host.
+fn url_problem(url: &str) -> Option<String> {
+    if let Some(rest) = url.strip_prefix("https://") {
+        return (rest.is_empty() || rest.starts_with('/')).then(|| "has no host".to_string());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Some("must be an https:// URL".to_string());
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    (!is_loopback_host(host)).then(|| "must be https:// (plain http:// only to a loopback host)".to_string())
 }
 
 fn default_admin_listen() -> String {
@@ -1379,6 +1542,18 @@ impl Config {
                 ),
             );
         }
+        if let Some(web) = &self.web {
+            validate_web(web, &mut |k, m| err(k, m));
+            if web.listen.is_some() && !self.archive.enabled {
+                err("web.listen".into(), "serves archived mail: it needs [archive] enabled".into());
+            }
+            let admin = self.admin.as_ref().map(|a| a.listen.as_str());
+            let fixed_port =
+                web.listen.as_deref().and_then(|l| l.parse::<SocketAddr>().ok()).is_some_and(|a| a.port() != 0);
+            if fixed_port && web.listen.as_deref() == admin {
+                err("web.listen".into(), "must differ from admin.listen: the public side is served on its own".into());
+            }
+        }
         if self.archive.keep.is_zero() {
             err("archive.keep".into(), "must be longer than zero".into());
         }
@@ -1405,7 +1580,14 @@ fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(
     match d {
         DestinationConfig::KustomerWebHook(h) => http(&h.url, Some("token"), err),
         DestinationConfig::KustomerFormHook(h) => http(&h.url, None, err),
-        DestinationConfig::Webhook(h) => http(&h.url, (!h.headers.is_empty()).then_some("headers"), err),
+        DestinationConfig::Webhook(h) => {
+            http(&h.url, (!h.headers.is_empty()).then_some("headers"), err);
+            for (i, secret) in h.signing_secret.0.iter().enumerate() {
+                if let Err(e) = signing_key(secret) {
+                    err(format!("{at}.signing_secret[{i}]"), e.to_string());
+                }
+            }
+        }
         DestinationConfig::KustomerEmailHook(e) => {
             if e.password.is_some() != e.username.is_some() {
                 err(format!("{at}.username"), "username and password go together".into());
@@ -1432,6 +1614,54 @@ fn validate_destination(name: &str, d: &DestinationConfig, err: &mut impl FnMut(
     {
         err(format!("{at}.backoff"), "initial must not be longer than max".into());
     }
+}
+
+/// What is wrong with a Standard Webhooks signing secret (the secret itself is never shown).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SigningSecretError {
+    #[error("must start with \"whsec_\" followed by base64")]
+    Prefix,
+    #[error("the part after \"whsec_\" is not base64")]
+    Base64,
+    #[error("decodes to {0} bytes: use at least 24 random bytes")]
+    Short(usize),
+}
+
+/// A value given either alone or as a list (`key = "a"` or `key = ["a", "b"]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneOrMany<T>(pub Vec<T>);
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            One(T),
+            Many(Vec<T>),
+        }
+        match Either::deserialize(d) {
+            Ok(Either::One(v)) => Ok(OneOrMany(vec![v])),
+            Ok(Either::Many(v)) => Ok(OneOrMany(v)),
+            Err(_) => Err(serde::de::Error::custom("expected a string or a list of strings")),
+        }
+    }
+}
+
+/// The key bytes of a `whsec_<base64>` signing secret.
+pub fn signing_key(secret: &Secret) -> Result<Vec<u8>, SigningSecretError> {
+    use base64::Engine;
+    let b64 = secret.expose().strip_prefix("whsec_").ok_or(SigningSecretError::Prefix)?;
+    let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| SigningSecretError::Base64)?;
+    if key.len() < 24 {
+        return Err(SigningSecretError::Short(key.len()));
+    }
+    Ok(key)
 }
 
 fn is_loopback_host(host: &str) -> bool {

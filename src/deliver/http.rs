@@ -13,6 +13,8 @@ const BODY_START: usize = 200;
 /// Why an HTTP destination could not be set up from its config.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpDestinationError {
+    #[error("signing_secret: {0}")]
+    Signing(#[source] crate::config::SigningSecretError),
     #[error("token holds characters not allowed in a header")]
     Token(#[source] reqwest::header::InvalidHeaderValue),
     #[error("header name {name:?} is not valid")]
@@ -47,6 +49,7 @@ pub struct HttpDestination {
     client: reqwest::Client,
     url: String,
     headers: HeaderMap,
+    signer: super::sign::Signer,
 }
 
 impl HttpDestination {
@@ -56,6 +59,7 @@ impl HttpDestination {
         url: &str,
         token: Option<&str>,
         extra: Option<&BTreeMap<String, Secret>>,
+        signing: &[Secret],
         timeout: Duration,
         ca_file: Option<&Path>,
     ) -> Result<HttpDestination, HttpDestinationError> {
@@ -76,6 +80,11 @@ impl HttpDestination {
             v.set_sensitive(true);
             headers.insert(n, v);
         }
+        let mut keys = Vec::new();
+        for secret in signing {
+            keys.push(crate::config::signing_key(secret).map_err(E::Signing)?);
+        }
+        let signer = super::sign::Signer::new(keys);
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -90,7 +99,7 @@ impl HttpDestination {
             }
         }
         let client = builder.build().map_err(E::Client)?;
-        Ok(HttpDestination { client, url, headers })
+        Ok(HttpDestination { client, url, headers, signer })
     }
 
     pub async fn send(&self, id: &str, body: &[u8]) -> Attempt {
@@ -101,7 +110,15 @@ impl HttpDestination {
     pub async fn send_traced(&self, id: &str, body: &[u8]) -> (Attempt, Reply) {
         let mut headers = self.headers.clone();
         if let Ok(v) = HeaderValue::from_str(id) {
-            headers.insert("idempotency-key", v);
+            headers.insert("idempotency-key", v.clone());
+            if !self.signer.is_empty() {
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+                headers.insert("webhook-id", v);
+                headers.insert("webhook-timestamp", HeaderValue::from(now));
+                if let Ok(sig) = HeaderValue::from_str(&self.signer.signature(id, now, body)) {
+                    headers.insert("webhook-signature", sig);
+                }
+            }
         }
         let response = self.client.post(&self.url).headers(headers).body(body.to_vec()).send().await;
         match response {

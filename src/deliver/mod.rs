@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `kustomer-web-hook` | [`http`] | POST JSON with `Authorization: Bearer <token>` |
 //! | `kustomer-form-hook` | [`http`] | POST JSON, no auth |
-//! | `webhook` | [`http`] | POST JSON with the configured headers |
+//! | `webhook` | [`http`] | POST JSON with the configured headers, signed as Standard Webhooks says with `signing_secret` ([`sign`]) |
 //! | `kustomer-email-hook` | [`email`] | an HTML email carrying the payload as JSON-LD, via an SMTP relay |
 //! | `file` | [`file`] | one JSON line appended and flushed to disk |
 //!
@@ -24,6 +24,7 @@ pub mod email;
 pub mod file;
 pub mod http;
 pub mod shrink;
+pub mod sign;
 pub mod throttle;
 
 use crate::config::{Config, DestinationConfig};
@@ -114,17 +115,24 @@ impl Destination {
             DestinationConfig::KustomerWebHook(h) => {
                 let token = Some(h.token.expose());
                 Target::Http(
-                    http::HttpDestination::new(&h.url, token, None, timeout, ca(&h.ca_file).as_deref())
+                    http::HttpDestination::new(&h.url, token, None, &[], timeout, ca(&h.ca_file).as_deref())
                         .map_err(|e| err(e.into()))?,
                 )
             }
             DestinationConfig::KustomerFormHook(h) => Target::Http(
-                http::HttpDestination::new(&h.url, None, None, timeout, ca(&h.ca_file).as_deref())
+                http::HttpDestination::new(&h.url, None, None, &[], timeout, ca(&h.ca_file).as_deref())
                     .map_err(|e| err(e.into()))?,
             ),
             DestinationConfig::Webhook(h) => Target::Http(
-                http::HttpDestination::new(&h.url, None, Some(&h.headers), timeout, ca(&h.ca_file).as_deref())
-                    .map_err(|e| err(e.into()))?,
+                http::HttpDestination::new(
+                    &h.url,
+                    None,
+                    Some(&h.headers),
+                    &h.signing_secret.0,
+                    timeout,
+                    ca(&h.ca_file).as_deref(),
+                )
+                .map_err(|e| err(e.into()))?,
             ),
             DestinationConfig::KustomerEmailHook(e) => {
                 Target::Email(email::EmailHook::new(e, timeout, ca(&e.ca_file).as_deref()).map_err(|e| err(e.into()))?)

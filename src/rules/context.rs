@@ -32,6 +32,7 @@ pub(crate) const RESERVED: &[&str] = &[
     "envelope",
     "rule",
     "fields",
+    "links",
 ];
 
 /// Instructions one evaluation may spend: generous for real templates, a stop for runaways.
@@ -145,12 +146,20 @@ pub(crate) struct Context<'a> {
     fields: Map<String, Json>,
     /// The same fields as template values.
     values: Arc<BTreeMap<String, Value>>,
+    /// Signed links, when `[web] public_url` is set.
+    links: Option<&'a crate::links::Links>,
 }
 
 impl<'a> Context<'a> {
     pub(crate) fn new(email: &'a Email, envelope: &'a Envelope, rule: &'a str, fields: Map<String, Json>) -> Self {
         let values = Arc::new(fields.iter().map(|(k, v)| (k.clone(), Value::from(Serde(v)))).collect());
-        Context { email, envelope, rule, base: OnceCell::new(), fields, values }
+        Context { email, envelope, rule, base: OnceCell::new(), fields, values, links: None }
+    }
+
+    /// Lets templates see the message's signed links as `links`.
+    pub(crate) fn with_links(mut self, links: Option<&'a crate::links::Links>) -> Context<'a> {
+        self.links = links;
+        self
     }
 
     pub(crate) fn fields(&self) -> &Map<String, Json> {
@@ -166,7 +175,11 @@ impl<'a> Context<'a> {
 
     /// The context object a template is rendered with.
     fn value(&self) -> Value {
-        let base = self.base.get_or_init(|| Arc::new(base_values(self.email, self.envelope, self.rule)));
+        let base = self.base.get_or_init(|| {
+            let mut base = base_values(self.email, self.envelope, self.rule);
+            base.insert("links", links_value(self.links, self.email, self.envelope));
+            Arc::new(base)
+        });
         Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
     }
 }
@@ -190,6 +203,30 @@ fn base_values(email: &Email, envelope: &Envelope, rule: &str) -> BTreeMap<&'sta
         ("envelope", envelope_value(envelope)),
         ("rule", Value::from(rule)),
     ])
+}
+
+/// `links`: `url`, `attachment_urls` (comma-joined) and `attachments` (`{name, url}` each);
+/// empty strings and an empty list without `[web] public_url`.
+fn links_value(links: Option<&crate::links::Links>, email: &Email, envelope: &Envelope) -> Value {
+    let (url, attachments) = match links {
+        Some(l) => (l.message(&envelope.id), l.attachments(&envelope.id, email)),
+        None => (String::new(), Vec::new()),
+    };
+    let joined = attachments.iter().map(|(_, u)| u.as_str()).collect::<Vec<_>>().join(", ");
+    let list: Vec<Value> = attachments
+        .into_iter()
+        .map(|(name, url)| {
+            let mut m: BTreeMap<&str, Value> = BTreeMap::new();
+            m.insert("name", Value::from(name));
+            m.insert("url", Value::from(url));
+            Value::from(m)
+        })
+        .collect();
+    let mut m: BTreeMap<&str, Value> = BTreeMap::new();
+    m.insert("url", Value::from(url));
+    m.insert("attachment_urls", Value::from(joined));
+    m.insert("attachments", Value::from(list));
+    Value::from(m)
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {

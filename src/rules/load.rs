@@ -23,7 +23,9 @@ const RULE_KEYS: &[&str] = &["name", "description", "to", "require", "when", "ex
 /// Loads the rules directory of `config` and checks that every destination a rule names is
 /// one of its `[destination.*]` tables.
 pub fn load_rules(config: &Config) -> Result<RuleSet, Vec<RuleError>> {
-    let rules = RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    let mut rules =
+        RuleSet::load_dir(&config.resolve(&config.rules.dir), Unmatched::from_config(&config.rules.unmatched))?;
+    rules.set_links(config.web.as_ref().and_then(crate::links::Links::from_config).map(std::sync::Arc::new));
     let errors = rules.check_destinations(|d| config.destination.contains_key(d));
     if errors.is_empty() { Ok(rules) } else { Err(errors) }
 }
@@ -107,7 +109,7 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         return Err(errors);
     }
     let files = sources.iter().map(|(f, _)| f.clone()).collect();
-    Ok(RuleSet { rules, unmatched, templates, files })
+    Ok(RuleSet { rules, unmatched, templates, files, links: None })
 }
 
 struct FileCompiler<'a> {

@@ -225,6 +225,8 @@ pub struct RuleSet {
     unmatched: Unmatched,
     templates: context::Templates,
     files: Vec<PathBuf>,
+    /// Signed links added to payloads and offered to templates (`[web] public_url`).
+    links: Option<std::sync::Arc<crate::links::Links>>,
 }
 
 impl fmt::Debug for RuleSet {
@@ -298,8 +300,28 @@ impl RuleSet {
         errors
     }
 
+    /// Adds signed links to every payload and offers them to templates (see [`crate::links`]).
+    pub fn set_links(&mut self, links: Option<std::sync::Arc<crate::links::Links>>) {
+        self.links = links;
+    }
+
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
+        let outcome = self.judge(email, envelope);
+        let Some(links) = &self.links else { return outcome };
+        if matches!(outcome.action, Action::Drop) {
+            return outcome;
+        }
+        let default = outcome
+            .rule
+            .as_deref()
+            .and_then(|r| self.rules.iter().find(|x| x.name == r))
+            .is_none_or(|r| r.payload.is_none() || matches!(outcome.action, Action::Dead { .. }));
+        let payload = links.augment(outcome.payload, &envelope.id, email, default);
+        Outcome { payload, ..outcome }
+    }
+
+    fn judge(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let input = Input { email, envelope, source: OnceCell::new() };
         if let Some(rule) = self.rules.iter().find(|rule| rule.when.iter().all(|m| m.matches(&input))) {
             return self.apply(rule, &input);
@@ -360,7 +382,8 @@ impl RuleSet {
             return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Payload::empty() };
         }
 
-        let mut ctx = context::Context::new(input.email, input.envelope, &rule.name, fields);
+        let mut ctx =
+            context::Context::new(input.email, input.envelope, &rule.name, fields).with_links(self.links.as_deref());
         for (key, spec) in &rule.fields {
             match self.templates.eval(spec, &ctx) {
                 Ok(value) => ctx.set(key, value),

@@ -2,14 +2,16 @@
 //! shutdown. The only module that knows all the others.
 //!
 //! Start-up order: rules and destinations are built first (any error refuses to start), then
-//! the spool is locked and recovered, the listeners and the admin endpoint bind (a port in use
-//! refuses to start), and only then does work begin. SIGHUP or a change in the rules directory
+//! the spool is locked and recovered, the listeners, the admin endpoint and the public listener
+//! ([`public`], `[web] listen`) bind (a port in use refuses to start), and only then does work
+//! begin. SIGHUP or a change in the rules directory
 //! reloads the rules ([`reload`]). SIGTERM or SIGINT stops claiming new work, closes the
 //! listeners, the admin endpoint and the rules watcher, and lets rounds in flight finish within
 //! a grace period.
 
 pub mod admin;
 pub mod console;
+pub mod public;
 pub mod reload;
 
 use crate::config::Config;
@@ -46,6 +48,8 @@ pub enum ServeError {
     Imap(#[from] crate::ingest::imap::WatchersError),
     #[error(transparent)]
     Archive(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Public(#[from] public::PublicError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -145,6 +149,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let web = match (config.web.as_ref().and_then(|w| w.listen.as_ref()), &archive) {
+        (Some(_), Some(archive)) => {
+            Some(public::PublicListener::bind(public::Public::new(&config, archive.clone())?).await?)
+        }
+        (Some(_), None) => return Err(public::PublicError::Config("listen needs [archive] enabled").into()),
+        (None, _) => None,
+    };
     let reloader = Reloader::start(on_disk)?;
     let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -156,6 +167,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
     if let Some(admin) = admin {
         tasks.spawn(admin.run(stop_rx.clone()));
+    }
+    if let Some(web) = web {
+        tasks.spawn(web.run(stop_rx.clone()));
     }
     tasks.spawn(reloader.run(stop_rx.clone()));
     if let Some(drift) = &lifecycle.observer.drift {
