@@ -169,6 +169,17 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
+/// `links` as rules templates see it: `url`, `attachment_urls` (comma-joined) and
+/// `attachments` (`{name, url}` each); empty strings and an empty list without
+/// `[web] public_url`.
+pub fn template_json(links: Option<&Links>, id: &str, email: &Email) -> Json {
+    let (url, attachments) = links.map_or((String::new(), Vec::new()), |l| (l.message(id), l.attachments(id, email)));
+    let joined = attachments.iter().map(|(_, u)| u.as_str()).collect::<Vec<_>>().join(", ");
+    let list: Vec<Json> =
+        attachments.into_iter().map(|(name, url)| serde_json::json!({"name": name, "url": url})).collect();
+    serde_json::json!({"url": url, "attachment_urls": joined, "attachments": list})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

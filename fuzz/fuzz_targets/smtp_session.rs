@@ -58,8 +58,15 @@ fn config(flags: u8) -> SessionConfig {
         auth_required: flags & 4 != 0,
         max_connections: 10,
         max_recipients: 3,
+        max_connections_per_ip: 10,
         command_timeout: Duration::from_secs(10),
         data_timeout: Duration::from_secs(10),
+        min_data_rate: 500,
+        auth_max_failures: 3,
+        // No wait between failed AUTHs: the fuzzer runs sessions back to back.
+        auth_failure_delay: Duration::ZERO,
+        auth_failures_per_minute: usize::MAX,
+        clients: Default::default(),
         metrics: mailhook::metrics::Metrics::new(),
     }
 }

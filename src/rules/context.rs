@@ -177,7 +177,10 @@ impl<'a> Context<'a> {
     fn value(&self) -> Value {
         let base = self.base.get_or_init(|| {
             let mut base = base_values(self.email, self.envelope, self.rule);
-            base.insert("links", links_value(self.links, self.email, self.envelope));
+            base.insert(
+                "links",
+                Value::from(Serde(&crate::links::template_json(self.links, &self.envelope.id, self.email))),
+            );
             Arc::new(base)
         });
         Value::from_object(ContextObject { base: base.clone(), fields: self.values.clone() })
@@ -203,30 +206,6 @@ fn base_values(email: &Email, envelope: &Envelope, rule: &str) -> BTreeMap<&'sta
         ("envelope", envelope_value(envelope)),
         ("rule", Value::from(rule)),
     ])
-}
-
-/// `links`: `url`, `attachment_urls` (comma-joined) and `attachments` (`{name, url}` each);
-/// empty strings and an empty list without `[web] public_url`.
-fn links_value(links: Option<&crate::links::Links>, email: &Email, envelope: &Envelope) -> Value {
-    let (url, attachments) = match links {
-        Some(l) => (l.message(&envelope.id), l.attachments(&envelope.id, email)),
-        None => (String::new(), Vec::new()),
-    };
-    let joined = attachments.iter().map(|(_, u)| u.as_str()).collect::<Vec<_>>().join(", ");
-    let list: Vec<Value> = attachments
-        .into_iter()
-        .map(|(name, url)| {
-            let mut m: BTreeMap<&str, Value> = BTreeMap::new();
-            m.insert("name", Value::from(name));
-            m.insert("url", Value::from(url));
-            Value::from(m)
-        })
-        .collect();
-    let mut m: BTreeMap<&str, Value> = BTreeMap::new();
-    m.insert("url", Value::from(url));
-    m.insert("attachment_urls", Value::from(joined));
-    m.insert("attachments", Value::from(list));
-    Value::from(m)
 }
 
 fn envelope_value(envelope: &Envelope) -> Value {

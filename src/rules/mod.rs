@@ -308,10 +308,9 @@ impl RuleSet {
     /// Judges one message. Pure: the same inputs give the same outcome.
     pub fn evaluate(&self, email: &Email, envelope: &Envelope) -> Outcome {
         let outcome = self.judge(email, envelope);
-        let Some(links) = &self.links else { return outcome };
-        if matches!(outcome.action, Action::Drop) {
+        let Some(links) = self.links.as_ref().filter(|_| !matches!(outcome.action, Action::Drop)) else {
             return outcome;
-        }
+        };
         let default = outcome
             .rule
             .as_deref()
