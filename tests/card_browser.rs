@@ -11,18 +11,17 @@
 
 mod support;
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::browser::Driver;
 use support::gateway::Gateway;
 use support::hook::{HookOptions, HookServer};
 
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const LINK_KEY: &str = "card-test-link-key-0123456789-abcdefgh";
 const CARD_KEY: &str = "card-test-key-0123456789";
 
@@ -37,62 +36,6 @@ subject = 'Order'
 [rule.extract]
 subject = 'Order (?P<order>\d+)'
 "#;
-
-/// chromedriver on a free loopback port, killed when dropped.
-struct Driver {
-    child: Child,
-    port: u16,
-    profile: tempfile::TempDir,
-}
-
-impl Driver {
-    fn start() -> Driver {
-        assert!(
-            std::path::Path::new(CHROMEDRIVER).exists(),
-            "{CHROMEDRIVER} is missing: apt-get install -y chromium chromium-driver"
-        );
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen within 20 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Driver { child, port, profile: tempfile::tempdir().unwrap() }
-    }
-
-    async fn browser(&self) -> Client {
-        let profile = format!("--user-data-dir={}", self.profile.path().display());
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", "--window-size=1280,1000", profile,
-                ],
-            }),
-        );
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{}", self.port))
-            .await
-            .expect("a browser session")
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A tiny web server of fixed pages (path → content type, body), standing for Kustomer's
 /// origin; pages can be set after it started.

@@ -12,12 +12,15 @@
 //!   with its own temp dir and ports; optional TLS, IDLE off, XOAUTH2) for the IMAP watcher, with
 //!   [`dovecot::ImapClient`] to set up and inspect its mailboxes. Needs `dovecot-imapd` installed.
 //!
+//! - [`browser::Driver`]: chromedriver and a headless Chromium for page tests.
+//!
 //! Every in-process server binds `127.0.0.1:0`, runs on its own thread with its own tokio runtime
 //! (so it works from sync tests, async tests and while a `mailhook` subprocess talks to it) and
 //! stops when dropped; Dovecot runs as a child process on free loopback ports and is killed when
 //! dropped. Each test starts its own servers, so tests can run in parallel.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dovecot;
 pub mod gateway;
 pub mod hook;
