@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod console;
+mod download;
 pub mod public;
 pub mod reload;
 

@@ -30,6 +30,7 @@ use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
 use crate::pipeline::{Replayed, SharedRules};
 use crate::rules::Unmatched;
+use crate::serve::download::blocking;
 use crate::spool::actions::{self, ActionError};
 use crate::spool::{Spool, State};
 use crate::store::{Archive, ArchiveState, ArchiveWriter, MessageQuery, Record, StoreError, is_id};
@@ -266,11 +267,6 @@ fn json_response(status: StatusCode, body: Json) -> Response {
     let mut r = (status, format!("{body}\n")).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
-}
-
-/// Runs blocking archive or spool work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("console work does not panic")
 }
 
 // ---- login ---------------------------------------------------------------------------------
@@ -697,27 +693,10 @@ async fn attachment(
         Ok(None) => return c.error(StatusCode::NOT_FOUND, "no such message in the archive"),
         Err(e) => return c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let found = blocking(move || {
-        let email = crate::parse::parse(&raw);
-        let name = email.attachments.get(n).map(|a| a.name.clone())?;
-        crate::parse::attachment_content(&raw, n).map(|bytes| (name, bytes))
-    })
-    .await;
-    let Some((name, bytes)) = found else {
-        return c.error(StatusCode::NOT_FOUND, "no such attachment");
-    };
-    // Always a download, never shown in the console's origin, whatever type it claims.
-    let safe: String =
-        name.chars().filter(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_' | ' ')).take(100).collect();
-    let safe = if safe.trim().is_empty() { format!("attachment-{n}") } else { safe };
-    (
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{safe}\"")),
-        ],
-        bytes,
-    )
-        .into_response()
+    match crate::serve::download::attachment(raw, n).await {
+        Some(download) => download,
+        None => c.error(StatusCode::NOT_FOUND, "no such attachment"),
+    }
 }
 
 // ---- actions -------------------------------------------------------------------------------

@@ -104,19 +104,26 @@ pub async fn lookup(State(p): State<Arc<Public>>, headers: HeaderMap, Query(q): 
             cursor,
             ..MessageQuery::default()
         };
-        let first = archive.list(&query(None, 1))?;
-        let Some(latest) = first.items.first() else { return Ok(None) };
-        let record = archive.get(&latest.id)?;
+        // The latest by when it was received (spool ids are ULIDs: they sort by that time), not
+        // by when its delivery ended, which is the archive's own order.
+        let mut latest: Option<String> = None;
         let mut count = 0u64;
         let mut cursor = None;
         loop {
             let page = archive.list(&query(cursor, MAX_PAGE))?;
             count += page.items.len() as u64;
+            for item in page.items {
+                if latest.as_ref().is_none_or(|l| item.id > *l) {
+                    latest = Some(item.id);
+                }
+            }
             match page.next {
                 Some(next) => cursor = Some(next),
                 None => break,
             }
         }
+        let Some(latest) = latest else { return Ok(None) };
+        let record = archive.get(&latest)?;
         Ok::<_, crate::store::StoreError>(record.map(|r| (r, count)))
     })
     .await;

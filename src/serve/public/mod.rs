@@ -21,6 +21,7 @@ pub mod page;
 
 use crate::config::{Config, WebConfig};
 use crate::links::Links;
+pub(crate) use crate::serve::download::blocking;
 use crate::store::Archive;
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -182,9 +183,4 @@ async fn security_headers(mut response: Response) -> Response {
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-/// Runs a blocking archive call off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("a blocking task does not panic")
 }

@@ -149,24 +149,8 @@ pub async fn attachment(
         Found::Message(_, raw) => raw,
         other => return refuse(&p, other),
     };
-    let found = blocking(move || {
-        let email = crate::parse::parse(&raw);
-        let name = email.attachments.get(n).map(|a| a.name.clone())?;
-        crate::parse::attachment_content(&raw, n).map(|bytes| (name, bytes))
-    })
-    .await;
-    let Some((name, bytes)) = found else {
-        return p.error(StatusCode::NOT_FOUND, "This email has no such attachment.");
-    };
-    let safe: String =
-        name.chars().filter(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_' | ' ')).take(100).collect();
-    let safe = if safe.trim().is_empty() { format!("attachment-{n}") } else { safe };
-    (
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{safe}\"")),
-        ],
-        bytes,
-    )
-        .into_response()
+    match crate::serve::download::attachment(raw, n).await {
+        Some(download) => download,
+        None => p.error(StatusCode::NOT_FOUND, "This email has no such attachment."),
+    }
 }
