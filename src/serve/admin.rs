@@ -16,8 +16,8 @@
 //! start; the server stops on shutdown.
 
 use crate::config::{AdminConfig, Secret};
-use crate::metrics::{Metrics, SpoolGauges};
-use crate::spool::{Spool, State};
+use crate::metrics::Metrics;
+use crate::spool::Spool;
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -199,7 +199,7 @@ async fn healthz(Extract(state): Extract<Arc<AdminState>>) -> Response {
 
 async fn metrics(Extract(state): Extract<Arc<AdminState>>) -> Response {
     let spool = state.spool.clone();
-    match tokio::task::spawn_blocking(move || count_spool(&spool)).await {
+    match tokio::task::spawn_blocking(move || spool.gauges()).await {
         Ok(Ok(gauges)) => state.metrics.set_spool(gauges),
         Ok(Err(e)) => warn!(error = %e, "cannot count the spool for /metrics"),
         Err(e) => warn!(error = %e, "cannot count the spool for /metrics"),
@@ -231,22 +231,6 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response {
     response
 }
 
-/// What the spool holds: a directory listing per state (no metadata is read: a spool id is a
-/// ULID, which carries the time the message was received).
-pub fn count_spool(spool: &Spool) -> Result<SpoolGauges, crate::spool::SpoolError> {
-    let deferred = spool.list(State::Deferred)?;
-    let oldest_deferred_age = deferred
-        .first()
-        .and_then(|id| ulid::Ulid::from_string(id).ok())
-        .map(|u| SystemTime::now().duration_since(u.datetime()).unwrap_or_default());
-    Ok(SpoolGauges {
-        incoming: spool.list(State::Incoming)?.len() as u64 + spool.list(State::Active)?.len() as u64,
-        deferred: deferred.len() as u64,
-        oldest_deferred_age,
-        dead: spool.list(State::Dead)?.len() as u64,
-    })
-}
-
 /// Compares a presented secret with the expected one in a time that depends only on the
 /// expected one's length, not on how many leading bytes are right.
 fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
@@ -261,6 +245,7 @@ fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::State;
 
     #[test]
     fn secrets_compare_whole() {
@@ -282,7 +267,7 @@ mod tests {
         spool.store(envelope(), b"Subject: c\r\n\r\nc\r\n").unwrap();
         spool.transition_blocking(&a, State::Incoming, State::Deferred, None).unwrap();
         spool.transition_blocking(&b, State::Incoming, State::Dead, None).unwrap();
-        let g = count_spool(&spool).unwrap();
+        let g = spool.gauges().unwrap();
         assert_eq!((g.incoming, g.deferred, g.dead), (1, 1, 1));
         let age = g.oldest_deferred_age.expect("a deferred message has an age");
         assert!(age < Duration::from_secs(60), "{age:?}");

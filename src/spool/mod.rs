@@ -329,6 +329,22 @@ impl Spool {
         draft.commit_blocking(envelope).map(|meta| meta.id)
     }
 
+    /// What the spool holds, for `/metrics` and the console: a directory listing per state (no
+    /// metadata is read: a spool id is a ULID, which carries the time the message was received).
+    pub fn gauges(&self) -> Result<crate::metrics::SpoolGauges, SpoolError> {
+        let deferred = self.list(State::Deferred)?;
+        let oldest_deferred_age = deferred
+            .first()
+            .and_then(|id| ulid::Ulid::from_string(id).ok())
+            .map(|u| SystemTime::now().duration_since(u.datetime()).unwrap_or_default());
+        Ok(crate::metrics::SpoolGauges {
+            incoming: self.list(State::Incoming)?.len() as u64 + self.list(State::Active)?.len() as u64,
+            deferred: deferred.len() as u64,
+            oldest_deferred_age,
+            dead: self.list(State::Dead)?.len() as u64,
+        })
+    }
+
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
         let dir = self.inner.dir.join(state.dir_name());

@@ -342,7 +342,7 @@ async fn overview(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
     let archive = c.archive.clone();
     let spool = c.spool.clone();
     let data = blocking(move || -> Result<Json, StoreError> {
-        let spool_counts = crate::serve::admin::count_spool(&spool).ok();
+        let spool_counts = spool.gauges().ok();
         let Some(a) = archive else {
             return Ok(json!({"spool": spool_counts.map(|g| json!({"incoming": g.incoming, "deferred": g.deferred, "dead": g.dead}))}));
         };
