@@ -158,7 +158,7 @@ fn pages_ask_for_a_login_the_api_for_the_token_and_posts_for_the_csrf_token() {
     let addr = gw.listening("admin");
     let id = "01JXXXXXXXXXXXXXXXXXXXXXXX";
 
-    for path in ["/", "/messages", "/dead", "/playground", "/tail", "/tail/events"] {
+    for path in ["/", "/messages", "/dead", "/playground", "/tail", "/tail/events", "/changes", "/drift"] {
         let a = http(addr, "GET", path, &[], "");
         assert_eq!((a.status, a.header("location")), (303, Some("/login")), "{path}");
     }
@@ -198,7 +198,7 @@ fn pages_ask_for_a_login_the_api_for_the_token_and_posts_for_the_csrf_token() {
     assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
     assert!(!page.text().contains(TOKEN), "the token never appears on a page");
-    for path in ["/messages", "/dead", "/playground", "/tail"] {
+    for path in ["/messages", "/dead", "/playground", "/tail", "/changes", "/drift"] {
         let a = http(addr, "GET", path, &[("Cookie", &cookie)], "");
         assert_eq!(a.status, 200, "{path}: {}", a.text());
         assert!(a.header("content-security-policy").is_some(), "{path}");

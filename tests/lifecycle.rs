@@ -187,6 +187,14 @@ fn trial_rules_are_judged_beside_the_live_ones_and_counted_never_delivered() {
     assert_eq!(trial["recent"][0]["kind"], "newly_unmatched");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(delivered_rules(&gw).len(), 3, "nothing more was delivered");
+
+    // A change in the trial directory alone is seen before the next message is judged: the
+    // trial now holds the live rule, so it agrees.
+    std::fs::write(gw.path().join("trial/10-ups.toml"), UPS).unwrap();
+    gw.ingest(&mail("notify@ups.com", "Order 4 shipped", "x"));
+    wait_delivered(&gw, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(admin, "mailhook_trial_diff_total{kind=\"newly_unmatched\"}"), Some(2.0), "the new trial agrees");
 }
 
 const ERP: &str = r#"
@@ -259,9 +267,13 @@ fn a_layout_change_raises_one_drift_that_survives_a_restart_and_resolves_on_retu
         (Some("order_id"), Some("erp@erp.example"))
     );
     let example = drifts[0]["examples"][0].as_str().unwrap().to_string();
+    let (status, _, page) = http_get(admin, "/drift", None);
+    assert_eq!(status, 200);
+    assert!(page.contains(&format!("<a href=\"/messages/{example}\">{example}</a>")), "{page}");
+    assert!(page.contains(&format!("<a href=\"/playground?id={example}\">try in the playground</a>")), "{page}");
     let (status, _, page) = http_get(admin, "/changes", None);
     assert_eq!(status, 200);
-    assert!(page.contains(&format!("<a href=\"/playground?id={example}\">try in the playground</a>")), "{page}");
+    assert!(page.contains("1 drift in progress: see <a href=\"/drift\">Drift</a>."), "{page}");
 
     // A restart keeps the drift (and does not announce it again).
     assert_eq!(gw.stop(), 0);

@@ -64,7 +64,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         warn!(key = %key, "{message}");
     }
     let metrics = Metrics::new();
-    let before_load = reload::Snapshot::of(&config.resolve(&config.rules.dir));
+    let before_load = reload::Snapshot::of_config(&config);
     let rules = load_rules(&config).map_err(ServeError::Rules)?;
     info!(rules = rules.rules().len(), files = rules.files().len(), "rules loaded");
     metrics.rules_loaded(rules.rules().iter().map(|r| r.name.as_str()));

@@ -24,7 +24,8 @@
 //! and the report kept for the console's "Rule changes" page. When a message that a rule had
 //! matched would now be unmatched or a dead letter, `[rules] guard = "refuse"` keeps the old set
 //! (and logs why); the default `"warn"` swaps the new set in and warns. The trial rules
-//! (`[rules] trial_dir`) are loaded again at every reload.
+//! (`[rules] trial_dir`) are loaded again at every reload, and a change in their directory is a
+//! reason for one, seen before the next message is judged as a change of the live rules is.
 
 use crate::config::Config;
 use crate::lifecycle::shadow::{self, Scope};
@@ -53,6 +54,17 @@ const MAX_DELAY: Duration = Duration::from_secs(3);
 pub struct Snapshot(Vec<(std::ffi::OsString, u64, u64, Option<std::time::SystemTime>)>);
 
 impl Snapshot {
+    /// The rules directory of `config` and its trial rules directory, if it has one: a change
+    /// in either is a reason to load the rules again before judging.
+    pub fn of_config(config: &Config) -> Snapshot {
+        let mut all = Snapshot::of(&config.resolve(&config.rules.dir));
+        if let Some(trial) = &config.rules.trial_dir {
+            all.0.push(("--trial--".into(), 0, 0, None));
+            all.0.extend(Snapshot::of(&config.resolve(trial)).0);
+        }
+        all
+    }
+
     /// Reads the directory (a few `stat`s; no file is opened).
     pub fn of(dir: &Path) -> Snapshot {
         use std::os::unix::fs::MetadataExt;
@@ -108,7 +120,7 @@ impl RulesOnDisk {
     }
 
     fn refresh_as(&self, trigger: Trigger) -> bool {
-        let now = Snapshot::of(&self.dir);
+        let now = Snapshot::of_config(&self.config);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if *seen == now {
             return false;
@@ -122,7 +134,7 @@ impl RulesOnDisk {
     /// Loads the whole set again whatever the directory looks like (SIGHUP).
     fn reload(&self, trigger: Trigger) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        *seen = Snapshot::of(&self.dir);
+        *seen = Snapshot::of_config(&self.config);
         self.load(trigger);
     }
 

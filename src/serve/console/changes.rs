@@ -1,4 +1,4 @@
-//! The "Rule changes" page (`GET /changes`) and its JSON (`GET /api/v1/changes`): the last
+//! The "Rule changes" page (`GET /changes`), the "Drift" page (`GET /drift`) and their JSON (`GET /api/v1/changes`): the last
 //! reload's shadow run (what the new rules changed, or why the guard refused them), the trial
 //! rules' latest disagreements with the live rules, and the drifts in progress with example
 //! messages. Read from the lifecycle's shared state; nothing here judges mail.
@@ -66,6 +66,17 @@ pub(super) async fn page(Extract(c): Extract<St>, headers: HeaderMap) -> Respons
     let mut ctx = c.changes();
     ctx["page"] = json!("changes");
     c.render(&gate, StatusCode::OK, "changes.html", ctx)
+}
+
+/// The Drift page: the drifts in progress with their example messages.
+pub(super) async fn drift_page(Extract(c): Extract<St>, headers: HeaderMap) -> Response {
+    let gate = match c.gate(&headers) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
+    let mut ctx = c.changes();
+    ctx["page"] = json!("drift");
+    c.render(&gate, StatusCode::OK, "drift.html", ctx)
 }
 
 pub(super) async fn api(Extract(c): Extract<St>, headers: HeaderMap) -> Response {

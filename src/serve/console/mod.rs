@@ -13,6 +13,7 @@
 //! | `GET /playground`, `POST /playground` | an email through the rules, optionally with one file edited |
 //! | `GET /tail`, `GET /tail/events` | the live tail (Server-Sent Events) |
 //! | `GET /changes`, `GET /api/v1/changes` | rule changes: the last reload's shadow run, trial rules, drifts ([`changes`]) |
+//! | `GET /drift` | the drifts in progress, each with example messages to open in the playground ([`changes`]) |
 //! | `GET /api/v1/messages`, `GET /api/v1/messages/{id}`, `POST /api/v1/messages/{id}/{action}` | JSON, `Authorization: Bearer <[admin] token>` |
 //!
 //! Pages are rendered on the server (minijinja, templates embedded in the binary); the one
@@ -91,6 +92,7 @@ impl Console {
             ("tail.html", include_str!("templates/tail.html")),
             ("error.html", include_str!("templates/error.html")),
             ("changes.html", include_str!("templates/changes.html")),
+            ("drift.html", include_str!("templates/drift.html")),
         ] {
             templates.add_template(name, text).expect("the console's templates compile");
         }
@@ -130,6 +132,7 @@ impl Console {
             .route("/tail", get(tail))
             .route("/tail/events", get(tail_events))
             .route("/changes", get(changes::page))
+            .route("/drift", get(changes::drift_page))
             .route("/api/v1/changes", get(changes::api))
             .route("/static/console.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
             .route("/static/console.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
