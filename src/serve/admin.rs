@@ -27,13 +27,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
-
-/// How long requests in flight may take to finish once shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The content type of the Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -86,7 +83,7 @@ impl Admin {
     }
 
     /// Serves until `shutdown` turns true, then lets requests in flight finish (briefly).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let mut router = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
@@ -100,23 +97,7 @@ impl Admin {
         if !self.addr.ip().is_loopback() && self.state.token.is_none() {
             warn!(addr = %self.addr, "the admin endpoint is reachable beyond this machine without [admin] token");
         }
-        let mut stopping = shutdown.clone();
-        let signal = async move {
-            let _ = stopping.wait_for(|stop| *stop).await;
-        };
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(signal);
-        tokio::select! {
-            result = server => {
-                if let Err(e) = result {
-                    warn!(error = %e, "admin endpoint stopped");
-                }
-            }
-            // Keep-alive clients must not hold shutdown up.
-            _ = async {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {}
-        }
+        crate::serve::serve_http("admin", self.listener, router, shutdown).await;
     }
 }
 
@@ -246,6 +227,7 @@ fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::spool::State;
+    use std::time::Duration;
 
     #[test]
     fn secrets_compare_whole() {

@@ -269,6 +269,36 @@ async fn retention(archive: Arc<dyn Archive>, keep: Duration, max_size: u64, mut
     }
 }
 
+/// Serves `router` on `listener` until `shutdown` turns true, then lets requests in flight
+/// finish, for [`HTTP_GRACE`] at most: keep-alive clients must not hold shutdown up. `what`
+/// names the listener in the log line of a failure.
+pub(crate) async fn serve_http(
+    what: &'static str,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut stopping = shutdown.clone();
+    let signal = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                warn!(error = %e, listener = what, "stopped serving");
+            }
+        }
+        _ = async {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+            tokio::time::sleep(HTTP_GRACE).await;
+        } => {}
+    }
+}
+
+/// How long HTTP requests in flight may take to finish once shutdown begins.
+const HTTP_GRACE: Duration = Duration::from_secs(5);
+
 /// SIGTERM and SIGINT, caught from the moment this exists.
 struct Signals {
     term: tokio::signal::unix::Signal,

@@ -30,13 +30,9 @@ use axum::routing::get;
 use serde_json::{Value as Json, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
-
-/// How long requests in flight may take to finish once shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublicError {
@@ -140,26 +136,11 @@ impl PublicListener {
     }
 
     /// Serves until `shutdown` turns true, then lets requests in flight finish (briefly).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let public = self.public;
         info!(protocol = "web", addr = %self.addr, base = %public.links.base(), lookup = public.web.api_key.is_some(), card_keys = public.web.card_keys.len(), "listening");
         let router = public.router();
-        let mut stopping = shutdown.clone();
-        let signal = async move {
-            let _ = stopping.wait_for(|stop| *stop).await;
-        };
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(signal);
-        tokio::select! {
-            result = server => {
-                if let Err(e) = result {
-                    warn!(error = %e, "public listener stopped");
-                }
-            }
-            _ = async {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {}
-        }
+        crate::serve::serve_http("public", self.listener, router, shutdown).await;
     }
 }
 
