@@ -80,11 +80,10 @@ pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 /// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
 pub const TMP_GRACE: Duration = Duration::from_secs(600);
 
-/// Whether `id` can be a spool id: letters and digits only (a ULID, or an id of an older
-/// spool), at most 64 of them. Anything else (`../x`, an empty string) is never looked up on
-/// disk.
+/// Whether `id` is a spool id: a ULID in its canonical form (see [`check_id`]). Anything else
+/// (`../x`, an empty string) is never looked up on disk.
 pub fn is_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+    check_id(id).is_ok()
 }
 
 /// Where a message is.

@@ -37,10 +37,8 @@ pub const MAX_PAGE: usize = 500;
 pub const TEXT_INDEXED: usize = 64 * 1024;
 
 /// Whether `id` is a spool id (a ULID in its canonical 26-character form): the only ids that
-/// the archive, and any path built from an id, accept.
-pub fn is_id(id: &str) -> bool {
-    id.len() == 26 && ulid::Ulid::from_string(id).is_ok_and(|u| u.to_string() == id)
-}
+/// the archive, and any path built from an id, accept. The spool's own check.
+pub use crate::spool::is_id;
 
 /// How a message ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -571,6 +571,15 @@ async fn load(c: &Console, id: &str) -> Result<Option<(Record, Vec<u8>)>, StoreE
     .await
 }
 
+/// [`load`], with the page's answer when the message is not there (404) or cannot be read.
+async fn found(c: &Console, id: &str) -> Result<(Record, Vec<u8>), Response> {
+    match load(c, id).await {
+        Ok(Some(x)) => Ok(x),
+        Ok(None) => Err(c.error(StatusCode::NOT_FOUND, "no such message in the archive")),
+        Err(e) => Err(c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())),
+    }
+}
+
 async fn message(
     Extract(c): Extract<St>,
     headers: HeaderMap,
@@ -581,10 +590,9 @@ async fn message(
         Ok(g) => g,
         Err(r) => return *r,
     };
-    let (record, raw) = match load(&c, &id).await {
-        Ok(Some(x)) => x,
-        Ok(None) => return c.error(StatusCode::NOT_FOUND, "no such message in the archive"),
-        Err(e) => return c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let (record, raw) = match found(&c, &id).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let email = crate::parse::parse(&raw);
     let payload_text = record.payload.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
@@ -637,8 +645,8 @@ async fn raw(Extract(c): Extract<St>, headers: HeaderMap, UrlPath(id): UrlPath<S
     if let Err(r) = c.gate(&headers) {
         return *r;
     }
-    match load(&c, &id).await {
-        Ok(Some((_, raw))) => (
+    match found(&c, &id).await {
+        Ok((_, raw)) => (
             [
                 (header::CONTENT_TYPE, "message/rfc822".to_string()),
                 (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{id}.eml\"")),
@@ -646,8 +654,7 @@ async fn raw(Extract(c): Extract<St>, headers: HeaderMap, UrlPath(id): UrlPath<S
             raw,
         )
             .into_response(),
-        Ok(None) => c.error(StatusCode::NOT_FOUND, "no such message in the archive"),
-        Err(e) => c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(r) => r,
     }
 }
 
@@ -660,10 +667,9 @@ async fn email_html(
     if let Err(r) = c.gate(&headers) {
         return *r;
     }
-    let raw = match load(&c, &id).await {
-        Ok(Some((_, raw))) => raw,
-        Ok(None) => return c.error(StatusCode::NOT_FOUND, "no such message in the archive"),
-        Err(e) => return c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let raw = match found(&c, &id).await {
+        Ok((_, raw)) => raw,
+        Err(r) => return r,
     };
     let remote = view.remote.unwrap_or(0) == 1;
     let body = blocking(move || {
@@ -691,10 +697,9 @@ async fn attachment(
     if let Err(r) = c.gate(&headers) {
         return *r;
     }
-    let raw = match load(&c, &id).await {
-        Ok(Some((_, raw))) => raw,
-        Ok(None) => return c.error(StatusCode::NOT_FOUND, "no such message in the archive"),
-        Err(e) => return c.error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let raw = match found(&c, &id).await {
+        Ok((_, raw)) => raw,
+        Err(r) => return r,
     };
     match crate::serve::download::attachment(raw, n).await {
         Some(download) => download,
