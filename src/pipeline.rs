@@ -33,7 +33,7 @@ use crate::rules::RuleSet;
 use crate::spool::{
     Decision, DestState, DestStatus, Fresh, Inbox, Meta, Spool, SpoolError, State, format_time, parse_time,
 };
-use crate::store::{ArchiveState, ArchiveWriter, AttemptRecord, Finished as Archived};
+use crate::store::{ArchiveState, ArchiveWriter, AttemptRecord, Finished as Archived, Searchable};
 use serde_json::Value as Json;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -443,8 +443,9 @@ async fn round(
     let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
     let _budget = budget.acquire_many(megabytes).await;
 
-    // The raw message, when it was read this round: the archive keeps it.
+    // The raw message and what the archive indexes of it, when it was read this round.
     let mut held_raw: Option<Vec<u8>> = None;
+    let mut held_search: Option<Searchable> = None;
     if meta.decision.is_none() {
         let outcome = if meta.size <= INLINE_JUDGE_SIZE {
             // Small mail is parsed and judged in a few microseconds: no thread hand-off.
@@ -457,7 +458,10 @@ async fn round(
             if let Some(o) = &work.observer {
                 o.judged(&email, &meta.envelope, &outcome);
             }
-            held_raw = archive.is_some().then_some(raw);
+            if archive.is_some() {
+                held_search = Some(Searchable::of(&email, &meta.envelope));
+                held_raw = Some(raw);
+            }
             outcome
         } else {
             let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
@@ -471,12 +475,16 @@ async fn round(
                     if let Some(o) = &observer {
                         o.judged(&email, &envelope, &outcome);
                     }
-                    (outcome, keep.then_some(raw))
+                    let held = keep.then(|| (raw, Searchable::of(&email, &envelope)));
+                    (outcome, held)
                 })
             })
             .await
             .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
-            held_raw = raw;
+            if let Some((raw, search)) = raw {
+                held_raw = Some(raw);
+                held_search = Some(search);
+            }
             outcome
         };
         let rule = outcome.rule.clone();
@@ -490,7 +498,7 @@ async fn round(
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
                 let raw = raw_for_archive(work, id, held_raw).await;
                 spool.remove(id, from).await?;
-                archive_done(work, ArchiveState::Dropped, &meta, raw, rule, None).await;
+                archive_done(work, ArchiveState::Dropped, &meta, raw, held_search, rule, None).await;
                 return Ok(Finished::Removed);
             }
             Action::Dead { reason } => {
@@ -509,7 +517,7 @@ async fn round(
                 let raw = raw_for_archive(work, id, held_raw).await;
                 // The payload a rule built, though nothing was sent, shows what it extracted.
                 let payload = rule.is_some().then(|| outcome.payload.as_str().to_string());
-                archive_done(work, ArchiveState::Dead, &meta, raw, rule, payload).await;
+                archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload).await;
                 return Ok(Finished::Dead);
             }
             Action::Deliver { to } => {
@@ -629,7 +637,7 @@ async fn round(
         spool.remove(id, at).await?;
         let rule = decision.rule.clone();
         let payload = Some(decision.payload.as_str().to_string());
-        archive_done(work, ArchiveState::Delivered, &meta, raw, rule, payload).await;
+        archive_done(work, ArchiveState::Delivered, &meta, raw, held_search, rule, payload).await;
         return Ok(Finished::Removed);
     }
     let next = statuses
@@ -657,7 +665,7 @@ async fn round(
         Some(d) => (d.rule.clone(), Some(d.payload.as_str().to_string())),
         None => (None, None),
     };
-    archive_done(work, ArchiveState::Dead, &meta, raw, rule, payload).await;
+    archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload).await;
     Ok(Finished::Dead)
 }
 
@@ -688,6 +696,7 @@ async fn archive_done(
     state: ArchiveState,
     meta: &Meta,
     raw: Option<Vec<u8>>,
+    search: Option<Searchable>,
     rule: Option<String>,
     payload: Option<String>,
 ) {
@@ -698,6 +707,7 @@ async fn archive_done(
             state,
             envelope: meta.envelope.clone(),
             raw,
+            search,
             rule,
             payload,
             destinations,

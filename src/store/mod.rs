@@ -93,6 +93,36 @@ pub struct ArchivedMessage {
     pub raw: Vec<u8>,
 }
 
+/// What the archive indexes of a message for search: its sender, subject and text. The
+/// pipeline takes it from the email it has just parsed to judge, so that the archive need not
+/// parse the message again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Searchable {
+    /// The header `From` address (lowercase), else the envelope sender.
+    pub sender: String,
+    pub subject: String,
+    /// The text (plain text, or the HTML's text), at most [`TEXT_INDEXED`] bytes.
+    pub text: String,
+}
+
+impl Searchable {
+    pub fn of(email: &crate::model::Email, envelope: &Envelope) -> Searchable {
+        let sender = email
+            .from
+            .first()
+            .map(|a| a.address.to_lowercase())
+            .or_else(|| envelope.mail_from.as_ref().map(|m| m.to_lowercase()))
+            .unwrap_or_default();
+        let text = if email.text.is_empty() && !email.html.is_empty() {
+            crate::parse::html_to_text(&email.html, &mut Vec::new())
+        } else {
+            email.text.clone()
+        };
+        let text = crate::deliver::cut(&text, TEXT_INDEXED).to_string();
+        Searchable { sender, subject: email.subject.clone(), text }
+    }
+}
+
 impl ArchivedMessage {
     /// Builds the entry of a finished message, reading subject, sender and text from `raw`.
     #[allow(clippy::too_many_arguments)]
@@ -106,29 +136,35 @@ impl ArchivedMessage {
         reason: Option<String>,
         finished_at: SystemTime,
     ) -> ArchivedMessage {
-        let email = crate::parse::parse(&raw);
-        let sender = email
-            .from
-            .first()
-            .map(|a| a.address.to_lowercase())
-            .or_else(|| envelope.mail_from.as_ref().map(|m| m.to_lowercase()))
-            .unwrap_or_default();
+        let search = Searchable::of(&crate::parse::parse(&raw), &envelope);
+        ArchivedMessage::with(state, envelope, raw, search, rule, payload, destinations, reason, finished_at)
+    }
+
+    /// [`ArchivedMessage::build`] with what was read of the message already.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with(
+        state: ArchiveState,
+        envelope: Envelope,
+        raw: Vec<u8>,
+        search: Searchable,
+        rule: Option<String>,
+        payload: Option<String>,
+        destinations: Vec<String>,
+        reason: Option<String>,
+        finished_at: SystemTime,
+    ) -> ArchivedMessage {
         let fields = payload
             .as_deref()
             .and_then(|p| serde_json::from_str::<Json>(p).ok())
             .and_then(|p| p.get("fields").cloned())
             .filter(Json::is_object);
-        let mut text = if email.text.is_empty() { html2text_lossy(&email.html) } else { email.text };
-        if text.len() > TEXT_INDEXED {
-            text.truncate(crate::deliver::cut(&text, TEXT_INDEXED).len());
-        }
         ArchivedMessage {
             id: envelope.id.clone(),
             state,
             finished_at: crate::spool::format_time(finished_at),
-            sender,
-            subject: email.subject,
-            text,
+            sender: search.sender,
+            subject: search.subject,
+            text: search.text,
             rule,
             fields,
             payload,
@@ -138,13 +174,6 @@ impl ArchivedMessage {
             raw,
         }
     }
-}
-
-fn html2text_lossy(html: &str) -> String {
-    if html.is_empty() {
-        return String::new();
-    }
-    html2text::from_read(html.as_bytes(), 100).unwrap_or_default()
 }
 
 /// One delivery attempt to one destination.

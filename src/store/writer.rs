@@ -21,6 +21,8 @@ pub struct Finished {
     pub state: ArchiveState,
     pub envelope: Envelope,
     pub raw: Vec<u8>,
+    /// What was read of the message when it was judged this round; `None`: read it from `raw`.
+    pub search: Option<super::Searchable>,
     pub rule: Option<String>,
     pub payload: Option<String>,
     pub destinations: Vec<String>,
@@ -158,5 +160,10 @@ impl ArchiveWriter {
 }
 
 fn build(f: Finished) -> ArchivedMessage {
-    ArchivedMessage::build(f.state, f.envelope, f.raw, f.rule, f.payload, f.destinations, f.reason, f.at)
+    match f.search {
+        Some(search) => {
+            ArchivedMessage::with(f.state, f.envelope, f.raw, search, f.rule, f.payload, f.destinations, f.reason, f.at)
+        }
+        None => ArchivedMessage::build(f.state, f.envelope, f.raw, f.rule, f.payload, f.destinations, f.reason, f.at),
+    }
 }
