@@ -7,11 +7,11 @@ mod support;
 
 use base64::Engine;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 use support::gateway::Gateway;
 use support::hook::{HookOptions, HookServer};
+use support::http::Answer;
 
 const LINK_KEY: &str = "link-key-0123456789-0123456789-abcdef";
 const OLD_KEY: &str = "old-link-key-9876543210-9876543210-xyz";
@@ -58,63 +58,13 @@ fn gateway(hook: &HookServer, extra: &str) -> Gateway {
         .env("CARD_KEY", CARD_KEY)
 }
 
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let mut body = raw[end + 4..].to_vec();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked")) {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        while let Some(pos) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..pos]).unwrap().trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[pos + 2..pos + 2 + n]);
-            rest = &rest[pos + 2 + n + 2..];
-        }
-        body = out;
-    }
-    Answer { status, headers, body }
-}
-
 /// A link signed the way the documentation says (`mailhook-link-v1|{resource}|{exp}`), with
 /// an HMAC of another library than the one mailhook uses.
+/// A request with no body (the public listener takes none).
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    support::http::http(addr, method, path, headers, "")
+}
+
 fn sign(key: &str, resource: &str, exp: u64) -> String {
     let tag = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()),

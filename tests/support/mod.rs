@@ -24,6 +24,7 @@ pub mod browser;
 pub mod dovecot;
 pub mod gateway;
 pub mod hook;
+pub mod http;
 pub mod smtp;
 pub mod smtp_client;
 
