@@ -594,7 +594,7 @@ async fn message(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let email = crate::parse::parse(&raw);
+    let email = blocking(move || crate::parse::parse(&raw)).await;
     let payload_text = record.payload.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default());
     let payload_size = payload_text.as_ref().map(String::len).unwrap_or(0);
     let in_spool = {
@@ -1061,7 +1061,7 @@ async fn api_get(Extract(c): Extract<St>, headers: HeaderMap, UrlPath(id): UrlPa
     }
     match load(&c, &id).await {
         Ok(Some((record, raw))) => {
-            let email = crate::parse::parse(&raw);
+            let email = blocking(move || crate::parse::parse(&raw)).await;
             let mut body = serde_json::to_value(&record).unwrap_or_default();
             body["headers"] =
                 Json::from(email.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>());
