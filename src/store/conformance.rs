@@ -163,6 +163,7 @@ pub fn search_finds_subject_and_text(a: &dyn Archive) {
     assert_eq!(ids("invoice"), vec![y.clone(), x.clone()]);
     assert_eq!(ids("overdue"), vec![x.clone()]);
     assert_eq!(ids("parc"), vec![y.clone()], "a word matches as a prefix");
+    assert_eq!(ids("invoice-2231"), vec![x.clone()], "punctuation splits words as the index does");
     assert_eq!(ids("invoice 2231"), vec![x]);
     assert!(ids("nothing-like-this").is_empty());
     let odd = MessageQuery { q: Some("\" OR * NEAR( AND".into()), ..Default::default() };

@@ -3,8 +3,9 @@
 //! ```text
 //! message(seq PK, id UNIQUE, state, received_ms, finished_at, source, sender, subject, rule,
 //!         destinations JSON, envelope JSON, fields JSON, payload, reason, size)
-//!   indexes: (state) (rule) (sender) (source) (received_ms), each ending in seq (the rowid)
-//! address(seq, kind 'to'|'dest', value)      index (kind, value, seq): recipients, destinations
+//!   indexes: (state) (rule) (sender) (source), each ending in seq (the rowid); a time range is
+//!   an id range (a spool id is a ULID, which sorts by the time it was received)
+//! address(kind 'to'|'dest', value, seq)      key (kind, value, seq): recipients, destinations
 //! raw(seq PK, bytes BLOB)                    the message exactly as received, same transaction
 //! attempt(message_id, at, destination, outcome, status, reply, body, duration_ms)
 //! message_fts(subject, text)                 FTS5, contentless, rowid = message.seq
@@ -52,13 +53,13 @@ CREATE INDEX IF NOT EXISTS message_state ON message(state);
 CREATE INDEX IF NOT EXISTS message_rule ON message(rule);
 CREATE INDEX IF NOT EXISTS message_sender ON message(sender);
 CREATE INDEX IF NOT EXISTS message_source ON message(source);
-CREATE INDEX IF NOT EXISTS message_received ON message(received_ms);
+DROP INDEX IF EXISTS message_received;
 CREATE TABLE IF NOT EXISTS address (
-    seq INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    value TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS address_value ON address(kind, value, seq);
+    value TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, value, seq)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS address_seq ON address(seq);
 CREATE TABLE IF NOT EXISTS raw (
     seq INTEGER PRIMARY KEY,
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS attempt (
 );
 CREATE INDEX IF NOT EXISTS attempt_message ON attempt(message_id);
 CREATE INDEX IF NOT EXISTS attempt_destination ON attempt(destination, at);
-CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(subject, text, content='', contentless_delete=1);
+CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(subject, text, content='', contentless_delete=1, detail=none);
 ";
 
 /// Messages removed per statement when the archive is over its size.
@@ -99,12 +100,13 @@ impl SqliteArchive {
         let writer = Connection::open(path).map_err(open_error)?;
         // auto_vacuum must be set before the first table is created.
         writer
-            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 4000;")
             .map_err(open_error)?;
         writer.execute_batch(SCHEMA).map_err(open_error)?;
         let reader = Connection::open(path).map_err(open_error)?;
         reader.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
         writer.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
+        writer.set_prepared_statement_cache_capacity(32);
         Ok(SqliteArchive { path: path.to_path_buf(), writer: Mutex::new(writer), reader: Mutex::new(reader) })
     }
 
@@ -135,31 +137,32 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
     let envelope = serde_json::to_string(&m.envelope).expect("an envelope serialises");
     let destinations = serde_json::to_string(&m.destinations).expect("names serialise");
     let fields = m.fields.as_ref().map(|f| f.to_string());
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO message (id, state, received_ms, finished_at, source, sender, subject, rule, destinations,
              envelope, fields, payload, reason, size)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
-            m.id,
-            m.state.as_str(),
-            received_ms,
-            m.finished_at,
-            m.envelope.source.protocol(),
-            m.sender,
-            m.subject,
-            m.rule,
-            destinations,
-            envelope,
-            fields,
-            m.payload,
-            m.reason,
-            m.raw.len() as i64
-        ],
-    )?;
+    )?
+    .execute(params![
+        m.id,
+        m.state.as_str(),
+        received_ms,
+        m.finished_at,
+        m.envelope.source.protocol(),
+        m.sender,
+        m.subject,
+        m.rule,
+        destinations,
+        envelope,
+        fields,
+        m.payload,
+        m.reason,
+        m.raw.len() as i64
+    ])?;
     let seq = tx.last_insert_rowid();
-    tx.execute("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)", params![seq, m.raw])?;
-    tx.execute("INSERT INTO message_fts (rowid, subject, text) VALUES (?1, ?2, ?3)", params![seq, m.subject, m.text])?;
-    let mut addr = tx.prepare_cached("INSERT INTO address (seq, kind, value) VALUES (?1, ?2, ?3)")?;
+    tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?.execute(params![seq, m.raw])?;
+    tx.prepare_cached("INSERT INTO message_fts (rowid, subject, text) VALUES (?1, ?2, ?3)")?
+        .execute(params![seq, m.subject, m.text])?;
+    let mut addr = tx.prepare_cached("INSERT OR IGNORE INTO address (seq, kind, value) VALUES (?1, ?2, ?3)")?;
     for r in &m.envelope.recipients {
         addr.execute(params![seq, "to", r.to_lowercase()])?;
     }
@@ -200,26 +203,28 @@ fn delete_ids(
 ) -> Result<u64, StoreError> {
     let seqs: Vec<(i64, String)> = {
         let sql = format!("SELECT seq, id FROM message WHERE seq IN ({select})");
-        let mut stmt = tx.prepare(&sql)?;
+        let mut stmt = tx.prepare_cached(&sql)?;
         stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
     };
     for (seq, id) in &seqs {
-        tx.execute("DELETE FROM message_fts WHERE rowid = ?1", params![seq])?;
-        tx.execute("DELETE FROM raw WHERE seq = ?1", params![seq])?;
-        tx.execute("DELETE FROM address WHERE seq = ?1", params![seq])?;
-        tx.execute("DELETE FROM message WHERE seq = ?1", params![seq])?;
+        tx.prepare_cached("DELETE FROM message_fts WHERE rowid = ?1")?.execute(params![seq])?;
+        tx.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute(params![seq])?;
+        tx.prepare_cached("DELETE FROM address WHERE seq = ?1")?.execute(params![seq])?;
+        tx.prepare_cached("DELETE FROM message WHERE seq = ?1")?.execute(params![seq])?;
         if attempts {
-            tx.execute("DELETE FROM attempt WHERE message_id = ?1", params![id])?;
+            tx.prepare_cached("DELETE FROM attempt WHERE message_id = ?1")?.execute(params![id])?;
         }
     }
     Ok(seqs.len() as u64)
 }
 
 /// The FTS5 query for what a user typed: each word quoted (so no word is read as an operator)
-/// and matched as a prefix; every word must appear.
+/// and matched as a prefix; every word must appear. Words are split where the index splits
+/// them (at anything not a letter or digit): `ORD-2231` is `ORD` and `2231`. The index keeps no
+/// positions (`detail=none`: smaller, and cheaper to write), so there are no phrase queries.
 fn fts_query(q: &str) -> Option<String> {
     let words: Vec<String> = q
-        .split(|c: char| !c.is_alphanumeric() && c != '@' && c != '.' && c != '-' && c != '_')
+        .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .map(|w| format!("\"{}\"*", w.replace('"', "\"\"")))
         .collect();
@@ -421,9 +426,9 @@ impl Archive for SqliteArchive {
     fn hourly(&self, since: SystemTime) -> Result<Vec<(u64, u64)>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT received_ms / 3600000 AS hour, count(*) FROM message WHERE received_ms >= ?1 GROUP BY hour ORDER BY hour",
+                "SELECT received_ms / 3600000 AS hour, count(*) FROM message WHERE id >= ?1 GROUP BY hour ORDER BY hour",
             )?;
-            let rows = stmt.query_map(params![unix_ms(since)], |r| {
+            let rows = stmt.query_map(params![id_floor(since)], |r| {
                 Ok((r.get::<_, i64>(0)?.max(0) as u64 * 3600, r.get::<_, i64>(1)?.max(0) as u64))
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -434,19 +439,21 @@ impl Archive for SqliteArchive {
         self.read(|c| {
             let mut stats: BTreeMap<String, RuleStats> = BTreeMap::new();
             let mut stmt = c.prepare_cached(
-                "SELECT rule, count(*) FROM message WHERE rule IS NOT NULL AND received_ms >= ?1 GROUP BY rule",
+                "SELECT rule, count(*) FROM message WHERE id >= ?1 AND rule IS NOT NULL GROUP BY rule",
             )?;
-            for row in stmt.query_map(params![unix_ms(since)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            for row in
+                stmt.query_map(params![id_floor(since)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            {
                 let (rule, n) = row?;
                 stats.insert(rule.clone(), RuleStats { rule, matches: n.max(0) as u64, filled: Vec::new() });
             }
             let mut stmt = c.prepare_cached(
                 "SELECT m.rule, f.key, count(*) FROM message m, json_each(m.fields) f
-                 WHERE m.rule IS NOT NULL AND m.fields IS NOT NULL AND m.received_ms >= ?1
+                 WHERE m.id >= ?1 AND m.rule IS NOT NULL AND m.fields IS NOT NULL
                    AND f.type != 'null' AND NOT (f.type = 'text' AND trim(f.value) = '')
                  GROUP BY m.rule, f.key ORDER BY m.rule, f.key",
             )?;
-            let rows = stmt.query_map(params![unix_ms(since)], |r| {
+            let rows = stmt.query_map(params![id_floor(since)], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
             })?;
             for row in rows {

@@ -5,7 +5,8 @@
 use super::{Archive, ArchiveState, ArchivedMessage, AttemptRecord, Entry};
 use crate::model::Envelope;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{broadcast, mpsc};
 use tracing::warn;
 
@@ -13,7 +14,10 @@ use tracing::warn;
 const QUEUE: usize = 4096;
 
 /// Entries committed in one transaction at most.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
+
+/// How long the writer gathers entries before it commits them.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// A finished message, as the pipeline knows it.
 #[derive(Debug)]
@@ -100,16 +104,29 @@ impl ArchiveWriter {
             .spawn(move || {
                 let mut flushes = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
+                    // Gather for a moment before committing: one transaction for many entries
+                    // writes each index page once instead of once per entry. A flush (shutdown,
+                    // or a reader that wants what was handed over) commits at once.
                     let mut entries = Vec::new();
+                    let until = Instant::now() + LINGER;
                     let mut job = Some(first);
-                    while let Some(j) = job.take() {
-                        match j {
-                            Job::Finished(f) => entries.push(Entry::Message(Box::new(build(*f)))),
-                            Job::Attempt(a) => entries.push(Entry::Attempt(a)),
-                            Job::Flush(done) => flushes.push(done),
+                    loop {
+                        match job.take() {
+                            Some(Job::Finished(f)) => entries.push(Entry::Message(Box::new(build(*f)))),
+                            Some(Job::Attempt(a)) => entries.push(Entry::Attempt(a)),
+                            Some(Job::Flush(done)) => flushes.push(done),
+                            None => {}
                         }
-                        if entries.len() < BATCH {
-                            job = rx.try_recv().ok();
+                        if entries.len() >= BATCH || !flushes.is_empty() {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(next) => job = Some(next),
+                            Err(TryRecvError::Empty) => match until.checked_duration_since(Instant::now()) {
+                                Some(left) => std::thread::sleep(left.min(LINGER / 10)),
+                                None => break,
+                            },
+                            Err(TryRecvError::Disconnected) => break,
                         }
                     }
                     if !entries.is_empty() {
