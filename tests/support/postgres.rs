@@ -255,13 +255,15 @@ impl Postgres {
             pid = std::process::id(),
             root = self.root.display()
         );
+        // `( … ) &`: the shell starts the watcher in the background and exits at once, so the
+        // watcher outlives this process (it is reparented to init).
         Command::new("sh")
-            .args(["-c", &script])
+            .args(["-c", &format!("( {script} ) &")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
-            .spawn()
+            .status()
             .expect("start the postgres watcher");
     }
 
@@ -289,7 +291,10 @@ impl Drop for Postgres {
 fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
         let out = Command::new("id").args([flag, "postgres"]).output().expect("run id");
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("no postgres user: {INSTALL_HINT}"))
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no postgres user: {INSTALL_HINT}"))
     };
     (id("-u"), id("-g"))
 }
