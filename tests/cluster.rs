@@ -211,6 +211,12 @@ fn serve_delivers_while_the_database_is_away_and_archives_once_it_is_back() {
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM attempt WHERE outcome = 'delivered'"), "3");
     assert!(!gw.logs().contains(PASSWORD), "the password is logged");
     assert_eq!(gw.stop(), 0, "serve stops cleanly: {}", gw.logs());
+
+    // `shadow` judges what every instance archived: the messages in PostgreSQL.
+    let out = gw.run(&["shadow", "--config", "mailhook.toml", "--rules", "rules"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("judged 3 archived messages"), "{text}");
 }
 
 #[test]
