@@ -397,15 +397,6 @@ impl PostgresArchive {
 
     /// One transaction writing `entries`.
     fn try_write(&self, entries: &[Entry]) -> Result<(), StoreError> {
-        for entry in entries {
-            let id = match entry {
-                Entry::Message(m) => &m.id,
-                Entry::Attempt(a) => &a.message_id,
-            };
-            if !is_id(id) && entries.len() == 1 {
-                return Err(StoreError::BadId(id.clone()));
-            }
-        }
         self.with(async |client| {
             let tx = client.transaction().await?;
             for entry in entries {
