@@ -230,3 +230,39 @@ fn the_archive_reads_fail_fast_while_the_database_is_away() {
     pg.restart();
     assert!(archive.list(&MessageQuery::default()).unwrap().items.is_empty(), "back without reopening");
 }
+
+#[test]
+fn a_rules_change_is_shadowed_over_the_shared_archive() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut gw = gateway(pg, &db);
+    gw.start();
+    gw.ingest(&message(1, "before"));
+    wait_for("the first message in the archive", Duration::from_secs(20), || {
+        pg.try_sql(&db, "SELECT count(*) FROM message").is_ok_and(|n| n == "1")
+    });
+    // A new rules file, and at once a message: the watcher or the pipeline (whichever sees
+    // the change first) shadow-runs it over the archive before it applies.
+    gw.write_rules("20-more.toml", "[[rule]]\nname = \"more\"\nto = [\"out\"]\n[rule.when]\nsubject = 'never'\n");
+    gw.ingest(&message(2, "after"));
+    wait_for("the second delivery", Duration::from_secs(20), || delivered(&gw) == 2);
+    gw.wait_log("the shadow run", 1, Duration::from_secs(20), |l| {
+        l["message"].as_str().is_some_and(|m| m.starts_with("shadow run of the new rules:"))
+    });
+    let logs = gw.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert_eq!(gw.stop(), 0, "{logs}");
+}
+
+/// The pipeline checks the rules directory from its own async task before judging, and a changed
+/// directory is shadow-run over the archive right there: the archive must answer a call made
+/// from an async task of a multi-threaded runtime, as from any thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_answers_calls_from_an_async_task() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let archive = open(pg, &db).unwrap();
+    assert!(archive.list(&MessageQuery::default()).unwrap().items.is_empty());
+    assert_eq!(archive.size().unwrap(), 0);
+    drop(archive);
+}

@@ -28,7 +28,8 @@
 //!
 //! The [`Archive`] trait is synchronous (the writer thread and `spawn_blocking` call it): each
 //! archive owns a small tokio runtime (one worker thread, where the pool's connections run), and
-//! each call is `block_on` of the async query on it. A call must not come from an async task.
+//! each call is `block_on` of the async query on it (inside `block_in_place` when the caller
+//! is an async task of a multi-threaded runtime).
 //!
 //! The database may be away. Opening the archive while it is unreachable does not fail: the
 //! archive sets itself up (migrations, checks) on its first call that reaches the database.
@@ -354,8 +355,18 @@ impl PostgresArchive {
         &self.target.host
     }
 
+    /// Runs `f` on the archive's runtime and waits for it. From an async task of a
+    /// multi-threaded runtime (the pipeline's rules check before judging may shadow-run new
+    /// rules over the archive), the wait first hands the task's other work to another thread
+    /// (`block_in_place`), as a blocking call there must.
     fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
-        self.rt.as_ref().expect("runtime lives until drop").block_on(f)
+        let rt = self.rt.as_ref().expect("runtime lives until drop");
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| rt.block_on(f))
+            }
+            _ => rt.block_on(f),
+        }
     }
 
     /// Sets the database up if it has not been yet.
