@@ -12,7 +12,7 @@ use mailhook::store::{Archive, MessageQuery};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::gateway::{Gateway, message};
-use support::postgres::{PASSWORD, Postgres};
+use support::postgres::{PASSWORD, Postgres, USER};
 
 fn cluster(url: String) -> ClusterConfig {
     ClusterConfig { postgres: PostgresUrl::new(url), lease: Duration::from_secs(30), ca_file: None }
@@ -265,4 +265,25 @@ async fn the_archive_answers_calls_from_an_async_task() {
     assert!(archive.list(&MessageQuery::default()).unwrap().items.is_empty());
     assert_eq!(archive.size().unwrap(), 0);
     drop(archive);
+}
+
+#[test]
+fn tls_is_used_and_the_certificate_checked() {
+    let pg = Postgres::start_tls();
+    let db = pg.database();
+    let url = format!("postgres://{USER}:{PASSWORD}@localhost:{}/{db}?sslmode=require", pg.port());
+    let mut with_ca = cluster(url.clone());
+    with_ca.ca_file = Some(pg.ca_file().unwrap().to_path_buf());
+    let archive = PostgresArchive::open(&with_ca, &same).expect("TLS with the test CA");
+    assert!(archive.list(&MessageQuery::default()).unwrap().items.is_empty());
+    let tls = pg.sql(
+        &db,
+        &format!("SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}' AND a.usename = '{USER}' AND a.pid <> pg_backend_pid() AND a.client_addr IS NOT NULL"),
+    );
+    assert_eq!(tls, "t", "the archive's connections use TLS");
+
+    // The public roots alone do not know the test CA: refused, not waited for.
+    let e = PostgresArchive::open(&cluster(url), &same).err().expect("an unknown issuer is refused");
+    assert!(!e.is_unreachable(), "{e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }

@@ -142,7 +142,11 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
         // 08: connection exception; 57P: the server is shutting down or starting.
         return code.code().starts_with("08") || code.code().starts_with("57P");
     }
-    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+    // An I/O error is the network's, except a TLS certificate or protocol refused (InvalidData):
+    // waiting does not cure that.
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| !matches!(io.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput))
 }
 
 /// The schema version this binary brings (its newest migration).

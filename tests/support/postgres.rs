@@ -23,7 +23,7 @@
 
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -49,6 +49,8 @@ pub struct Postgres {
     as_postgres: bool,
     /// Whether this value owns the cluster (stops and removes it when dropped).
     owned: bool,
+    /// With TLS: the CA that issued the server's certificate (for `localhost` and 127.0.0.1).
+    ca_file: Option<PathBuf>,
 }
 
 impl Postgres {
@@ -58,6 +60,22 @@ impl Postgres {
         let pg = Postgres::init();
         pg.start_server();
         pg
+    }
+
+    /// Starts a cluster of this test's own that also offers TLS (`ssl = on`), with a
+    /// certificate for `localhost` and `127.0.0.1` issued by a throwaway CA
+    /// ([`ca_file`](Self::ca_file)).
+    #[track_caller]
+    pub fn start_tls() -> Postgres {
+        let mut pg = Postgres::init();
+        pg.ca_file = Some(pg.write_tls_files());
+        pg.start_server();
+        pg
+    }
+
+    /// The PEM file of the CA that issued the server's certificate (a TLS cluster only).
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
     }
 
     /// The cluster this test binary shares (started on first use), stopped and removed after the
@@ -176,7 +194,7 @@ impl Postgres {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid)).expect("chown postgres temp dir");
         }
         let port = TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("addr").port();
-        let pg = Postgres { root, port, as_postgres, owned: true };
+        let pg = Postgres { root, port, as_postgres, owned: true, ca_file: None };
         let pwfile = pg.root.join("pwfile");
         fs::write(&pwfile, PASSWORD).expect("write pwfile");
         if as_postgres {
@@ -204,11 +222,19 @@ impl Postgres {
     /// `pg_ctl start`, waiting until the server accepts connections.
     #[track_caller]
     fn start_server(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.root.display()
         );
+        if self.ca_file.is_some() {
+            let tls = self.root.join("tls");
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                tls.join("server.pem").display(),
+                tls.join("server.key").display()
+            ));
+        }
         let out = self
             .command("pg_ctl", &["start", "-w", "-t", "30", "-o", &options, "-l"])
             .arg(self.root.join("postgres.log"))
@@ -225,6 +251,38 @@ impl Postgres {
         if !out.success() {
             self.fail("pg_ctl start failed");
         }
+    }
+
+    /// Writes a CA, and a server certificate and key it issued, under `tls/`; returns the CA's
+    /// file. The key is the server user's alone, as PostgreSQL requires.
+    fn write_tls_files(&self) -> PathBuf {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = self.root.join("tls");
+        fs::create_dir(&dir).expect("create tls dir");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "mailhook test CA");
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA certificate");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        let key = KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &ca).expect("server certificate");
+        let ca_file = dir.join("ca.pem");
+        fs::write(&ca_file, ca.pem()).expect("write CA");
+        fs::write(dir.join("server.pem"), cert.pem()).expect("write server certificate");
+        let key_file = dir.join("server.key");
+        fs::write(&key_file, key.serialize_pem()).expect("write server key");
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).expect("chmod key");
+        if self.as_postgres {
+            let (uid, gid) = postgres_ids();
+            for f in [dir.clone(), ca_file.clone(), dir.join("server.pem"), key_file] {
+                std::os::unix::fs::chown(&f, Some(uid), Some(gid)).expect("chown tls file");
+            }
+        }
+        ca_file
     }
 
     /// A command running `program` from [`BIN`] (as the `postgres` user when we are root).
