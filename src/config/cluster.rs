@@ -65,6 +65,8 @@ pub enum UrlError {
     Scheme,
     #[error("is not a usable URL: {0}")]
     Syntax(String),
+    #[error("has a password in its query: give it in the user part, through the environment (user:${{PGPASS}}@host)")]
+    PasswordInQuery,
     #[error("names no host")]
     NoHost,
     #[error("names no user")]
@@ -132,6 +134,9 @@ impl PostgresUrl {
     /// The connection settings, and whether TLS is required. Checks what [`validate`] checks.
     pub fn connect_config(&self) -> Result<(tokio_postgres::Config, PgTls), UrlError> {
         let parts = split(self.url.expose())?;
+        if query_value(&parts.bare, "password").is_some() {
+            return Err(UrlError::PasswordInQuery);
+        }
         let mode = query_value(&parts.bare, "sslmode");
         // tokio-postgres knows disable/prefer/require only; `sslmode` is read here.
         let mut config: tokio_postgres::Config = without_query_key(&parts.bare, "sslmode")
@@ -284,6 +289,7 @@ mod tests {
         assert!(matches!(tls("postgres://u:p@10.0.0.5/db?sslmode=allow"), Err(UrlError::SslMode(_))));
         assert_eq!(tls("mysql://u:p@localhost/db"), Err(UrlError::Scheme));
         assert_eq!(tls("postgres://localhost/db"), Err(UrlError::NoUser));
+        assert_eq!(tls("postgres://u@localhost/db?password=hunter2"), Err(UrlError::PasswordInQuery));
     }
 
     #[test]
