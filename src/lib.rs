@@ -21,7 +21,7 @@
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |
-//! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention |
+//! | [`store`] | the message archive behind one boundary (`Archive`): SQLite with full-text search, retention; PostgreSQL with `[cluster]` |
 //! | [`lifecycle`] | rule changes and sender changes: shadow runs over the archive, trial rules, drift alarms |
 //! | [`pipeline`] | delivery workers: claim → parse → rules → deliver → done / deferred / dead |
 //! | [`serve`] | `mailhook serve`: builds every stage from the config, reloads rules, the admin endpoint, the public listener (signed pages, Kustomer card, lookup API), shutdown |

@@ -5,6 +5,10 @@
 //! they are without an error in `[rules]`: a rule naming an unknown destination is reported
 //! together with the config's own problems (a destination declared with errors still counts
 //! as declared).
+//!
+//! With `[cluster]`, `check` also connects to the database and checks that `synchronous_commit`
+//! is not `off` and that the schema is at this binary's version: an unreachable database exits
+//! 75 (try again later), anything else 78.
 
 use super::{Exit, print_rule_errors};
 use crate::config::{Config, RulesSite};
@@ -84,6 +88,17 @@ pub fn run(config_path: &Path) -> Exit {
         println!("  imap {}: {}@{} {}", imap.name, imap.user, imap.host, imap.folders.join(", "));
     }
     println!("  spool: {}", config.resolve(&config.spool.dir).display());
+    if let Some(cluster) = &config.cluster {
+        match crate::store::postgres::verify(cluster, &|p| config.resolve(p)) {
+            Ok(version) => {
+                println!("  cluster: {}, schema version {version}, lease {:?}", cluster.postgres, cluster.lease)
+            }
+            Err(e) => {
+                eprintln!("{}: cluster.postgres: {e}", config_path.display());
+                return if e.is_unreachable() { Exit::TempFail } else { Exit::Config };
+            }
+        }
+    }
     Exit::Ok
 }
 

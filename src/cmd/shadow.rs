@@ -5,6 +5,8 @@
 use super::{Exit, RulesSource};
 use crate::config::Config;
 use crate::lifecycle::shadow::{self, Scope};
+use crate::store::StoreError;
+use crate::store::postgres::PostgresArchive;
 use crate::store::sqlite::SqliteArchive;
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,7 +38,7 @@ pub fn run(opts: &ShadowOptions) -> Exit {
         eprintln!("the archive is off ([archive] enabled = false): there are no messages to judge");
         return Exit::Config;
     };
-    if !path.is_file() {
+    if config.cluster.is_none() && !path.is_file() {
         eprintln!("no archive at {} (mailhook serve creates it)", path.display());
         return Exit::TempFail;
     }
@@ -54,7 +56,13 @@ pub fn run(opts: &ShadowOptions) -> Exit {
             Scope { since: since.map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH)), last }
         }
     };
-    let report = SqliteArchive::open(&path).and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX));
+    // With [cluster], the archive every instance writes is in PostgreSQL.
+    let report = match &config.cluster {
+        Some(cluster) => PostgresArchive::open(cluster, &|p| config.resolve(p))
+            .map_err(StoreError::from)
+            .and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX)),
+        None => SqliteArchive::open(&path).and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX)),
+    };
     let report = match report {
         Ok(r) => r,
         Err(e) => {

@@ -25,6 +25,7 @@
 //! Relative paths (`spool.dir`, `rules.dir`, certificate and output files) are resolved against
 //! the directory that holds the config file, so a service started from anywhere finds them.
 
+mod cluster;
 mod diagnose;
 mod rate;
 
@@ -35,6 +36,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cluster::{ClusterConfig, PgTls, PostgresUrl, UrlError};
 pub use rate::{Rate, RateError};
 
 /// A string that must not be printed: passwords, tokens, hook keys.
@@ -82,6 +84,8 @@ pub struct Config {
     pub drift: DriftConfig,
     /// The public side: signed links, the Kustomer card, the lookup API.
     pub web: Option<WebConfig>,
+    /// Several instances sharing one PostgreSQL (today: the archive lives there).
+    pub cluster: Option<ClusterConfig>,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -1156,8 +1160,14 @@ impl Config {
         // is reported.
         let mut lenient: Vec<String> = Vec::new();
         let mut unset = Vec::new();
+        let mut literal = Vec::new();
         diagnose::each_string(&mut table, &KeyPath::default(), &mut |key, value, start| {
             let shown = key.to_string();
+            if shown == "cluster.postgres"
+                && let Some(problem) = cluster::literal_password(value)
+            {
+                literal.push((key.clone(), start, problem));
+            }
             let needed = only_needed.is_empty()
                 || only_needed.iter().any(|top| shown == *top || shown.starts_with(&format!("{top}.")));
             let emptied = std::cell::Cell::new(false);
@@ -1184,6 +1194,14 @@ impl Config {
         for (key, start, e) in unset {
             errors.push(error(line(diagnose::offset_of(&original, &key).or(Some(start))), &key, e.into()));
             diagnose::remove(&mut table, &key);
+            removed.push(key);
+        }
+        for (key, start, problem) in literal {
+            errors.push(error(
+                line(diagnose::offset_of(&original, &key).or(Some(start))),
+                &key,
+                Problem::Invalid(problem),
+            ));
             removed.push(key);
         }
         let expanded = expanded.into_inner();
@@ -1347,6 +1365,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(cluster) = &self.cluster
+            && cluster.postgres.plaintext_to_remote()
+        {
+            warnings.push((
+                "cluster.postgres".to_string(),
+                format!(
+                    "sslmode=disable: the database password and every message cross the network to {:?} in plaintext",
+                    cluster.postgres.host()
+                ),
+            ));
+        }
         for (name, d) in &self.destination {
             if let DestinationConfig::KustomerEmailHook(e) = d
                 && e.relay_tls() == Some(RelayTls::None)
@@ -1372,6 +1401,7 @@ impl Config {
             all.extend(listener.auth.iter().flat_map(|a| a.users.values()));
         }
         all.extend(self.admin.as_ref().and_then(|a| a.token.as_ref()));
+        all.extend(self.cluster.as_ref().and_then(|c| c.postgres.password_secret()));
         all
     }
 
@@ -1556,6 +1586,9 @@ impl Config {
         }
         if self.archive.keep.is_zero() {
             err("archive.keep".into(), "must be longer than zero".into());
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster::validate(cluster, &mut |k, m| err(k, m));
         }
         errs.into_inner()
     }

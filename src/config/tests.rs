@@ -419,3 +419,53 @@ fn the_spool_commands_need_only_spool_and_rules_variables() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].key, "spool.dir");
 }
+
+#[test]
+fn cluster_reads_the_url_and_lease_and_hides_the_password() {
+    let text = "[cluster]\npostgres = \"postgres://hook:${PGPASS}@127.0.0.1:5432/mailhook\"\nlease = \"45s\"\n";
+    let config = parse_with(text, &[("PGPASS", "pa:ss@word")]).unwrap();
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(cluster.lease, Duration::from_secs(45));
+    assert_eq!(cluster.postgres.password(), Some("pa:ss@word"));
+    assert_eq!(cluster.postgres.to_string(), "postgres://hook:***@127.0.0.1:5432/mailhook");
+    assert!(!format!("{config:?}").contains("pa:ss@word"), "Debug shows the password");
+    assert!(config.secrets().iter().any(|s| s.expose() == "pa:ss@word"), "the password is redacted from logs");
+    let defaults = parse_with("[cluster]\npostgres = \"postgres://hook@127.0.0.1/mailhook\"\n", &[]).unwrap();
+    assert_eq!(defaults.cluster.unwrap().lease, Duration::from_secs(30));
+    assert!(parse_with("", &[]).unwrap().cluster.is_none(), "no [cluster], no database");
+}
+
+#[test]
+fn cluster_refuses_a_password_written_in_the_file() {
+    let text = "[spool]\ndir = \"./spool\"\n\n[cluster]\npostgres = \"postgres://hook:hunter22@127.0.0.1/mailhook\"\n";
+    let errors = messages(parse_with(text, &[]));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("mailhook.toml:5: cluster.postgres: writes the password in the file"), "{errors:?}");
+    assert!(!errors[0].contains("hunter22"), "{errors:?}");
+}
+
+#[test]
+fn cluster_to_a_remote_host_needs_tls_or_says_plaintext() {
+    let text = "[cluster]\npostgres = \"postgres://hook:${PGPASS}@db.example.com/mailhook\"\nlease = \"1s\"\n";
+    let errors = messages(parse_with(text, &[("PGPASS", "sekrit-pass")]));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].starts_with(
+            "mailhook.toml:2: cluster.postgres: would send the password to \"db.example.com\" without TLS"
+        ),
+        "{errors:?}"
+    );
+    assert!(errors[1].starts_with("mailhook.toml:3: cluster.lease: must be at least 2s"), "{errors:?}");
+    assert!(!errors.join(" ").contains("sekrit-pass"));
+    let tls = "[cluster]\npostgres = \"postgres://hook:${PGPASS}@db.example.com/mailhook?sslmode=require\"\n";
+    let config = parse_with(tls, &[("PGPASS", "x")]).unwrap();
+    assert!(config.warnings().is_empty());
+    let plain = "[cluster]\npostgres = \"postgres://hook:${PGPASS}@db.example.com/mailhook?sslmode=disable\"\n";
+    let config = parse_with(plain, &[("PGPASS", "x")]).unwrap();
+    let warnings = config.warnings();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].0, "cluster.postgres");
+    let typo = "[cluster]\npostgres = \"postgres://hook@127.0.0.1/m\"\nleese = \"30s\"\n";
+    let errors = messages(parse_with(typo, &[]));
+    assert!(errors[0].contains("cluster.leese") && errors[0].contains("lease"), "{errors:?}");
+}

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, SHUTDOWN_GRACE, SharedRules};
 use crate::rules::{RuleError, load_rules};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use crate::store::postgres::PostgresArchive;
 use crate::store::sqlite::SqliteArchive;
 use crate::store::{Archive, ArchiveWriter};
 use admin::{Admin, AdminError};
@@ -89,15 +90,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         "spool recovered"
     );
 
-    let archive: Option<Arc<dyn Archive>> = match config.archive_path() {
-        Some(path) => {
+    let archive: Option<Arc<dyn Archive>> = match (&config.cluster, config.archive_path()) {
+        (Some(cluster), Some(_)) => {
+            let (cluster, for_paths) = (cluster.clone(), config.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || PostgresArchive::open(&cluster, &|p| for_paths.resolve(p)))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .map_err(crate::store::StoreError::from)?;
+            info!(archive = %opened.host(), "archive in PostgreSQL");
+            Some(Arc::new(opened))
+        }
+        (None, Some(path)) => {
             let opened = tokio::task::spawn_blocking(move || SqliteArchive::open(&path))
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             info!(archive = %opened.path().display(), "archive open");
             Some(Arc::new(opened))
         }
-        None => None,
+        (_, None) => None,
     };
     let writer = archive.clone().map(ArchiveWriter::start);
     let lifecycle = Lifecycle::start(&config, &spool_dir, &metrics)?;
@@ -197,8 +208,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     if let Some(w) = writer {
-        // Everything the rounds handed over is committed before the process ends.
-        w.flush().await;
+        // Everything the rounds handed over is committed before the process ends; a database
+        // that is away gets a while to come back, not forever.
+        if tokio::time::timeout(SHUTDOWN_ARCHIVE_WAIT, w.flush()).await.is_err() {
+            error!(
+                waited_s = SHUTDOWN_ARCHIVE_WAIT.as_secs(),
+                "the archive database is unreachable: the archive entries of the last messages are not kept (the messages themselves were delivered or are in the spool)"
+            );
+        }
     }
     info!("stopped");
     Ok(())
@@ -247,6 +264,9 @@ impl Lifecycle {
         Ok(Lifecycle { observer: Arc::new(Observer { trial, drift }), report: SharedReport::default(), notify })
     }
 }
+
+/// How long `serve` waits at shutdown for the archive to commit what it was handed.
+const SHUTDOWN_ARCHIVE_WAIT: Duration = Duration::from_secs(15);
 
 /// How often retention runs while `serve` runs (and once at start).
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);

@@ -1,6 +1,7 @@
 //! store: the message archive, behind one boundary ([`Archive`]) that more than one backend can
-//! implement. [`sqlite`] is the embedded default; the [`conformance`] suite states what every
-//! backend must do and runs against any of them.
+//! implement. [`sqlite`] is the embedded default; [`postgres`] is the archive several
+//! instances share (`[cluster]`); the [`conformance`] suite states what every backend must do
+//! and runs against any of them.
 //!
 //! ```text
 //! pipeline ──(message done: delivered, dropped, dead)──► writer thread ──► Archive::write_batch
@@ -20,6 +21,7 @@
 //! page's cursor is opaque to callers.
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 mod writer;
 
@@ -306,6 +308,9 @@ pub enum StoreError {
     BadId(String),
     #[error("archive: stored entry {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+    /// The PostgreSQL archive's database (`[cluster]`).
+    #[error("archive: {0}")]
+    Database(Box<postgres::ClusterError>),
 }
 
 /// The archive's boundary: what the pipeline writes and the console reads. Calls block; async

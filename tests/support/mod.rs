@@ -13,6 +13,9 @@
 //!   [`dovecot::ImapClient`] to set up and inspect its mailboxes. Needs `dovecot-imapd` installed.
 //!
 //! - [`browser::Driver`]: chromedriver and a headless Chromium for page tests.
+//! - [`postgres::Postgres`]: a private PostgreSQL cluster (initdb + pg_ctl on a free loopback
+//!   port, in a temporary directory), shared by a test binary, one database per test. Needs
+//!   `postgresql` installed.
 //!
 //! Every in-process server binds `127.0.0.1:0`, runs on its own thread with its own tokio runtime
 //! (so it works from sync tests, async tests and while a `mailhook` subprocess talks to it) and
@@ -25,6 +28,7 @@ pub mod dovecot;
 pub mod gateway;
 pub mod hook;
 pub mod http;
+pub mod postgres;
 pub mod smtp;
 pub mod smtp_client;
 

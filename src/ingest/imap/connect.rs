@@ -344,7 +344,9 @@ impl Authenticator for Sasl {
     }
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, CaFileError> {
+/// A rustls client config trusting the public roots and, when given, the CA certificates in
+/// `ca_file`.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, CaFileError> {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
