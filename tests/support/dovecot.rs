@@ -127,7 +127,7 @@ impl Dovecot {
         identity.give_mail(&root.join("mail"));
         let users = format!("{USER}:{{PLAIN}}{PASSWORD}::::::\n{OTHER_USER}:{{PLAIN}}{OTHER_PASSWORD}::::::\n");
         write_public(&root.join("users"), users.as_bytes());
-        let ca_file = options.tls.then(|| write_tls_files(&root));
+        let ca_file = options.tls.then(|| super::tls::write_test_certificates(&root).ca);
         let oauth = options.xoauth2.then(OAuthServer::start);
         if let Some(oauth) = &oauth {
             let conf = format!(
@@ -654,30 +654,6 @@ fn kill_process_group(child: &mut Child) -> Result<(), Vec<u32>> {
         Some(()) => Ok(()),
         None => Err(others()),
     }
-}
-
-/// Writes a throwaway CA and a server certificate for `localhost`/`127.0.0.1` it issued to
-/// `root/tls/`; returns the CA's PEM file.
-fn write_tls_files(root: &Path) -> PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let dir = root.join("tls");
-    fs::create_dir(&dir).expect("create tls dir");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "mailhook test CA");
-    ca_params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA certificate");
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
-    params.distinguished_name.push(DnType::CommonName, "localhost");
-    let key = KeyPair::generate().expect("server key");
-    let cert = params.signed_by(&key, &ca).expect("server certificate");
-    let ca_file = dir.join("ca.pem");
-    write_public(&ca_file, ca.pem().as_bytes());
-    write_public(&dir.join("server.pem"), cert.pem().as_bytes());
-    fs::write(dir.join("server.key"), key.serialize_pem()).expect("write server key");
-    ca_file
 }
 
 /// The OAuth 2 token introspection endpoint (RFC 7662 style) that Dovecot's oauth2 passdb asks:

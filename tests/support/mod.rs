@@ -31,6 +31,7 @@ pub mod http;
 pub mod postgres;
 pub mod smtp;
 pub mod smtp_client;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 

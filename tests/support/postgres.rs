@@ -23,7 +23,7 @@
 
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -256,33 +256,15 @@ impl Postgres {
     /// Writes a CA, and a server certificate and key it issued, under `tls/`; returns the CA's
     /// file. The key is the server user's alone, as PostgreSQL requires.
     fn write_tls_files(&self) -> PathBuf {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let dir = self.root.join("tls");
-        fs::create_dir(&dir).expect("create tls dir");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "mailhook test CA");
-        ca_params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA certificate");
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
-        params.distinguished_name.push(DnType::CommonName, "localhost");
-        let key = KeyPair::generate().expect("server key");
-        let cert = params.signed_by(&key, &ca).expect("server certificate");
-        let ca_file = dir.join("ca.pem");
-        fs::write(&ca_file, ca.pem()).expect("write CA");
-        fs::write(dir.join("server.pem"), cert.pem()).expect("write server certificate");
-        let key_file = dir.join("server.key");
-        fs::write(&key_file, key.serialize_pem()).expect("write server key");
-        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).expect("chmod key");
+        let files = super::tls::write_test_certificates(&self.root);
         if self.as_postgres {
             let (uid, gid) = postgres_ids();
-            for f in [dir.clone(), ca_file.clone(), dir.join("server.pem"), key_file] {
-                std::os::unix::fs::chown(&f, Some(uid), Some(gid)).expect("chown tls file");
+            let dir = files.ca.parent().expect("tls dir").to_path_buf();
+            for f in [&dir, &files.ca, &files.cert, &files.key] {
+                std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown tls file");
             }
         }
-        ca_file
+        files.ca
     }
 
     /// A command running `program` from [`BIN`] (as the `postgres` user when we are root).
