@@ -97,7 +97,8 @@ fn a_shared_folder_is_delivered_exactly_once_across_a_kill() {
         let mut peers: Vec<String> =
             h["cluster"]["peers"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
         peers.sort();
-        let mut others: Vec<String> = ids.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, id)| id.clone()).collect();
+        let mut others: Vec<String> =
+            ids.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, id)| id.clone()).collect();
         others.sort();
         assert_eq!(peers, others, "instance {i}'s peers");
     }

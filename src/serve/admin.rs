@@ -74,7 +74,8 @@ impl Admin {
         let bind_error = |source| AdminError::Bind { addr: config.listen.clone(), source };
         let listener = TcpListener::bind(&config.listen).await.map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
-        let state = Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0), cluster });
+        let state =
+            Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0), cluster });
         if console.is_some() && config.token.is_none() && !addr.ip().is_loopback() {
             return Err(AdminError::OpenConsole(addr));
         }
@@ -184,11 +185,8 @@ async fn healthz(Extract(state): Extract<Arc<AdminState>>) -> Response {
 /// This instance in the cluster: its id, the IMAP folders it holds, its live peers (as of the
 /// last heartbeat).
 fn cluster_health(node: &Node) -> serde_json::Value {
-    let leases: Vec<serde_json::Value> = node
-        .held()
-        .into_iter()
-        .map(|k| serde_json::json!({"account": k.account, "folder": k.folder}))
-        .collect();
+    let leases: Vec<serde_json::Value> =
+        node.held().into_iter().map(|k| serde_json::json!({"account": k.account, "folder": k.folder})).collect();
     serde_json::json!({
         "instance": node.id(),
         "host": node.host(),

@@ -179,7 +179,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         (None, _) => None,
     };
     let reloader = Reloader::start(on_disk)?;
-    let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints, node.as_ref())?;
+    let watchers = crate::ingest::imap::watchers(
+        &config,
+        &spool,
+        &pipeline.inbox(),
+        &metrics,
+        &recovery.fingerprints,
+        node.as_ref(),
+    )?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(node) = &node {
         tasks.spawn(heartbeat(node.clone(), stop_rx.clone()));

@@ -321,7 +321,7 @@ impl Watcher {
     /// Waits until this instance holds the folder's lease, trying every `lease / 3`: `false`
     /// at shutdown. While a peer holds it, the folder counts as watched (by the peer).
     async fn take_lease(&self, node: &Node, shutdown: &mut watch::Receiver<bool>) -> bool {
-        let mut waiting = false;
+        let (mut waiting, mut failing) = (false, false);
         loop {
             match node.take_folder(&self.key).await {
                 Ok(true) => {
@@ -336,7 +336,10 @@ impl Watcher {
                     self.health.synced();
                 }
                 Err(e) => {
-                    warn!(account = %self.account, folder = %self.folder, error = %e, "cannot take the IMAP folder lease; trying again");
+                    if !failing {
+                        warn!(account = %self.account, folder = %self.folder, error = %e, "cannot take the IMAP folder lease; trying again every lease/3");
+                    }
+                    failing = true;
                     self.health.failed(&e.to_string());
                 }
             }
@@ -350,10 +353,9 @@ impl Watcher {
     /// The stored position: in the database with `[cluster]`, else the checkpoint file.
     async fn load_position(&self) -> Result<Option<Position>, WatchError> {
         match &self.cluster {
-            Some(node) => Ok(node
-                .checkpoint(&self.key)
-                .await?
-                .map(|(uidvalidity, last_uid)| Position { uidvalidity, last_uid })),
+            Some(node) => {
+                Ok(node.checkpoint(&self.key).await?.map(|(uidvalidity, last_uid)| Position { uidvalidity, last_uid }))
+            }
             None => self.checkpoint.load().map_err(WatchError::Checkpoint),
         }
     }
@@ -821,5 +823,14 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         assert_eq!(uid_set(&[4, 6, 8]), "4,6,8");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn fingerprints_are_stored_as_their_bytes() {
+        let hex = fingerprint(b"Subject: x\r\n\r\nx\r\n");
+        let bytes = fingerprint_bytes(&hex);
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(), hex);
+        assert_eq!(fingerprint_bytes("00ff10"), vec![0x00, 0xff, 0x10]);
     }
 }
