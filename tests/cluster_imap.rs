@@ -2,7 +2,8 @@
 //! `mailhook serve` processes: one folder watched by three instances is fetched by one at a
 //! time (its lease holder), every message is delivered exactly once even when the holder is
 //! `kill -9`'d and another takes over, the dedupe ledger keeps a renumbered folder (new
-//! UIDVALIDITY) from being sent again by another instance, and `/healthz` lists the peers.
+//! UIDVALIDITY) from being sent again by another instance, an instance whose lease was taken
+//! stops fetching at once, and `/healthz` lists the peers.
 
 mod support;
 
@@ -180,4 +181,35 @@ fn the_ledger_keeps_a_renumbered_folder_from_being_sent_again() {
     assert_eq!(counts, BTreeMap::from([(0, 1), (1, 1), (2, 1), (3, 1)]));
     assert_eq!(imap.unseen("INBOX"), Vec::<u32>::new(), "recognised messages are still flagged");
     assert_eq!(second.stop(), 0, "{}", second.logs());
+}
+
+#[test]
+fn an_instance_that_loses_its_lease_stops_fetching_at_once() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let dovecot = Dovecot::start();
+    let hook = HookServer::start(HookOptions::default());
+    let mut imap = dovecot.client(USER, IMAP_PASSWORD);
+    imap.append("INBOX", &message(0, "bulk"));
+    let mut gw = instance(pg, &db, &dovecot, &hook);
+    gw.start();
+    wait_for("the first delivery", Duration::from_secs(20), || hook.accepted().len() == 1);
+
+    // Another owner (one that never renews) takes the folder behind the holder's back.
+    pg.sql(&db, "UPDATE folder_lease SET owner = 'elsewhere', until = now() + interval '1 hour'");
+    gw.wait_log("the lease lost", 1, Duration::from_secs(10), |l| {
+        l["message"].as_str().is_some_and(|m| m.starts_with("IMAP folder lease lost"))
+    });
+    imap.append("INBOX", &message(1, "bulk"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(hook.accepted().len(), 1, "fetched without the lease");
+    let admin = gw.listening("admin");
+    assert!(!holds_inbox(&healthz(admin)), "the lost lease is not reported as held");
+
+    // The other owner goes away: the instance takes the folder back and fetches.
+    pg.sql(&db, "DELETE FROM folder_lease");
+    wait_for("the second delivery", Duration::from_secs(10), || hook.accepted().len() == 2);
+    assert_eq!(deliveries(&hook), BTreeMap::from([(0, 1), (1, 1)]));
+    assert!(holds_inbox(&healthz(admin)));
+    assert_eq!(gw.stop(), 0, "{}", gw.logs());
 }
