@@ -16,6 +16,7 @@
 //!
 //! | module | job |
 //! |---|---|
+//! | [`cluster`] | with `[cluster]`: the shared PostgreSQL's connection and schema, this instance's heartbeat and peers, IMAP folder leases, the IMAP dedupe ledger and checkpoints |
 //! | [`ingest`] | SMTP/LMTP listeners, IMAP watchers, stdin: bytes + envelope → spool, acknowledged once durable |
 //! | [`spool`] | the durable queue on disk; the only owner of message state; the in-memory hand-over to delivery |
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
@@ -29,14 +30,16 @@
 //! | [`model`] | plain types passed between stages: `Envelope`, `Email`, `Outcome`, `Payload` |
 //! | [`config`] | `mailhook.toml`: serde structs, `${VAR}` expansion, validation (every error at once) |
 //! | [`links`] | signed links to an email's public page and attachments (`[web]`) |
+//! | [`tls`] | the TLS client settings (web PKI roots plus an extra CA) of IMAP and the database |
 //! | [`backoff`] | the retry schedule shared by delivery and the IMAP watchers |
 //! | [`metrics`] | counters and health of every part, for `/metrics` and `/healthz` |
 //! | [`logging`] | the tracing subscriber: text or JSON lines |
 //!
-//! No stage imports a later one: `ingest` knows only the spool and the model, `parse` nothing of
+//! No stage imports a later one: `ingest` knows only the cluster, the spool and the model, `parse` nothing of
 //! rules, `rules` nothing of delivery. The design, the spool's on-disk format and the delivery
 //! semantics are written down in `docs/design.md`.
 
+pub mod cluster;
 pub mod ingest;
 pub mod spool;
 pub mod parse;
@@ -51,5 +54,6 @@ pub mod model;
 pub mod config;
 pub mod backoff;
 pub mod links;
+pub mod tls;
 pub mod metrics;
 pub mod logging;

@@ -716,7 +716,7 @@ impl Exposition {
 }
 
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
-fn escape_label(v: &str) -> String {
+pub fn escape_label(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {

@@ -15,6 +15,7 @@
 //! never logged. The socket is bound before `serve` starts working, so a port in use refuses to
 //! start; the server stops on shutdown.
 
+use crate::cluster::Node;
 use crate::config::{AdminConfig, Secret};
 use crate::metrics::Metrics;
 use crate::spool::Spool;
@@ -58,6 +59,7 @@ struct AdminState {
     spool: Spool,
     token: Option<Secret>,
     probes: AtomicU64,
+    cluster: Option<Arc<Node>>,
 }
 
 impl Admin {
@@ -67,11 +69,13 @@ impl Admin {
         metrics: Arc<Metrics>,
         spool: Spool,
         console: Option<super::console::Console>,
+        cluster: Option<Arc<Node>>,
     ) -> Result<Admin, AdminError> {
         let bind_error = |source| AdminError::Bind { addr: config.listen.clone(), source };
         let listener = TcpListener::bind(&config.listen).await.map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
-        let state = Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0) });
+        let state =
+            Arc::new(AdminState { metrics, spool, token: config.token.clone(), probes: AtomicU64::new(0), cluster });
         if console.is_some() && config.token.is_none() && !addr.ip().is_loopback() {
             return Err(AdminError::OpenConsole(addr));
         }
@@ -163,19 +167,54 @@ async fn healthz(Extract(state): Extract<Arc<AdminState>>) -> Response {
     let problems = state.problems().await;
     // Drifts are listed but do not make the gateway unhealthy: mail still flows.
     let warnings = state.metrics.warnings();
-    if problems.is_empty() {
-        let mut body = serde_json::json!({"status": "ok"});
-        if !warnings.is_empty() {
-            body["warnings"] = serde_json::json!(warnings);
-        }
-        return json(StatusCode::OK, body);
-    }
-    warn!(problems = %problems.join("; "), "unhealthy");
-    let mut body = serde_json::json!({"status": "unhealthy", "problems": problems});
+    let (status, mut body) = if problems.is_empty() {
+        (StatusCode::OK, serde_json::json!({"status": "ok"}))
+    } else {
+        warn!(problems = %problems.join("; "), "unhealthy");
+        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "unhealthy", "problems": problems}))
+    };
     if !warnings.is_empty() {
         body["warnings"] = serde_json::json!(warnings);
     }
-    json(StatusCode::SERVICE_UNAVAILABLE, body)
+    if let Some(node) = &state.cluster {
+        body["cluster"] = cluster_health(node);
+    }
+    json(status, body)
+}
+
+/// This instance in the cluster: its id, the IMAP folders it holds, its live peers (as of the
+/// last heartbeat).
+fn cluster_health(node: &Node) -> serde_json::Value {
+    let leases: Vec<serde_json::Value> =
+        node.held().into_iter().map(|k| serde_json::json!({"account": k.account, "folder": k.folder})).collect();
+    serde_json::json!({
+        "instance": node.id(),
+        "host": node.host(),
+        "leases": leases,
+        "peers": node.peers(),
+    })
+}
+
+/// The cluster's lines of `/metrics`.
+fn cluster_metrics(node: &Node) -> String {
+    use crate::metrics::escape_label as e;
+    let mut out = String::new();
+    out.push_str("# HELP mailhook_cluster_instance This instance's id in the cluster (value 1).\n");
+    out.push_str("# TYPE mailhook_cluster_instance gauge\n");
+    out.push_str(&format!("mailhook_cluster_instance{{id=\"{}\",host=\"{}\"}} 1\n", e(node.id()), e(node.host())));
+    out.push_str("# HELP mailhook_cluster_peers Other instances with a heartbeat within three leases.\n");
+    out.push_str("# TYPE mailhook_cluster_peers gauge\n");
+    out.push_str(&format!("mailhook_cluster_peers {}\n", node.peers().len()));
+    out.push_str("# HELP mailhook_cluster_folder_lease IMAP folders this instance holds the lease of (value 1).\n");
+    out.push_str("# TYPE mailhook_cluster_folder_lease gauge\n");
+    for k in node.held() {
+        out.push_str(&format!(
+            "mailhook_cluster_folder_lease{{account=\"{}\",folder=\"{}\"}} 1\n",
+            e(&k.account),
+            e(&k.folder)
+        ));
+    }
+    out
 }
 
 async fn metrics(Extract(state): Extract<Arc<AdminState>>) -> Response {
@@ -185,7 +224,11 @@ async fn metrics(Extract(state): Extract<Arc<AdminState>>) -> Response {
         Ok(Err(e)) => warn!(error = %e, "cannot count the spool for /metrics"),
         Err(e) => warn!(error = %e, "cannot count the spool for /metrics"),
     }
-    let mut response = state.metrics.render().into_response();
+    let mut text = state.metrics.render();
+    if let Some(node) = &state.cluster {
+        text.push_str(&cluster_metrics(node));
+    }
+    let mut response = text.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
     response
 }

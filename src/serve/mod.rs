@@ -52,6 +52,8 @@ pub enum ServeError {
     Archive(#[from] crate::store::StoreError),
     #[error(transparent)]
     Public(#[from] public::PublicError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -110,6 +112,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         (_, None) => None,
     };
+    let node = match &config.cluster {
+        Some(cluster) => {
+            let node = crate::cluster::Node::open(cluster, &|p| config.resolve(p))?;
+            info!(instance = %node.id(), host = %node.host(), "cluster instance");
+            Some(node)
+        }
+        None => None,
+    };
     let writer = archive.clone().map(ArchiveWriter::start);
     let lifecycle = Lifecycle::start(&config, &spool_dir, &metrics)?;
     let on_disk = Arc::new(RulesOnDisk::new(&config, rules.clone(), metrics.clone(), before_load).with_lifecycle(
@@ -153,7 +163,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 .with_lifecycle(lifecycle.report.clone(), lifecycle.observer.clone())
             });
             let has_console = console.is_some();
-            let bound = Admin::bind(admin, metrics.clone(), spool.clone(), console).await?;
+            let bound = Admin::bind(admin, metrics.clone(), spool.clone(), console, node.clone()).await?;
             if let (true, Some(d)) = (has_console, &lifecycle.observer.drift) {
                 d.default_links(format!("http://{}/messages/", bound.addr()));
             }
@@ -169,8 +179,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         (None, _) => None,
     };
     let reloader = Reloader::start(on_disk)?;
-    let watchers = crate::ingest::imap::watchers(&config, &spool, &pipeline.inbox(), &metrics, &recovery.fingerprints)?;
+    let watchers = crate::ingest::imap::watchers(
+        &config,
+        &spool,
+        &pipeline.inbox(),
+        &metrics,
+        &recovery.fingerprints,
+        node.as_ref(),
+    )?;
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(node) = &node {
+        tasks.spawn(heartbeat(node.clone(), stop_rx.clone()));
+    }
     for watcher in watchers {
         tasks.spawn(watcher.run(stop_rx.clone()));
     }
@@ -200,6 +220,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     info!("shutting down");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    if let Some(node) = &node {
+        // Peers take this instance's folders at once rather than when the leases lapse.
+        match tokio::time::timeout(Duration::from_secs(5), node.leave()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot leave the cluster; its folder leases lapse"),
+            Err(_) => warn!("cannot leave the cluster in time; its folder leases lapse"),
+        }
+    }
     let _ = workers.await;
     if let Some(drift) = &lifecycle.observer.drift {
         // What the last rounds counted, after the saver's last pass.
@@ -262,6 +290,30 @@ impl Lifecycle {
             _ => None,
         };
         Ok(Lifecycle { observer: Arc::new(Observer { trial, drift }), report: SharedReport::default(), notify })
+    }
+}
+
+/// Records this instance as alive and refreshes its list of peers every `lease / 3`, until
+/// shutdown.
+async fn heartbeat(node: Arc<crate::cluster::Node>, mut stop: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        match node.heartbeat().await {
+            Ok(()) if failing => {
+                info!("cluster heartbeat back");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                warn!(error = %e, "cluster heartbeat failed; peers will not see this instance");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(node.renew_every()) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -151,24 +151,7 @@ impl ConnectError {
     }
 }
 
-/// An extra CA file (`ca_file`) that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum CaFileError {
-    #[error("ca_file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("ca_file {}: {source}", path.display())]
-    Certificate {
-        path: PathBuf,
-        #[source]
-        source: tokio_rustls::rustls::Error,
-    },
-    #[error("ca_file {}: no PEM certificate in it", .0.display())]
-    Empty(PathBuf),
-}
+pub use crate::tls::{CaFileError, tls_config};
 
 /// Everything needed to (re)connect one account, prepared once from its config.
 #[derive(Clone)]
@@ -342,27 +325,6 @@ impl Authenticator for Sasl {
     fn process(&mut self, _challenge: &[u8]) -> String {
         self.first.take().unwrap_or_default()
     }
-}
-
-/// A rustls client config trusting the public roots and, when given, the CA certificates in
-/// `ca_file`.
-pub fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, CaFileError> {
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let read = |source| CaFileError::Read { path: path.to_path_buf(), source };
-        let pem = std::fs::read(path).map_err(read)?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(read)?;
-            roots.add(cert).map_err(|source| CaFileError::Certificate { path: path.to_path_buf(), source })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(CaFileError::Empty(path.to_path_buf()));
-        }
-    }
-    Ok(tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Runs `f` with a deadline; a timeout becomes an `io::Error` saying how long was waited.

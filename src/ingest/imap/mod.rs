@@ -32,6 +32,7 @@ pub mod checkpoint;
 pub mod connect;
 
 use crate::backoff::backoff;
+use crate::cluster::{ClusterError, FolderKey, Node};
 use crate::config::{After, BackoffConfig, Config, ImapConfig, ImapTls};
 use crate::metrics::{FolderHealth, Metrics};
 use crate::model::{Envelope, Source};
@@ -118,6 +119,10 @@ enum WatchError {
     },
     #[error("checkpoint: {0}")]
     Checkpoint(#[source] std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("the folder's lease is lost: {0}")]
+    LeaseLost(String),
 }
 
 impl WatchError {
@@ -139,6 +144,12 @@ pub enum StoreError {
     Write(#[source] std::io::Error),
     #[error("spool task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("spooled as {id}, but not recorded in the dedupe ledger: {source}")]
+    Ledger {
+        id: String,
+        #[source]
+        source: ClusterError,
+    },
 }
 
 fn imap_err(what: &str) -> impl Fn(std::io::Error) -> WatchError + '_ {
@@ -159,6 +170,9 @@ pub struct Watcher {
     inbox: Arc<Inbox>,
     checkpoint: Checkpoint,
     health: Arc<FolderHealth>,
+    /// With `[cluster]`: the folder is leased, deduplicated and checkpointed in the database.
+    cluster: Option<Arc<Node>>,
+    key: FolderKey,
 }
 
 /// Builds a watcher for every folder of every `[[imap]]` account. Fails (naming the account) on
@@ -173,6 +187,7 @@ pub fn watchers(
     inbox: &Arc<Inbox>,
     metrics: &Metrics,
     spooled: &[(Source, String)],
+    cluster: Option<&Arc<Node>>,
 ) -> Result<Vec<Watcher>, WatchersError> {
     let mut out = Vec::new();
     for account in &config.imap {
@@ -213,6 +228,8 @@ pub fn watchers(
                 inbox: inbox.clone(),
                 checkpoint,
                 health: metrics.folder(&account.name, folder, account.poll.min(MAX_IDLE)),
+                cluster: cluster.cloned(),
+                key: FolderKey::new(&account.name, folder),
             });
         }
     }
@@ -242,10 +259,34 @@ impl Watcher {
             if *shutdown.borrow() {
                 break;
             }
-            let error = match self.session(&mut failures, &mut shutdown).await {
+            let result = match &self.cluster {
+                None => self.session(&mut failures, &mut shutdown).await,
+                Some(node) => {
+                    if !self.take_lease(node, &mut shutdown).await {
+                        break;
+                    }
+                    tokio::select! {
+                        r = self.session(&mut failures, &mut shutdown) => r,
+                        lost = keep_lease(node, &self.key) => Err(lost),
+                    }
+                }
+            };
+            let error = match result {
                 Ok(()) => break,
+                Err(WatchError::LeaseLost(why)) => {
+                    // Stop fetching at once (the session is dropped); the lease is tried again.
+                    warn!(account = %self.account, folder = %self.folder, reason = %why, "IMAP folder lease lost; not fetching from it");
+                    self.health.set_connected(false);
+                    continue;
+                }
                 Err(e) => e,
             };
+            if let Some(node) = &self.cluster {
+                // A peer may reach the server where this instance cannot: let it take over.
+                if let Err(e) = node.release_folder(&self.key).await {
+                    debug!(account = %self.account, folder = %self.folder, error = %e, "cannot release the folder lease; it lapses");
+                }
+            }
             self.health.failed(&error.to_string());
             failures = failures.saturating_add(1);
             let delay = backoff(&RECONNECT, failures);
@@ -268,7 +309,62 @@ impl Watcher {
             self.health.reconnecting();
         }
         self.health.set_connected(false);
+        if let Some(node) = &self.cluster
+            && node.held().contains(&self.key)
+            && let Err(e) = node.release_folder(&self.key).await
+        {
+            debug!(account = %self.account, folder = %self.folder, error = %e, "cannot release the folder lease; it lapses");
+        }
         debug!(account = %self.account, folder = %self.folder, "IMAP watcher stopped");
+    }
+
+    /// Waits until this instance holds the folder's lease, trying every `lease / 3`: `false`
+    /// at shutdown. While a peer holds it, the folder counts as watched (by the peer).
+    async fn take_lease(&self, node: &Node, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let (mut waiting, mut failing) = (false, false);
+        loop {
+            match node.take_folder(&self.key).await {
+                Ok(true) => {
+                    info!(account = %self.account, folder = %self.folder, instance = %node.id(), "IMAP folder lease taken");
+                    return true;
+                }
+                Ok(false) => {
+                    if !waiting {
+                        info!(account = %self.account, folder = %self.folder, "IMAP folder leased to another instance; standing by");
+                    }
+                    waiting = true;
+                    self.health.synced();
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(account = %self.account, folder = %self.folder, error = %e, "cannot take the IMAP folder lease; trying again every lease/3");
+                    }
+                    failing = true;
+                    self.health.failed(&e.to_string());
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(node.renew_every()) => {}
+                _ = shutdown.changed() => return false,
+            }
+        }
+    }
+
+    /// The stored position: in the database with `[cluster]`, else the checkpoint file.
+    async fn load_position(&self) -> Result<Option<Position>, WatchError> {
+        match &self.cluster {
+            Some(node) => {
+                Ok(node.checkpoint(&self.key).await?.map(|(uidvalidity, last_uid)| Position { uidvalidity, last_uid }))
+            }
+            None => self.checkpoint.load().map_err(WatchError::Checkpoint),
+        }
+    }
+
+    async fn store_position(&self, position: Position) -> Result<(), WatchError> {
+        match &self.cluster {
+            Some(node) => Ok(node.store_checkpoint(&self.key, position.uidvalidity, position.last_uid).await?),
+            None => self.checkpoint.store(position).map_err(WatchError::Checkpoint),
+        }
     }
 
     /// One connection: sync, wait for news, sync again, until shutdown (`Ok`) or an error.
@@ -290,7 +386,7 @@ impl Watcher {
             .ok_or_else(|| WatchError::Protocol(format!("the server gave no UIDVALIDITY for {:?}", self.folder)))?;
         self.health.set_connected(true);
 
-        let stored = self.checkpoint.load().map_err(WatchError::Checkpoint)?;
+        let stored = self.load_position().await?;
         let (mut position, mut scan) = match stored {
             Some(p) if p.uidvalidity == uidvalidity => (p, Scan::Resume),
             Some(p) => {
@@ -398,9 +494,9 @@ impl Watcher {
             // the first start is left alone for `seen`, and new mail is not.
             Scan::First { uid_next } => {
                 position.last_uid = position.last_uid.max(uid_next.unwrap_or(1).saturating_sub(1));
-                self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
+                self.store_position(*position).await?;
             }
-            Scan::Again => self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?,
+            Scan::Again => self.store_position(*position).await?,
         }
         Ok(Woken::Sync)
     }
@@ -419,8 +515,18 @@ impl Watcher {
         let mut done: Vec<(u32, Result<String, StoreError>)> = Vec::new();
         let mut skipped: Vec<u32> = Vec::new();
         let mut pending_bytes = 0usize;
-        {
-            let mut stream = within(COMMAND_TIMEOUT, session.uid_fetch(uid_set(batch), "(UID BODY.PEEK[])"))
+        let mut fetch = batch.to_vec();
+        if let Some(node) = &self.cluster {
+            // Already spooled from this folder (by any instance): acknowledged, not fetched.
+            let known = node.seen_uids(&self.key, position.uidvalidity, batch).await?;
+            if !known.is_empty() {
+                info!(account = %self.account, folder = %self.folder, count = known.len(), "already in the dedupe ledger; not sent again");
+            }
+            fetch.retain(|u| !known.contains(u));
+            skipped.extend(known);
+        }
+        if !fetch.is_empty() {
+            let mut stream = within(COMMAND_TIMEOUT, session.uid_fetch(uid_set(&fetch), "(UID BODY.PEEK[])"))
                 .await
                 .map_err(imap_err("UID FETCH"))?;
             loop {
@@ -442,6 +548,24 @@ impl Watcher {
                     skipped.push(uid);
                     continue;
                 }
+                let ledger = match &self.cluster {
+                    Some(node) => {
+                        let bytes = fingerprint_bytes(&fp);
+                        if node.seen_fingerprint(&self.key, &bytes).await? {
+                            info!(account = %self.account, folder = %self.folder, uid, "same content already in the dedupe ledger; not sent again");
+                            skipped.push(uid);
+                            continue;
+                        }
+                        Some(Ledger {
+                            node: node.clone(),
+                            key: self.key.clone(),
+                            uidvalidity: position.uidvalidity,
+                            uid,
+                            fingerprint: bytes,
+                        })
+                    }
+                    None => None,
+                };
                 pending_bytes += body.len();
                 let job = tokio::spawn(store(
                     self.spool.clone(),
@@ -449,6 +573,7 @@ impl Watcher {
                     self.envelope(),
                     body.to_vec(),
                     (self.checkpoint.clone(), fp),
+                    ledger,
                 ));
                 pending.push_back((uid, body.len(), job));
                 while pending_bytes > MAX_PENDING_BYTES {
@@ -482,7 +607,7 @@ impl Watcher {
             // Each message's fingerprint was added as soon as it was durable (see `store`).
             self.checkpoint.settle().map_err(WatchError::Checkpoint)?;
             position.last_uid = position.last_uid.max(last);
-            self.checkpoint.store(*position).map_err(WatchError::Checkpoint)?;
+            self.store_position(*position).await?;
             self.health.fetched(received);
         }
         if let Err(e) = self.after_action(session, caps, &acknowledged).await {
@@ -554,6 +679,7 @@ async fn store(
     envelope: Envelope,
     raw: Vec<u8>,
     (checkpoint, fp): (Checkpoint, String),
+    ledger: Option<Ledger>,
 ) -> Result<String, StoreError> {
     let fingerprint = fp.clone();
     let (draft, raw) = tokio::task::spawn_blocking(move || {
@@ -571,7 +697,61 @@ async fn store(
     }
     let raw = (raw.len() <= KEEP_COPY).then_some(raw);
     inbox.push(Fresh { meta, raw });
+    if let Some(ledger) = ledger {
+        ledger.record(&id).await?;
+    }
     Ok(id)
+}
+
+/// Where a spooled message goes in the dedupe ledger (`[cluster]`).
+struct Ledger {
+    node: Arc<Node>,
+    key: FolderKey,
+    uidvalidity: u32,
+    uid: u32,
+    fingerprint: Vec<u8>,
+}
+
+impl Ledger {
+    /// Records the message spooled as `id`, trying again while the database is away for up to
+    /// one lease (the folder's lease lapses after that and a peer would fetch the message).
+    async fn record(self, id: &str) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + self.node.lease();
+        let mut tries = 0u32;
+        loop {
+            let result = self.node.record_seen(&self.key, self.uidvalidity, self.uid, &self.fingerprint, id).await;
+            match result {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    warn!(id = %id, folder = %self.key, uid = self.uid, "already in the dedupe ledger: another instance spooled this message too");
+                    return Ok(());
+                }
+                Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(tries.min(10)))).await;
+                }
+                Err(source) => return Err(StoreError::Ledger { id: id.to_string(), source }),
+            }
+        }
+    }
+}
+
+/// The bytes of a hex fingerprint (as the ledger stores them).
+fn fingerprint_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect()
+}
+
+/// Renews the folder's lease every `lease / 3`; returns when it is lost (a peer holds it, or
+/// the renewal failed: this instance can no longer be sure it is the only one fetching).
+async fn keep_lease(node: &Node, key: &FolderKey) -> WatchError {
+    loop {
+        tokio::time::sleep(node.renew_every()).await;
+        match node.take_folder(key).await {
+            Ok(true) => {}
+            Ok(false) => return WatchError::LeaseLost(format!("another instance holds {key}")),
+            Err(e) => return WatchError::LeaseLost(format!("cannot renew it: {e}")),
+        }
+    }
 }
 
 async fn join(job: JoinHandle<Result<String, StoreError>>) -> Result<String, StoreError> {
@@ -643,5 +823,14 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         assert_eq!(uid_set(&[4, 6, 8]), "4,6,8");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn fingerprints_are_stored_as_their_bytes() {
+        let hex = fingerprint(b"Subject: x\r\n\r\nx\r\n");
+        let bytes = fingerprint_bytes(&hex);
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(), hex);
+        assert_eq!(fingerprint_bytes("00ff10"), vec![0x00, 0xff, 0x10]);
     }
 }
