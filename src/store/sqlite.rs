@@ -157,7 +157,12 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
         ],
     )?;
     let seq = tx.last_insert_rowid();
-    tx.execute("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)", params![seq, m.raw])?;
+    // Room first, then the bytes written into it: a bound blob is copied whole by SQLite
+    // first, one more copy of a message that may be 25 MB.
+    tx.execute("INSERT INTO raw (seq, bytes) VALUES (?1, zeroblob(?2))", params![seq, m.raw.len() as i64])?;
+    if !m.raw.is_empty() {
+        tx.blob_open(rusqlite::MAIN_DB, "raw", "bytes", seq, false)?.write_at(&m.raw, 0)?;
+    }
     tx.execute("INSERT INTO message_fts (rowid, subject, text) VALUES (?1, ?2, ?3)", params![seq, m.subject, m.text])?;
     let mut addr = tx.prepare_cached("INSERT INTO address (seq, kind, value) VALUES (?1, ?2, ?3)")?;
     for r in &m.envelope.recipients {

@@ -6,7 +6,7 @@ use super::{Archive, ArchiveState, ArchivedMessage, AttemptRecord, Entry};
 use crate::model::Envelope;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tracing::warn;
 
 /// Entries waiting for the writer before the pipeline waits for it.
@@ -28,6 +28,9 @@ pub struct Finished {
     pub destinations: Vec<String>,
     pub reason: Option<String>,
     pub at: SystemTime,
+    /// The share of the pipeline's memory budget that `raw` stands for: held until the entry
+    /// is committed, so that raw messages waiting for the writer count against the budget.
+    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 enum Job {
@@ -101,10 +104,15 @@ impl ArchiveWriter {
                 let mut flushes = Vec::new();
                 while let Some(first) = rx.blocking_recv() {
                     let mut entries = Vec::new();
+                    // The budget shares of the raw messages in this batch, released once written.
+                    let mut memory = Vec::new();
                     let mut job = Some(first);
                     while let Some(j) = job.take() {
                         match j {
-                            Job::Finished(f) => entries.push(Entry::Message(Box::new(build(*f)))),
+                            Job::Finished(mut f) => {
+                                memory.extend(f.memory.take());
+                                entries.push(Entry::Message(Box::new(build(*f))));
+                            }
                             Job::Attempt(a) => entries.push(Entry::Attempt(a)),
                             Job::Flush(done) => flushes.push(done),
                         }
@@ -126,6 +134,8 @@ impl ArchiveWriter {
                             }
                         }
                     }
+                    drop(entries);
+                    drop(memory);
                     for done in flushes.drain(..) {
                         let _ = done.send(());
                     }
@@ -165,5 +175,51 @@ fn build(f: Finished) -> ArchivedMessage {
             ArchivedMessage::with(f.state, f.envelope, f.raw, search, f.rule, f.payload, f.destinations, f.reason, f.at)
         }
         None => ArchivedMessage::build(f.state, f.envelope, f.raw, f.rule, f.payload, f.destinations, f.reason, f.at),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Source;
+    use crate::store::sqlite::SqliteArchive;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raw_message_holds_its_memory_share_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.db");
+        let archive: Arc<dyn Archive> = Arc::new(SqliteArchive::open(&path).unwrap());
+        let writer = ArchiveWriter::start(archive.clone());
+        // Another connection holds the write lock: the writer's transaction waits for it.
+        let blocker = rusqlite::Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        let budget = Arc::new(Semaphore::new(10));
+        let share = budget.clone().acquire_many_owned(4).await.unwrap();
+        let envelope = Envelope::new(Source::Stdin);
+        let id = envelope.id.clone();
+        writer
+            .finished(Finished {
+                state: ArchiveState::Delivered,
+                envelope,
+                raw: b"Subject: big\r\n\r\nbody\r\n".to_vec(),
+                search: None,
+                rule: None,
+                payload: None,
+                destinations: vec!["sink".into()],
+                reason: None,
+                at: SystemTime::now(),
+                memory: Some(share),
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(budget.available_permits(), 6, "the raw bytes wait for the writer: their share is held");
+
+        blocker.execute_batch("COMMIT").unwrap();
+        writer.flush().await;
+        assert_eq!(budget.available_permits(), 10, "written: the share is given back");
+        assert_eq!(archive.raw(&id).unwrap().as_deref(), Some(&b"Subject: big\r\n\r\nbody\r\n"[..]));
     }
 }
