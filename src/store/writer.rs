@@ -189,12 +189,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_raw_message_holds_its_memory_share_until_it_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("archive.db");
-        let archive: Arc<dyn Archive> = Arc::new(SqliteArchive::open(&path).unwrap());
+        let archive: Arc<dyn Archive> = Arc::new(SqliteArchive::open(&dir.path().join("archive.db")).unwrap());
         let writer = ArchiveWriter::start(archive.clone());
-        // Another connection holds the write lock: the writer's transaction waits for it.
-        let blocker = rusqlite::Connection::open(&path).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // Keep the writer busy: it waits to hand this flush's answer over until it is taken.
+        let (busy, release) = std::sync::mpsc::sync_channel(0);
+        assert!(writer.tx.send(Job::Flush(busy)).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
 
         let budget = Arc::new(Semaphore::new(10));
         let share = budget.clone().acquire_many_owned(4).await.unwrap();
@@ -214,10 +214,9 @@ mod tests {
                 memory: Some(share),
             })
             .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(budget.available_permits(), 6, "the raw bytes wait for the writer: their share is held");
 
-        blocker.execute_batch("COMMIT").unwrap();
+        release.recv().unwrap();
         writer.flush().await;
         assert_eq!(budget.available_permits(), 10, "written: the share is given back");
         assert_eq!(archive.raw(&id).unwrap().as_deref(), Some(&b"Subject: big\r\n\r\nbody\r\n"[..]));
