@@ -16,7 +16,8 @@
 //!
 //! Reported: messages/s end to end (first send to last receipt), latency p50/p99 (end of DATA
 //! → webhook receipt), CPU of `serve` per message (utime+stime from `/proc`), `serve`'s peak RSS
-//! (`VmHWM`), messages acknowledged but never received (lost; must be 0) and received more
+//! (`VmHWM`), context switches of `serve` per message (voluntary and involuntary, summed over
+//! its threads in `/proc/PID/task/*/status`), messages acknowledged but never received (lost; must be 0) and received more
 //! than once (duplicates; must be 0 without crashes).
 //!
 //! ```text
@@ -25,11 +26,12 @@
 //! MAILHOOK_BENCH_DIR=/mnt/journaled cargo bench --bench e2e
 //! MAILHOOK_BENCH_ARCHIVE=off cargo bench --bench e2e   # without the archive, to compare
 //! MAILHOOK_BENCH_DRIFT=off cargo bench --bench e2e    # without drift alarms (on by default)
+//! MAILHOOK_BENCH_BIN=/tmp/mailhook-before cargo bench --bench e2e  # another build of serve
 //! ```
 
 #[path = "common/proc.rs"]
 mod proc;
-use proc::{clock_ticks, stat_ticks};
+use proc::{clock_ticks, context_switches, listening_port, proc_field, stat_ticks};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -135,11 +137,6 @@ fn session(addr: SocketAddr, seqs: Vec<u64>, size: usize) -> Vec<(u64, Instant)>
 // ---------------------------------------------------------------------------------------------
 // serve
 
-fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
-    text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
-}
-
 fn cpu_ticks(pid: u32) -> u64 {
     stat_ticks(Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0)
 }
@@ -172,7 +169,7 @@ impl Serve {
         .unwrap();
         std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
         let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| BIN.to_string()))
             .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
             .current_dir(dir)
             .env("RUST_LOG", "warn")
@@ -199,29 +196,6 @@ impl Serve {
     }
 }
 
-/// The loopback TCP port a process listens on, from /proc/net/tcp and its socket inodes.
-fn listening_port(pid: u32) -> Option<SocketAddr> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            l.to_str().and_then(|s| s.strip_prefix("socket:[")).map(|s| s.trim_end_matches(']').to_string())
-        })
-        .collect();
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // state 0A = LISTEN, local address 0100007F:PORT = 127.0.0.1
-        if f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
-            let port = u16::from_str_radix(f[1].split(':').nth(1)?, 16).ok()?;
-            Some(SocketAddr::from(([127, 0, 0, 1], port)))
-        } else {
-            None
-        }
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 
 struct Row {
@@ -232,6 +206,7 @@ struct Row {
     p99: f64,
     cpu_ms: f64,
     rss_mb: f64,
+    switches: f64,
     lost: usize,
     dups: usize,
 }
@@ -244,6 +219,7 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     let serve = Serve::start(&dir, sink.addr);
     let pid = serve.child.id();
     let cpu0 = cpu_ticks(pid);
+    let switches0 = context_switches(pid);
     let start = Instant::now();
     let threads: Vec<_> = (0..sessions)
         .map(|s| {
@@ -264,6 +240,7 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     }
     let arrivals = received.arrivals.lock().unwrap().clone();
     let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks();
+    let switches = context_switches(pid).saturating_sub(switches0);
     let rss = proc_field(pid, "status", "VmHWM:").unwrap_or(0) as f64 / 1024.0;
     serve.stop();
     drop(sink);
@@ -296,6 +273,7 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
         p99: pct(0.99),
         cpu_ms: cpu * 1000.0 / acked.len().max(1) as f64,
         rss_mb: rss,
+        switches: switches as f64 / acked.len().max(1) as f64,
         lost: acked.keys().filter(|s| !first.contains_key(s)).count(),
         dups,
     }
@@ -330,19 +308,20 @@ fn main() {
     }
     println!();
     println!(
-        "| case | acknowledged | messages/s | p50 latency | p99 latency | CPU per message | peak RSS | lost | duplicates |"
+        "| case | acknowledged | messages/s | p50 latency | p99 latency | CPU per message | context switches per message | peak RSS | lost | duplicates |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut bad = false;
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.2} ms | {:.1} MB | {} | {} |",
+            "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.2} ms | {:.1} | {:.1} MB | {} | {} |",
             r.case,
             r.acked,
             r.acked as f64 / r.secs,
             r.p50,
             r.p99,
             r.cpu_ms,
+            r.switches,
             r.rss_mb,
             r.lost,
             r.dups

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -51,10 +51,16 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Messages being worked on at once (bounds memory).
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Megabytes of raw message that may be worked on at once. A message takes a few times its
-/// size in memory while it is parsed, its payload built and sent, so this bounds the memory of
-/// a burst of large messages (one larger than the budget takes all of it, alone).
-const JUDGE_BUDGET_MB: u32 = 64;
+/// Megabytes of memory that the messages being worked on may take at once (see
+/// [`MemoryBudget`]): what bounds `serve`'s memory under a burst of large messages.
+const MEMORY_BUDGET_MB: u32 = 64;
+
+/// What judging a message takes at its peak, as a multiple of its size, with the default
+/// payload: the raw bytes, the decoded text, and the payload written from it (then, while the
+/// payload is cut to `max_body`, the raw bytes, the payload and the map read back from it).
+/// Measured with `scripts/bench-bigmail` (docs/benchmarks.md). Rules whose templates copy the
+/// whole text several times take more than this.
+const JUDGE_PEAK: u64 = 4;
 
 /// Messages up to this size are parsed and judged on the worker itself; larger ones on the
 /// blocking pool, so that a long parse never stalls the other tasks.
@@ -62,6 +68,54 @@ const INLINE_JUDGE_SIZE: u64 = 64 * 1024;
 
 /// How long shutdown waits for rounds in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// The memory the messages being worked on may take at once, counted in KiB. A round takes its
+/// share before it reads a message: [`JUDGE_PEAK`] times the message's size when it is to be
+/// judged, its size once otherwise. Once judged, the round gives back all but its size once:
+/// the raw bytes it keeps for the archive, which hand that share to the archive's writer, so
+/// that raw messages waiting to be written count too. A message whose share is larger than the
+/// whole budget takes all of it, alone. Judging also takes a megabyte beyond its multiple (the
+/// parsed message, the rules' work), which is what bounds small mail; a raw message kept for the
+/// archive holds only its own size, so that thousands of small ones waiting for the archive's
+/// writer never hold up the rounds.
+struct MemoryBudget {
+    kib: Arc<Semaphore>,
+    /// The whole budget, in KiB.
+    total: u32,
+}
+
+/// What judging takes beyond [`JUDGE_PEAK`] times the message, in KiB.
+const JUDGE_OVERHEAD_KIB: u32 = 1024;
+
+impl MemoryBudget {
+    fn new(megabytes: u32) -> MemoryBudget {
+        let total = megabytes.saturating_mul(1024);
+        MemoryBudget { kib: Arc::new(Semaphore::new(total as usize)), total }
+    }
+
+    /// The share, in KiB, of a message of `size` bytes when it takes `factor` times its size and
+    /// `overhead` KiB more.
+    fn share(&self, size: u64, factor: u64, overhead: u32) -> u32 {
+        let kib = u32::try_from(size.saturating_mul(factor).div_ceil(1024)).unwrap_or(u32::MAX);
+        kib.saturating_add(overhead).max(1).min(self.total)
+    }
+
+    /// Waits until the share of judging a message of `size` bytes fits; `None` only if the
+    /// budget were closed (it never is).
+    async fn acquire(&self, size: u64, factor: u64) -> Option<OwnedSemaphorePermit> {
+        self.kib.clone().acquire_many_owned(self.share(size, factor, JUDGE_OVERHEAD_KIB)).await.ok()
+    }
+
+    /// Gives back what judging took beyond the message's size once.
+    fn settle(&self, permit: &mut Option<OwnedSemaphorePermit>, size: u64) {
+        let keep = self.share(size, 1, 0) as usize;
+        if let Some(p) = permit
+            && p.num_permits() > keep
+        {
+            drop(p.split(p.num_permits() - keep));
+        }
+    }
+}
 
 /// A destination with its pacing and limits.
 pub struct PacedDestination {
@@ -122,7 +176,7 @@ pub struct Pipeline {
 struct Work {
     spool: Spool,
     targets: HashMap<String, Arc<PacedDestination>>,
-    judge_budget: Semaphore,
+    memory: MemoryBudget,
     metrics: Arc<Metrics>,
     /// Set when a round could not write the spool; see [`Pipeline::paused`].
     spool_trouble: AtomicBool,
@@ -170,7 +224,6 @@ impl Pipeline {
                 }),
             );
         }
-        let judge_budget = Semaphore::new(JUDGE_BUDGET_MB as usize);
         Ok(Pipeline {
             rules,
             before_judging: None,
@@ -178,7 +231,7 @@ impl Pipeline {
             work: Arc::new(Work {
                 spool,
                 targets,
-                judge_budget,
+                memory: MemoryBudget::new(MEMORY_BUDGET_MB),
                 metrics,
                 spool_trouble: AtomicBool::new(false),
                 archive: None,
@@ -430,7 +483,7 @@ async fn round(
     from: State,
     fresh: Option<Fresh>,
 ) -> Result<Finished, SpoolError> {
-    let Work { spool, targets, judge_budget: budget, metrics, archive, .. } = work;
+    let Work { spool, targets, memory: budget, metrics, archive, .. } = work;
     let (mut meta, kept_raw) = match fresh {
         Some(f) => (f.meta, f.raw),
         // A new message from another process (`ingest`), or one the inbox had no room for:
@@ -439,9 +492,12 @@ async fn round(
     };
     // Where the message is now.
     let mut at = from;
-    // Held for the whole round: the payload (with the text) stays in memory until it is sent.
-    let megabytes = u32::try_from(meta.size >> 20).unwrap_or(u32::MAX).saturating_add(1).min(JUDGE_BUDGET_MB);
-    let _budget = budget.acquire_many(megabytes).await;
+    // Judging takes a few times the message's size; what is left for the rest of the round
+    // (and, with the raw bytes, until the archive has written them) is the size once.
+    let mut memory = match meta.decision {
+        None => budget.acquire(meta.size, JUDGE_PEAK).await,
+        Some(_) => budget.acquire(meta.size, 1).await,
+    };
 
     // The raw message and what the archive indexes of it, when it was read this round.
     let mut held_raw: Option<Vec<u8>> = None;
@@ -487,6 +543,7 @@ async fn round(
             }
             outcome
         };
+        budget.settle(&mut memory, meta.size);
         let rule = outcome.rule.clone();
         metrics.received(meta.envelope.source.protocol());
         match &rule {
@@ -498,7 +555,7 @@ async fn round(
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
                 let raw = raw_for_archive(work, id, held_raw).await;
                 spool.remove(id, from).await?;
-                archive_done(work, ArchiveState::Dropped, &meta, raw, held_search, rule, None).await;
+                archive_done(work, ArchiveState::Dropped, &meta, raw, held_search, rule, None, memory).await;
                 return Ok(Finished::Removed);
             }
             Action::Dead { reason } => {
@@ -517,7 +574,7 @@ async fn round(
                 let raw = raw_for_archive(work, id, held_raw).await;
                 // The payload a rule built, though nothing was sent, shows what it extracted.
                 let payload = rule.is_some().then(|| outcome.payload.as_str().to_string());
-                archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload).await;
+                archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload, memory).await;
                 return Ok(Finished::Dead);
             }
             Action::Deliver { to } => {
@@ -637,7 +694,7 @@ async fn round(
         spool.remove(id, at).await?;
         let rule = decision.rule.clone();
         let payload = Some(decision.payload.as_str().to_string());
-        archive_done(work, ArchiveState::Delivered, &meta, raw, held_search, rule, payload).await;
+        archive_done(work, ArchiveState::Delivered, &meta, raw, held_search, rule, payload, memory).await;
         return Ok(Finished::Removed);
     }
     let next = statuses
@@ -665,7 +722,7 @@ async fn round(
         Some(d) => (d.rule.clone(), Some(d.payload.as_str().to_string())),
         None => (None, None),
     };
-    archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload).await;
+    archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload, memory).await;
     Ok(Finished::Dead)
 }
 
@@ -690,7 +747,9 @@ async fn raw_for_archive(work: &Work, id: &str, held: Option<Vec<u8>>) -> Option
     }
 }
 
-/// Hands a finished message to the archive (after the spool has recorded its end).
+/// Hands a finished message to the archive (after the spool has recorded its end), with the
+/// share of the memory budget its raw bytes hold until they are written.
+#[allow(clippy::too_many_arguments)]
 async fn archive_done(
     work: &Work,
     state: ArchiveState,
@@ -699,6 +758,7 @@ async fn archive_done(
     search: Option<Searchable>,
     rule: Option<String>,
     payload: Option<String>,
+    memory: Option<OwnedSemaphorePermit>,
 ) {
     let (Some(archive), Some(raw)) = (&work.archive, raw) else { return };
     let destinations = meta.decision.as_ref().map(|d| d.destinations.keys().cloned().collect()).unwrap_or_default();
@@ -713,6 +773,7 @@ async fn archive_done(
             destinations,
             reason: meta.dead_reason.clone(),
             at: SystemTime::now(),
+            memory,
         })
         .await;
 }
@@ -862,6 +923,48 @@ mod tests {
         assert_eq!(rate("out"), None);
         assert_eq!(rate("paced"), Some(5.0));
         assert_eq!(rate("hook"), Some(1000.0 / 60.0));
+    }
+
+    #[tokio::test]
+    async fn judging_a_big_message_takes_its_peak_then_keeps_its_size() {
+        const MB: u32 = 1024;
+        let budget = MemoryBudget::new(256);
+        let size = 25 << 20;
+        let mut first = budget.acquire(size, JUDGE_PEAK).await;
+        assert_eq!(
+            first.as_ref().map(|p| p.num_permits()),
+            Some(101 * MB as usize),
+            "4 × 25 MB, and 1 MB for the rest"
+        );
+        let mut second = budget.acquire(size, JUDGE_PEAK).await;
+        // A third waits while two are judged: it would not fit.
+        assert!(budget.kib.clone().try_acquire_many_owned(budget.share(size, JUDGE_PEAK, JUDGE_OVERHEAD_KIB)).is_err());
+        budget.settle(&mut first, size);
+        budget.settle(&mut second, size);
+        assert_eq!(
+            first.as_ref().map(|p| p.num_permits()),
+            Some(25 * MB as usize),
+            "the raw bytes kept for the archive"
+        );
+        assert_eq!(budget.kib.available_permits(), (256 - 2 * 25) * MB as usize);
+        let third = budget.kib.clone().try_acquire_many_owned(budget.share(size, JUDGE_PEAK, JUDGE_OVERHEAD_KIB));
+        assert!(third.is_ok(), "judged: the next one is admitted");
+        drop((first, second, third));
+        assert_eq!(budget.kib.available_permits(), 256 * MB as usize);
+        // Judging small mail takes about a megabyte, but its raw bytes kept for the archive only
+        // their size: thousands can wait for the archive's writer.
+        let mut small = budget.acquire(2048, JUDGE_PEAK).await;
+        assert_eq!(small.as_ref().map(|p| p.num_permits()), Some(8 + MB as usize));
+        budget.settle(&mut small, 2048);
+        assert_eq!(small.as_ref().map(|p| p.num_permits()), Some(2));
+        // A message larger than the budget takes all of it, alone.
+        assert_eq!(budget.share(100 << 20, JUDGE_PEAK, JUDGE_OVERHEAD_KIB), 256 * MB);
+        let serve = MemoryBudget::new(MEMORY_BUDGET_MB);
+        assert_eq!(
+            serve.share(size, JUDGE_PEAK, JUDGE_OVERHEAD_KIB),
+            MEMORY_BUDGET_MB * MB,
+            "serve judges one 25 MB message at a time"
+        );
     }
 
     #[test]

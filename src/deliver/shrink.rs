@@ -34,10 +34,10 @@ pub fn fit(payload: Payload, max_body: usize) -> Payload {
     if payload.as_str().len() <= max_body {
         return payload;
     }
-    match payload.to_map() {
-        Some(map) => Payload::of(&fit_map(map, max_body)),
-        None => payload,
-    }
+    let Some(map) = payload.to_map() else { return payload };
+    // The text of a big message is in both: let it go before the map is cut down and written.
+    drop(payload);
+    Payload::of(&fit_map(map, max_body))
 }
 
 /// [`encode`] of a payload as a map.

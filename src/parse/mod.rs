@@ -170,7 +170,7 @@ fn body_only(raw: &[u8]) -> Email {
     } else {
         "no header block: the whole input was read as a plain-text body"
     };
-    Email { text: normalise_text(&decode_lossy(body)), problems: vec![problem.to_string()], ..Email::default() }
+    Email { text: normalise_text(decode_lossy(body)), problems: vec![problem.to_string()], ..Email::default() }
 }
 
 /// UTF-8 if it is, else Windows-1252 (the usual charset of unlabelled 8-bit mail).
@@ -272,25 +272,35 @@ fn header_block_end(raw: &[u8]) -> usize {
 /// become LF, and the text ends with one line break (SMTP always ends a message with CRLF, a
 /// file may end without one or with a blank line an SMTP client added). The one place line
 /// endings are normalised, so one email gives one payload over SMTP, LMTP, a pipe or `try`.
-fn normalise_text(text: &str) -> String {
-    let trimmed = text.trim_end_matches(['\r', '\n', ' ', '\t']);
-    if trimmed.is_empty() {
+fn normalise_text(text: String) -> String {
+    let keep = text.trim_end_matches(['\r', '\n', ' ', '\t']).len();
+    if keep == 0 {
         return String::new();
     }
-    let mut out = String::with_capacity(trimmed.len() + 1);
-    let mut chars = trimmed.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\r' {
-            if chars.peek() == Some(&'\n') {
-                chars.next();
+    // Rewritten in place, as the text of a big message is most of its size: CR LF and a lone
+    // CR become LF, so the text only shrinks; CR is a single byte in UTF-8, never part of
+    // another character's bytes, so what is left is UTF-8 still.
+    let mut bytes = text.into_bytes();
+    bytes.truncate(keep);
+    if bytes.contains(&b'\r') {
+        let (mut read, mut write) = (0, 0);
+        while read < bytes.len() {
+            let b = bytes[read];
+            read += 1;
+            if b == b'\r' {
+                if bytes.get(read) == Some(&b'\n') {
+                    read += 1;
+                }
+                bytes[write] = b'\n';
+            } else {
+                bytes[write] = b;
             }
-            out.push('\n');
-        } else {
-            out.push(c);
+            write += 1;
         }
+        bytes.truncate(write);
     }
-    out.push('\n');
-    out
+    bytes.push(b'\n');
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn convert(message: &Message<'_>, depth: usize) -> Email {
@@ -343,8 +353,8 @@ fn convert(message: &Message<'_>, depth: usize) -> Email {
         let attachment = attachment(part, depth, &mut email.problems);
         email.attachments.push(attachment);
     }
-    email.text = normalise_text(&email.text);
-    email.html = normalise_text(&email.html);
+    email.text = normalise_text(std::mem::take(&mut email.text));
+    email.html = normalise_text(std::mem::take(&mut email.html));
     email
 }
 
@@ -837,7 +847,10 @@ mod tests {
         for raw in [lf, crlf_bytes, smtp_of_lf, no_final_newline] {
             assert_eq!(parse(&raw).text, "line one\nline two\n", "{:?}", String::from_utf8_lossy(&raw));
         }
-        assert_eq!(normalise_text("a\r\nb\rc\n\n \r\n"), "a\nb\nc\n");
-        assert_eq!(normalise_text(" \r\n"), "");
+        assert_eq!(normalise_text("a\r\nb\rc\n\n \r\n".into()), "a\nb\nc\n");
+        assert_eq!(normalise_text(" \r\n".into()), "");
+        // Characters of several bytes around the line endings are kept whole.
+        assert_eq!(normalise_text("é\r\n\r€\r\n😀".into()), "é\n\n€\n😀\n");
+        assert_eq!(normalise_text("no line end".into()), "no line end\n");
     }
 }

@@ -115,12 +115,13 @@ impl Searchable {
             .map(|a| a.address.to_lowercase())
             .or_else(|| envelope.mail_from.as_ref().map(|m| m.to_lowercase()))
             .unwrap_or_default();
+        // Cut before it is copied: the text of a 25 MB message is 25 MB, and only its first
+        // TEXT_INDEXED bytes are indexed.
         let text = if email.text.is_empty() && !email.html.is_empty() {
-            crate::parse::html_to_text(&email.html, &mut Vec::new())
+            crate::deliver::cut(&crate::parse::html_to_text(&email.html, &mut Vec::new()), TEXT_INDEXED).to_string()
         } else {
-            email.text.clone()
+            crate::deliver::cut(&email.text, TEXT_INDEXED).to_string()
         };
-        let text = crate::deliver::cut(&text, TEXT_INDEXED).to_string();
         Searchable { sender, subject: email.subject.clone(), text }
     }
 }

@@ -80,6 +80,10 @@ CREATE INDEX IF NOT EXISTS attempt_destination ON attempt(destination, at);
 CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(subject, text, content='', contentless_delete=1, detail=none);
 ";
 
+/// Raw messages up to this size are bound to their statement (SQLite copies them once); larger
+/// ones are written into a blob made for them, without that copy.
+const BOUND_RAW: usize = 1 << 20;
+
 /// Messages removed per statement when the archive is over its size.
 const SIZE_BATCH: i64 = 500;
 
@@ -159,7 +163,15 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
         m.raw.len() as i64
     ])?;
     let seq = tx.last_insert_rowid();
-    tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?.execute(params![seq, m.raw])?;
+    if m.raw.len() <= BOUND_RAW {
+        tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?.execute(params![seq, m.raw])?;
+    } else {
+        // Room first, then the bytes written into it: a bound blob is copied whole by SQLite
+        // first, one more copy of a message that may be 25 MB.
+        tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, zeroblob(?2))")?
+            .execute(params![seq, m.raw.len() as i64])?;
+        tx.blob_open(rusqlite::MAIN_DB, "raw", "bytes", seq, false)?.write_at(&m.raw, 0)?;
+    }
     tx.prepare_cached("INSERT INTO message_fts (rowid, subject, text) VALUES (?1, ?2, ?3)")?
         .execute(params![seq, m.subject, m.text])?;
     let mut addr = tx.prepare_cached("INSERT OR IGNORE INTO address (seq, kind, value) VALUES (?1, ?2, ?3)")?;

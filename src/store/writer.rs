@@ -7,7 +7,7 @@ use crate::model::Envelope;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tracing::warn;
 
 /// Entries waiting for the writer before the pipeline waits for it.
@@ -18,6 +18,10 @@ const BATCH: usize = 1024;
 
 /// How long the writer gathers entries before it commits them.
 const LINGER: Duration = Duration::from_millis(50);
+
+/// The memory budget (in the pipeline's units, KiB) that the raw messages gathered may hold
+/// before the writer stops gathering and commits them.
+const LINGER_HOLD: usize = 4096;
 
 /// A finished message, as the pipeline knows it.
 #[derive(Debug)]
@@ -32,6 +36,9 @@ pub struct Finished {
     pub destinations: Vec<String>,
     pub reason: Option<String>,
     pub at: SystemTime,
+    /// The share of the pipeline's memory budget that `raw` stands for: held until the entry
+    /// is committed, so that raw messages waiting for the writer count against the budget.
+    pub memory: Option<OwnedSemaphorePermit>,
 }
 
 enum Job {
@@ -108,16 +115,23 @@ impl ArchiveWriter {
                     // writes each index page once instead of once per entry. A flush (shutdown,
                     // or a reader that wants what was handed over) commits at once.
                     let mut entries = Vec::new();
+                    // The budget shares of the raw messages in this batch, released once written.
+                    let mut memory = Vec::new();
                     let until = Instant::now() + LINGER;
                     let mut job = Some(first);
                     loop {
                         match job.take() {
-                            Some(Job::Finished(f)) => entries.push(Entry::Message(Box::new(build(*f)))),
+                            Some(Job::Finished(mut f)) => {
+                                memory.extend(f.memory.take());
+                                entries.push(Entry::Message(Box::new(build(*f))));
+                            }
                             Some(Job::Attempt(a)) => entries.push(Entry::Attempt(a)),
                             Some(Job::Flush(done)) => flushes.push(done),
                             None => {}
                         }
-                        if entries.len() >= BATCH || !flushes.is_empty() {
+                        // Big raw messages hold the pipeline's memory budget: write them at once.
+                        let held: usize = memory.iter().map(OwnedSemaphorePermit::num_permits).sum();
+                        if entries.len() >= BATCH || !flushes.is_empty() || held >= LINGER_HOLD {
                             break;
                         }
                         match rx.try_recv() {
@@ -143,6 +157,8 @@ impl ArchiveWriter {
                             }
                         }
                     }
+                    drop(entries);
+                    drop(memory);
                     for done in flushes.drain(..) {
                         let _ = done.send(());
                     }
@@ -182,5 +198,50 @@ fn build(f: Finished) -> ArchivedMessage {
             ArchivedMessage::with(f.state, f.envelope, f.raw, search, f.rule, f.payload, f.destinations, f.reason, f.at)
         }
         None => ArchivedMessage::build(f.state, f.envelope, f.raw, f.rule, f.payload, f.destinations, f.reason, f.at),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Source;
+    use crate::store::sqlite::SqliteArchive;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raw_message_holds_its_memory_share_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive: Arc<dyn Archive> = Arc::new(SqliteArchive::open(&dir.path().join("archive.db")).unwrap());
+        let writer = ArchiveWriter::start(archive.clone());
+        // Keep the writer busy: it waits to hand this flush's answer over until it is taken.
+        let (busy, release) = std::sync::mpsc::sync_channel(0);
+        assert!(writer.tx.send(Job::Flush(busy)).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let budget = Arc::new(Semaphore::new(10));
+        let share = budget.clone().acquire_many_owned(4).await.unwrap();
+        let envelope = Envelope::new(Source::Stdin);
+        let id = envelope.id.clone();
+        writer
+            .finished(Finished {
+                state: ArchiveState::Delivered,
+                envelope,
+                raw: b"Subject: big\r\n\r\nbody\r\n".to_vec(),
+                search: None,
+                rule: None,
+                payload: None,
+                destinations: vec!["sink".into()],
+                reason: None,
+                at: SystemTime::now(),
+                memory: Some(share),
+            })
+            .await;
+        assert_eq!(budget.available_permits(), 6, "the raw bytes wait for the writer: their share is held");
+
+        release.recv().unwrap();
+        writer.flush().await;
+        assert_eq!(budget.available_permits(), 10, "written: the share is given back");
+        assert_eq!(archive.raw(&id).unwrap().as_deref(), Some(&b"Subject: big\r\n\r\nbody\r\n"[..]));
     }
 }

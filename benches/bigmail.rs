@@ -1,0 +1,282 @@
+//! Big mail: memory of the real `mailhook serve` (release build, spool fsync on, the archive on
+//! as by default) while many large messages arrive at once.
+//!
+//! For each case (kind × message size × concurrent sessions):
+//!
+//! 1. a fresh spool directory under `$MAILHOOK_BENCH_DIR` (default `target/bench-bigmail/`);
+//! 2. a webhook sink in this process (on 127.0.0.1, its own thread) notes every payload's
+//!    `subject`;
+//! 3. `mailhook serve` with `[smtp]` on a free loopback port and one rule to the sink:
+//!    - `plain`: a catch-all rule with the default payload;
+//!    - `hostile`: a rule whose condition and extraction are regexes over the whole body (the
+//!      extraction captures all of it), and whose payload's templates read the whole text and
+//!      the captured body (their output stays small: a template's fuel is spent by what it
+//!      writes, so a template writing 24 MB runs out of it and makes a dead letter);
+//! 4. one thread per session, each sending one plain-text message of the given size over
+//!    SMTP (EHLO, MAIL, RCPT, DATA, all at once);
+//! 5. the case ends when every acknowledged message has reached the sink or is a dead letter
+//!    (or after 300 s).
+//!
+//! Reported: messages acknowledged (250), delivered and made dead letters, `serve`'s peak RSS (`VmHWM` from
+//! `/proc`), and the time from the first connection to the last delivery.
+//!
+//! ```text
+//! cargo bench --bench bigmail
+//! cargo bench --bench bigmail -- --cases plain:25:20,hostile:24:8,hostile:24:24
+//! MAILHOOK_BENCH_BIN=/tmp/mailhook-before cargo bench --bench bigmail   # another build of serve
+//! ```
+
+#[path = "common/proc.rs"]
+#[allow(dead_code)]
+mod proc;
+use proc::{listening_port, proc_field};
+#[path = "common/sink.rs"]
+mod sink;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State as AxState};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use sink::Sink;
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailhook");
+const GIVE_UP: Duration = Duration::from_secs(300);
+
+const HOSTILE_RULE: &str = r#"[[rule]]
+name = "hostile"
+to = ["sink"]
+
+[rule.when]
+body = '(?s)NIGHTLY_EXPORT.*details'
+
+[rule.extract]
+body = ['(?s)(?P<whole>Job .*)']
+
+[rule.payload]
+subject = "{{ subject }}"
+length = "{{ whole | length }}"
+seen = "{{ 'NIGHTLY_EXPORT' in text and 'details' in whole }}"
+"#;
+
+#[derive(Default)]
+struct Received {
+    subjects: Mutex<HashSet<String>>,
+}
+
+async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Response {
+    let body = axum::body::to_bytes(request.into_body(), 64 << 20).await.unwrap_or_default();
+    let subject =
+        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["subject"].as_str().map(str::to_string));
+    if let Some(subject) = subject {
+        state.subjects.lock().unwrap().insert(subject);
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{}"))
+        .expect("response")
+}
+
+/// The body every message shares: plain text lines up to `size` bytes, with the final dot.
+fn body(size: usize) -> Vec<u8> {
+    let line = b"Job NIGHTLY_EXPORT finished with warnings; see the attached log for details.\r\n";
+    let mut b = Vec::with_capacity(size + line.len() + 3);
+    while b.len() < size {
+        b.extend_from_slice(line);
+    }
+    b.extend_from_slice(b".\r\n");
+    b
+}
+
+fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
+    }
+}
+
+/// Sends one message; whether it was answered 250.
+fn send(addr: SocketAddr, seq: usize, body: &[u8]) -> bool {
+    let stream = TcpStream::connect(addr).expect("connect to serve");
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(reply(&mut reader), 220);
+    writer.write_all(b"EHLO load.example\r\n").unwrap();
+    assert_eq!(reply(&mut reader), 250);
+    writer.write_all(b"MAIL FROM:<erp@example.com>\r\nRCPT TO:<hook@example.com>\r\nDATA\r\n").unwrap();
+    if (reply(&mut reader), reply(&mut reader), reply(&mut reader)) != (250, 250, 354) {
+        return false;
+    }
+    let head = format!(
+        "From: Legacy ERP <erp@example.com>\r\nTo: hook@example.com\r\nSubject: big {seq}\r\n\
+         Message-ID: <big-{seq}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\n"
+    );
+    writer.write_all(head.as_bytes()).unwrap();
+    writer.write_all(body).unwrap();
+    let ok = reply(&mut reader) == 250;
+    let _ = writer.write_all(b"QUIT\r\n");
+    ok
+}
+
+struct Serve {
+    child: Child,
+    smtp: SocketAddr,
+}
+
+impl Serve {
+    fn start(dir: &Path, sink: SocketAddr, hostile: bool) -> Serve {
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        std::fs::write(
+            dir.join("mailhook.toml"),
+            format!(
+                "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
+                 [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
+                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"60s\"\n"
+            ),
+        )
+        .unwrap();
+        let rule = if hostile { HOSTILE_RULE } else { "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n" };
+        std::fs::write(dir.join("rules/10-all.toml"), rule).unwrap();
+        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+        let bin = std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| BIN.to_string());
+        let child = Command::new(bin)
+            .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let smtp = loop {
+            if let Some(addr) = listening_port(child.id()) {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "serve did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Serve { child, smtp }
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+struct Row {
+    case: String,
+    sessions: usize,
+    acked: usize,
+    delivered: usize,
+    dead: usize,
+    rss_mb: f64,
+    secs: f64,
+}
+
+/// Dead letters `serve` has logged (at `warn`, the level it runs at here).
+fn dead_letters(log: &Path) -> usize {
+    std::fs::read_to_string(log).map(|l| l.matches("\"dead letter\"").count()).unwrap_or(0)
+}
+
+fn run_case(base: &Path, kind: &str, megabytes: usize, sessions: usize) -> Row {
+    let hostile = kind == "hostile";
+    let dir = base.join(format!("{}-{kind}-{megabytes}-{sessions}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let received = Arc::new(Received::default());
+    let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
+    let serve = Serve::start(&dir, sink.addr, hostile);
+    let pid = serve.child.id();
+    let body = Arc::new(body(megabytes * 1_000_000));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..sessions)
+        .map(|seq| {
+            let (addr, body) = (serve.smtp, body.clone());
+            std::thread::spawn(move || send(addr, seq, &body).then_some(format!("big {seq}")))
+        })
+        .collect();
+    let acked: Vec<String> = threads.into_iter().filter_map(|t| t.join().expect("session")).collect();
+    let deadline = Instant::now() + GIVE_UP;
+    let dead = || dead_letters(&dir.join("serve.log"));
+    while Instant::now() < deadline {
+        let delivered = acked.iter().filter(|s| received.subjects.lock().unwrap().contains(*s)).count();
+        if delivered + dead() >= acked.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dead = dead();
+    let secs = start.elapsed().as_secs_f64();
+    let rss = proc_field(pid, "status", "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    serve.stop();
+    drop(sink);
+    let delivered = acked.iter().filter(|s| received.subjects.lock().unwrap().contains(*s)).count();
+    if delivered == sessions {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("not all delivered: serve's log and spool are kept in {}", dir.display());
+    }
+    Row { case: format!("{kind} {megabytes} MB"), sessions, acked: acked.len(), delivered, dead, rss_mb: rss, secs }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let cases: Vec<(String, usize, usize)> = value("--cases")
+        .unwrap_or_else(|| "plain:25:20,hostile:24:8,hostile:24:24".into())
+        .split(',')
+        .filter_map(|c| {
+            let mut parts = c.split(':');
+            let kind = parts.next()?.to_string();
+            Some((kind, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect();
+    let base = std::env::var_os("MAILHOOK_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench-bigmail");
+    std::fs::create_dir_all(&base).unwrap();
+
+    let mut rows = Vec::new();
+    for (kind, megabytes, sessions) in cases {
+        let row = run_case(&base, &kind, megabytes, sessions);
+        eprintln!(
+            "{} × {}: {} delivered, {:.1} MB, {:.1} s",
+            row.case, row.sessions, row.delivered, row.rss_mb, row.secs
+        );
+        rows.push(row);
+    }
+    println!();
+    println!("| case | sessions | acknowledged | delivered | dead letters | peak RSS | time |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut bad = false;
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} MB | {:.1} s |",
+            r.case, r.sessions, r.acked, r.delivered, r.dead, r.rss_mb, r.secs
+        );
+        bad |= r.delivered < r.sessions;
+    }
+    if bad {
+        eprintln!("FAILED: messages refused or not delivered");
+        std::process::exit(1);
+    }
+}
