@@ -787,9 +787,18 @@ async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &
         }
     };
     metrics.delivery_time(&target.name, started.elapsed());
-    if let Attempt::Retry { after: Some(after), .. } = &attempt {
+    let pause = match &attempt {
+        Attempt::Retry { after: Some(after), .. } => Some(*after),
+        // In a cluster a 429 without a delay still stops every instance, for the first backoff:
+        // the others would otherwise go on hitting the limit their peer was told about.
+        Attempt::Retry { after: None, .. } if reply.status == Some(429) && target.bucket.is_shared() => {
+            Some(target.backoff.initial)
+        }
+        _ => None,
+    };
+    if let Some(pause) = pause {
         // The receiver asked everyone to slow down: pause the whole destination.
-        target.bucket.pause(*after).await;
+        target.bucket.pause(pause).await;
     }
     (attempt, reply)
 }

@@ -91,14 +91,48 @@ fn three_instances_share_one_rate() {
 
 #[test]
 fn a_429_seen_by_one_instance_pauses_them_all() {
-    let pg = Postgres::shared();
-    let db = pg.database();
     let hook = HookServer::start(Default::default());
     // The first request of all is answered 429 with Retry-After: 2.
     hook.push_429(2);
+    pauses_every_instance_for_2s(hook, "200ms");
+}
+
+#[test]
+fn a_429_without_a_delay_pauses_them_all_for_the_first_backoff() {
+    let hook = HookServer::start(Default::default());
+    hook.push_status(429);
+    pauses_every_instance_for_2s(hook, "2s");
+}
+
+/// The first request is answered 429 (as `hook` was told); every instance waits 2 s.
+fn pauses_every_instance_for_2s(hook: HookServer, initial_backoff: &str) {
+    let pg = Postgres::shared();
+    let db = pg.database();
     // Alone, the other instance would send its 9 in 0.8 s (a burst of 5, then 5/s).
     let (n, per) = (2, 9);
-    let mut gws = cluster(pg, &db, &hook, "5/s", n, per);
+    let mut gws: Vec<Gateway> = (0..n)
+        .map(|_| {
+            let gw = instance(pg, &db, &hook, "5/s");
+            let text = std::fs::read_to_string(gw.config()).unwrap();
+            std::fs::write(
+                gw.config(),
+                text.replace(
+                    "initial = \"200ms\", max = \"500ms\"",
+                    &format!("initial = \"{initial_backoff}\", max = \"{initial_backoff}\""),
+                ),
+            )
+            .unwrap();
+            gw
+        })
+        .collect();
+    for (i, gw) in gws.iter().enumerate() {
+        for m in 0..per {
+            gw.ingest(&message(i * 1000 + m, "paced"));
+        }
+    }
+    for gw in &mut gws {
+        gw.start();
+    }
     hook.wait_for_accepted(n * per, Duration::from_secs(30));
     let requests: Vec<Recorded> = hook.requests().into_iter().filter(|r| r.path == "/hook").collect();
     let limited = requests.iter().position(|r| r.status == 429).expect("the 429 was answered");

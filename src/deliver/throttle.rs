@@ -11,7 +11,8 @@
 //!   holds tokens it may not use. The round trip is a few hundred microseconds against a
 //!   request of tens of milliseconds, and per instance only one task of a destination asks at
 //!   a time (the others queue behind it), so a waiting instance polls at most at the rate.
-//! - A 429 pauses this instance at once and writes `paused_until` for the others.
+//! - A 429 pauses this instance at once and writes `paused_until` for the others (the
+//!   pipeline pauses for `Retry-After`, or for the first backoff when a 429 gives no delay).
 //! - When the database cannot be reached, the instance paces alone with its share of the
 //!   rate (rate / live instances, from the last heartbeat), says so once, tries the database
 //!   again every [`RETRY_SHARED`], and says once that shared pacing is back.
@@ -77,6 +78,11 @@ impl Pacer {
         if let Err(e) = shared.node.pause_destination(&shared.destination, d).await {
             warn!(destination = %shared.destination, error = %e, "could not share the pause with the other instances");
         }
+    }
+
+    /// Whether this destination's pacing is shared with a cluster.
+    pub fn is_shared(&self) -> bool {
+        self.shared.get().is_some()
     }
 
     /// Time left of this instance's current pause.
