@@ -27,6 +27,11 @@ use tracing::{info, warn};
 /// How long an instance pacing alone waits before trying the database again.
 pub const RETRY_SHARED: Duration = Duration::from_secs(5);
 
+/// How long a send waits for the database's answer (a token, or a pause written) before it
+/// paces alone: a database that does not answer (a host gone from the network) must not hold
+/// delivery for the pool's connection timeout.
+pub const SHARED_WAIT: Duration = Duration::from_secs(2);
+
 /// The pacing of one destination: local, or shared by the instances of a cluster.
 pub struct Pacer {
     rate: Rate,
@@ -75,9 +80,13 @@ impl Pacer {
     pub async fn pause(&self, d: Duration) {
         let Some(shared) = self.shared.get() else { return self.local.pause(d) };
         shared.hold.pause(d);
-        if let Err(e) = shared.node.pause_destination(&shared.destination, d).await {
-            warn!(destination = %shared.destination, error = %e, "could not share the pause with the other instances");
-        }
+        let written = tokio::time::timeout(SHARED_WAIT, shared.node.pause_destination(&shared.destination, d)).await;
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => no_answer(),
+        };
+        warn!(destination = %shared.destination, error, "could not share the pause with the other instances");
     }
 
     /// Whether this destination's pacing is shared with a cluster.
@@ -104,7 +113,9 @@ impl Shared {
             if let Some(alone) = self.alone_until_retry() {
                 return alone.acquire().await;
             }
-            match self.node.take_token(&self.destination, capacity, per_second).await {
+            let taken =
+                tokio::time::timeout(SHARED_WAIT, self.node.take_token(&self.destination, capacity, per_second));
+            match taken.await.map_err(|_| no_answer()).and_then(|r| r.map_err(|e| e.to_string())) {
                 Ok(wait) => {
                     if self.alone.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
                         info!(destination = %self.destination, "database back: pacing shared with the other instances again");
@@ -126,7 +137,7 @@ impl Shared {
     }
 
     /// Paces alone with this instance's share of `rate`; logs when it starts.
-    fn go_alone(&self, rate: Rate, e: &crate::cluster::ClusterError) -> Arc<Bucket> {
+    fn go_alone(&self, rate: Rate, e: &dyn std::fmt::Display) -> Arc<Bucket> {
         let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
         let retry = Instant::now() + RETRY_SHARED;
         if let Some((bucket, at)) = alone.as_mut() {
@@ -211,6 +222,11 @@ impl Bucket {
         let s = self.state.lock().expect("bucket lock");
         s.paused_until.and_then(|u| u.checked_duration_since(Instant::now()))
     }
+}
+
+/// What a database that did not answer within [`SHARED_WAIT`] is reported as.
+fn no_answer() -> String {
+    format!("the database did not answer within {}s", SHARED_WAIT.as_secs())
 }
 
 fn capacity(per_second: Option<f64>) -> f64 {
