@@ -1,7 +1,8 @@
 //! Pacing shared by the instances of a cluster: three real `mailhook serve` processes on one
 //! private PostgreSQL deliver to one hook on 127.0.0.1, which counts what it receives. Each
 //! instance delivers the mail of its own spool, so without sharing each would send at the full
-//! rate; shared, the hook sees the rate once.
+//! rate; shared, the hook sees the rate once. A 429 answered to one instance pauses them all,
+//! and with the database stopped each instance paces alone with its share of the rate.
 
 mod support;
 
@@ -155,41 +156,65 @@ fn pauses_every_instance_for_2s(hook: HookServer, initial_backoff: &str) {
 }
 
 #[test]
-fn without_the_database_an_instance_paces_alone_with_its_share_and_comes_back() {
-    // A cluster of its own: this test stops and starts it.
+fn without_the_database_two_instances_split_the_rate_then_share_again() {
+    // A cluster of its own: this test stops it.
     let pg = Postgres::start();
     let db = pg.database();
     let hook = HookServer::start(Default::default());
-    let mut gw = instance(&pg, &db, &hook, "10/s");
-    pg.stop();
-    for m in 0..15 {
-        gw.ingest(&message(m, "alone"));
+    let mut gws: Vec<Gateway> = (0..2)
+        .map(|_| {
+            let gw = instance(&pg, &db, &hook, "10/s");
+            // Heartbeats every second, so that each soon knows the other.
+            let text = std::fs::read_to_string(gw.config()).unwrap();
+            std::fs::write(gw.config(), text.replace("[cluster]\n", "[cluster]\nlease = \"3s\"\n")).unwrap();
+            gw
+        })
+        .collect();
+    for gw in &mut gws {
+        gw.start();
     }
-    let started = Instant::now();
-    gw.start();
-    let requests = hook.wait_for_accepted(15, Duration::from_secs(30));
-    gw.wait_log("pacing alone", 1, Duration::from_secs(10), |l| {
-        l["message"].as_str().is_some_and(|m| m.starts_with("database unreachable: pacing alone"))
-    });
-    // Alone, with no peer known, its share is the whole rate: never faster.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pg.try_sql(&db, "SELECT count(*) FROM instance").ok().as_deref() != Some("2") {
+        assert!(Instant::now() < deadline, "both instances registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    pg.stop();
+    for (i, gw) in gws.iter().enumerate() {
+        for m in 0..15 {
+            gw.ingest(&message(i * 1000 + m, "split"));
+        }
+    }
+    hook.wait_for_accepted(30, Duration::from_secs(30));
+    for gw in &gws {
+        gw.wait_log("pacing alone", 1, Duration::from_secs(10), |l| {
+            l["message"].as_str().is_some_and(|m| m.starts_with("database unreachable: pacing alone"))
+                && l["instances"].as_u64() == Some(2)
+        });
+    }
+    // Each at 5/s with a burst of 5: together never above the shared 10/s. With the whole rate
+    // each, the two would send 20 at once.
+    let requests: Vec<Recorded> = hook.requests().into_iter().filter(|r| r.path == "/hook").collect();
     let (excess, start, count, w) = worst_window(&requests, 10.0, 10.0);
-    assert!(excess <= 1.0, "{count} requests in {w:.2}s from request {start}, alone at 10/s");
-    assert!(started.elapsed() >= Duration::from_millis(400), "15 at 10/s after a burst of 10");
+    assert!(excess <= 1.0, "{count} requests in {w:.2}s from request {start}: each instance took more than half");
 
     pg.restart();
     // Past the retry, the next message takes its token from the database again.
     std::thread::sleep(Duration::from_secs(5));
-    gw.ingest(&message(99, "shared again"));
-    hook.wait_for_accepted(16, Duration::from_secs(30));
-    gw.wait_log("shared again", 1, Duration::from_secs(10), |l| {
-        l["message"].as_str().is_some_and(|m| m.starts_with("database back: pacing shared"))
-    });
-    let alone = gw
-        .log_lines()
-        .iter()
-        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("database unreachable: pacing alone")))
-        .count();
-    assert_eq!(alone, 1, "said once");
+    for (i, gw) in gws.iter().enumerate() {
+        gw.ingest(&message(i * 1000 + 99, "shared again"));
+    }
+    hook.wait_for_accepted(32, Duration::from_secs(30));
+    let starts = |prefix: &'static str| {
+        move |l: &serde_json::Value| l["message"].as_str().is_some_and(|m| m.starts_with(prefix))
+    };
+    for gw in &gws {
+        gw.wait_log("shared again", 1, Duration::from_secs(10), starts("database back: pacing shared"));
+        let alone = gw.log_lines().iter().filter(|l| starts("database unreachable: pacing alone")(l)).count();
+        assert_eq!(alone, 1, "said once");
+    }
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM pacing WHERE destination = 'kustomer'"), "1");
-    assert_eq!(gw.stop(), 0, "{}", gw.logs());
+    for gw in &mut gws {
+        assert_eq!(gw.stop(), 0, "{}", gw.logs());
+    }
 }
