@@ -23,7 +23,7 @@
 
 use crate::backoff::backoff;
 use crate::config::{BackoffConfig, Config, DeliveryConfig, DestinationConfig, Rate};
-use crate::deliver::throttle::Bucket;
+use crate::deliver::throttle::Pacer;
 use crate::deliver::{Attempt, BuildError, Destination, Reply, shrink};
 use crate::lifecycle::Observer;
 use crate::metrics::{Delivery, Metrics};
@@ -121,7 +121,9 @@ impl MemoryBudget {
 pub struct PacedDestination {
     pub name: String,
     destination: Destination,
-    bucket: Bucket,
+    bucket: Pacer,
+    /// Paced by this instance alone, even in a cluster (a file of this machine).
+    local: bool,
     permits: Semaphore,
     timeout: Duration,
     retry_for: Duration,
@@ -209,13 +211,15 @@ impl Pipeline {
             metrics.destination(name);
             let delivery = &config.delivery;
             let rate = pace(d, delivery);
+            let local = matches!(d, DestinationConfig::File(_));
             let d = d.pacing();
             targets.insert(
                 name.clone(),
                 Arc::new(PacedDestination {
                     name: name.clone(),
                     destination,
-                    bucket: Bucket::new(rate),
+                    bucket: Pacer::new(rate),
+                    local,
                     permits: Semaphore::new(d.concurrency.unwrap_or(delivery.concurrency)),
                     timeout: d.timeout.unwrap_or(delivery.timeout),
                     retry_for: d.retry_for.unwrap_or(delivery.retry_for),
@@ -243,6 +247,15 @@ impl Pipeline {
     /// Sets what runs before each new message is judged (see [`BeforeJudging`]).
     pub fn before_judging(mut self, hook: BeforeJudging) -> Pipeline {
         self.before_judging = Some(hook);
+        self
+    }
+
+    /// Shares every destination's pacing (rate and 429 pauses) with the other instances of
+    /// `node`'s cluster (before [`Pipeline::run`]).
+    pub fn with_cluster(self, node: &Arc<crate::cluster::Node>) -> Pipeline {
+        for (name, target) in self.work.targets.iter().filter(|(_, t)| !t.local) {
+            target.bucket.share(node.clone(), name);
+        }
         self
     }
 
@@ -835,9 +848,18 @@ async fn send(target: &PacedDestination, id: &str, payload: &Payload, metrics: &
         }
     };
     metrics.delivery_time(&target.name, started.elapsed());
-    if let Attempt::Retry { after: Some(after), .. } = &attempt {
+    let pause = match &attempt {
+        Attempt::Retry { after: Some(after), .. } => Some(*after),
+        // In a cluster a 429 without a delay still stops every instance, for the first backoff:
+        // the others would otherwise go on hitting the limit their peer was told about.
+        Attempt::Retry { after: None, .. } if reply.status == Some(429) && target.bucket.is_shared() => {
+            Some(target.backoff.initial)
+        }
+        _ => None,
+    };
+    if let Some(pause) = pause {
         // The receiver asked everyone to slow down: pause the whole destination.
-        target.bucket.pause(*after);
+        target.bucket.pause(pause).await;
     }
     (attempt, reply)
 }

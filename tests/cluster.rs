@@ -62,8 +62,8 @@ fn the_schema_is_migrated_once_by_instances_starting_together() {
         s.join().unwrap().expect("every instance starts");
     }
     let versions = pg.sql(&db, "SELECT version FROM refinery_schema_history ORDER BY version");
-    assert_eq!(versions, "1\n2", "each migration applied once");
-    assert_eq!(schema_version(), 2);
+    assert_eq!(versions, "1\n2\n3", "each migration applied once");
+    assert_eq!(schema_version(), 3);
     for table in [
         "message",
         "message_raw",
@@ -107,7 +107,7 @@ fn a_newer_schema_refuses_to_start() {
         "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'later', '2027-01-01', '0')",
     );
     let e = open(pg, &db).err().expect("a newer schema is refused");
-    assert!(matches!(e, ClusterError::Newer { found: 99, known: 2, .. }), "{e:?}");
+    assert!(matches!(e, ClusterError::Newer { found: 99, known: 3, .. }), "{e:?}");
 }
 
 /// A gateway with `[cluster]` on `db`, the password in `PGPASS`, and a file destination.
@@ -135,13 +135,13 @@ fn check_verifies_the_database() {
     };
     let (code, text) = run();
     assert_eq!(code, Some(78), "{text}");
-    assert!(text.contains("schema version 0, this mailhook needs 2: start mailhook serve once"), "{text}");
+    assert!(text.contains("schema version 0, this mailhook needs 3: start mailhook serve once"), "{text}");
 
     open(pg, &db).unwrap();
     let (code, text) = run();
     assert_eq!(code, Some(0), "{text}");
     assert!(
-        text.contains(&format!("cluster: postgres://postgres:***@127.0.0.1:{}/{db}, schema version 2", pg.port())),
+        text.contains(&format!("cluster: postgres://postgres:***@127.0.0.1:{}/{db}, schema version 3", pg.port())),
         "{text}"
     );
 

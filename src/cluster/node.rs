@@ -6,6 +6,7 @@
 //! folder_lease(account, folder PK, owner, until, heartbeat_at)
 //! imap_seen(account, folder, uidvalidity, uid PK, fingerprint, message_id)   permanent ledger
 //! imap_checkpoint(account, folder PK, uidvalidity, last_uid)
+//! pacing(destination PK, tokens, refilled_at, paused_until)   shared token buckets, see deliver::throttle
 //! ```
 //!
 //! A folder lease is taken (or renewed) by one statement: insert the row, or update it when
@@ -299,6 +300,43 @@ impl Node {
                                    ELSE EXCLUDED.last_uid END,
                    uidvalidity = EXCLUDED.uidvalidity, updated_at = now()",
                 &[&folder.account, &folder.folder, &i64::from(uidvalidity), &i64::from(last_uid)],
+            )
+            .await
+            .map_err(|e| self.target.query_error(e))?;
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Takes one token from `destination`'s shared bucket (`per_second` `None`: unlimited, only
+    /// a pause counts): `None` when taken, otherwise how long to wait before asking again.
+    /// One round trip (the `pacing_take` function of the schema).
+    pub async fn take_token(
+        &self,
+        destination: &str,
+        capacity: f64,
+        per_second: Option<f64>,
+    ) -> Result<Option<Duration>, ClusterError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT pacing_take($1, $2, $3)", &[&destination, &capacity, &per_second])
+            .await
+            .map_err(|e| self.target.query_error(e))?;
+        let wait: f64 = row.get(0);
+        Ok((wait > 0.0).then(|| Duration::from_secs_f64(wait.min(86_400.0))))
+    }
+
+    /// Pauses `destination` for every instance for `d` (a receiver answered 429); a longer
+    /// pause already set stays. The bucket is emptied, so that sending resumes at the rate.
+    pub async fn pause_destination(&self, destination: &str, d: Duration) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO pacing (destination, tokens, refilled_at, paused_until)
+                 VALUES ($1, 0, clock_timestamp(), clock_timestamp() + make_interval(secs => $2))
+                 ON CONFLICT (destination) DO UPDATE SET tokens = 0, refilled_at = clock_timestamp(),
+                   paused_until = greatest(pacing.paused_until, EXCLUDED.paused_until)",
+                &[&destination, &d.as_secs_f64()],
             )
             .await
             .map_err(|e| self.target.query_error(e))?;

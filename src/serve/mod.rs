@@ -135,6 +135,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if let Some(w) = &writer {
         pipeline = pipeline.with_archive(w.clone());
     }
+    if let Some(node) = &node {
+        pipeline = pipeline.with_cluster(node);
+    }
     if !lifecycle.observer.is_empty() {
         pipeline = pipeline.with_observer(lifecycle.observer.clone());
     }

@@ -605,6 +605,6 @@ mod tests {
 
     #[test]
     fn schema_version_is_the_newest_migration() {
-        assert_eq!(schema_version(), 2);
+        assert_eq!(schema_version(), 3);
     }
 }
