@@ -29,7 +29,10 @@
 #[path = "common/proc.rs"]
 #[allow(dead_code)]
 mod proc;
-use proc::{listening_port, proc_field};
+use proc::proc_field;
+#[path = "common/serve.rs"]
+mod serve;
+use serve::Serve;
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -43,7 +46,6 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,52 +133,21 @@ fn send(addr: SocketAddr, seq: usize, body: &[u8]) -> bool {
     ok
 }
 
-struct Serve {
-    child: Child,
-    smtp: SocketAddr,
-}
-
-impl Serve {
-    fn start(dir: &Path, sink: SocketAddr, hostile: bool) -> Serve {
-        std::fs::create_dir_all(dir.join("rules")).unwrap();
-        std::fs::write(
-            dir.join("mailhook.toml"),
-            format!(
-                "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
-                 [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"60s\"\n"
-            ),
-        )
-        .unwrap();
-        let rule = if hostile { HOSTILE_RULE } else { "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n" };
-        std::fs::write(dir.join("rules/10-all.toml"), rule).unwrap();
-        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let bin = std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| BIN.to_string());
-        let child = Command::new(bin)
-            .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
-            .current_dir(dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn serve");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let smtp = loop {
-            if let Some(addr) = listening_port(child.id()) {
-                break addr;
-            }
-            assert!(Instant::now() < deadline, "serve did not listen within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Serve { child, smtp }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
+fn start_serve(dir: &Path, sink: SocketAddr, hostile: bool) -> Serve {
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(
+        dir.join("mailhook.toml"),
+        format!(
+            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
+             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
+             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"60s\"\n"
+        ),
+    )
+    .unwrap();
+    let rule = if hostile { HOSTILE_RULE } else { "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n" };
+    std::fs::write(dir.join("rules/10-all.toml"), rule).unwrap();
+    Serve::spawn(dir, BIN)
 }
 
 struct Row {
@@ -200,7 +171,7 @@ fn run_case(base: &Path, kind: &str, megabytes: usize, sessions: usize) -> Row {
     let _ = std::fs::remove_dir_all(&dir);
     let received = Arc::new(Received::default());
     let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
-    let serve = Serve::start(&dir, sink.addr, hostile);
+    let serve = start_serve(&dir, sink.addr, hostile);
     let pid = serve.child.id();
     let body = Arc::new(body(megabytes * 1_000_000));
     let start = Instant::now();

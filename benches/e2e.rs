@@ -31,7 +31,10 @@
 
 #[path = "common/proc.rs"]
 mod proc;
-use proc::{clock_ticks, context_switches, listening_port, proc_field, stat_ticks};
+use proc::{clock_ticks, context_switches, proc_field, stat_ticks};
+#[path = "common/serve.rs"]
+mod serve;
+use serve::Serve;
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -45,7 +48,6 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -141,59 +143,28 @@ fn cpu_ticks(pid: u32) -> u64 {
     stat_ticks(Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0)
 }
 
-struct Serve {
-    child: Child,
-    smtp: SocketAddr,
-}
-
-impl Serve {
-    fn start(dir: &Path, sink: SocketAddr) -> Serve {
-        // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
-        let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
-        std::fs::create_dir_all(dir.join("rules")).unwrap();
-        // MAILHOOK_BENCH_DRIFT=off runs without drift alarms, to compare their cost side by side.
-        let drift = match std::env::var("MAILHOOK_BENCH_DRIFT").as_deref() {
-            Ok("off") => "[drift]\nenabled = false\n",
-            _ => "",
-        };
-        std::fs::write(
-            dir.join("mailhook.toml"),
-            format!(
-                "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-                 [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
-                 [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-                 [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
-                 [archive]\nenabled = {archive}\n{drift}"
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
-        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let child = Command::new(std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| BIN.to_string()))
-            .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
-            .current_dir(dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn serve");
-        // With RUST_LOG=warn the "listening" line is not logged: find the port from /proc.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let smtp = loop {
-            if let Some(addr) = listening_port(child.id()) {
-                break addr;
-            }
-            assert!(Instant::now() < deadline, "serve did not listen within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Serve { child, smtp }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
+fn start_serve(dir: &Path, sink: SocketAddr) -> Serve {
+    // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
+    let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    // MAILHOOK_BENCH_DRIFT=off runs without drift alarms, to compare their cost side by side.
+    let drift = match std::env::var("MAILHOOK_BENCH_DRIFT").as_deref() {
+        Ok("off") => "[drift]\nenabled = false\n",
+        _ => "",
+    };
+    std::fs::write(
+        dir.join("mailhook.toml"),
+        format!(
+            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
+             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
+             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
+             [archive]\nenabled = {archive}\n{drift}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
+    Serve::spawn(dir, BIN)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,7 +187,7 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     let _ = std::fs::remove_dir_all(&dir);
     let received = Arc::new(Received::default());
     let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
-    let serve = Serve::start(&dir, sink.addr);
+    let serve = start_serve(&dir, sink.addr);
     let pid = serve.child.id();
     let cpu0 = cpu_ticks(pid);
     let switches0 = context_switches(pid);

@@ -1,0 +1,48 @@
+//! A real `mailhook serve` for the end-to-end benchmarks. Include it with
+//! `#[path = "common/serve.rs"] mod serve;` beside `common/proc.rs` (as `mod proc`).
+
+use super::proc::listening_port;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Serve {
+    pub child: Child,
+    /// Where its SMTP listener took a port.
+    pub smtp: SocketAddr,
+}
+
+impl Serve {
+    /// Starts `serve` in `dir` (which holds `mailhook.toml`, listening on `127.0.0.1:0`), from
+    /// `MAILHOOK_BENCH_BIN` when set (to compare two builds), else `bin`. It logs warnings as
+    /// JSON to `dir/serve.log`. Returns once its SMTP listener is up.
+    pub fn spawn(dir: &Path, bin: &str) -> Serve {
+        let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+        let child = Command::new(std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| bin.to_string()))
+            .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        // With RUST_LOG=warn the "listening" line is not logged: find the port from /proc.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let smtp = loop {
+            if let Some(addr) = listening_port(child.id()) {
+                break addr;
+            }
+            assert!(Instant::now() < deadline, "serve did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Serve { child, smtp }
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
