@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod console;
 mod download;
+mod headers;
 pub mod public;
 pub mod reload;
 

@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Replayed, SharedRules};
 use crate::rules::Unmatched;
 use crate::serve::download::blocking;
+use crate::serve::headers::{asset, secure};
 use crate::spool::actions::{self, ActionError};
 use crate::spool::{Spool, State};
 use crate::store::{Archive, ArchiveState, ArchiveWriter, MessageQuery, Record, StoreError, is_id};
@@ -139,29 +140,12 @@ impl Console {
             .route("/api/v1/messages", get(api_list))
             .route("/api/v1/messages/{id}", get(api_get))
             .route("/api/v1/messages/{id}/{action}", post(api_action))
-            .layer(axum::middleware::map_response(security_headers))
+            .layer(axum::middleware::map_response(|r| async move { secure(r, auth::PAGE_CSP) }))
             .with_state(state)
     }
 }
 
 type St = Arc<Console>;
-
-/// The headers every console answer carries; a handler's own CSP (the email's HTML) wins.
-async fn security_headers(mut response: Response) -> Response {
-    let h = response.headers_mut();
-    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
-        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(auth::PAGE_CSP));
-        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    }
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
 
 /// Who may see a page: the session, and the cookie to set when one was opened just now.
 struct Gate {

@@ -22,9 +22,10 @@ pub mod page;
 use crate::config::{Config, WebConfig};
 use crate::links::Links;
 pub(crate) use crate::serve::download::blocking;
+use crate::serve::headers::{asset, secure};
 use crate::store::Archive;
 use axum::Router;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value as Json, json};
@@ -87,7 +88,7 @@ impl Public {
             .route("/static/public.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
             .route("/static/card.js", get(|| async { asset("text/javascript; charset=utf-8", card::SCRIPT) }))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 not found\n").into_response() })
-            .layer(axum::middleware::map_response(security_headers))
+            .layer(axum::middleware::map_response(|r| async move { secure(r, PAGE_CSP) }))
             .with_state(Arc::new(self))
     }
 
@@ -149,19 +150,3 @@ const STYLE: &str = include_str!("static/public.css");
 /// The CSP of a page without a CSP of its own: nothing inline, never framed.
 const PAGE_CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; frame-src 'self'; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-async fn security_headers(mut response: Response) -> Response {
-    let h = response.headers_mut();
-    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
-        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PAGE_CSP));
-        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    }
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
