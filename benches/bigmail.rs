@@ -32,7 +32,7 @@ mod proc;
 use proc::proc_field;
 #[path = "common/serve.rs"]
 mod serve;
-use serve::Serve;
+use serve::{Serve, reply};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -43,7 +43,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use sink::Sink;
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -96,18 +96,6 @@ fn body(size: usize) -> Vec<u8> {
     }
     b.extend_from_slice(b".\r\n");
     b
-}
-
-fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
 }
 
 /// Sends one message; whether it was answered 250.

@@ -34,7 +34,7 @@ mod proc;
 use proc::{clock_ticks, context_switches, proc_field, stat_ticks};
 #[path = "common/serve.rs"]
 mod serve;
-use serve::Serve;
+use serve::{Serve, reply};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -45,7 +45,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use sink::Sink;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -92,18 +92,6 @@ fn message(seq: u64, size: usize) -> Vec<u8> {
     }
     m.push_str(".\r\n");
     m.into_bytes()
-}
-
-fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return 0;
-        }
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-        }
-    }
 }
 
 /// One session sending `seqs`; returns (seq, time just before the end of DATA) of each

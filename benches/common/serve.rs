@@ -1,8 +1,9 @@
-//! A real `mailhook serve` for the end-to-end benchmarks. Include it with
+//! A real `mailhook serve` for the end-to-end benchmarks, and reading its SMTP replies. Include it with
 //! `#[path = "common/serve.rs"] mod serve;` beside `common/proc.rs` (as `mod proc`).
 
 use super::proc::listening_port;
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,5 +45,18 @@ impl Serve {
     pub fn stop(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
+    }
+}
+
+/// The code of the next SMTP reply (its last line), 0 when the connection closed first.
+pub fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
     }
 }
