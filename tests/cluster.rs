@@ -287,3 +287,48 @@ fn tls_is_used_and_the_certificate_checked() {
     assert!(!e.is_unreachable(), "{e}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+/// A database gone for longer than the archive waits: writes fail (the writer skips their
+/// entries) instead of holding the writer, and so delivery, until it answers; then they work.
+#[test]
+fn writes_stop_waiting_for_a_database_gone_too_long() {
+    use mailhook::model::{Envelope, Source};
+    use mailhook::store::{ArchiveState, ArchivedMessage, Entry};
+    let pg = Postgres::start();
+    let db = pg.database();
+    let archive = std::sync::Arc::new(open(&pg, &db).unwrap().with_outage_wait(Duration::from_secs(1)));
+    let entry = || {
+        let raw = b"Subject: kept\r\n\r\nbody\r\n".to_vec();
+        let m = ArchivedMessage::build(
+            ArchiveState::Delivered,
+            Envelope::new(Source::Stdin),
+            raw,
+            None,
+            None,
+            vec![],
+            None,
+            std::time::SystemTime::now(),
+        );
+        vec![Entry::Message(Box::new(m))]
+    };
+    // Each write runs on a thread of its own: a write that never gives up fails the test
+    // instead of hanging it.
+    let write = |entries: Vec<Entry>| {
+        let (done, result) = std::sync::mpsc::channel();
+        let archive = archive.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(archive.write_batch(&entries).map_err(|e| e.to_string()));
+        });
+        result.recv_timeout(Duration::from_secs(30)).expect("a write gives up on a database gone too long")
+    };
+    assert!(write(entry()).is_ok());
+
+    pg.stop();
+    let e = write(entry()).expect_err("the database is gone");
+    assert!(e.contains("unreachable"), "{e}");
+    assert!(write(entry()).is_err(), "still gone: fails again");
+
+    pg.restart();
+    assert!(write(entry()).is_ok(), "back: written again");
+    assert_eq!(pg.sql(&db, "SELECT count(*) FROM message"), "2");
+}

@@ -32,8 +32,10 @@
 //! archive sets itself up (migrations, checks) on its first call that reaches the database.
 //! Reads fail at once with an error saying the database is unreachable. Writes (the writer
 //! thread's batches) wait for the database and retry, logging once when it goes away and once
-//! when it is back: nothing handed to the writer is lost, and once the writer's queue is full
-//! the delivery workers wait too, with the mail safe in the spool.
+//! when it is back: nothing handed to the writer is lost to an outage shorter than
+//! [`OUTAGE_WAIT`]. Past it, writes fail at once until the database answers (the writer logs and
+//! skips their entries), so that delivery, which waits for the writer once its queue is full,
+//! never waits for a database that is gone.
 
 use super::{
     Archive, ArchiveState, ArchivedMessage, AttemptRecord, DestinationStatus, Entry, MessageQuery, Page, Record,
@@ -57,6 +59,11 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often a write still waiting for the database says so.
 const RETRY_LOG: Duration = Duration::from_secs(60);
 
+/// How long writes wait for a database that went away. Past it, a write tries once and fails
+/// at once while the database stays away (its entries are logged and skipped by the writer),
+/// so that a long outage never holds up delivery.
+pub const OUTAGE_WAIT: Duration = Duration::from_secs(60);
+
 /// The PostgreSQL archive (see the module documentation).
 pub struct PostgresArchive {
     /// `None` only while dropping.
@@ -67,6 +74,10 @@ pub struct PostgresArchive {
     ready: AtomicBool,
     /// Serialises set-up attempts.
     setting_up: Mutex<()>,
+    /// Since when writes have found the database away (`None` while it answers).
+    away_since: Mutex<Option<Instant>>,
+    /// How long writes wait for it ([`OUTAGE_WAIT`]).
+    outage_wait: Duration,
 }
 
 impl PostgresArchive {
@@ -85,8 +96,15 @@ impl PostgresArchive {
             let _guard = rt.enter();
             target.pool()?
         };
-        let archive =
-            PostgresArchive { rt: Some(rt), pool, target, ready: AtomicBool::new(false), setting_up: Mutex::new(()) };
+        let archive = PostgresArchive {
+            rt: Some(rt),
+            pool,
+            target,
+            ready: AtomicBool::new(false),
+            setting_up: Mutex::new(()),
+            away_since: Mutex::new(None),
+            outage_wait: OUTAGE_WAIT,
+        };
         match archive.ensure_ready() {
             Ok(()) => info!(database = %archive.target.host, schema = schema_version(), "archive database ready"),
             Err(e) if e.is_unreachable() => {
@@ -95,6 +113,12 @@ impl PostgresArchive {
             Err(e) => return Err(e),
         }
         Ok(archive)
+    }
+
+    /// How long writes wait for a database that went away (tests shorten it).
+    pub fn with_outage_wait(mut self, wait: Duration) -> PostgresArchive {
+        self.outage_wait = wait;
+        self
     }
 
     /// Where the database is (`host:port`), for logs.
@@ -318,29 +342,33 @@ impl Archive for PostgresArchive {
         self.try_write(&[Entry::Attempt(attempt.clone())])
     }
 
-    /// Waits for the database while it is unreachable (see the module documentation).
+    /// Waits for the database while it is unreachable, up to `outage_wait` from when it went
+    /// away (see the module documentation).
     fn write_batch(&self, entries: &[Entry]) -> Result<(), StoreError> {
         let mut pause = Duration::from_millis(250);
-        let mut away_since: Option<Instant> = None;
         let mut said = Instant::now();
         loop {
             match self.try_write(entries) {
                 Ok(()) => {
-                    if let Some(since) = away_since {
+                    if let Some(since) = self.away_since.lock().unwrap_or_else(|e| e.into_inner()).take() {
                         info!(database = %self.target.host, waited_s = since.elapsed().as_secs(), entries = entries.len(), "archive database back; archived what waited");
                     }
                     return Ok(());
                 }
                 Err(StoreError::Database(e)) if e.is_unreachable() => {
-                    if away_since.is_none() {
-                        away_since = Some(Instant::now());
-                        said = Instant::now();
+                    let since = *self.away_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| {
                         warn!(error = %e, entries = entries.len(), "archive database unreachable; delivery goes on, the archive waits for it");
-                    } else if said.elapsed() >= RETRY_LOG {
                         said = Instant::now();
-                        warn!(error = %e, waited_s = away_since.map_or(0, |s| s.elapsed().as_secs()), "archive database still unreachable");
+                        Instant::now()
+                    });
+                    if since.elapsed() >= self.outage_wait {
+                        return Err(StoreError::Database(e));
                     }
-                    std::thread::sleep(pause);
+                    if said.elapsed() >= RETRY_LOG {
+                        said = Instant::now();
+                        warn!(error = %e, waited_s = since.elapsed().as_secs(), "archive database still unreachable");
+                    }
+                    std::thread::sleep(pause.min(self.outage_wait.saturating_sub(since.elapsed())));
                     pause = (pause * 2).min(RETRY_MAX);
                 }
                 Err(e) => return Err(e),

@@ -23,6 +23,9 @@ const LINGER: Duration = Duration::from_millis(50);
 /// before the writer stops gathering and commits them.
 const LINGER_HOLD: usize = 4096;
 
+/// How often failing writes are reported, at most.
+const SKIP_LOG: Duration = Duration::from_secs(60);
+
 /// A finished message, as the pipeline knows it.
 #[derive(Debug)]
 pub struct Finished {
@@ -110,6 +113,8 @@ impl ArchiveWriter {
             .name("archive".into())
             .spawn(move || {
                 let mut flushes = Vec::new();
+                // Entries not kept since the last warning, and when it was given.
+                let (mut skipped, mut said) = (0usize, None);
                 while let Some(first) = rx.blocking_recv() {
                     // Gather for a moment before committing: one transaction for many entries
                     // writes each index page once instead of once per entry. A flush (shutdown,
@@ -146,6 +151,10 @@ impl ArchiveWriter {
                     if !entries.is_empty() {
                         match archive.write_batch(&entries) {
                             Ok(()) => {
+                                if skipped > 0 {
+                                    warn!(entries = skipped, "cannot write the archive; these entries are not kept");
+                                }
+                                (skipped, said) = (0, None);
                                 if tail_tx.receiver_count() > 0 {
                                     for entry in &entries {
                                         let _ = tail_tx.send(TailEvent::of(entry));
@@ -153,7 +162,13 @@ impl ArchiveWriter {
                                 }
                             }
                             Err(e) => {
-                                warn!(error = %e, entries = entries.len(), "cannot write the archive; these entries are not kept")
+                                skipped += entries.len();
+                                // Said at once, then at most once a minute while it lasts.
+                                if said.is_none_or(|t: Instant| t.elapsed() >= SKIP_LOG) {
+                                    warn!(error = %e, entries = skipped, "cannot write the archive; these entries are not kept");
+                                    said = Some(Instant::now());
+                                    skipped = 0;
+                                }
                             }
                         }
                     }
