@@ -6,8 +6,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The database's file name inside the spool directory.
@@ -55,6 +56,10 @@ fn connect(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // FULL: a commit is on stable storage when it returns (the WAL is flushed at each commit).
     conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "OFF" })?;
+    // The last connection to close leaves the WAL and its index in place (the writer empties
+    // the WAL itself when idle, see `Writer::close_idle`): a database whose `-wal` and `-shm`
+    // files exist can still be read where it can no longer be written (a read-only remount).
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
@@ -68,8 +73,7 @@ pub(super) fn open(path: &Path, fsync: bool) -> Result<Connection, SpoolError> {
         super::private_file_keep(path).map_err(|e| SpoolError::io(path, e))?;
     }
     let conn = connect(path, fsync).map_err(|e| db_error(path, e))?;
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| db_error(path, e))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| db_error(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SpoolError::io(path, io::Error::other(format!("journal mode {mode}, not wal"))));
     }
@@ -82,7 +86,10 @@ pub(super) fn open(path: &Path, fsync: bool) -> Result<Connection, SpoolError> {
 pub(super) enum Raw {
     Bytes(Vec<u8>),
     /// The first `size` bytes of a file (a draft that spilled, or a spool file being drained).
-    File { path: PathBuf, size: u64 },
+    File {
+        path: PathBuf,
+        size: u64,
+    },
 }
 
 /// One mutation of the spool.
@@ -116,21 +123,56 @@ impl From<rusqlite::Error> for OpError {
     }
 }
 
-/// The writer thread's handle.
-pub(super) struct Writer {
-    tx: mpsc::Sender<Job>,
+/// What the writer thread is sent: work, or word that a reader opened a connection (which
+/// the writer thread closes once idle).
+enum Msg {
+    Job(Job),
+    Wake,
 }
 
-impl Writer {
-    pub(super) fn start(conn: Connection, path: PathBuf) -> io::Result<Writer> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new().name("spool-writer".into()).spawn(move || run(conn, &path, rx))?;
-        Ok(Writer { tx })
+/// Reader connections not in use, each with when it was last used.
+type Pool = Mutex<Vec<(Connection, Instant)>>;
+
+/// The spool's database: the writer thread's handle, and reader connections kept for reuse
+/// (WAL lets them read while the writer writes).
+///
+/// No connection stays open while the spool is idle: the writer thread closes its own, and the
+/// readers', after [`IDLE`] without use. A file open for writing (as SQLite holds its database,
+/// WAL and shared index) keeps the kernel from remounting the file system read-only; an
+/// operator can still do so between bursts of mail, and a connection opened while it was
+/// read-only is never kept for later.
+pub(super) struct Db {
+    path: PathBuf,
+    fsync: bool,
+    tx: mpsc::Sender<Msg>,
+    pool: Arc<Pool>,
+    /// Whether the writer thread is waiting with a timeout, to close what is idle (else it
+    /// waits for work alone, and a reader that leaves a connection in the pool wakes it).
+    watching: Arc<AtomicBool>,
+}
+
+/// How long a connection is kept open without use.
+pub(super) const IDLE: Duration = Duration::from_millis(25);
+
+impl Db {
+    /// Starts the writer thread with `conn`, a connection made by [`open`].
+    pub(super) fn start(conn: Connection, path: PathBuf, fsync: bool) -> io::Result<Db> {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let pool: Arc<Pool> = Arc::default();
+        let watching = Arc::new(AtomicBool::new(true));
+        let writer =
+            Writer { conn: Some(conn), path: path.clone(), fsync, pool: pool.clone(), watching: watching.clone() };
+        std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
+        Ok(Db { path, fsync, tx, pool, watching })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
     }
 
     fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { op, reply }).map_err(|_| SpoolError::Stopped)?;
+        self.tx.send(Msg::Job(Job { op, reply })).map_err(|_| SpoolError::Stopped)?;
         Ok(rx)
     }
 
@@ -146,40 +188,131 @@ impl Writer {
     /// as the batch limit allows.
     pub(super) fn submit_all_blocking(&self, ops: Vec<Op>) -> Vec<Result<(), SpoolError>> {
         let sent: Vec<_> = ops.into_iter().map(|op| self.send(op)).collect();
-        sent.into_iter()
-            .map(|rx| rx.and_then(|rx| rx.blocking_recv().map_err(|_| SpoolError::Stopped)?))
-            .collect()
+        sent.into_iter().map(|rx| rx.and_then(|rx| rx.blocking_recv().map_err(|_| SpoolError::Stopped)?)).collect()
+    }
+
+    /// Runs `f` on a reader connection.
+    pub(super) fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, SpoolError> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some((c, _)) => c,
+            None => connect(&self.path, self.fsync).map_err(|e| db_error(&self.path, e))?,
+        };
+        let out = f(&conn).map_err(|e| db_error(&self.path, e));
+        if out.is_ok() {
+            {
+                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < READERS {
+                    pool.push((conn, Instant::now()));
+                }
+            }
+            // Left in the pool first, then checked: the writer thread either sees it there or
+            // is told (it clears `watching` before it looks at the pool).
+            if !self.watching.load(Ordering::SeqCst) {
+                let _ = self.tx.send(Msg::Wake);
+            }
+        }
+        out
     }
 }
 
-fn run(mut conn: Connection, path: &Path, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// The writer thread.
+struct Writer {
+    conn: Option<Connection>,
+    path: PathBuf,
+    fsync: bool,
+    pool: Arc<Pool>,
+    watching: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            self.watching.store(false, Ordering::SeqCst);
+            let open = self.conn.is_some() || !self.pool.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+            if open {
+                self.watching.store(true, Ordering::SeqCst);
+            }
+            let first = if open {
+                match rx.recv_timeout(IDLE) {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.close_idle();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => return,
+                }
+            };
+            let Msg::Job(first) = first else { continue };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Job(job)) => batch.push(job),
+                    Ok(Msg::Wake) => {}
+                    Err(_) => break,
+                }
+            }
+            let results = self.apply(batch.iter().map(|j| &j.op));
+            for (job, r) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(r);
             }
         }
-        let results = apply(&mut conn, path, batch.iter().map(|j| &j.op));
-        for (job, r) in batch.into_iter().zip(results) {
-            let _ = job.reply.send(r);
-        }
     }
+
+    /// Closes the writer's connection (idle for [`IDLE`] now) and the readers' idle as long.
+    fn close_idle(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Copies the WAL into the database and empties it, unless another connection is
+            // reading (then the next writer carries on with it as it is): a connection opened
+            // later has no WAL to read through first. Not waiting for readers is fine.
+            let _ = conn.busy_timeout(Duration::ZERO);
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.retain(|(_, used)| used.elapsed() < IDLE);
+    }
+
+    fn apply<'a>(&mut self, ops: impl ExactSizeIterator<Item = &'a Op>) -> Vec<Result<(), SpoolError>> {
+        let n = ops.len();
+        if self.conn.is_none() {
+            match connect(&self.path, self.fsync) {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => return all_failed(&self.path, n, e),
+            }
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let (results, whole) = apply(conn, &self.path, ops);
+        if !whole {
+            // It may have been opened on a read-only file system, or be in a bad state: a new
+            // one is opened for the next batch.
+            self.conn = None;
+        }
+        results
+    }
+}
+
+fn all_failed(path: &Path, n: usize, e: rusqlite::Error) -> Vec<Result<(), SpoolError>> {
+    let e = Arc::new(e);
+    (0..n).map(|_| Err(SpoolError::Db { path: path.to_path_buf(), source: e.clone() })).collect()
 }
 
 /// Applies every operation in one transaction (each in a savepoint of its own, so that one
 /// that fails leaves no trace and does not fail the others), then commits once: one flush of
 /// the WAL for the whole batch. Nothing is answered before that commit.
-fn apply<'a>(conn: &mut Connection, path: &Path, ops: impl ExactSizeIterator<Item = &'a Op>) -> Vec<Result<(), SpoolError>> {
+fn apply<'a>(
+    conn: &mut Connection,
+    path: &Path,
+    ops: impl ExactSizeIterator<Item = &'a Op>,
+) -> (Vec<Result<(), SpoolError>>, bool) {
     let n = ops.len();
-    let all_failed = |e: rusqlite::Error| {
-        let e = Arc::new(e);
-        (0..n).map(|_| Err(SpoolError::Db { path: path.to_path_buf(), source: e.clone() })).collect()
-    };
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return all_failed(e),
+        Err(e) => return (all_failed(path, n, e), false),
     };
     let mut results = Vec::with_capacity(n);
     for op in ops {
@@ -197,9 +330,9 @@ fn apply<'a>(conn: &mut Connection, path: &Path, ops: impl ExactSizeIterator<Ite
         results.push(r);
     }
     if let Err(e) = tx.commit() {
-        return all_failed(e);
+        return (all_failed(path, n, e), false);
     }
-    results
+    (results, true)
 }
 
 fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
@@ -214,8 +347,11 @@ fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
             {
                 return Ok(());
             }
-            conn.prepare_cached("INSERT INTO message (id, state, meta) VALUES (?1, ?2, ?3)")?
-                .execute(params![id, state.dir_name(), meta])?;
+            conn.prepare_cached("INSERT INTO message (id, state, meta) VALUES (?1, ?2, ?3)")?.execute(params![
+                id,
+                state.dir_name(),
+                meta
+            ])?;
             let seq = conn.last_insert_rowid();
             match raw {
                 Raw::Bytes(bytes) => {
@@ -267,7 +403,8 @@ fn op_id(op: &Op) -> &str {
 fn copy_file(conn: &Connection, seq: i64, path: &Path, size: u64) -> Result<(), OpError> {
     let io_err = |e| OpError::Io(path.to_path_buf(), e);
     let mut file = File::open(path).map_err(io_err)?.take(size);
-    conn.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, zeroblob(?2))")?.execute(params![seq, size as i64])?;
+    conn.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, zeroblob(?2))")?
+        .execute(params![seq, size as i64])?;
     let mut blob = conn.blob_open(rusqlite::MAIN_DB, "raw", "bytes", seq, false)?;
     let mut buf = vec![0u8; CHUNK.min(size as usize).max(1)];
     let mut at = 0usize;
@@ -283,39 +420,6 @@ fn copy_file(conn: &Connection, seq: i64, path: &Path, size: u64) -> Result<(), 
         return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{at} bytes of {size}"))));
     }
     Ok(())
-}
-
-/// Reader connections, opened as needed and kept for reuse (WAL lets them read while the
-/// writer writes).
-pub(super) struct Readers {
-    path: PathBuf,
-    fsync: bool,
-    pool: Mutex<Vec<Connection>>,
-}
-
-impl Readers {
-    pub(super) fn new(path: PathBuf, fsync: bool) -> Readers {
-        Readers { path, fsync, pool: Mutex::new(Vec::new()) }
-    }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs `f` on a reader connection.
-    pub(super) fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, SpoolError> {
-        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let conn = match pooled {
-            Some(c) => c,
-            None => connect(&self.path, self.fsync).map_err(|e| db_error(&self.path, e))?,
-        };
-        let out = f(&conn).map_err(|e| db_error(&self.path, e));
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < READERS {
-            pool.push(conn);
-        }
-        out
-    }
 }
 
 /// Reads the raw bytes of row `seq` of `size` bytes: in one statement when small, else from

@@ -14,9 +14,9 @@
 
 use super::{Damage, Meta, SpoolError};
 use std::fs::File;
-use std::io::{self, Read as _};
 #[cfg(test)]
 use std::io::Write;
+use std::io::{self, Read as _};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 

@@ -67,14 +67,18 @@ pub(super) fn drain(spool: &Spool, now: SystemTime, report: &mut Recovery) -> Re
     for (id, state) in states {
         let json = dir.join(state.dir_name()).join(format!("{id}.json"));
         // The raw bytes: a message file (raw bytes first, size in its footer) or a bare one.
-        let raws = [(msg.join(format!("{id}.msg")), true), (incoming.join(format!("{id}.msg")), true), (msg.join(format!("{id}.eml")), false)];
+        let raws = [
+            (msg.join(format!("{id}.msg")), true),
+            (incoming.join(format!("{id}.msg")), true),
+            (msg.join(format!("{id}.eml")), false),
+        ];
         let present: Vec<&(PathBuf, bool)> = raws.iter().filter(|(p, _)| p.is_file()).collect();
         let head = if json.exists() { json.clone() } else { incoming.join(format!("{id}.msg")) };
         let label = format!("{}/{}", state.dir_name(), head.file_name().unwrap_or_default().to_string_lossy());
         let meta: Result<Meta, SpoolError> = if json.exists() {
-            fs::read(&json)
-                .map_err(|e| SpoolError::io(&json, e))
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| SpoolError::Corrupt { id: id.clone(), reason: e.into() }))
+            fs::read(&json).map_err(|e| SpoolError::io(&json, e)).and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| SpoolError::Corrupt { id: id.clone(), reason: e.into() })
+            })
         } else {
             file::read(&head, &id, 0).map_err(|e| SpoolError::io(&head, e)).and_then(|r| r.map(|(m, _)| m))
         };
@@ -102,7 +106,13 @@ pub(super) fn drain(spool: &Spool, now: SystemTime, report: &mut Recovery) -> Re
                 if json.exists() {
                     files.push(json);
                 }
-                let op = Op::Insert { id: id.clone(), state, meta: Spool::encode(&meta), raw: Raw::File { path, size }, if_absent: true };
+                let op = Op::Insert {
+                    id: id.clone(),
+                    state,
+                    meta: Spool::encode(&meta),
+                    raw: Raw::File { path, size },
+                    if_absent: true,
+                };
                 batch.push(Entry { op, files });
             }
             Err(SpoolError::Corrupt { reason, .. }) => {
@@ -156,7 +166,7 @@ pub(super) fn drain(spool: &Spool, now: SystemTime, report: &mut Recovery) -> Re
 /// Inserts a batch in one transaction, then removes the files of the entries now in the database.
 fn commit(spool: &Spool, batch: Vec<Entry>, report: &mut Recovery) -> Result<(), SpoolError> {
     let (ops, files): (Vec<Op>, Vec<Vec<PathBuf>>) = batch.into_iter().map(|e| (e.op, e.files)).unzip();
-    for (r, files) in spool.inner.writer.submit_all_blocking(ops).into_iter().zip(files) {
+    for (r, files) in spool.inner.db.submit_all_blocking(ops).into_iter().zip(files) {
         r?;
         for f in files {
             match fs::remove_file(&f) {

@@ -75,7 +75,7 @@ mod legacy;
 mod meta;
 
 use crate::model::{Envelope, Source};
-use db::{Op, Raw, Readers, Writer};
+use db::{Db, Op, Raw};
 use rusqlite::OptionalExtension;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -227,8 +227,7 @@ pub struct Spool {
 
 struct Inner {
     dir: PathBuf,
-    writer: Writer,
-    readers: Readers,
+    db: Db,
     seq: AtomicU64,
     /// This process's id, part of every `tmp/` name (read once: it is a system call).
     pid: u32,
@@ -261,15 +260,9 @@ impl Spool {
         probe(dir)?;
         let path = dir.join(db::DB_FILE);
         let conn = db::open(&path, options.fsync)?;
-        let writer = Writer::start(conn, path.clone()).map_err(|e| SpoolError::io(dir, e))?;
+        let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
-            inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                writer,
-                readers: Readers::new(path, options.fsync),
-                seq: AtomicU64::new(0),
-                pid: std::process::id(),
-            }),
+            inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
         })
     }
 
@@ -279,7 +272,7 @@ impl Spool {
 
     /// The spool's database file.
     pub fn db_path(&self) -> &Path {
-        self.inner.readers.path()
+        self.inner.db.path()
     }
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`.
@@ -332,9 +325,10 @@ impl Spool {
     /// What the spool holds, for `/metrics` and the console (no metadata is read: a spool id
     /// is a ULID, which carries the time the message was received).
     pub fn gauges(&self) -> Result<crate::metrics::SpoolGauges, SpoolError> {
-        let (counts, oldest) = self.inner.readers.with(|c| {
+        let (counts, oldest) = self.inner.db.read(|c| {
             let mut stmt = c.prepare_cached("SELECT state, count(*) FROM message GROUP BY state")?;
-            let counts: Vec<(String, i64)> = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let counts: Vec<(String, i64)> =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
             let oldest: Option<String> = c
                 .prepare_cached("SELECT min(id) FROM message WHERE state = 'deferred'")?
                 .query_row([], |r| r.get(0))?;
@@ -354,7 +348,7 @@ impl Spool {
 
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
-        self.inner.readers.with(|c| {
+        self.inner.db.read(|c| {
             let mut stmt = c.prepare_cached("SELECT id FROM message WHERE state = ?1 ORDER BY id")?;
             stmt.query_map([state.dir_name()], |r| r.get(0))?.collect()
         })
@@ -365,8 +359,10 @@ impl Spool {
         check_id(id).ok()?;
         let name: Option<String> = self
             .inner
-            .readers
-            .with(|c| c.prepare_cached("SELECT state FROM message WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional())
+            .db
+            .read(|c| {
+                c.prepare_cached("SELECT state FROM message WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()
+            })
             .ok()
             .flatten();
         name.and_then(|n| State::ALL.into_iter().find(|s| s.dir_name() == n))
@@ -386,7 +382,7 @@ impl Spool {
     ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
         check_id(id)?;
         let limit = raw_up_to.min(db::BOUND_RAW as u64) as i64;
-        let row: Option<(String, Option<Vec<u8>>)> = self.inner.readers.with(|c| {
+        let row: Option<(String, Option<Vec<u8>>)> = self.inner.db.read(|c| {
             c.prepare_cached(
                 "SELECT m.meta, CASE WHEN length(r.bytes) <= ?3 THEN r.bytes END
                  FROM message m LEFT JOIN raw r ON r.seq = m.seq WHERE m.id = ?1 AND m.state = ?2",
@@ -395,16 +391,19 @@ impl Spool {
             .optional()
         })?;
         let (json, raw) = row.ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
-        let meta = serde_json::from_str(&json).map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.into() })?;
+        let meta =
+            serde_json::from_str(&json).map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.into() })?;
         Ok((meta, raw))
     }
 
     /// The message exactly as received.
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
         check_id(id)?;
-        let raw = self.inner.readers.with(|c| {
+        let raw = self.inner.db.read(|c| {
             let row: Option<(i64, i64)> = c
-                .prepare_cached("SELECT r.seq, length(r.bytes) FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1")?
+                .prepare_cached(
+                    "SELECT r.seq, length(r.bytes) FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1",
+                )?
                 .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
@@ -419,12 +418,12 @@ impl Spool {
     /// Moves `id` from one state to another, durably, with new metadata if given. With
     /// `from == to` it only replaces the metadata. `NotFound` when `id` is not in `from`.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.writer.submit(Self::transition_op(id, from, to, meta)?).await
+        self.inner.db.submit(Self::transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.writer.submit_blocking(Self::transition_op(id, from, to, meta)?)
+        self.inner.db.submit_blocking(Self::transition_op(id, from, to, meta)?)
     }
 
     fn transition_op(id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
@@ -439,12 +438,12 @@ impl Spool {
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.writer.submit(Self::remove_op(id, from)?).await
+        self.inner.db.submit(Self::remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.writer.submit_blocking(Self::remove_op(id, from)?)
+        self.inner.db.submit_blocking(Self::remove_op(id, from)?)
     }
 
     /// The recovery pass of invariant 6. Call with the lock held, before serving.
@@ -459,7 +458,7 @@ impl Spool {
         }
         legacy::drain(self, now, &mut report)?;
 
-        let rows: Vec<(String, String, String)> = self.inner.readers.with(|c| {
+        let rows: Vec<(String, String, String)> = self.inner.db.read(|c| {
             let mut stmt = c.prepare("SELECT id, state, meta FROM message ORDER BY id")?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
         })?;
@@ -511,7 +510,7 @@ impl Spool {
             Err(e) => return Err(e),
         }
         File::open(&corrupt).and_then(|d| d.sync_all()).map_err(|e| SpoolError::io(&corrupt, e))?;
-        self.inner.writer.submit_blocking(Op::Forget { id: id.to_string() })
+        self.inner.db.submit_blocking(Op::Forget { id: id.to_string() })
     }
 }
 
@@ -580,7 +579,13 @@ impl Draft {
                 Raw::File { path: spill.path.clone(), size: self.size }
             }
         };
-        let op = Op::Insert { id: self.id.clone(), state: State::Incoming, meta: Spool::encode(&meta), raw, if_absent: false };
+        let op = Op::Insert {
+            id: self.id.clone(),
+            state: State::Incoming,
+            meta: Spool::encode(&meta),
+            raw,
+            if_absent: false,
+        };
         Ok((op, meta))
     }
 
@@ -588,14 +593,14 @@ impl Draft {
     /// spool id). Only after `Ok` may the sender be told.
     pub async fn commit(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.writer.submit(op).await?;
+        self.spool.inner.db.submit(op).await?;
         Ok(meta)
     }
 
     /// [`commit`](Self::commit) for non-async callers.
     pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.writer.submit_blocking(op)?;
+        self.spool.inner.db.submit_blocking(op)?;
         Ok(meta)
     }
 

@@ -197,11 +197,23 @@ fn one_failing_operation_does_not_fail_the_others_of_its_batch() {
         Spool::transition_op(&id, State::Incoming, State::Deferred, None).unwrap(),
         Spool::transition_op(&missing, State::Incoming, State::Dead, None).unwrap(),
         Spool::remove_op(&missing, State::Dead).unwrap(),
-        Op::Insert { id: missing.clone(), state: State::Dead, meta: "{}".into(), raw: Raw::Bytes(b"y".to_vec()), if_absent: false },
+        Op::Insert {
+            id: missing.clone(),
+            state: State::Dead,
+            meta: "{}".into(),
+            raw: Raw::Bytes(b"y".to_vec()),
+            if_absent: false,
+        },
         // The same id twice: the second insert breaks the key and is undone alone.
-        Op::Insert { id: missing.clone(), state: State::Dead, meta: "{}".into(), raw: Raw::Bytes(b"z".to_vec()), if_absent: false },
+        Op::Insert {
+            id: missing.clone(),
+            state: State::Dead,
+            meta: "{}".into(),
+            raw: Raw::Bytes(b"z".to_vec()),
+            if_absent: false,
+        },
     ];
-    let results = spool.inner.writer.submit_all_blocking(ops);
+    let results = spool.inner.db.submit_all_blocking(ops);
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(matches!(results[1], Err(SpoolError::NotFound(_))), "{:?}", results[1]);
     assert!(matches!(results[2], Err(SpoolError::NotFound(_))), "{:?}", results[2]);
@@ -367,8 +379,8 @@ fn an_old_spool_of_message_files_is_drained_into_the_database() {
     assert_eq!(report.requeued, 1, "the active one goes back in line");
     assert_eq!(report.corrupt.len(), 2, "{:?}", report.corrupt);
     assert_eq!(spool.list(State::Incoming).unwrap(), [fresh.clone(), active.clone()]);
-    assert_eq!(spool.list(State::Deferred).unwrap(), [deferred.clone()]);
-    assert_eq!(spool.list(State::Dead).unwrap(), [cut.clone()]);
+    assert_eq!(spool.list(State::Deferred).unwrap(), std::slice::from_ref(&deferred));
+    assert_eq!(spool.list(State::Dead).unwrap(), std::slice::from_ref(&cut));
     assert_eq!(spool.read_meta(State::Deferred, &deferred).unwrap().attempts, 3);
     assert_eq!(spool.read_raw(&deferred).unwrap(), b"Subject: deferred\r\n\r\n");
     assert_eq!(spool.read_raw(&cut).unwrap(), b"Subject: cut short\r\n\r\n");
@@ -660,7 +672,9 @@ fn a_killed_writer_loses_nothing_it_acknowledged() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let lines = std::thread::spawn(move || std::io::BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let lines = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>()
+        });
         let wait = 150 + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos() % 400);
         std::thread::sleep(Duration::from_millis(u64::from(wait)));
         child.kill().unwrap();
@@ -697,4 +711,38 @@ fn a_killed_writer_loses_nothing_it_acknowledged() {
         assert!(total >= acked.len());
         assert_eq!(rows(&spool).0, rows(&spool).1, "every row has its raw bytes");
     }
+}
+
+/// The descriptors of this process open on files under `dir`, with their access mode.
+fn open_under(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let dir = fs::canonicalize(dir).unwrap();
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?.trim().to_string();
+            target.starts_with(&dir).then(|| (target, u32::from_str_radix(&flags, 8).unwrap() & 0o3))
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_spool_holds_no_file_open_so_it_can_be_remounted_read_only() {
+    let (_d, spool) = open();
+    let _lock = spool.lock().unwrap();
+    let id = spool.store(envelope(), b"Subject: x\r\n\r\n").unwrap();
+    assert_eq!(spool.list(State::Incoming).unwrap(), std::slice::from_ref(&id));
+    assert!(open_under(spool.dir()).iter().any(|(_, mode)| *mode != 0), "in use, the database is open");
+    std::thread::sleep(db::IDLE * 4);
+    let open = open_under(spool.dir());
+    assert_eq!(open, [(fs::canonicalize(spool.dir().join("lock")).unwrap(), 0)], "only the lock, read-only");
+    // The WAL is emptied into the database, and kept with its index, so that a spool that can
+    // no longer be written can still be read.
+    assert_eq!(fs::metadata(spool.dir().join("spool.db-wal")).unwrap().len(), 0);
+    assert!(spool.dir().join("spool.db-shm").exists());
+    // And it works as before once used again.
+    block_on(spool.remove(&id, State::Incoming)).unwrap();
+    assert_eq!(spool.list(State::Incoming).unwrap(), Vec::<String>::new());
 }
