@@ -199,7 +199,8 @@ impl Db {
             None => connect(&self.path, self.fsync).map_err(|e| db_error(&self.path, e))?,
         };
         let out = f(&conn).map_err(|e| db_error(&self.path, e));
-        if out.is_ok() {
+        // A connection opened while the file system was read-only stays read-only: not kept.
+        if out.is_ok() && !conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
             {
                 let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < READERS {
