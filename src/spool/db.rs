@@ -21,6 +21,21 @@ const MAX_BATCH: usize = 512;
 /// before it gives up; a reader waits as long for a checkpoint or recovery to finish.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a connection that finds the database locked tries again.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+
+/// Waits [`BUSY_POLL`] and tries again, for up to [`BUSY_TIMEOUT`]. SQLite's own busy timeout
+/// sleeps longer and longer (up to 100 ms at a time): with a dozen `ingest` processes taking
+/// the lock in turn, serve's writer, and the `250`s waiting on it, would lose every race.
+fn busy(attempts: i32) -> bool {
+    let waited = BUSY_POLL * u32::try_from(attempts).unwrap_or(0);
+    if waited >= BUSY_TIMEOUT {
+        return false;
+    }
+    std::thread::sleep(BUSY_POLL);
+    true
+}
+
 /// Raw messages up to this size are bound to their statement (SQLite copies them once) and read
 /// back in one statement; larger ones are written into, and read from, a blob in chunks.
 pub(super) const BOUND_RAW: usize = 1 << 20;
@@ -53,13 +68,15 @@ fn db_error(path: &Path, e: rusqlite::Error) -> SpoolError {
 fn connect(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_handler(Some(busy))?;
     // FULL: a commit is on stable storage when it returns (the WAL is flushed at each commit).
     conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "OFF" })?;
     // The last connection to close leaves the WAL and its index in place (the writer empties
     // the WAL itself when idle, see `Writer::close_idle`): a database whose `-wal` and `-shm`
     // files exist can still be read where it can no longer be written (a read-only remount).
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+    // A WAL grown by a burst of big messages is cut back to this size once checkpointed.
+    conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
@@ -77,7 +94,6 @@ pub(super) fn open(path: &Path, fsync: bool) -> Result<Connection, SpoolError> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SpoolError::io(path, io::Error::other(format!("journal mode {mode}, not wal"))));
     }
-    conn.pragma_update(None, "journal_size_limit", 64i64 << 20).map_err(|e| db_error(path, e))?;
     conn.execute_batch(SCHEMA).map_err(|e| db_error(path, e))?;
     Ok(conn)
 }
@@ -271,7 +287,7 @@ impl Writer {
             // Copies the WAL into the database and empties it, unless another connection is
             // reading (then the next writer carries on with it as it is): a connection opened
             // later has no WAL to read through first. Not waiting for readers is fine.
-            let _ = conn.busy_timeout(Duration::ZERO);
+            let _ = conn.busy_handler(None);
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
