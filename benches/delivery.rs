@@ -375,7 +375,7 @@ url = "http://{addr}/hook"
             if state.requests.load(Ordering::SeqCst) >= n as u64 && empty(&spool) {
                 break start.elapsed();
             }
-            if !spool.dir().join("incoming").is_dir() {
+            if !spool.db_path().is_file() {
                 panic!("concurrency {concurrency}: the spool directory {} was removed", spool.dir().display());
             }
             if start.elapsed() > GIVE_UP {

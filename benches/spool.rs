@@ -2,10 +2,10 @@
 //!
 //! | case | writers | fsync | what it shows |
 //! |------|---------|-------|---------------|
-//! | (a)  | 1 thread    | on  | one flush (`syncfs` + directory fsyncs) per message |
+//! | (a)  | 1 thread    | on  | one commit (one flush of the WAL) per message |
 //! | (b)  | 1 thread    | off | the CPU and VFS cost alone |
 //! | (c)  | 32 threads  | on  | group commit: concurrent writers share each flush |
-//! | (d)  | 32 threads  | off | the committer thread's ceiling without flushes |
+//! | (d)  | 32 threads  | off | the writer thread's ceiling without flushes |
 //! | (e)  | 32 tasks    | on  | (c) with `draft()` + `commit().await` on a 2-worker tokio runtime |
 //!
 //! Each case stores N messages into a fresh spool and reports messages/s and wall time / N.
@@ -348,7 +348,7 @@ fn main() {
         let (user1, sys1) = cpu_times();
         let flushes = flushes0.zip(device_flushes(&source)).map(|(a, b)| b.saturating_sub(a));
         let stored = spool.list(State::Incoming).expect("list").len();
-        assert_eq!(stored, WARM_UP + case.n, "{}: every message is in incoming/", case.name);
+        assert_eq!(stored, WARM_UP + case.n, "{}: every message is in incoming", case.name);
 
         let secs = out.wall.as_secs_f64();
         let rate = case.n as f64 / secs;

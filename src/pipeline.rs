@@ -1,16 +1,16 @@
 //! pipeline: the delivery workers of `mailhook serve`.
 //!
 //! ```text
-//! spool incoming/ ─► parse ─► rules ─► decision ─────────────────────────────► deliver each destination
-//!        deferred/ (due) ─► active/ (claimed) ──────────────────────────────────┘       │
-//!                         ◄── deferred/ (some destination to retry at next_attempt) ◄──┤
-//!                             dead/ (failed for good, or no rule, or a required field missing)
+//! spool incoming ─► parse ─► rules ─► decision ─────────────────────────────► deliver each destination
+//!        deferred (due) ─► active (claimed)  ──────────────────────────────────┘       │
+//!                         ◄── deferred (some destination to retry at next_attempt) ◄──┤
+//!                             dead (failed for good, or no rule, or a required field missing)
 //!                             removed (every destination took it, or a rule dropped it)
 //! ```
 //!
-//! The rules' decision is made once, when a new message is first picked up from `incoming/`,
-//! and stored with the state of each destination when the message moves on (to `deferred/` or
-//! `dead/`; a message that every destination took is just removed). Every later round reads it
+//! The rules' decision is made once, when a new message is first picked up from `incoming`,
+//! and stored with the state of each destination when the message moves on (to `deferred` or
+//! `dead`; a message that every destination took is just removed). Every later round reads it
 //! back and tries only the destinations
 //! still pending, each with its own attempts, backoff and last error. A destination has a
 //! token bucket (`rate`), a concurrency cap, and is paused as a whole when a receiver asks for
@@ -18,7 +18,7 @@
 //!
 //! When a round cannot write the spool (a read-only or failing file system), no round starts
 //! until a probe write succeeds: a message delivered but not recorded as such is still in
-//! `incoming/`, and would otherwise be sent again at every scan for as long as the trouble
+//! `incoming`, and would otherwise be sent again at every scan for as long as the trouble
 //! lasts. It is sent again once, when the spool is writable again.
 
 use crate::backoff::backoff;
@@ -161,7 +161,7 @@ impl Recent {
 /// Shared, swappable rules: a message is always judged by one consistent set.
 pub type SharedRules = Arc<RwLock<Arc<RuleSet>>>;
 
-/// Called before a message from `incoming/` is judged, so that the rules in force are the
+/// Called before a message from `incoming` is judged, so that the rules in force are the
 /// rules on disk at that moment (serve's reloader checks the rules directory): a mail sent
 /// right after a rules file was saved is judged by the new rules, not by the old ones until
 /// the watcher's debounced reload.
@@ -277,7 +277,7 @@ impl Pipeline {
     }
 
     /// Works the spool until `shutdown` turns true, then lets rounds in flight finish (up to
-    /// [`SHUTDOWN_GRACE`]); what is still unfinished stays in `active/` for the next start.
+    /// [`SHUTDOWN_GRACE`]); what is still unfinished stays in `active` for the next start.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tasks: JoinSet<(String, Finished)> = JoinSet::new();
         let mut in_flight: HashSet<String> = HashSet::new();
@@ -285,7 +285,7 @@ impl Pipeline {
         let mut schedule: BTreeSet<(SystemTime, String)> = BTreeSet::new();
         let mut due_of: HashMap<String, SystemTime> = HashMap::new();
         let mut last_scan: Option<tokio::time::Instant> = None;
-        // New messages found in incoming/ and not started yet, oldest first.
+        // New messages found in incoming and not started yet, oldest first.
         let mut backlog: VecDeque<String> = VecDeque::new();
         let mut queued: HashSet<String> = HashSet::new();
         // Messages whose round ended lately: a fresh hand-over of one of them that arrives after
@@ -300,7 +300,7 @@ impl Pipeline {
             let paused = self.paused(&mut pause_logged);
             let limit = if paused { 0 } else { MAX_IN_FLIGHT };
             let interval = last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
-            // Between scans, incoming/ is read only when the inbox overflowed: every other new
+            // Between scans, incoming is read only when the inbox overflowed: every other new
             // message was handed over in memory, and a scan would find those committed but not
             // yet taken from the inbox, and read them back from disk.
             if interval || (backlog.is_empty() && self.inbox.overflowed()) {
@@ -364,13 +364,13 @@ impl Pipeline {
         info!(in_flight = tasks.len(), "stopping delivery; letting rounds in flight finish");
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            warn!(left = tasks.len(), "grace period over; unfinished messages stay in active/ for the next start");
+            warn!(left = tasks.len(), "grace period over; unfinished messages stay in active for the next start");
             tasks.abort_all();
         }
     }
 
     /// Whether no round may start: one could not write the spool, and a probe write still fails.
-    /// A message delivered whose removal (or move to deferred/) failed is still in incoming/;
+    /// A message delivered whose removal (or move to deferred) failed is still in incoming;
     /// starting rounds again would send it once more at every scan, as long as the spool stays
     /// read-only or broken. Paused, it is sent again once, when the spool is writable again.
     fn paused(&self, logged: &mut bool) -> bool {
@@ -394,12 +394,12 @@ impl Pipeline {
         }
     }
 
-    /// Adds the messages of incoming/ that are neither started nor queued to the backlog.
+    /// Adds the messages of incoming that are neither started nor queued to the backlog.
     fn scan_incoming(&self, backlog: &mut VecDeque<String>, queued: &mut HashSet<String>, in_flight: &HashSet<String>) {
         let ids = match self.work.spool.list(State::Incoming) {
             Ok(ids) => ids,
             Err(e) => {
-                error!(error = %e, "cannot read the spool's incoming/");
+                error!(error = %e, "cannot read the spool's incoming");
                 return;
             }
         };
@@ -420,12 +420,12 @@ impl Pipeline {
         let ids = match self.work.spool.list(State::Deferred) {
             Ok(ids) => ids,
             Err(e) => {
-                error!(error = %e, "cannot read the spool's deferred/");
+                error!(error = %e, "cannot read the spool's deferred");
                 return;
             }
         };
         let present: HashSet<&String> = ids.iter().collect();
-        // Forget what left deferred/ behind our back (queue drop, replay, retry).
+        // Forget what left deferred behind our back (queue drop, replay, retry).
         let gone: Vec<String> = due_of.keys().filter(|id| !present.contains(id)).cloned().collect();
         for id in gone {
             if let Some(due) = due_of.remove(&id) {
@@ -599,14 +599,14 @@ async fn round(
                 let payload = shrink::fit(outcome.payload, limit);
                 meta.decision =
                     Some(Decision { rule, decided_at: format_time(SystemTime::now()), payload, destinations });
-                // A new message is sent straight from incoming/: if every destination takes it,
+                // A new message is sent straight from incoming: if every destination takes it,
                 // it is simply removed; otherwise the decision and each destination's state are
-                // stored when it moves on (deferred/ or dead/). A crash in between leaves it in
-                // incoming/, to be judged and sent again (at-least-once).
+                // stored when it moves on (deferred or dead). A crash in between leaves it in
+                // incoming, to be judged and sent again (at-least-once).
             }
         }
     } else if from != State::Active {
-        // Claim it: while it is in active/, it is ours.
+        // Claim it: while it is in active, it is ours.
         spool.transition(id, from, State::Active, None).await?;
         at = State::Active;
     }

@@ -447,8 +447,8 @@ fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
 
     // What a kill right after the watcher's commit of a new message leaves: the message in the
     // spool with its fingerprint, but neither the folder's checkpoint nor its fingerprint list
-    // updated, and the message not yet flagged on the server. The spool file is written as the
-    // spool writes it: the raw bytes, a line of metadata, the fixed-length footer.
+    // updated, and the message not yet flagged on the server. The message is inserted into the
+    // spool's database as the spool inserts it: a `message` row and its `raw` bytes.
     let uid = imap.append("INBOX", &message(1, "spooled before the kill"));
     let raw = imap.fetch("INBOX", uid);
     let fingerprint: String =
@@ -461,9 +461,14 @@ fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
             "mail_from": null, "recipients": [USER], "received_at": "2026-01-01T00:00:00.000Z", "tls": false
         }
     });
-    let mut file = raw.clone();
-    file.extend_from_slice(format!("\n{meta}\nmailhook-spool-1 {:020}\n", raw.len()).as_bytes());
-    std::fs::write(gw.path().join("spool/incoming").join(format!("{id}.msg")), file).unwrap();
+    let db = rusqlite::Connection::open(gw.path().join("spool/spool.db")).unwrap();
+    db.execute(
+        "INSERT INTO message (id, state, meta) VALUES (?1, 'incoming', ?2)",
+        rusqlite::params![id, meta.to_string()],
+    )
+    .unwrap();
+    db.execute("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)", rusqlite::params![db.last_insert_rowid(), raw]).unwrap();
+    drop(db);
 
     gw.start();
     wait_log(&gw, "already spooled from this folder; not sent again", 1, WAIT);

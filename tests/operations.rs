@@ -382,18 +382,46 @@ fn sighup_reloads_the_rules() {
     assert_eq!(gw.stop(), 0);
 }
 
+/// Writes `raw` under `id` in the file format of older versions: `incoming/ID.msg`, the raw
+/// message followed by a line of metadata and a footer giving the raw message's size.
+fn write_old_spool_entry(gw: &Gateway, id: &str, raw: &[u8], meta: &Value) {
+    let incoming = gw.path().join("spool/incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let mut meta = meta.clone();
+    meta["id"] = id.into();
+    meta["envelope"]["id"] = id.into();
+    meta["size"] = raw.len().into();
+    let mut file = raw.to_vec();
+    file.extend_from_slice(format!("\n{meta}\nmailhook-spool-1 {:020}\n", raw.len()).as_bytes());
+    std::fs::write(incoming.join(format!("{id}.msg")), file).unwrap();
+}
+
+#[test]
+fn a_spool_left_by_an_older_version_is_drained_and_delivered() {
+    let mut gw = Gateway::new(&format!("{BASE}{FILES}"), &rule("orders", "Order", "a"));
+    let meta = gw.show(&gw.ingest(&message(0, "Order template")))["meta"].clone();
+    let ids: Vec<String> = (1..=20).map(|_| ulid::Ulid::generate().to_string()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        write_old_spool_entry(&gw, id, &message(n + 1, &format!("Order {n}")), &meta);
+    }
+    gw.start();
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(wait_delivered(&gw, "a", id)["subject"], format!("Order {n} {}", n + 1));
+    }
+    gw.wait_queue(WAIT, "an empty spool", |q| q.is_empty());
+    assert!(!gw.path().join("spool/incoming").exists(), "the old directory is removed once drained");
+    assert_eq!(gw.stop(), 0);
+}
+
 #[test]
 fn sigterm_while_starting_ends_the_run_cleanly() {
     let mut gw = Gateway::new(&format!("{BASE}{FILES}"), &rule("orders", "Order", "a"));
-    // A spool with 5,000 messages waiting, so that start-up has a while of recovering to do:
-    // copies of one message file, each under an id of its own (same length, in its metadata too).
-    let id = gw.ingest(&message(0, "Order waiting"));
-    let incoming = gw.path().join("spool/incoming");
-    let file = std::fs::read(incoming.join(format!("{id}.msg"))).unwrap();
-    let text = String::from_utf8(file).unwrap();
-    for n in 1..5_000 {
-        let other = format!("{}{n:05}", &id[..id.len() - 5]);
-        std::fs::write(incoming.join(format!("{other}.msg")), text.replace(&id, &other)).unwrap();
+    // A spool with 5,000 messages waiting in the file format of older versions, so that
+    // start-up has a while of recovering (draining them into the database) to do.
+    let raw = message(0, "Order waiting");
+    let meta = gw.show(&gw.ingest(&raw))["meta"].clone();
+    for _ in 1..5_000 {
+        write_old_spool_entry(&gw, &ulid::Ulid::generate().to_string(), &raw, &meta);
     }
     gw.start();
     // The rules are loaded before the spool is recovered and the listeners bound.

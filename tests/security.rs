@@ -330,10 +330,15 @@ fn the_spool_and_file_output_are_private() {
     let id = gw.ingest(&message(1, "private"));
     let spool = gw.path().join("spool");
     assert_eq!(mode(&spool), 0o700, "the spool directory");
-    for sub in ["tmp", "msg", "incoming", "deferred", "dead", "corrupt"] {
+    for sub in ["tmp", "corrupt"] {
         assert_eq!(mode(&spool.join(sub)), 0o700, "spool/{sub}");
     }
-    assert_eq!(mode(&spool.join("incoming").join(format!("{id}.msg"))), 0o600);
+    assert_eq!(gw.queue().len(), 1, "{id} is in the spool");
+    for name in ["spool.db", "spool.db-wal", "spool.db-shm"] {
+        if name == "spool.db" || spool.join(name).exists() {
+            assert_eq!(mode(&spool.join(name)), 0o600, "spool/{name}");
+        }
+    }
     gw.start();
     gw.wait_queue(WAIT, "the message delivered", |q| q.is_empty());
     assert_eq!(mode(&gw.path().join("out")), 0o700);

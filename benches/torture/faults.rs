@@ -419,42 +419,6 @@ fn run_mount(args: &[&str], at: &Path) -> Result<(), String> {
     if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
 }
 
-/// Entries of `incoming/` that are not whole: a message file (`ID.msg`: the raw message, a line
-/// of metadata, and the footer `mailhook-spool-1 <size, 20 digits>\n`) whose footer or metadata
-/// does not read, or metadata (`ID.json`) that does not parse or has no message file.
-fn half_written(spool: &Path) -> Vec<String> {
-    const FOOTER: usize = "mailhook-spool-1 ".len() + 20 + 1;
-    let meta_of_file = |bytes: &[u8]| -> Option<serde_json::Value> {
-        let end = bytes.len().checked_sub(FOOTER)?;
-        let footer = std::str::from_utf8(&bytes[end..]).ok()?;
-        let size: usize = footer.strip_prefix("mailhook-spool-1 ")?.strip_suffix('\n')?.parse().ok()?;
-        serde_json::from_slice(bytes.get(size..end)?).ok()
-    };
-    let mut bad = Vec::new();
-    for entry in std::fs::read_dir(spool.join("incoming")).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let whole = match (name.strip_suffix(".msg"), name.strip_suffix(".json")) {
-            (Some(id), _) => {
-                std::fs::read(entry.path()).ok().and_then(|b| meta_of_file(&b)).is_some_and(|v| v["id"] == id)
-            }
-            (None, Some(id)) => {
-                let parses = std::fs::read(entry.path())
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .is_some_and(|v| v["id"] == id);
-                parses
-                    && [format!("incoming/{id}.msg"), format!("msg/{id}.msg")].iter().any(|p| spool.join(p).is_file())
-            }
-            (None, None) => false,
-        };
-        // Delivered and removed meanwhile is fine.
-        if !whole && entry.path().exists() {
-            bad.push(format!("incoming/{name}"));
-        }
-    }
-    bad
-}
-
 pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     let (total, rate) = (ctx.scale(2_000, 300), ctx.rate(40.0, 40.0));
     let (from, window) = (ctx.secs(10, 2), ctx.secs(15, 3));
@@ -468,7 +432,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     let sink = Sink::start();
     let port = free_port();
     // The archive lives beside the tmpfs here: its database, open for writing, would keep the
-    // kernel from remounting the spool read-only.
+    // kernel from remounting the spool read-only (the spool's own is closed whenever idle).
     let config = format!(
         "{}[archive]\npath = \"archive/archive.db\"\n",
         smtp_config(port, &delivery("10s"), &webhook_destination(&sink))
@@ -520,7 +484,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     backlog.extend(ingest.tally.acked_set());
     let recovered = Recovered::now(backlog);
     let writable_again = recovered.at;
-    let bad = half_written(&spool);
+    let bad = crate::report::spool_db_problems(&spool);
     row.check(bad.is_empty(), || format!("half-written entries right after the remount: {bad:?}"));
     if let Err(e) = ingest.wait(LOAD_TIMEOUT) {
         row.violation(e);

@@ -268,10 +268,79 @@ pub fn drain(row: &mut Row, recovered: &Recovered, seen: &[Seen]) {
 
 /// How many entries each spool directory holds.
 pub fn spool_counts(spool: &Path) -> BTreeMap<&'static str, usize> {
-    ["tmp", "msg", "incoming", "active", "deferred", "dead", "corrupt"]
+    let mut counts: BTreeMap<&'static str, usize> = ["tmp", "corrupt"]
         .into_iter()
         .map(|d| (d, std::fs::read_dir(spool.join(d)).map(|r| r.count()).unwrap_or(0)))
-        .collect()
+        .collect();
+    for state in ["incoming", "active", "deferred", "dead"] {
+        counts.insert(state, 0);
+    }
+    let by_state = || -> rusqlite::Result<Vec<(String, i64)>> {
+        let conn = open_spool_db(spool)?;
+        let mut stmt = conn.prepare("SELECT state, count(*) FROM message GROUP BY state")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+    };
+    match by_state() {
+        Ok(rows) => {
+            for (state, n) in rows {
+                if let Some(c) = counts.iter_mut().find(|(k, _)| **k == state) {
+                    *c.1 = n as usize;
+                }
+            }
+        }
+        Err(_) => {
+            counts.insert("unreadable", 1);
+        }
+    }
+    counts
+}
+
+/// A connection on the spool's database (`spool.db`), for as long as a check takes.
+fn open_spool_db(spool: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn =
+        rusqlite::Connection::open_with_flags(spool.join("spool.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// What is wrong in the spool's database: SQLite's own integrity check, a message without its
+/// raw bytes (or raw bytes without their message), metadata that does not parse or names
+/// another id.
+pub fn spool_db_problems(spool: &Path) -> Vec<String> {
+    let check = || -> rusqlite::Result<Vec<String>> {
+        let conn = open_spool_db(spool)?;
+        let mut problems = Vec::new();
+        let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        if integrity != "ok" {
+            problems.push(format!("integrity check: {integrity}"));
+        }
+        for (what, sql) in [
+            (
+                "messages without their raw bytes",
+                "SELECT count(*) FROM message m WHERE NOT EXISTS (SELECT 1 FROM raw r WHERE r.seq = m.seq)",
+            ),
+            (
+                "raw bytes without their message",
+                "SELECT count(*) FROM raw r WHERE NOT EXISTS (SELECT 1 FROM message m WHERE m.seq = r.seq)",
+            ),
+        ] {
+            let n: i64 = conn.query_row(sql, [], |r| r.get(0))?;
+            if n > 0 {
+                problems.push(format!("{n} {what}"));
+            }
+        }
+        let mut stmt = conn.prepare("SELECT id, meta FROM message")?;
+        let rows: Vec<(String, String)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (id, meta) in rows {
+            let whole = serde_json::from_str::<serde_json::Value>(&meta).is_ok_and(|v| v["id"] == id.as_str());
+            if !whole {
+                problems.push(format!("{id}: metadata does not read"));
+            }
+        }
+        Ok(problems)
+    };
+    check().unwrap_or_else(|e| vec![format!("spool.db: {e}")])
 }
 
 /// Waits until nothing is left to do in the spool (`incoming/`, `active/`, `deferred/` empty).
@@ -279,7 +348,7 @@ pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let c = spool_counts(spool);
-        if c["incoming"] + c["active"] + c["deferred"] == 0 {
+        if c["incoming"] + c["active"] + c["deferred"] == 0 && !c.contains_key("unreadable") {
             return;
         }
         if Instant::now() > deadline {
@@ -290,36 +359,26 @@ pub fn wait_spool_idle(row: &mut Row, spool: &Path, timeout: Duration) {
     }
 }
 
-/// Checks what is left in the spool once everything was delivered: no dead letters, no
-/// metadata in `corrupt/`, and any message file left without metadata (in `msg/`, where a kill
-/// between the two steps of a removal leaves it until the next start removes it, or a bare raw
-/// message in `corrupt/`) is a copy that was delivered or never acknowledged. Returns how many files `tmp/` holds (drafts of killed processes, which
+/// Checks what is left in the spool once everything was delivered: no dead letters, nothing in
+/// `corrupt/`, a database that SQLite finds whole, with every message with its raw bytes.
+/// Returns how many files `tmp/` holds (drafts of big messages cut short by a kill, which
 /// recovery removes once they are 10 minutes old).
 pub fn check_spool_end(row: &mut Row, spool: &Path, acked: &HashSet<u64>, delivered: &HashSet<u64>) -> usize {
     let c = spool_counts(spool);
     row.check(c["dead"] == 0, || format!("{} dead letter(s) left", c["dead"]));
-    let mut orphans = 0;
-    let mut check_raw = |row: &mut Row, path: &Path, name: &str| {
-        orphans += 1;
-        let seq = crate::subject_seq(&std::fs::read(path).unwrap_or_default());
-        if let Some(seq) = seq.filter(|s| acked.contains(s) && !delivered.contains(s)) {
-            row.violation(format!("{name}: acknowledged message {seq} has no metadata and was never delivered"));
-        }
-    };
-    for entry in std::fs::read_dir(spool.join("msg")).into_iter().flatten().flatten() {
-        let name = format!("msg/{}", entry.file_name().to_string_lossy());
-        check_raw(row, &entry.path(), &name);
-    }
     for entry in std::fs::read_dir(spool.join("corrupt")).into_iter().flatten().flatten() {
         let name = format!("corrupt/{}", entry.file_name().to_string_lossy());
-        if name.ends_with(".msg") || name.ends_with(".eml") {
-            check_raw(row, &entry.path(), &name);
+        if name.ends_with(".eml") {
+            let seq = crate::subject_seq(&std::fs::read(entry.path()).unwrap_or_default());
+            if let Some(seq) = seq.filter(|s| acked.contains(s) && !delivered.contains(s)) {
+                row.violation(format!("{name}: acknowledged message {seq} was quarantined and never delivered"));
+            }
         } else {
             row.violation(format!("{name}: metadata was quarantined"));
         }
     }
-    if orphans > 0 {
-        row.note(format!("{orphans} raw message(s) left without metadata by a kill (delivered or never acknowledged)"));
+    for problem in spool_db_problems(spool) {
+        row.violation(format!("spool: {problem}"));
     }
     // Inside the spool by default; beside it where the spool is a mount of its own.
     for db in [spool.join("archive/archive.db"), spool.parent().unwrap_or(spool).join("archive/archive.db")] {

@@ -459,7 +459,7 @@ pub fn wait(spool: &Spool, ids: &[String], timeout: std::time::Duration) -> Exit
 }
 
 /// `queue wait`: waits for the named messages, or for every message that is waiting for its
-/// first judgement or being delivered right now (`incoming/`, `active/`).
+/// first judgement or being delivered right now (`incoming`, `active`).
 pub fn wait_command(config_path: &Path, ids: &[String], timeout: std::time::Duration) -> Exit {
     let (_, spool) = match super::open_spool(config_path) {
         Ok(x) => x,

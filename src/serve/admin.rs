@@ -147,7 +147,8 @@ struct ProbeError {
     source: std::io::Error,
 }
 
-/// Creates, writes and removes a file in the spool's `tmp/`: what every message needs.
+/// Creates, writes and removes a file in the spool's `tmp/`, on the file system of the spool's
+/// database: what a big message needs, and what fails when that file system cannot be written.
 fn probe_spool(spool: &Spool, n: u64) -> Result<(), ProbeError> {
     let tmp = spool.dir().join("tmp");
     let path = tmp.join(format!(".healthz-{}-{n}", std::process::id()));

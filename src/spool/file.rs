@@ -1,4 +1,5 @@
-//! `ID.msg`: one file per message, the raw bytes followed by the message's first metadata.
+//! `ID.msg`: the message file of the spools written before the database (see `legacy.rs`), the
+//! raw bytes followed by the message's first metadata. Only read now, to drain such a spool.
 //!
 //! ```text
 //! <raw message, exactly as received>\n
@@ -13,7 +14,9 @@
 
 use super::{Damage, Meta, SpoolError};
 use std::fs::File;
-use std::io::{self, Read as _, Write};
+#[cfg(test)]
+use std::io::Write;
+use std::io::{self, Read as _};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -23,6 +26,7 @@ const DIGITS: usize = 20;
 const FOOTER_LEN: usize = MAGIC.len() + DIGITS + 1;
 
 /// Appends the metadata and footer after `size` bytes of raw message already written to `out`.
+#[cfg(test)]
 pub(super) fn write_tail(out: &mut impl Write, meta: &Meta, size: u64) -> io::Result<()> {
     let mut tail = Vec::with_capacity(512);
     tail.push(b'\n');
@@ -86,6 +90,18 @@ pub(super) fn read(path: &Path, id: &str, raw_up_to: u64) -> io::Result<Result<R
     let mut json = vec![0u8; (end - size) as usize];
     file.read_exact_at(&mut json, size)?;
     Ok(decode_meta(id, &json).map(|meta| (meta, None)))
+}
+
+/// The size of the raw message at the start of the message file at `path`, from its footer.
+pub(super) fn raw_len(path: &Path) -> io::Result<Result<u64, Damage>> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    if len < FOOTER_LEN as u64 {
+        return Ok(Err(Damage::TooShort));
+    }
+    let mut footer = [0u8; FOOTER_LEN];
+    file.read_exact_at(&mut footer, len - FOOTER_LEN as u64)?;
+    Ok(layout(len, &footer).map(|(size, _)| size))
 }
 
 /// Splits the bytes of a message file into the raw message and its metadata.

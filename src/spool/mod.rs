@@ -8,65 +8,75 @@
 //!
 //! ```text
 //! SPOOL/
-//!   lock              flock(2)ed by the one `mailhook serve` that works this spool
-//!   tmp/              files being written: new messages, new metadata
-//!   incoming/ID.msg   accepted: the raw message followed by its first metadata (see `file.rs`);
-//!                     judged and sent a first time from here
-//!   incoming/ID.json  newer metadata of a message in line again (`queue retry`, recovery)
-//!   msg/ID.msg        the message file of a message whose metadata is in another state
-//!   active/ID.json    claimed by the running server for a retry round
-//!   deferred/ID.json  judged; some destination still to be tried at `next_attempt`
-//!   dead/ID.json      dead letter: kept with its reason for `queue retry` / `replay`
-//!   corrupt/          entries that could not be read; moved here, never deleted
+//!   lock           flock(2)ed by the one `mailhook serve` that works this spool
+//!   spool.db       SQLite (WAL mode, synchronous = FULL): every message, whatever its state
+//!   spool.db-wal   its write-ahead log, and spool.db-shm its shared index (SQLite's own)
+//!   tmp/           drafts of big messages being received (past 1 MiB), and `/healthz` probes
+//!   corrupt/       entries that could not be read; moved here, never deleted
 //! ```
 //!
-//! `ID` is a ULID (time-ordered). Every public function that takes an id checks it is one
-//! ([`check_id`]) before it makes a path of it, so an id from a command line, a form or an API
-//! can never name a file outside the spool.
+//! ```text
+//! message(seq INTEGER PRIMARY KEY, id TEXT UNIQUE, state TEXT, meta TEXT)   index (state, id)
+//! raw(seq INTEGER PRIMARY KEY, bytes BLOB)                                  same seq as message
+//! ```
+//!
+//! `id` is the spool id, a ULID (time-ordered); `state` is `incoming`, `active`, `deferred` or
+//! `dead`; `meta` is the message's [`Meta`] as JSON (envelope, size, attempts, next attempt,
+//! the rules' decision — rule, payload, the status of each destination — and the last error);
+//! `raw` holds the message exactly as received, in a table of its own so that a state change
+//! (an `UPDATE` of `message`) never rewrites it. A delivered (or dropped) message is deleted.
+//! `sqlite3 SPOOL/spool.db "SELECT id, state FROM message"` shows the queue; `mailhook queue`
+//! is the supported way to act on it. To back the spool up, copy it with SQLite
+//! (`sqlite3 SPOOL/spool.db ".backup copy.db"`), never the files alone while it runs.
+//!
+//! Every public function that takes an id checks it is one ([`check_id`]) before using it.
 //!
 //! The spool is private, as Postfix keeps its queue: directories are created `0700` (and an
-//! existing spool directory is narrowed to it), files `0600`, whatever the umask. A message's [`Meta`] (envelope, size, attempts, next
-//! attempt, the rules' decision — rule, payload, the status of each destination — and the last
-//! error) is its `ID.json` where it has one, else the metadata inside its `incoming/ID.msg`. A
-//! delivered (or dropped) message is removed: a message delivered at once from `incoming/` is
-//! one file written, flushed, renamed and removed.
+//! existing spool directory is narrowed to it), files `0600`, whatever the umask.
 //!
-//! Spools written before the message file existed hold `incoming/ID.json` and a bare raw
-//! message `msg/ID.eml`; both are still read, moved and removed.
+//! Other processes work the same database while `serve` runs: `mailhook ingest` inserts its
+//! message, `queue` and `replay` change states; WAL lets them read while one writes, and a
+//! writer waits for another's transaction (busy timeout). `serve` sees their changes at its
+//! next scan, as it saw new files before.
+//!
+//! Spools in the two file formats written before the database (`incoming/ID.msg` message files
+//! with `STATE/ID.json` metadata, and the older `incoming/ID.json` + `msg/ID.eml`; see
+//! `legacy.rs`) are drained into it by [`Spool::recover`].
 //!
 //! # Invariants
 //!
-//! 1. **A message's state is the directory its `ID.json` is in**, or `incoming/` when it has
-//!    none and its `ID.msg` is there. A state change is one `rename(2)` of the `ID.json` (a
-//!    message leaving `incoming/` for the first time gets its `ID.json` in the new state first;
-//!    its `ID.msg` then moves to `msg/`, and recovery finishes that second step if a crash
-//!    came in between).
-//! 2. **Nothing is acknowledged before it is durable.** Every write goes to `tmp/`, is flushed,
-//!    then renamed into place, and the directory is flushed; only then does the call return.
-//!    An `ID.json` never appears before its message file is in place.
-//! 3. **The raw message is never rewritten**; replays and retries read it again.
-//! 4. **Group commit**: one thread applies every mutation (removals have a thread of their own,
-//!    so that slow `unlink(2)`s never hold up a commit). It takes all the requests waiting,
-//!    writes their files, flushes them all at once (`fdatasync(2)` from several threads, which
-//!    the file system's journal commits together), does the renames, flushes each directory
-//!    touched once, then answers them all. Under load the cost of a flush is shared by every
-//!    message in the batch.
-//! 5. **Recovery** (before any listener starts): `tmp/` leftovers older than
-//!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); an `incoming/ID.msg`
-//!    whose `ID.json` is in another state moves to `msg/`; `active/` entries go back in line
-//!    (`incoming/`, or `deferred/` due now when already judged); metadata that cannot be read
-//!    and metadata without its message file are moved to `corrupt/`; a message file in `msg/`
-//!    without metadata (a removal cut short) is removed, and a bare `ID.eml` without metadata
-//!    is moved to `corrupt/` once older than [`TMP_GRACE`].
+//! 1. **A message's state is its row's `state`**, and a state change is one `UPDATE`, made
+//!    only if the message is in the state the caller says it leaves (else `NotFound`).
+//! 2. **Nothing is acknowledged before it is durable.** A message's row and its raw bytes are
+//!    inserted in one transaction; a call returns only once the transaction that holds its
+//!    change is committed and the WAL flushed.
+//! 3. **Group commit**: one thread applies every mutation. It takes all the requests waiting
+//!    (up to 512), applies them in one transaction (each in a savepoint, so that one that fails
+//!    does not fail the others), commits once — one `fsync` of the WAL for the whole batch —
+//!    then answers them all. A new message costs no file created, renamed or removed: it is
+//!    appended to the WAL with the others of its batch.
+//! 4. **The raw message is never rewritten**; replays and retries read it again.
+//! 5. **Big messages, flat memory**: a [`Draft`] keeps up to [`SPILL`] bytes in memory and
+//!    spills past it to a file in `tmp/`; the writer copies that file into the row's blob a
+//!    chunk at a time, and [`Spool::read_raw`] reads a big blob straight into one buffer.
+//! 6. **Recovery** (before any listener starts): SQLite rolls back a transaction cut short
+//!    (torn writes at the end of the WAL are ignored); `tmp/` leftovers older than
+//!    [`TMP_GRACE`] are deleted (nothing in `tmp/` was ever acknowledged); an old spool's files
+//!    are drained into the database (each entry inserted in its state, committed, then its files
+//!    removed: a crash in between inserts nothing twice, as the id is the key); `active` rows go
+//!    back in line (`incoming`, or `deferred` due now when already judged); a row whose metadata
+//!    cannot be read is written to `corrupt/` (`ID.json` and `ID.eml`) and deleted.
 
 pub mod actions;
-mod committer;
+mod db;
 mod file;
 mod inbox;
+mod legacy;
 mod meta;
 
 use crate::model::{Envelope, Source};
-use committer::{Body, Committer, Op};
+use db::{Db, Op, Raw};
+use rusqlite::OptionalExtension;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -77,11 +87,14 @@ use std::time::{Duration, SystemTime};
 pub use inbox::{Fresh, INBOX_LIMIT, Inbox};
 pub use meta::{Decision, DestState, DestStatus, Meta, format_time, parse_time};
 
-/// `tmp/` files younger than this are left alone by recovery: an `ingest` may be writing them.
+/// `tmp/` files younger than this are left alone by recovery: another process may be writing them.
 pub const TMP_GRACE: Duration = Duration::from_secs(600);
 
+/// A draft larger than this is spilled to a file in `tmp/` rather than kept in memory.
+pub const SPILL: usize = 1 << 20;
+
 /// Whether `id` is a spool id: a ULID in its canonical form (see [`check_id`]). Anything else
-/// (`../x`, an empty string) is never looked up on disk.
+/// (`../x`, an empty string) is never looked up.
 pub fn is_id(id: &str) -> bool {
     check_id(id).is_ok()
 }
@@ -119,6 +132,12 @@ impl std::fmt::Display for State {
 pub enum SpoolError {
     #[error("spool {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("spool {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
     #[error("spool {0}: is locked by another running mailhook serve")]
     Locked(PathBuf),
     #[error("message {0} is not in the spool")]
@@ -136,7 +155,7 @@ pub enum SpoolError {
 }
 
 /// Checks that `id` is a ULID in its canonical form (26 characters of Crockford's base 32, as
-/// the spool names its files), so that it is safe to make a file name of.
+/// the spool writes them), so that it is safe to look up and to make a file name of.
 pub fn check_id(id: &str) -> Result<(), SpoolError> {
     let canonical = id.len() == 26 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
     match ulid::Ulid::from_string(id) {
@@ -162,7 +181,13 @@ pub(crate) fn private_file(path: &Path) -> io::Result<File> {
     File::options().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
-/// What is wrong with a spool file that cannot be read back.
+/// Creates a file readable and writable by its owner only, keeping it as it is if it exists.
+fn private_file_keep(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options().write(true).create(true).truncate(false).mode(0o600).open(path)
+}
+
+/// What is wrong with a spool entry that cannot be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum Damage {
     #[error("too short for a spool file")]
@@ -194,7 +219,7 @@ impl Default for SpoolOptions {
     }
 }
 
-/// A handle on a spool directory. Cheap to clone; all clones share one writer thread.
+/// A handle on a spool. Cheap to clone; all clones share one writer thread.
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
@@ -202,7 +227,7 @@ pub struct Spool {
 
 struct Inner {
     dir: PathBuf,
-    committer: Committer,
+    db: Db,
     seq: AtomicU64,
     /// This process's id, part of every `tmp/` name (read once: it is a system call).
     pid: u32,
@@ -213,8 +238,11 @@ struct Inner {
 pub struct Recovery {
     pub tmp_removed: usize,
     pub requeued: usize,
-    /// Message files whose metadata was already removed (a removal cut short), now removed.
+    /// Message files of an old spool whose metadata was already removed (a removal cut short),
+    /// now removed.
     pub removals_finished: usize,
+    /// Entries of an old spool's files moved into the database.
+    pub drained: usize,
     pub corrupt: Vec<String>,
     /// The source and fingerprint of every message in the spool that has one.
     pub fingerprints: Vec<(Source, String)>,
@@ -224,25 +252,27 @@ impl Spool {
     /// Opens (creating if needed) the spool at `dir`. Fails if it is not a writable directory.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         private_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
-        for sub in ["tmp", "msg", "incoming", "active", "deferred", "dead", "corrupt"] {
+        for sub in ["tmp", "corrupt"] {
             let p = dir.join(sub);
             private_dir(&p).map_err(|e| SpoolError::io(&p, e))?;
         }
         // Prove the spool is writable now rather than at the first message.
         probe(dir)?;
-        let committer = Committer::start(options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        let path = dir.join(db::DB_FILE);
+        let conn = db::open(&path, options.fsync)?;
+        let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
-            inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                committer,
-                seq: AtomicU64::new(0),
-                pid: std::process::id(),
-            }),
+            inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The spool's database file.
+    pub fn db_path(&self) -> &Path {
+        self.inner.db.path()
     }
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`.
@@ -252,20 +282,11 @@ impl Spool {
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.
     ///
-    /// The lock file is held open read-only (`flock(2)` needs no more): a file open for writing
-    /// for the life of `serve` would keep the spool's file system from being remounted
-    /// read-only, and an operator from doing so.
+    /// The lock file is held open read-only (`flock(2)` needs no more).
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
         let path = self.inner.dir.join("lock");
         if !path.exists() {
-            use std::os::unix::fs::OpenOptionsExt;
-            File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| SpoolError::io(&path, e))?;
+            private_file_keep(&path).map_err(|e| SpoolError::io(&path, e))?;
         }
         let file = File::open(&path).map_err(|e| SpoolError::io(&path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -275,47 +296,20 @@ impl Spool {
         }
     }
 
-    fn path(&self, state: State, id: &str) -> PathBuf {
-        self.inner.dir.join(state.dir_name()).join(format!("{id}.json"))
-    }
-
-    /// The message file of `id` while it is in line in `incoming/`.
-    fn incoming_file(&self, id: &str) -> PathBuf {
-        self.inner.dir.join("incoming").join(format!("{id}.msg"))
-    }
-
-    /// The message file of `id` once its metadata is elsewhere.
-    fn moved_file(&self, id: &str) -> PathBuf {
-        self.inner.dir.join("msg").join(format!("{id}.msg"))
-    }
-
-    /// The bare raw message of a spool written before message files existed.
-    fn legacy_raw(&self, id: &str) -> PathBuf {
-        self.inner.dir.join("msg").join(format!("{id}.eml"))
-    }
-
-    /// Where the raw bytes of `id` are, if anywhere: `(path, is a message file)`.
-    fn raw_location(&self, id: &str) -> Option<(PathBuf, bool)> {
-        [(self.moved_file(id), true), (self.incoming_file(id), true), (self.legacy_raw(id), false)]
-            .into_iter()
-            .find(|(p, _)| p.is_file())
-    }
-
     fn tmp_path(&self, id: &str, ext: &str) -> PathBuf {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         self.inner.dir.join("tmp").join(format!("{id}.{}.{seq}.{ext}", self.inner.pid))
     }
 
-    /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
+    /// Starts a new message: its raw bytes are written into the draft, then
+    /// [`Draft::commit`] stores it. Nothing touches the disk before that (for a message of
+    /// at most [`SPILL`] bytes).
     pub fn draft(&self) -> Result<Draft, SpoolError> {
-        let id = ulid::Ulid::generate().to_string();
-        let path = self.tmp_path(&id, "msg");
-        let file = private_file(&path).map_err(|e| SpoolError::io(&path, e))?;
         Ok(Draft {
             spool: self.clone(),
-            id,
-            path,
-            file: Some(io::BufWriter::with_capacity(64 * 1024, file)),
+            id: ulid::Ulid::generate().to_string(),
+            buf: Vec::new(),
+            spill: None,
             size: 0,
             fingerprint: None,
         })
@@ -324,61 +318,62 @@ impl Spool {
     /// Stores a whole message durably; returns its id. Blocking: not for async contexts.
     pub fn store(&self, envelope: Envelope, raw: &[u8]) -> Result<String, SpoolError> {
         let mut draft = self.draft()?;
-        draft.write_all(raw).map_err(|e| SpoolError::io(&draft.path, e))?;
+        draft.write_all(raw).map_err(|e| SpoolError::io(self.db_path(), e))?;
         draft.commit_blocking(envelope).map(|meta| meta.id)
     }
 
-    /// What the spool holds, for `/metrics` and the console: a directory listing per state (no
-    /// metadata is read: a spool id is a ULID, which carries the time the message was received).
+    /// What the spool holds, for `/metrics` and the console (no metadata is read: a spool id
+    /// is a ULID, which carries the time the message was received).
     pub fn gauges(&self) -> Result<crate::metrics::SpoolGauges, SpoolError> {
-        let deferred = self.list(State::Deferred)?;
-        let oldest_deferred_age = deferred
-            .first()
-            .and_then(|id| ulid::Ulid::from_string(id).ok())
+        let (counts, oldest) = self.inner.db.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT state, count(*) FROM message GROUP BY state")?;
+            let counts: Vec<(String, i64)> =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let oldest: Option<String> = c
+                .prepare_cached("SELECT min(id) FROM message WHERE state = 'deferred'")?
+                .query_row([], |r| r.get(0))?;
+            Ok((counts, oldest))
+        })?;
+        let count = |s: State| counts.iter().find(|(n, _)| n == s.dir_name()).map_or(0, |(_, c)| *c as u64);
+        let oldest_deferred_age = oldest
+            .and_then(|id| ulid::Ulid::from_string(&id).ok())
             .map(|u| SystemTime::now().duration_since(u.datetime()).unwrap_or_default());
         Ok(crate::metrics::SpoolGauges {
-            incoming: self.list(State::Incoming)?.len() as u64 + self.list(State::Active)?.len() as u64,
-            deferred: deferred.len() as u64,
+            incoming: count(State::Incoming) + count(State::Active),
+            deferred: count(State::Deferred),
             oldest_deferred_age,
-            dead: self.list(State::Dead)?.len() as u64,
+            dead: count(State::Dead),
         })
     }
 
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
-        let dir = self.inner.dir.join(state.dir_name());
-        let incoming = state == State::Incoming;
-        let mut ids: Vec<String> = fs::read_dir(&dir)
-            .map_err(|e| SpoolError::io(&dir, e))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name();
-                let name = name.to_str()?;
-                name.strip_suffix(".json")
-                    .or_else(|| name.strip_suffix(".msg").filter(|_| incoming))
-                    .map(str::to_string)
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+        self.inner.db.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT id FROM message WHERE state = ?1 ORDER BY id")?;
+            stmt.query_map([state.dir_name()], |r| r.get(0))?.collect()
+        })
     }
 
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
         check_id(id).ok()?;
-        State::ALL
-            .into_iter()
-            .find(|s| self.path(*s, id).exists())
-            .or_else(|| self.incoming_file(id).exists().then_some(State::Incoming))
+        let name: Option<String> = self
+            .inner
+            .db
+            .read(|c| {
+                c.prepare_cached("SELECT state FROM message WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()
+            })
+            .ok()
+            .flatten();
+        name.and_then(|n| State::ALL.into_iter().find(|s| s.dir_name() == n))
     }
 
     pub fn read_meta(&self, state: State, id: &str) -> Result<Meta, SpoolError> {
         self.read_meta_with_raw(state, id, 0).map(|(meta, _)| meta)
     }
 
-    /// [`read_meta`](Self::read_meta), and the raw message too when it comes in the same read:
-    /// a message in its `incoming/` file of at most `raw_up_to` bytes.
+    /// [`read_meta`](Self::read_meta), and the raw message too when it is at most `raw_up_to`
+    /// bytes: one read for a message about to be judged.
     pub fn read_meta_with_raw(
         &self,
         state: State,
@@ -386,94 +381,72 @@ impl Spool {
         raw_up_to: u64,
     ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
         check_id(id)?;
-        let path = self.path(state, id);
-        let not_found = |path: &Path, e: io::Error| match e.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::io(path, e),
-        };
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(|meta| (meta, None))
-                .map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.into() }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && state == State::Incoming => {
-                let file = self.incoming_file(id);
-                file::read(&file, id, raw_up_to).map_err(|e| not_found(&file, e))?
-            }
-            Err(e) => Err(not_found(&path, e)),
-        }
+        let limit = raw_up_to.min(db::BOUND_RAW as u64) as i64;
+        let row: Option<(String, Option<Vec<u8>>)> = self.inner.db.read(|c| {
+            c.prepare_cached(
+                "SELECT m.meta, CASE WHEN length(r.bytes) <= ?3 THEN r.bytes END
+                 FROM message m LEFT JOIN raw r ON r.seq = m.seq WHERE m.id = ?1 AND m.state = ?2",
+            )?
+            .query_row(rusqlite::params![id, state.dir_name(), limit], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })?;
+        let (json, raw) = row.ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+        let meta =
+            serde_json::from_str(&json).map_err(|e| SpoolError::Corrupt { id: id.to_string(), reason: e.into() })?;
+        Ok((meta, raw))
     }
 
+    /// The message exactly as received.
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
         check_id(id)?;
-        let (path, message_file) = self.raw_location(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
-        let bytes = fs::read(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::io(&path, e),
+        let raw = self.inner.db.read(|c| {
+            let row: Option<(i64, i64)> = c
+                .prepare_cached(
+                    "SELECT r.seq, length(r.bytes) FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1",
+                )?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
         })?;
-        if message_file { file::split(bytes, id).map(|(raw, _)| raw) } else { Ok(bytes) }
+        raw.ok_or_else(|| SpoolError::NotFound(id.to_string()))
     }
 
-    fn encode(meta: &Meta) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(meta).expect("metadata serialises");
-        v.push(b'\n');
-        v
+    fn encode(meta: &Meta) -> String {
+        serde_json::to_string(meta).expect("metadata serialises")
     }
 
-    /// Moves `id` from one state to another, durably, with new metadata if given (written in
-    /// place first, then renamed: a crash in between leaves the new content in the old state).
-    /// With `from == to` it only replaces the metadata.
+    /// Moves `id` from one state to another, durably, with new metadata if given. With
+    /// `from == to` it only replaces the metadata. `NotFound` when `id` is not in `from`.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.committer.submit(self.transition_op(id, from, to, meta)?).await
+        self.inner.db.submit(Self::transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(self.transition_op(id, from, to, meta)?)
+        self.inner.db.submit_blocking(Self::transition_op(id, from, to, meta)?)
     }
 
-    fn transition_op(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
+    fn transition_op(id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
         check_id(id)?;
-        let from_path = self.path(from, id);
-        let body = (from == State::Incoming).then(|| Body {
-            at: self.incoming_file(id),
-            carry_to: (to != State::Incoming).then(|| self.moved_file(id)),
-        });
-        let meta = match meta {
-            Some(m) => Some(Self::encode(m)),
-            // Still only in its message file: the new state gets a copy of that metadata.
-            None if from == State::Incoming && !from_path.exists() => {
-                Some(Self::encode(&self.read_meta(State::Incoming, id)?))
-            }
-            None => None,
-        };
-        Ok(Op::Move {
-            write: meta.map(|m| (self.tmp_path(id, "json"), m)),
-            from: from_path,
-            to: self.path(to, id),
-            body,
-        })
+        Ok(Op::Move { id: id.to_string(), from, to, meta: meta.map(Self::encode) })
     }
 
-    fn remove_op(&self, id: &str, from: State) -> Result<Op, SpoolError> {
+    fn remove_op(id: &str, from: State) -> Result<Op, SpoolError> {
         check_id(id)?;
-        Ok(Op::Remove {
-            meta: self.path(from, id),
-            body: (from == State::Incoming).then(|| self.incoming_file(id)),
-            raw: [self.moved_file(id), self.incoming_file(id), self.legacy_raw(id)],
-        })
+        Ok(Op::Remove { id: id.to_string(), from })
     }
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit(self.remove_op(id, from)?).await
+        self.inner.db.submit(Self::remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
-        self.inner.committer.submit_blocking(self.remove_op(id, from)?)
+        self.inner.db.submit_blocking(Self::remove_op(id, from)?)
     }
 
-    /// The recovery pass of invariant 5. Call with the lock held, before serving.
+    /// The recovery pass of invariant 6. Call with the lock held, before serving.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
         let mut report = Recovery::default();
         let tmp = self.inner.dir.join("tmp");
@@ -483,104 +456,61 @@ impl Spool {
                 report.tmp_removed += 1;
             }
         }
+        legacy::drain(self, now, &mut report)?;
 
-        // A move out of incoming/ cut short: the metadata is in its new state, the message
-        // file not yet in msg/.
-        let incoming = self.inner.dir.join("incoming");
-        for entry in fs::read_dir(&incoming).map_err(|e| SpoolError::io(&incoming, e))?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".msg") else { continue };
-            if !self.path(State::Incoming, id).exists()
-                && State::ALL.iter().any(|s| *s != State::Incoming && self.path(*s, id).exists())
-            {
-                let dest = self.moved_file(id);
-                fs::rename(entry.path(), &dest).map_err(|e| SpoolError::io(&dest, e))?;
-                for dir in [&incoming, &self.inner.dir.join("msg")] {
-                    committer::sync_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
+        let rows: Vec<(String, String, String)> = self.inner.db.read(|c| {
+            let mut stmt = c.prepare("SELECT id, state, meta FROM message ORDER BY id")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+        })?;
+        for (id, state_name, json) in rows {
+            let state = State::ALL.into_iter().find(|s| s.dir_name() == state_name);
+            let parsed = serde_json::from_str::<Meta>(&json);
+            let (state, mut meta) = match (state, parsed) {
+                (Some(state), Ok(meta)) => (state, meta),
+                (_, parsed) => {
+                    let reason = match parsed {
+                        Err(e) => e.to_string(),
+                        Ok(_) => format!("unknown state {state_name:?}"),
+                    };
+                    self.quarantine_row(&id, &json)?;
+                    report.corrupt.push(format!("{state_name}/{id}: {reason}"));
+                    continue;
                 }
-            }
-        }
-
-        let mut known = std::collections::HashSet::new();
-        for state in State::ALL {
-            for id in self.list(state)? {
-                // The file that holds the metadata, and how a report names it: only needed for
-                // an entry that goes to corrupt/.
-                let head = || {
-                    let json = self.path(state, &id);
-                    let head = if json.exists() { json } else { self.incoming_file(&id) };
-                    let label =
-                        format!("{}/{}", state.dir_name(), head.file_name().unwrap_or_default().to_string_lossy());
-                    (head, label)
-                };
-                match self.read_meta(state, &id) {
-                    Ok(mut meta) if self.raw_location(&id).is_some() => {
-                        known.insert(id.clone());
-                        if let Some(fp) = meta.fingerprint.take() {
-                            report.fingerprints.push((meta.envelope.source.clone(), fp));
-                        }
-                        if state == State::Active {
-                            let to = if meta.decision.is_some() {
-                                meta.next_attempt = Some(format_time(now));
-                                State::Deferred
-                            } else {
-                                State::Incoming
-                            };
-                            self.transition_blocking(&id, State::Active, to, Some(&meta))?;
-                            report.requeued += 1;
-                        }
-                    }
-                    Ok(_) => {
-                        let (head, label) = head();
-                        self.quarantine(&head)?;
-                        report.corrupt.push(format!("{label}: its raw message is missing"));
-                    }
-                    Err(SpoolError::Corrupt { reason, .. }) => {
-                        let (head, label) = head();
-                        self.quarantine(&head)?;
-                        while let Some((raw, _)) = self.raw_location(&id) {
-                            self.quarantine(&raw)?;
-                        }
-                        report.corrupt.push(format!("{label}: {reason}"));
-                    }
-                    Err(SpoolError::NotFound(_)) => {} // removed meanwhile (queue drop)
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let msg = self.inner.dir.join("msg");
-        for entry in fs::read_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let (id, bare) = match (name.strip_suffix(".msg"), name.strip_suffix(".eml")) {
-                (Some(id), _) => (id, false),
-                (None, Some(id)) => (id, true),
-                (None, None) => continue,
             };
-            if known.contains(id) || self.find(id).is_some() {
-                continue;
+            if let Some(fp) = meta.fingerprint.clone() {
+                report.fingerprints.push((meta.envelope.source.clone(), fp));
             }
-            if !bare {
-                // A message file gets here only after its metadata is in place, and its
-                // metadata goes first when it is removed: this is a removal cut short.
-                let path = entry.path();
-                fs::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
-                committer::sync_dir(&msg).map_err(|e| SpoolError::io(&msg, e))?;
-                report.removals_finished += 1;
-            } else if older_than(&entry, now, TMP_GRACE) {
-                // A young bare raw message may be an older `ingest` committing right now,
-                // between its two renames: only older ones are orphans for sure.
-                self.quarantine(&entry.path())?;
-                report.corrupt.push(format!("msg/{name}: no metadata"));
+            if state == State::Active {
+                let to = if meta.decision.is_some() {
+                    meta.next_attempt = Some(format_time(now));
+                    State::Deferred
+                } else {
+                    State::Incoming
+                };
+                self.transition_blocking(&id, State::Active, to, Some(&meta))?;
+                report.requeued += 1;
             }
         }
         Ok(report)
     }
 
-    fn quarantine(&self, path: &Path) -> Result<(), SpoolError> {
-        let name = path.file_name().unwrap_or_default();
-        let dest = self.inner.dir.join("corrupt").join(name);
-        fs::rename(path, &dest).map_err(|e| SpoolError::io(path, e))?;
-        committer::sync_dir(&self.inner.dir.join("corrupt")).map_err(|e| SpoolError::io(&dest, e))
+    /// Writes a row that cannot be read to `corrupt/` (its metadata as `ID.json`, its raw
+    /// message as `ID.eml`), flushed, then deletes it from the database.
+    fn quarantine_row(&self, id: &str, json: &str) -> Result<(), SpoolError> {
+        let corrupt = self.inner.dir.join("corrupt");
+        let write = |name: String, bytes: &[u8]| -> Result<(), SpoolError> {
+            let path = corrupt.join(name);
+            let mut f = private_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+            f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| SpoolError::io(&path, e))
+        };
+        write(format!("{id}.json"), json.as_bytes())?;
+        match self.read_raw(id) {
+            Ok(raw) => write(format!("{id}.eml"), &raw)?,
+            Err(SpoolError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        File::open(&corrupt).and_then(|d| d.sync_all()).map_err(|e| SpoolError::io(&corrupt, e))?;
+        self.inner.db.submit_blocking(Op::Forget { id: id.to_string() })
     }
 }
 
@@ -603,15 +533,22 @@ pub struct SpoolLock {
     _file: File,
 }
 
-/// A message being received: raw bytes stream into `tmp/`, then [`Draft::commit`] makes it
-/// durable and visible in `incoming/`. Dropping a draft without committing deletes it.
+/// A message being received: raw bytes are kept in memory, or past [`SPILL`] bytes streamed to
+/// a file in `tmp/`; then [`Draft::commit`] makes it durable in `incoming`. Dropping a draft
+/// without committing leaves nothing.
 pub struct Draft {
     spool: Spool,
     id: String,
-    path: PathBuf,
-    file: Option<io::BufWriter<File>>,
+    buf: Vec<u8>,
+    spill: Option<Spill>,
     size: u64,
     fingerprint: Option<String>,
+}
+
+/// The file a big draft is streamed to.
+struct Spill {
+    path: PathBuf,
+    file: Option<io::BufWriter<File>>,
 }
 
 impl Draft {
@@ -631,52 +568,81 @@ impl Draft {
     }
 
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
-        let mut file = self.file.take().ok_or(SpoolError::Stopped)?;
         envelope.id = self.id.clone();
         let mut meta = Meta::new(envelope, self.size);
         meta.fingerprint = self.fingerprint.take();
-        // The metadata follows the raw bytes in the same file, written here by the producer:
-        // the spool's writer thread only has to flush and rename it.
-        file::write_tail(&mut file, &meta, self.size).map_err(|e| SpoolError::io(&self.path, e))?;
-        let file = file.into_inner().map_err(|e| SpoolError::io(&self.path, e.into_error()))?;
-        let op = Op::Commit { file: Some(file), draft: self.path.clone(), dest: self.spool.incoming_file(&self.id) };
+        let raw = match &mut self.spill {
+            None => Raw::Bytes(std::mem::take(&mut self.buf)),
+            Some(spill) => {
+                let file = spill.file.take().ok_or(SpoolError::Stopped)?;
+                file.into_inner().map_err(|e| SpoolError::io(&spill.path, e.into_error()))?;
+                Raw::File { path: spill.path.clone(), size: self.size }
+            }
+        };
+        let op = Op::Insert {
+            id: self.id.clone(),
+            state: State::Incoming,
+            meta: Spool::encode(&meta),
+            raw,
+            if_absent: false,
+        };
         Ok((op, meta))
     }
 
-    /// Makes the message durable in `incoming/` and returns its metadata (`meta.id` is the
+    /// Makes the message durable in `incoming` and returns its metadata (`meta.id` is the
     /// spool id). Only after `Ok` may the sender be told.
     pub async fn commit(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.committer.submit(op).await?;
-        self.path = PathBuf::new(); // committed: nothing to clean up
+        self.spool.inner.db.submit(op).await?;
         Ok(meta)
     }
 
     /// [`commit`](Self::commit) for non-async callers.
     pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.committer.submit_blocking(op)?;
-        self.path = PathBuf::new();
+        self.spool.inner.db.submit_blocking(op)?;
         Ok(meta)
+    }
+
+    fn spill(&mut self) -> io::Result<&mut io::BufWriter<File>> {
+        if self.spill.is_none() {
+            let path = self.spool.tmp_path(&self.id, "msg");
+            let file = private_file(&path)?;
+            let mut file = io::BufWriter::with_capacity(64 * 1024, file);
+            let spill = Spill { path, file: None };
+            self.spill = Some(spill);
+            file.write_all(&std::mem::take(&mut self.buf))?;
+            self.spill.as_mut().expect("just set").file = Some(file);
+        }
+        self.spill.as_mut().and_then(|s| s.file.as_mut()).ok_or_else(|| io::Error::other("draft already committed"))
     }
 }
 
 impl Write for Draft {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.as_mut().ok_or_else(|| io::Error::other("draft already committed"))?.write(buf)?;
-        self.size += n as u64;
-        Ok(n)
+        if self.spill.is_none() && self.buf.len() + buf.len() <= SPILL {
+            self.buf.extend_from_slice(buf);
+        } else {
+            self.spill()?.write_all(buf)?;
+        }
+        self.size += buf.len() as u64;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+        match self.spill.as_mut().and_then(|s| s.file.as_mut()) {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for Draft {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            self.file.take();
-            let _ = fs::remove_file(&self.path);
+        // Committed or not, the spill file is not needed any more: a committed message's bytes
+        // are in the database.
+        if let Some(spill) = self.spill.take() {
+            drop(spill.file);
+            let _ = fs::remove_file(&spill.path);
         }
     }
 }

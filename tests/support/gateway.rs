@@ -254,21 +254,14 @@ impl Gateway {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The raw message `id` as the spool holds it: the first bytes of its message file
-    /// (`spool/incoming/ID.msg`, or `spool/msg/ID.msg` once it has left `incoming/`), as many
-    /// as the fixed-length footer at its end says (`mailhook-spool-1 <20 digits>\n`).
+    /// The raw message `id` as the spool holds it, read from its database (`spool/spool.db`,
+    /// table `raw`) as `sqlite3` would.
     pub fn raw_message(&self, id: &str) -> Vec<u8> {
-        let spool = self.path().join("spool");
-        let path = [spool.join("incoming"), spool.join("msg")]
-            .into_iter()
-            .map(|dir| dir.join(format!("{id}.msg")))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| panic!("no message file for {id} in {}", spool.display()));
-        let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let footer = String::from_utf8(bytes.split_off(bytes.len() - 38)).unwrap();
-        let size: usize = footer.strip_prefix("mailhook-spool-1 ").unwrap().trim_end().parse().unwrap();
-        bytes.truncate(size);
-        bytes
+        let db = self.path().join("spool").join("spool.db");
+        let conn = rusqlite::Connection::open(&db).unwrap_or_else(|e| panic!("{}: {e}", db.display()));
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.query_row("SELECT r.bytes FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1", [id], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("no raw message for {id} in {}: {e}", db.display()))
     }
 
     /// Every log line of every serve run so far.

@@ -4,8 +4,8 @@
 //!
 //! Replies are queued and written when the client has nothing more pipelined, so a whole
 //! pipelined transaction gets its replies in one write. The message body streams into a spool
-//! draft as it arrives (never held whole in memory); `250` is sent only after the spool has
-//! committed it to disk.
+//! draft as it arrives (a big one is never held whole in memory: past 1 MiB the draft spills to
+//! a file); `250` is sent only after the spool has committed it to disk.
 
 use super::{Conn, SessionConfig};
 use crate::model::{Envelope, Source};

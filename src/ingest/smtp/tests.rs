@@ -309,13 +309,17 @@ async fn silent_client_times_out() {
 #[tokio::test]
 async fn spool_failure_answers_451_and_keeps_nothing() {
     let h = Harness::new();
-    // Make the spool unable to commit: its incoming/ directory is gone.
-    std::fs::remove_dir_all(h.spool.dir().join("incoming")).unwrap();
+    // Make the spool unable to commit: its database refuses every new message.
+    rusqlite::Connection::open(h.spool.db_path())
+        .unwrap()
+        .execute_batch("CREATE TRIGGER refuse BEFORE INSERT ON message BEGIN SELECT RAISE(ABORT, 'refused'); END;")
+        .unwrap();
     let script = format!("{TX}body\r\n.\r\nQUIT\r\n");
     let out = h.talk(config(false), script.as_bytes()).await;
     assert_eq!(codes(&out), ["220", "250", "250", "250", "354", "451", "221"], "{out}");
     assert!(enhanced(&out, "451 4.3.0"));
     assert!(std::fs::read_dir(h.spool.dir().join("tmp")).unwrap().next().is_none(), "nothing half-written in tmp/");
+    assert_eq!(h.spool.list(crate::spool::State::Incoming).unwrap(), Vec::<String>::new());
 }
 
 #[tokio::test]
