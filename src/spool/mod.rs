@@ -64,6 +64,7 @@ mod committer;
 mod file;
 mod inbox;
 mod meta;
+pub mod postgres;
 
 use crate::model::{Envelope, Source};
 use committer::{Body, Committer, Op};
@@ -133,6 +134,9 @@ pub enum SpoolError {
     Stopped,
     #[error("{0:?} is not a message id (a ULID such as 01JD4Z6W8Q2M3N4P5R6S7T8V9X)")]
     BadId(String),
+    /// The queue in PostgreSQL (`[cluster]`) could not be read or written.
+    #[error("spool: {0}")]
+    Database(#[from] crate::cluster::ClusterError),
 }
 
 /// Checks that `id` is a ULID in its canonical form (26 characters of Crockford's base 32, as
@@ -198,6 +202,8 @@ impl Default for SpoolOptions {
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
+    /// With `[cluster]`: the queue in PostgreSQL, which every public call below goes to.
+    pg: Option<Arc<postgres::PgQueue>>,
 }
 
 struct Inner {
@@ -238,7 +244,35 @@ impl Spool {
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
             }),
+            pg: None,
         })
+    }
+
+    /// The spool of `[cluster]`: the queue in PostgreSQL (see [`postgres`]). `owner` is the
+    /// serving instance's id (it claims messages; `None` for the commands); `dir` the local
+    /// directory `dir()` names (for what an instance keeps of its own). Connects lazily.
+    pub fn open_cluster(
+        cluster: &crate::config::ClusterConfig,
+        base: &dyn Fn(&Path) -> PathBuf,
+        owner: Option<String>,
+        dir: &Path,
+    ) -> Result<Spool, SpoolError> {
+        let pg = postgres::PgQueue::open(cluster, base, owner, dir)?;
+        let committer = Committer::start(false).map_err(|e| SpoolError::io(dir, e))?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                committer,
+                seq: AtomicU64::new(0),
+                pid: std::process::id(),
+            }),
+            pg: Some(Arc::new(pg)),
+        })
+    }
+
+    /// The queue in PostgreSQL, when the spool is shared by a cluster.
+    pub fn shared(&self) -> Option<&postgres::PgQueue> {
+        self.pg.as_deref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -247,7 +281,18 @@ impl Spool {
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`.
     pub fn probe(&self) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.probe();
+        }
         probe(&self.inner.dir)
+    }
+
+    /// [`probe`](Self::probe) from async code.
+    pub async fn probe_async(&self) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.probe_async().await;
+        }
+        self.probe()
     }
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.
@@ -256,6 +301,10 @@ impl Spool {
     /// for the life of `serve` would keep the spool's file system from being remounted
     /// read-only, and an operator from doing so.
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        if self.pg.is_some() {
+            // Instances share the queue: nothing to hold alone.
+            return Ok(SpoolLock { _file: None });
+        }
         let path = self.inner.dir.join("lock");
         if !path.exists() {
             use std::os::unix::fs::OpenOptionsExt;
@@ -269,7 +318,7 @@ impl Spool {
         }
         let file = File::open(&path).map_err(|e| SpoolError::io(&path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(SpoolLock { _file: file }),
+            Ok(()) => Ok(SpoolLock { _file: Some(file) }),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(SpoolError::Locked(self.inner.dir.clone())),
             Err(e) => Err(SpoolError::io(&path, e.into())),
         }
@@ -309,6 +358,18 @@ impl Spool {
     /// Starts a new message: a file in `tmp/` to stream the raw bytes into.
     pub fn draft(&self) -> Result<Draft, SpoolError> {
         let id = ulid::Ulid::generate().to_string();
+        if self.pg.is_some() {
+            // Buffered in memory: the row is written whole at commit.
+            return Ok(Draft {
+                spool: self.clone(),
+                id,
+                path: PathBuf::new(),
+                file: None,
+                size: 0,
+                fingerprint: None,
+                buffer: Some(Vec::new()),
+            });
+        }
         let path = self.tmp_path(&id, "msg");
         let file = private_file(&path).map_err(|e| SpoolError::io(&path, e))?;
         Ok(Draft {
@@ -318,6 +379,7 @@ impl Spool {
             file: Some(io::BufWriter::with_capacity(64 * 1024, file)),
             size: 0,
             fingerprint: None,
+            buffer: None,
         })
     }
 
@@ -331,6 +393,9 @@ impl Spool {
     /// What the spool holds, for `/metrics` and the console: a directory listing per state (no
     /// metadata is read: a spool id is a ULID, which carries the time the message was received).
     pub fn gauges(&self) -> Result<crate::metrics::SpoolGauges, SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.gauges();
+        }
         let deferred = self.list(State::Deferred)?;
         let oldest_deferred_age = deferred
             .first()
@@ -346,6 +411,9 @@ impl Spool {
 
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.list(state);
+        }
         let dir = self.inner.dir.join(state.dir_name());
         let incoming = state == State::Incoming;
         let mut ids: Vec<String> = fs::read_dir(&dir)
@@ -367,6 +435,12 @@ impl Spool {
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
         check_id(id).ok()?;
+        if let Some(pg) = &self.pg {
+            return pg.find(id).unwrap_or_else(|e| {
+                tracing::warn!(id, error = %e, "cannot look the message up in the queue");
+                None
+            });
+        }
         State::ALL
             .into_iter()
             .find(|s| self.path(*s, id).exists())
@@ -386,6 +460,9 @@ impl Spool {
         raw_up_to: u64,
     ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
         check_id(id)?;
+        if let Some(pg) = &self.pg {
+            return pg.read_meta_with_raw(state, id, raw_up_to);
+        }
         let path = self.path(state, id);
         let not_found = |path: &Path, e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
@@ -405,6 +482,9 @@ impl Spool {
 
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
         check_id(id)?;
+        if let Some(pg) = &self.pg {
+            return pg.read_raw(id);
+        }
         let (path, message_file) = self.raw_location(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let bytes = fs::read(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
@@ -423,11 +503,19 @@ impl Spool {
     /// place first, then renamed: a crash in between leaves the new content in the old state).
     /// With `from == to` it only replaces the metadata.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.transition(id, from, to, meta).await;
+        }
         self.inner.committer.submit(self.transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.transition_blocking(id, from, to, meta);
+        }
         self.inner.committer.submit_blocking(self.transition_op(id, from, to, meta)?)
     }
 
@@ -465,16 +553,29 @@ impl Spool {
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.remove(id, from).await;
+        }
         self.inner.committer.submit(self.remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.remove_blocking(id, from);
+        }
         self.inner.committer.submit_blocking(self.remove_op(id, from)?)
     }
 
     /// The recovery pass of invariant 5. Call with the lock held, before serving.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
+        if self.pg.is_some() {
+            // Nothing to repair: a row is written in one transaction, and the claims of an
+            // instance that stopped lapse with their leases.
+            return Ok(Recovery::default());
+        }
         let mut report = Recovery::default();
         let tmp = self.inner.dir.join("tmp");
         let now = SystemTime::now();
@@ -600,7 +701,7 @@ fn older_than(entry: &fs::DirEntry, now: SystemTime, age: Duration) -> bool {
 
 /// Holds the spool's exclusive lock.
 pub struct SpoolLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 /// A message being received: raw bytes stream into `tmp/`, then [`Draft::commit`] makes it
@@ -612,6 +713,8 @@ pub struct Draft {
     file: Option<io::BufWriter<File>>,
     size: u64,
     fingerprint: Option<String>,
+    /// With `[cluster]`: the raw bytes so far, in memory.
+    buffer: Option<Vec<u8>>,
 }
 
 impl Draft {
@@ -630,6 +733,15 @@ impl Draft {
         self.fingerprint = Some(fingerprint);
     }
 
+    /// The metadata and raw bytes of a draft held in memory.
+    fn finish_buffer(&mut self, mut envelope: Envelope) -> Result<(Meta, Vec<u8>), SpoolError> {
+        let raw = self.buffer.take().ok_or(SpoolError::Stopped)?;
+        envelope.id = self.id.clone();
+        let mut meta = Meta::new(envelope, self.size);
+        meta.fingerprint = self.fingerprint.take();
+        Ok((meta, raw))
+    }
+
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
         let mut file = self.file.take().ok_or(SpoolError::Stopped)?;
         envelope.id = self.id.clone();
@@ -646,6 +758,11 @@ impl Draft {
     /// Makes the message durable in `incoming/` and returns its metadata (`meta.id` is the
     /// spool id). Only after `Ok` may the sender be told.
     pub async fn commit(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        if let Some(pg) = self.spool.pg.clone() {
+            let (meta, raw) = self.finish_buffer(envelope)?;
+            pg.insert(meta.clone(), raw).await?;
+            return Ok(meta);
+        }
         let (op, meta) = self.finish(envelope)?;
         self.spool.inner.committer.submit(op).await?;
         self.path = PathBuf::new(); // committed: nothing to clean up
@@ -654,6 +771,11 @@ impl Draft {
 
     /// [`commit`](Self::commit) for non-async callers.
     pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        if let Some(pg) = self.spool.pg.clone() {
+            let (meta, raw) = self.finish_buffer(envelope)?;
+            pg.insert_blocking(meta.clone(), raw)?;
+            return Ok(meta);
+        }
         let (op, meta) = self.finish(envelope)?;
         self.spool.inner.committer.submit_blocking(op)?;
         self.path = PathBuf::new();
@@ -663,6 +785,11 @@ impl Draft {
 
 impl Write for Draft {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(b) = &mut self.buffer {
+            b.extend_from_slice(buf);
+            self.size += buf.len() as u64;
+            return Ok(buf.len());
+        }
         let n = self.file.as_mut().ok_or_else(|| io::Error::other("draft already committed"))?.write(buf)?;
         self.size += n as u64;
         Ok(n)
