@@ -346,3 +346,74 @@ fn writes_stop_waiting_for_a_database_gone_too_long() {
     assert!(write(entry()).is_ok(), "back: written again");
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM message"), "2");
 }
+
+#[test]
+fn queue_and_replay_work_on_the_shared_queue() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut gw = gateway(pg, &db);
+    gw.write_rules("10-test.toml", "[[rule]]\nname = \"orders\"\nto = [\"out\"]\n[rule.when]\nsubject = '^order'\n");
+
+    // Taken by `ingest` with no instance running: in the database, for any instance.
+    let first = gw.ingest(&message(1, "hello"));
+    assert_eq!(pg.sql(&db, "SELECT id || ' ' || state FROM queue"), format!("{first} incoming"));
+    let q = gw.queue();
+    assert_eq!((q.len(), q[0]["id"].as_str(), q[0]["state"].as_str()), (1, Some(first.as_str()), Some("incoming")));
+    let shown = gw.show(&first);
+    assert_eq!(shown["meta"]["id"], first.as_str(), "{shown}");
+    assert_eq!(shown["payload"]["subject"], "hello 1", "{shown}");
+    let (code, out, err) = run(&gw, &["queue", "drop", &first]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{first}: dropped from incoming"));
+    assert!(gw.queue().is_empty());
+    let (code, _, err) = run(&gw, &["queue", "drop", &first]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains("not in the spool"), "{err}");
+
+    // Dead letters of the running instance, replayed by a command with new rules.
+    let second = gw.ingest(&message(2, "shipment"));
+    gw.start();
+    let q = gw.wait_queue(Duration::from_secs(20), "a dead letter", |q| q.len() == 1 && q[0]["state"] == "dead");
+    assert_eq!(q[0]["id"], second.as_str());
+    assert_eq!(q[0]["last_error"], "no rule matched");
+    let (code, _, err) = run(&gw, &["queue", "retry", &second]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the rules still reject it"), "{err}");
+    let (code, out, err) = run(&gw, &["queue", "retry", "--force", &second]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&second), "{out}");
+    gw.wait_queue(Duration::from_secs(20), "dead again", |q| q.len() == 1 && q[0]["state"] == "dead");
+    gw.write_rules(
+        "20-shipments.toml",
+        "[[rule]]\nname = \"shipments\"\nto = [\"out\"]\n[rule.when]\nsubject = '^shipment'\n",
+    );
+    let (code, out, err) = run(&gw, &["replay", "--dead"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{second}: rule shipments → out"));
+    wait_for("the replayed delivery", Duration::from_secs(20), || delivered(&gw) == 1);
+    gw.wait_queue(Duration::from_secs(20), "an empty queue", |q| q.is_empty());
+    assert_eq!(gw.stop(), 0, "{}", gw.logs());
+
+    // The database away: the commands say so and exit 75, never "not in the spool".
+    let away = gateway(pg, &db);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text =
+        std::fs::read_to_string(away.config()).unwrap().replace(&format!(":{}/", pg.port()), &format!(":{closed}/"));
+    std::fs::write(away.config(), text).unwrap();
+    let out = away.run(&["queue", "drop", "--config", "mailhook.toml", &second]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+}
+
+/// Runs `mailhook ARGS --config mailhook.toml`: (exit code, stdout, stderr).
+fn run(gw: &Gateway, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--config", "mailhook.toml"]);
+    let out = gw.run(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -432,6 +432,15 @@ impl Spool {
         Ok(ids)
     }
 
+    /// [`find`](Self::find), telling a spool that cannot be read (the cluster's database away)
+    /// from a message that is not there.
+    pub fn lookup(&self, id: &str) -> Result<Option<State>, SpoolError> {
+        match &self.pg {
+            Some(pg) if is_id(id) => pg.find(id),
+            _ => Ok(self.find(id)),
+        }
+    }
+
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
         check_id(id).ok()?;
