@@ -212,8 +212,8 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     pg.restart();
     // Past the retry, the next message takes its token from the database again.
     std::thread::sleep(Duration::from_secs(5));
-    for (i, gw) in gws.iter().enumerate() {
-        gw.ingest(&message(i * 1000 + 99, "shared again"));
+    for (i, addr) in smtp.iter().enumerate() {
+        send(*addr, &message(i * 1000 + 99, "shared again"));
     }
     hook.wait_for_accepted(32, Duration::from_secs(30));
     let starts = |prefix: &'static str| {
