@@ -4,6 +4,10 @@
 //! ingest ──► spool ──► pipeline (parse ─► rules ─► deliver) ──► spool (done / deferred / dead)
 //! ```
 //!
+//! With `[cluster]` the same states and the same calls are kept in PostgreSQL instead, shared by
+//! every instance, with claims and leases ([`postgres`]; [`Spool::open_cluster`]): each public
+//! call below goes there when the spool was opened so. What follows describes the files.
+//!
 //! # On-disk format
 //!
 //! ```text
