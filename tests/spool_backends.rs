@@ -156,6 +156,37 @@ fn operator_actions_retry_and_drop() {
     }
 }
 
+#[test]
+fn concurrent_commits_and_removals_each_get_their_own_answer() {
+    for (name, spool, _keep) in backends() {
+        block_on(async {
+            let commits = (0..20).map(|n| {
+                let mut draft = spool.draft().unwrap();
+                draft.write_all(format!("Subject: {n}\r\n\r\n").as_bytes()).unwrap();
+                draft.commit(envelope())
+            });
+            let metas: Vec<_> = futures_util::future::join_all(commits).await;
+            let ids: Vec<String> = metas.into_iter().map(|m| m.unwrap().id).collect();
+            assert_eq!(spool.list(State::Incoming).unwrap().len(), 20, "{name}");
+            assert_eq!(spool.read_raw(&ids[7]).unwrap(), b"Subject: 7\r\n\r\n", "{name}");
+            // Every message removed once, half of them twice at the same time: ten find nothing.
+            let removals = ids.iter().chain(&ids[..10]).map(|id| spool.remove(id, State::Incoming));
+            let results = futures_util::future::join_all(removals).await;
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            let missing: Vec<&SpoolError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+            assert_eq!(ok, 20, "{name}: {missing:?}");
+            assert_eq!(missing.len(), 10, "{name}");
+            assert!(
+                missing.iter().all(|e| matches!(e, SpoolError::NotFound(id) if ids.contains(id))),
+                "{name}: {missing:?}"
+            );
+        });
+        for state in State::ALL {
+            assert!(spool.list(state).unwrap().is_empty(), "{name}: {state}");
+        }
+    }
+}
+
 /// The queue of a serving instance `owner` on `db`, with `lease`.
 fn instance(pg: &Postgres, db: &str, owner: &str, lease: Duration) -> (Spool, tempfile::TempDir) {
     let local = tempfile::tempdir().unwrap();

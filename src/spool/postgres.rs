@@ -45,8 +45,54 @@ use crate::config::ClusterConfig;
 use deadpool_postgres::Pool;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Weak;
 use std::time::SystemTime;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, mpsc, oneshot};
+
+/// A write waiting for its batch, and where its outcome goes.
+struct Job<T> {
+    what: T,
+    reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// Writes handed over at most in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// One writer (of new messages, or of removals): takes every write waiting, does them in one
+/// statement and one transaction, answers each, and starts again with what came meanwhile. While
+/// one batch commits the next gathers, so under load a commit (and its WAL flush) serves many
+/// messages, and the writes never compete for the pool's connections. `many` answers, per
+/// write, whether it was done (a removal of a message not there is `NotFound`); when the batch
+/// as a whole fails, each write is tried alone (`one`), so that each gets its own error.
+async fn write_batches<T, M, O>(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Job<T>>, many: M, one: O)
+where
+    T: Send + 'static,
+    M: for<'a> AsyncFn(&'a Shared, &'a [Job<T>]) -> Result<Vec<bool>, SpoolError>,
+    O: for<'a> AsyncFn(&'a Shared, &'a T) -> Result<(), SpoolError>,
+{
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let Some(shared) = shared.upgrade() else { return };
+        match many(&shared, &jobs).await {
+            Ok(done) => {
+                for (job, done) in jobs.drain(..).zip(done) {
+                    let _ = job.reply.send(if done { Ok(()) } else { Err(SpoolError::NotFound(String::new())) });
+                }
+            }
+            Err(_) if jobs.len() > 1 => {
+                for job in jobs.drain(..) {
+                    let result = one(&shared, &job.what).await;
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                if let Some(job) = jobs.pop() {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
 
 /// Connections the queue keeps open at most: enough for concurrent commits to share one WAL
 /// flush (PostgreSQL's own group commit).
@@ -70,6 +116,10 @@ pub struct PgQueue {
 }
 
 struct Shared {
+    /// New messages waiting for the insert writer ([`write_batches`]).
+    inserts: mpsc::UnboundedSender<Job<(Meta, Vec<u8>)>>,
+    /// Removals waiting for the removal writer.
+    removes: mpsc::UnboundedSender<Job<(String, State)>>,
     pool: Pool,
     target: Target,
     ready: OnceCell<()>,
@@ -114,17 +164,22 @@ impl PgQueue {
             let _guard = rt.enter();
             target.pool_of(POOL_SIZE)?
         };
-        Ok(PgQueue {
-            rt: Some(rt),
-            shared: Arc::new(Shared {
-                pool,
-                target,
-                ready: OnceCell::new(),
-                owner,
-                lease: cluster.lease.as_secs_f64(),
-                dir: dir.to_path_buf(),
-            }),
-        })
+        let (inserts, new) = mpsc::unbounded_channel();
+        let (removes, gone) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            inserts,
+            removes,
+            pool,
+            target,
+            ready: OnceCell::new(),
+            owner,
+            lease: cluster.lease.as_secs_f64(),
+            dir: dir.to_path_buf(),
+        });
+        // The writers hold the queue only weakly: they end with it.
+        rt.spawn(write_batches(Arc::downgrade(&shared), new, Shared::insert_many, Shared::insert_one));
+        rt.spawn(write_batches(Arc::downgrade(&shared), gone, Shared::remove_many, Shared::remove_one));
+        Ok(PgQueue { rt: Some(rt), shared })
     }
 
     pub fn dir(&self) -> &Path {
@@ -334,7 +389,43 @@ impl Shared {
         Ok(())
     }
 
+    /// Hands a new message to the insert writer; returns once its batch committed.
     async fn insert(&self, meta: &Meta, raw: &[u8]) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.inserts.send(Job { what: (meta.clone(), raw.to_vec()), reply }).map_err(|_| SpoolError::Stopped)?;
+        rx.await.map_err(|_| SpoolError::Stopped)?
+    }
+
+    /// Hands a removal to the removal writer; returns once its batch committed.
+    async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.removes.send(Job { what: (id.to_string(), from), reply }).map_err(|_| SpoolError::Stopped)?;
+        rx.await.map_err(|_| SpoolError::Stopped)?.map_err(|e| match e {
+            SpoolError::NotFound(_) => SpoolError::NotFound(id.to_string()),
+            other => other,
+        })
+    }
+
+    /// New messages in one statement (one transaction).
+    async fn insert_many(&self, jobs: &[Job<(Meta, Vec<u8>)>]) -> Result<Vec<bool>, SpoolError> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "INSERT INTO queue (id, state, meta, raw, next_attempt_at, lease_owner, lease_until)
+                 SELECT id, 'incoming', meta, raw, now(), $4::text,
+                        CASE WHEN $4::text IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END
+                 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS m(id, meta, raw)",
+            )
+            .await
+            .map_err(|e| self.q(e))?;
+        let ids: Vec<&str> = jobs.iter().map(|j| j.what.0.id.as_str()).collect();
+        let metas: Vec<String> = jobs.iter().map(|j| encode(&j.what.0)).collect();
+        let raws: Vec<&[u8]> = jobs.iter().map(|j| j.what.1.as_slice()).collect();
+        c.execute(&stmt, &[&ids, &metas, &raws, &self.owner, &self.lease]).await.map_err(|e| self.q(e))?;
+        Ok(vec![true; jobs.len()])
+    }
+
+    async fn insert_one(&self, (meta, raw): &(Meta, Vec<u8>)) -> Result<(), SpoolError> {
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
@@ -387,7 +478,31 @@ impl Shared {
         Ok(())
     }
 
-    async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+    /// Removals in one statement (one transaction): which were done.
+    async fn remove_many(&self, jobs: &[Job<(String, State)>]) -> Result<Vec<bool>, SpoolError> {
+        let c = self.client().await?;
+        let sql = format!(
+            "DELETE FROM queue USING unnest($1::text[], $3::text[]) AS r(id, state)
+             WHERE queue.id = r.id AND queue.state = r.state{}
+             RETURNING queue.id",
+            self.mine()
+        );
+        use tokio_postgres::types::Type;
+        let stmt = c
+            .prepare_typed_cached(&sql, &[Type::TEXT_ARRAY, Type::TEXT, Type::TEXT_ARRAY])
+            .await
+            .map_err(|e| self.q(e))?;
+        let ids: Vec<&str> = jobs.iter().map(|j| j.what.0.as_str()).collect();
+        let states: Vec<&str> = jobs.iter().map(|j| state_name(j.what.1)).collect();
+        let rows = c.query(&stmt, &[&ids, &self.owner, &states]).await.map_err(|e| self.q(e))?;
+        // A row removed once answers one removal of it: a second one of the same batch found
+        // nothing.
+        let mut removed: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        Ok(jobs.iter().map(|j| removed.remove(&j.what.0)).collect())
+    }
+
+    async fn remove_one(&self, (id, from): &(String, State)) -> Result<(), SpoolError> {
+        let (id, from) = (id.as_str(), *from);
         let c = self.client().await?;
         let sql = format!("DELETE FROM queue WHERE id = $1 AND state = $3{}", self.mine());
         use tokio_postgres::types::Type;
