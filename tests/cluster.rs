@@ -194,9 +194,20 @@ fn serve_refuses_mail_while_the_database_is_away_and_resumes_once_it_is_back() {
     let archived = |pg: &Postgres| -> usize {
         pg.try_sql(&db, "SELECT count(*) FROM message").ok().and_then(|n| n.parse().ok()).unwrap_or(0)
     };
-    let mut gw = gateway_with(&pg, &db, "[smtp]\nlisten = [\"127.0.0.1:0\"]\nrecipients = ['@example\\.com$']\n\n");
+    let mut gw = gateway_with(
+        &pg,
+        &db,
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nrecipients = ['@example\\.com$']\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n",
+    );
     gw.start();
     let smtp = gw.listening("smtp");
+    let admin = gw.listening("admin");
+    let health = |want: u16| {
+        let (status, _, body) = support::gateway::http_get(admin, "/healthz", None);
+        assert_eq!(status, want, "{body}");
+        body
+    };
+    health(200);
     let first = gw.ingest(&message(1, "before"));
     wait_for("the first delivery", Duration::from_secs(20), || delivered(&gw) == 1);
     wait_for("the first message in the archive", Duration::from_secs(30), || archived(&pg) == 1);
@@ -211,11 +222,14 @@ fn serve_refuses_mail_while_the_database_is_away_and_resumes_once_it_is_back() {
     assert!(!err.contains(PASSWORD), "the password is shown: {err}");
     let reply = smtp_send(smtp, &message(3, "while away"));
     assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    let body = health(503);
+    assert!(body.contains("unreachable"), "{body}");
 
     // Back: serve takes and delivers mail again, without a restart.
     pg.restart();
     let reply = smtp_send(smtp, &message(4, "after"));
     assert!(reply.starts_with("250"), "{reply}\n{}", gw.logs());
+    health(200);
     let fourth = gw.ingest(&message(5, "after"));
     wait_for("the deliveries after the outage", Duration::from_secs(30), || delivered(&gw) == 3);
     wait_for("every message in the archive", Duration::from_secs(30), || archived(&pg) == 3);
