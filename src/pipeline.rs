@@ -19,9 +19,9 @@
 //! With `[cluster]` the spool is the queue in PostgreSQL, shared by every instance: instead of
 //! reading `incoming/` and `deferred/`, the loop claims due messages (new ones nobody holds,
 //! deferred ones now due, those of an instance whose lease passed; see `spool::postgres`) for
-//! its free places every [`SCAN_INTERVAL`], and starts each with what the claim returned. The
-//! messages this instance accepted are handed over in memory and delivered at once, as without
-//! it.
+//! its free places every `SCAN_INTERVAL` (a second), and starts each with what the claim
+//! returned. The messages this instance accepted are handed over in memory and delivered at
+//! once, as without it.
 //!
 //! When a round cannot write the spool (a read-only or failing file system), no round starts
 //! until a probe write succeeds: a message delivered but not recorded as such is still in
