@@ -265,6 +265,15 @@ fn a_database_that_goes_away_fails_every_call_and_is_used_again_once_back() {
     }
     assert!(spool.probe().is_err());
     assert!(block_on(spool.probe_async()).is_err());
+    // Commits waiting together fail together, each with the database's error.
+    let results = block_on(futures_util::future::join_all((0..10).map(|n| {
+        let mut draft = spool.draft().unwrap();
+        draft.write_all(format!("Subject: away {n}\r\n\r\n").as_bytes()).unwrap();
+        draft.commit(envelope())
+    })));
+    for r in &results {
+        assert!(matches!(r, Err(SpoolError::Database(e)) if e.is_unreachable()), "{:?}", r.as_ref().err());
+    }
     pg.restart();
     let second = spool.store(envelope(), b"Subject: after\r\n\r\n").unwrap();
     assert_eq!(spool.list(State::Incoming).unwrap(), [first, second], "nothing half-written");

@@ -63,7 +63,8 @@ const MAX_BATCH: usize = 256;
 /// one batch commits the next gathers, so under load a commit (and its WAL flush) serves many
 /// messages, and the writes never compete for the pool's connections. `many` answers, per
 /// write, whether it was done (a removal of a message not there is `NotFound`); when the batch
-/// as a whole fails, each write is tried alone (`one`), so that each gets its own error.
+/// as a whole fails, each write is tried alone (`one`), so that each gets its own error, unless
+/// the database is away (then each gets that answer at once).
 async fn write_batches<T, M, O>(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Job<T>>, many: M, one: O)
 where
     T: Send + 'static,
@@ -79,15 +80,23 @@ where
                     let _ = job.reply.send(if done { Ok(()) } else { Err(SpoolError::NotFound(String::new())) });
                 }
             }
-            Err(_) if jobs.len() > 1 => {
+            Err(e) if jobs.len() == 1 => {
+                if let Some(job) = jobs.pop() {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+            // The database away: trying each write alone would only wait for it once per write.
+            Err(SpoolError::Database(e)) if e.is_unreachable() => {
+                let reason = e.to_string();
+                for job in jobs.drain(..) {
+                    let away = ClusterError::Pool { host: shared.target.host.clone(), reason: reason.clone() };
+                    let _ = job.reply.send(Err(SpoolError::Database(away)));
+                }
+            }
+            Err(_) => {
                 for job in jobs.drain(..) {
                     let result = one(&shared, &job.what).await;
                     let _ = job.reply.send(result);
-                }
-            }
-            Err(e) => {
-                if let Some(job) = jobs.pop() {
-                    let _ = job.reply.send(Err(e));
                 }
             }
         }
