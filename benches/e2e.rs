@@ -27,7 +27,16 @@
 //! MAILHOOK_BENCH_ARCHIVE=off cargo bench --bench e2e   # without the archive, to compare
 //! MAILHOOK_BENCH_DRIFT=off cargo bench --bench e2e    # without drift alarms (on by default)
 //! MAILHOOK_BENCH_BIN=/tmp/mailhook-before cargo bench --bench e2e  # another build of serve
+//! MAILHOOK_BENCH_CLUSTER=1 cargo bench --bench e2e -- --cases 2k:20   # [cluster], one instance
+//! MAILHOOK_BENCH_CLUSTER=3 cargo bench --bench e2e -- --cases 2k:20   # three instances
 //! ```
+//!
+//! With `MAILHOOK_BENCH_CLUSTER=N`, a private PostgreSQL 15 is started for the run (as the tests
+//! start it, but with `fsync = on`: every commit reaches the disk before its `250`), each case
+//! gets a database of its own, and `N` instances of `serve` share it (`[cluster]`: the queue and
+//! the archive in PostgreSQL), the sessions spread round-robin over their listeners. CPU per
+//! message is then mailhook's (every instance) plus PostgreSQL's (every server process), and
+//! the peak RSS the largest instance's.
 
 #[path = "common/proc.rs"]
 mod proc;
@@ -37,6 +46,9 @@ mod serve;
 use serve::{Serve, reply};
 #[path = "common/sink.rs"]
 mod sink;
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::postgres::Postgres;
 
 use axum::Router;
 use axum::body::Body;
@@ -131,7 +143,28 @@ fn cpu_ticks(pid: u32) -> u64 {
     stat_ticks(Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0)
 }
 
-fn start_serve(dir: &Path, sink: SocketAddr) -> Serve {
+/// The private PostgreSQL of a `MAILHOOK_BENCH_CLUSTER` run, and how many instances share it.
+struct Cluster {
+    pg: Postgres,
+    instances: usize,
+}
+
+/// utime + stime of the PostgreSQL server and every process it started, in ticks.
+fn postgres_ticks(pg: &Postgres) -> u64 {
+    let Some(root) = pg.pid() else { return 0 };
+    let mut total = cpu_ticks(root);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = entry.path().join("stat");
+        let Ok(text) = std::fs::read_to_string(&stat) else { continue };
+        let ppid = text.rfind(')').and_then(|i| text[i + 2..].split(' ').nth(1)).and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(root) {
+            total += stat_ticks(&stat).unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn start_serve(dir: &Path, sink: SocketAddr, cluster: Option<(&Postgres, &str)>) -> Serve {
     // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
     let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
     std::fs::create_dir_all(dir.join("rules")).unwrap();
@@ -147,12 +180,16 @@ fn start_serve(dir: &Path, sink: SocketAddr) -> Serve {
              [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
              [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
              [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
-             [archive]\nenabled = {archive}\n{drift}"
+             [archive]\nenabled = {archive}\n{drift}{}",
+            cluster.map_or(String::new(), |(pg, db)| format!(
+                "[cluster]\npostgres = \"{}\"\n",
+                pg.url_with(db, "${PGPASS}")
+            ))
         ),
     )
     .unwrap();
     std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
-    Serve::spawn(dir, BIN)
+    Serve::spawn_with(dir, BIN, &[("PGPASS", support::postgres::PASSWORD)])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,20 +207,28 @@ struct Row {
     dups: usize,
 }
 
-fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
+fn run_case(base: &Path, size: usize, sessions: usize, messages: usize, cluster: Option<&Cluster>) -> Row {
     let dir = base.join(format!("{}-{}k-{sessions}", std::process::id(), size / 1024));
     let _ = std::fs::remove_dir_all(&dir);
     let received = Arc::new(Received::default());
     let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
-    let serve = start_serve(&dir, sink.addr);
-    let pid = serve.child.id();
-    let cpu0 = cpu_ticks(pid);
-    let switches0 = context_switches(pid);
+    let db = cluster.map(|c| c.pg.database());
+    let serves: Vec<Serve> = (0..cluster.map_or(1, |c| c.instances))
+        .map(|n| {
+            let dir = dir.join(format!("instance-{n}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            start_serve(&dir, sink.addr, cluster.zip(db.as_deref()).map(|(c, db)| (&c.pg, db)))
+        })
+        .collect();
+    let pids: Vec<u32> = serves.iter().map(|s| s.child.id()).collect();
+    let ticks = || pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() + cluster.map_or(0, |c| postgres_ticks(&c.pg));
+    let cpu0 = ticks();
+    let switches0: u64 = pids.iter().map(|p| context_switches(*p)).sum();
     let start = Instant::now();
     let threads: Vec<_> = (0..sessions)
         .map(|s| {
             let seqs: Vec<u64> = (0..messages as u64).filter(|n| (*n as usize) % sessions == s).collect();
-            let addr = serve.smtp;
+            let addr = serves[s % serves.len()].smtp;
             std::thread::spawn(move || session(addr, seqs, size))
         })
         .collect();
@@ -198,10 +243,12 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
         std::thread::sleep(Duration::from_millis(5));
     }
     let arrivals = received.arrivals.lock().unwrap().clone();
-    let cpu = (cpu_ticks(pid) - cpu0) as f64 / clock_ticks();
-    let switches = context_switches(pid).saturating_sub(switches0);
-    let rss = proc_field(pid, "status", "VmHWM:").unwrap_or(0) as f64 / 1024.0;
-    serve.stop();
+    let cpu = ticks().saturating_sub(cpu0) as f64 / clock_ticks();
+    let switches = pids.iter().map(|p| context_switches(*p)).sum::<u64>().saturating_sub(switches0);
+    let rss = pids.iter().map(|p| proc_field(*p, "status", "VmHWM:").unwrap_or(0)).max().unwrap_or(0) as f64 / 1024.0;
+    for serve in serves {
+        serve.stop();
+    }
     drop(sink);
 
     let mut first: HashMap<u64, Instant> = HashMap::new();
@@ -225,7 +272,10 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize) -> Row {
     };
     let _ = std::fs::remove_dir_all(&dir);
     Row {
-        case: format!("{} KB × {sessions}", size / 1024),
+        case: match cluster {
+            Some(c) => format!("{} KB × {sessions}, cluster of {}", size / 1024, c.instances),
+            None => format!("{} KB × {sessions}", size / 1024),
+        },
         acked: acked.len(),
         secs: last.duration_since(start).as_secs_f64(),
         p50: pct(0.50),
@@ -259,9 +309,14 @@ fn main() {
         .join("bench-e2e");
     std::fs::create_dir_all(&base).unwrap();
 
+    let cluster = std::env::var("MAILHOOK_BENCH_CLUSTER")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .map(|instances| Cluster { pg: Postgres::start_durable(), instances });
     let mut rows = Vec::new();
     for (size, sessions) in cases {
-        let row = run_case(&base, size, sessions, messages);
+        let row = run_case(&base, size, sessions, messages, cluster.as_ref());
         eprintln!("{}: {} acknowledged, {:.2} s", row.case, row.acked, row.secs);
         rows.push(row);
     }

@@ -18,7 +18,7 @@
 //! |---|---|
 //! | [`cluster`] | with `[cluster]`: the shared PostgreSQL's connection and schema, this instance's heartbeat and peers, IMAP folder leases, the IMAP dedupe ledger and checkpoints |
 //! | [`ingest`] | SMTP/LMTP listeners, IMAP watchers, stdin: bytes + envelope → spool, acknowledged once durable |
-//! | [`spool`] | the durable queue on disk; the only owner of message state; the in-memory hand-over to delivery |
+//! | [`spool`] | the durable queue on disk (with `[cluster]`: in PostgreSQL, claimed with leases); the only owner of message state; the in-memory hand-over to delivery |
 //! | [`parse`] | raw bytes → `Email` (the only user of `mail-parser`); pure, never panics |
 //! | [`rules`] | `rules/*.toml` → compiled `RuleSet`; `(Email, Envelope) → Outcome`; pure |
 //! | [`deliver`] | one attempt to one destination: Kustomer hooks, webhook, file |

@@ -16,6 +16,13 @@
 //! token bucket (`rate`), a concurrency cap, and is paused as a whole when a receiver asks for
 //! a delay (429 with `Retry-After`).
 //!
+//! With `[cluster]` the spool is the queue in PostgreSQL, shared by every instance: instead of
+//! reading `incoming/` and `deferred/`, the loop claims due messages (new ones nobody holds,
+//! deferred ones now due, those of an instance whose lease passed; see `spool::postgres`) for
+//! its free places every `SCAN_INTERVAL` (a second), and starts each with what the claim
+//! returned. The messages this instance accepted are handed over in memory and delivered at
+//! once, as without it.
+//!
 //! When a round cannot write the spool (a read-only or failing file system), no round starts
 //! until a probe write succeeds: a message delivered but not recorded as such is still in
 //! `incoming`, and would otherwise be sent again at every scan for as long as the trouble
@@ -292,12 +299,14 @@ impl Pipeline {
         // a directory scan already picked it up and finished it must not start it again.
         let mut finished = Recent::default();
         let mut pause_logged = false;
+        // With `[cluster]` the queue is shared: messages are claimed, never just listed.
+        let shared = self.work.spool.shared().is_some();
 
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let paused = self.paused(&mut pause_logged);
+            let paused = self.paused(&mut pause_logged).await;
             let limit = if paused { 0 } else { MAX_IN_FLIGHT };
             let interval = last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
             // Between scans, incoming is read only when the inbox overflowed: every other new
@@ -306,9 +315,13 @@ impl Pipeline {
             if interval || (backlog.is_empty() && self.inbox.overflowed()) {
                 self.inbox.clear_overflow();
                 last_scan = Some(tokio::time::Instant::now());
-                self.scan_incoming(&mut backlog, &mut queued, &in_flight);
+                if shared {
+                    self.claim(&mut tasks, &mut in_flight, &queued, limit).await;
+                } else {
+                    self.scan_incoming(&mut backlog, &mut queued, &in_flight);
+                }
             }
-            if interval {
+            if interval && !shared {
                 self.scan_deferred(&mut schedule, &mut due_of, &in_flight);
             }
             while in_flight.len() < limit {
@@ -352,7 +365,9 @@ impl Pipeline {
                     if let Ok((id, outcome)) = done {
                         in_flight.remove(&id);
                         finished.insert(id.clone());
-                        if let Finished::Deferred(due) = outcome {
+                        if let Finished::Deferred(due) = outcome
+                            && !shared
+                        {
                             schedule.insert((due, id.clone()));
                             due_of.insert(id, due);
                         }
@@ -373,11 +388,11 @@ impl Pipeline {
     /// A message delivered whose removal (or move to deferred) failed is still in incoming;
     /// starting rounds again would send it once more at every scan, as long as the spool stays
     /// read-only or broken. Paused, it is sent again once, when the spool is writable again.
-    fn paused(&self, logged: &mut bool) -> bool {
+    async fn paused(&self, logged: &mut bool) -> bool {
         if !self.work.spool_trouble.load(Ordering::SeqCst) {
             return false;
         }
-        match self.work.spool.probe() {
+        match self.work.spool.probe_async().await {
             Ok(()) => {
                 self.work.spool_trouble.store(false, Ordering::SeqCst);
                 if std::mem::take(logged) {
@@ -390,6 +405,39 @@ impl Pipeline {
                     error!(error = %e, "the spool cannot be written; deliveries pause until it can");
                 }
                 true
+            }
+        }
+    }
+
+    /// With `[cluster]`: claims due messages (new ones nobody holds, deferred ones due, those of
+    /// an instance whose lease passed) up to the free places, and starts them.
+    async fn claim(
+        &self,
+        tasks: &mut JoinSet<(String, Finished)>,
+        in_flight: &mut HashSet<String>,
+        queued: &HashSet<String>,
+        limit: usize,
+    ) {
+        let Some(queue) = self.work.spool.shared() else { return };
+        let free = limit.saturating_sub(in_flight.len() + queued.len());
+        if free == 0 {
+            return;
+        }
+        let busy: Vec<String> = in_flight.iter().chain(queued.iter()).cloned().collect();
+        match queue.claim(free, busy).await {
+            Ok(claimed) => {
+                for c in claimed {
+                    let id = c.meta.id.clone();
+                    if in_flight.contains(&id) {
+                        continue;
+                    }
+                    debug!(id = %id, state = %c.state, "claimed");
+                    self.start_with(tasks, in_flight, id, c.state, Some(Fresh { meta: c.meta, raw: Some(c.raw) }));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot claim messages from the queue");
+                self.work.spool_trouble.store(true, Ordering::SeqCst);
             }
         }
     }

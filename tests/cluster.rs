@@ -1,8 +1,9 @@
 //! `[cluster]` against a real PostgreSQL (a private cluster, see `tests/support/postgres.rs`):
 //! the archive meets the same contract as SQLite's, the schema is migrated once under a lock,
 //! `synchronous_commit = off` and a newer schema refuse to start, `mailhook check` verifies the
-//! database, and `serve` keeps taking and delivering mail while the database is away, then
-//! archives what waited once it is back.
+//! database, `serve` refuses mail (SMTP 451, `ingest` 75) while the database that holds its
+//! queue is away and takes and delivers mail again once it is back, and the operator commands
+//! work on the shared queue.
 
 mod support;
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::gateway::{Gateway, message};
 use support::postgres::{PASSWORD, Postgres, USER};
+use support::smtp_client::SmtpClient;
 
 fn cluster(url: String) -> ClusterConfig {
     ClusterConfig { postgres: PostgresUrl::new(url), lease: Duration::from_secs(30), ca_file: None }
@@ -62,15 +64,14 @@ fn the_schema_is_migrated_once_by_instances_starting_together() {
         s.join().unwrap().expect("every instance starts");
     }
     let versions = pg.sql(&db, "SELECT version FROM refinery_schema_history ORDER BY version");
-    assert_eq!(versions, "1\n2\n3", "each migration applied once");
-    assert_eq!(schema_version(), 3);
+    assert_eq!(versions, "1\n2\n3\n4", "each migration applied once");
+    assert_eq!(schema_version(), 4);
     for table in [
         "message",
         "message_raw",
         "address",
         "attempt",
         "queue",
-        "dead_letter",
         "imap_checkpoint",
         "imap_seen",
         "folder_lease",
@@ -107,13 +108,18 @@ fn a_newer_schema_refuses_to_start() {
         "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (99, 'later', '2027-01-01', '0')",
     );
     let e = open(pg, &db).err().expect("a newer schema is refused");
-    assert!(matches!(e, ClusterError::Newer { found: 99, known: 3, .. }), "{e:?}");
+    assert!(matches!(e, ClusterError::Newer { found: 99, known: 4, .. }), "{e:?}");
 }
 
 /// A gateway with `[cluster]` on `db`, the password in `PGPASS`, and a file destination.
 fn gateway(pg: &Postgres, db: &str) -> Gateway {
+    gateway_with(pg, db, "")
+}
+
+/// [`gateway`] with more config (listeners) in front.
+fn gateway_with(pg: &Postgres, db: &str, more: &str) -> Gateway {
     let config = format!(
-        "[cluster]\npostgres = \"{}\"\n\n\
+        "{more}[cluster]\npostgres = \"{}\"\n\n\
          [delivery]\nbackoff = {{ initial = \"200ms\", max = \"500ms\" }}\nrate = \"off\"\n\n\
          [destination.out]\ntype = \"file\"\npath = \"out/events.jsonl\"\n",
         pg.url_with(db, "${PGPASS}")
@@ -135,13 +141,13 @@ fn check_verifies_the_database() {
     };
     let (code, text) = run();
     assert_eq!(code, Some(78), "{text}");
-    assert!(text.contains("schema version 0, this mailhook needs 3: start mailhook serve once"), "{text}");
+    assert!(text.contains("schema version 0, this mailhook needs 4: start mailhook serve once"), "{text}");
 
     open(pg, &db).unwrap();
     let (code, text) = run();
     assert_eq!(code, Some(0), "{text}");
     assert!(
-        text.contains(&format!("cluster: postgres://postgres:***@127.0.0.1:{}/{db}, schema version 3", pg.port())),
+        text.contains(&format!("cluster: postgres://postgres:***@127.0.0.1:{}/{db}, schema version 4", pg.port())),
         "{text}"
     );
 
@@ -169,45 +175,67 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// One SMTP transaction of `raw` to `addr`: the reply to the end of data.
+fn smtp_send(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+    let mut c = SmtpClient::connect(addr);
+    c.hello("EHLO", "client.example");
+    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
+    c.expect("RCPT TO:<hook@example.com>", &["250"]);
+    let reply = c.data(raw);
+    let _ = c.cmd("QUIT");
+    format!("{} {}", reply.code, reply.text())
+}
+
 #[test]
-fn serve_delivers_while_the_database_is_away_and_archives_once_it_is_back() {
+fn serve_refuses_mail_while_the_database_is_away_and_resumes_once_it_is_back() {
     // A cluster of its own: this test stops and starts it.
     let pg = Postgres::start();
     let db = pg.database();
     let archived = |pg: &Postgres| -> usize {
         pg.try_sql(&db, "SELECT count(*) FROM message").ok().and_then(|n| n.parse().ok()).unwrap_or(0)
     };
-    pg.stop();
-
-    let mut gw = gateway(&pg, &db);
+    let mut gw = gateway_with(
+        &pg,
+        &db,
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nrecipients = ['@example\\.com$']\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n",
+    );
     gw.start();
-    gw.wait_log("unreachable at start", 1, Duration::from_secs(30), |l| {
-        l["message"].as_str().is_some_and(|m| m.starts_with("archive database unreachable at start"))
-    });
-    let first = gw.ingest(&message(1, "while away"));
+    let smtp = gw.listening("smtp");
+    let admin = gw.listening("admin");
+    let health = |want: u16| {
+        let (status, _, body) = support::gateway::http_get(admin, "/healthz", None);
+        assert_eq!(status, want, "{body}");
+        body
+    };
+    health(200);
+    let first = gw.ingest(&message(1, "before"));
     wait_for("the first delivery", Duration::from_secs(20), || delivered(&gw) == 1);
-
-    pg.restart();
     wait_for("the first message in the archive", Duration::from_secs(30), || archived(&pg) == 1);
     assert_eq!(pg.sql(&db, "SELECT id FROM message"), first);
+    assert_eq!(pg.sql(&db, "SELECT count(*) FROM queue"), "0", "a delivered message leaves the queue");
 
-    // Away mid-run: mail is still taken and delivered; the archive waits.
+    // Away: the queue cannot be written, so nothing is acknowledged.
     pg.stop();
-    let second = gw.ingest(&message(2, "mid-run"));
-    let third = gw.ingest(&message(3, "mid-run"));
-    wait_for("two more deliveries", Duration::from_secs(20), || delivered(&gw) == 3);
-    gw.wait_log("the archive waits", 1, Duration::from_secs(30), |l| {
-        l["message"].as_str().is_some_and(|m| m.starts_with("archive database unreachable; delivery goes on"))
-    });
+    let (code, _, err) = gw.ingest_raw(&message(2, "while away"), &["hook@example.com"]);
+    assert_eq!(code, 75, "ingest keeps the message for the MTA: {err}");
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(!err.contains(PASSWORD), "the password is shown: {err}");
+    let reply = smtp_send(smtp, &message(3, "while away"));
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    let body = health(503);
+    assert!(body.contains("unreachable"), "{body}");
+
+    // Back: serve takes and delivers mail again, without a restart.
     pg.restart();
+    let reply = smtp_send(smtp, &message(4, "after"));
+    assert!(reply.starts_with("250"), "{reply}\n{}", gw.logs());
+    health(200);
+    let fourth = gw.ingest(&message(5, "after"));
+    wait_for("the deliveries after the outage", Duration::from_secs(30), || delivered(&gw) == 3);
     wait_for("every message in the archive", Duration::from_secs(30), || archived(&pg) == 3);
-    gw.wait_log("the database back", 1, Duration::from_secs(10), |l| {
-        l["message"].as_str().is_some_and(|m| m.starts_with("archive database back"))
-    });
-    let ids = pg.sql(&db, "SELECT id FROM message ORDER BY id");
-    let mut expected = [first, second, third];
-    expected.sort();
-    assert_eq!(ids, expected.join("\n"));
+    assert!(pg.sql(&db, "SELECT id FROM message").contains(&fourth));
+    let text = std::fs::read_to_string(gw.path().join("out/events.jsonl")).unwrap();
+    assert!(!text.contains("while away"), "a refused message was delivered: {text}");
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM attempt WHERE outcome = 'delivered'"), "3");
     assert!(!gw.logs().contains(PASSWORD), "the password is logged");
     assert_eq!(gw.stop(), 0, "serve stops cleanly: {}", gw.logs());
@@ -331,4 +359,75 @@ fn writes_stop_waiting_for_a_database_gone_too_long() {
     pg.restart();
     assert!(write(entry()).is_ok(), "back: written again");
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM message"), "2");
+}
+
+#[test]
+fn queue_and_replay_work_on_the_shared_queue() {
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let mut gw = gateway(pg, &db);
+    gw.write_rules("10-test.toml", "[[rule]]\nname = \"orders\"\nto = [\"out\"]\n[rule.when]\nsubject = '^order'\n");
+
+    // Taken by `ingest` with no instance running: in the database, for any instance.
+    let first = gw.ingest(&message(1, "hello"));
+    assert_eq!(pg.sql(&db, "SELECT id || ' ' || state FROM queue"), format!("{first} incoming"));
+    let q = gw.queue();
+    assert_eq!((q.len(), q[0]["id"].as_str(), q[0]["state"].as_str()), (1, Some(first.as_str()), Some("incoming")));
+    let shown = gw.show(&first);
+    assert_eq!(shown["meta"]["id"], first.as_str(), "{shown}");
+    assert_eq!(shown["payload"]["subject"], "hello 1", "{shown}");
+    let (code, out, err) = run(&gw, &["queue", "drop", &first]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{first}: dropped from incoming"));
+    assert!(gw.queue().is_empty());
+    let (code, _, err) = run(&gw, &["queue", "drop", &first]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains("not in the spool"), "{err}");
+
+    // Dead letters of the running instance, replayed by a command with new rules.
+    let second = gw.ingest(&message(2, "shipment"));
+    gw.start();
+    let q = gw.wait_queue(Duration::from_secs(20), "a dead letter", |q| q.len() == 1 && q[0]["state"] == "dead");
+    assert_eq!(q[0]["id"], second.as_str());
+    assert_eq!(q[0]["last_error"], "no rule matched");
+    let (code, _, err) = run(&gw, &["queue", "retry", &second]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the rules still reject it"), "{err}");
+    let (code, out, err) = run(&gw, &["queue", "retry", "--force", &second]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&second), "{out}");
+    gw.wait_queue(Duration::from_secs(20), "dead again", |q| q.len() == 1 && q[0]["state"] == "dead");
+    gw.write_rules(
+        "20-shipments.toml",
+        "[[rule]]\nname = \"shipments\"\nto = [\"out\"]\n[rule.when]\nsubject = '^shipment'\n",
+    );
+    let (code, out, err) = run(&gw, &["replay", "--dead"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("{second}: rule shipments → out"));
+    wait_for("the replayed delivery", Duration::from_secs(20), || delivered(&gw) == 1);
+    gw.wait_queue(Duration::from_secs(20), "an empty queue", |q| q.is_empty());
+    assert_eq!(gw.stop(), 0, "{}", gw.logs());
+
+    // The database away: the commands say so and exit 75, never "not in the spool".
+    let away = gateway(pg, &db);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text =
+        std::fs::read_to_string(away.config()).unwrap().replace(&format!(":{}/", pg.port()), &format!(":{closed}/"));
+    std::fs::write(away.config(), text).unwrap();
+    let out = away.run(&["queue", "drop", "--config", "mailhook.toml", &second]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+}
+
+/// Runs `mailhook ARGS --config mailhook.toml`: (exit code, stdout, stderr).
+fn run(gw: &Gateway, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--config", "mailhook.toml"]);
+    let out = gw.run(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -2,7 +2,8 @@
 //! private PostgreSQL deliver to one hook on 127.0.0.1, which counts what it receives. Each
 //! instance delivers the mail of its own spool, so without sharing each would send at the full
 //! rate; shared, the hook sees the rate once. A 429 answered to one instance pauses them all,
-//! and with the database stopped each instance paces alone with its share of the rate.
+//! and with the database stopped each instance paces the rounds it has in flight alone, with its
+//! share of the rate.
 
 mod support;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use support::gateway::{Gateway, message};
 use support::hook::{HookServer, Recorded};
 use support::postgres::{PASSWORD, Postgres};
+use support::smtp_client::SmtpClient;
 
 /// A gateway of the cluster on `db` whose one destination is `hook` at `rate`.
 fn instance(pg: &Postgres, db: &str, hook: &HookServer, rate: &str) -> Gateway {
@@ -166,12 +168,17 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
             let gw = instance(&pg, &db, &hook, "10/s");
             // Heartbeats every second, so that each soon knows the other.
             let text = std::fs::read_to_string(gw.config()).unwrap();
-            std::fs::write(gw.config(), text.replace("[cluster]\n", "[cluster]\nlease = \"3s\"\n")).unwrap();
+            // An SMTP listener each: a message taken over SMTP is its instance's to deliver.
+            let text = text.replace("[cluster]\n", "[cluster]\nlease = \"3s\"\n");
+            let text = format!("[smtp]\nlisten = [\"127.0.0.1:0\"]\nrecipients = ['@example\\.com$']\n\n{text}");
+            std::fs::write(gw.config(), text).unwrap();
             gw
         })
         .collect();
+    let mut smtp = Vec::new();
     for gw in &mut gws {
         gw.start();
+        smtp.push(gw.listening("smtp"));
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while pg.try_sql(&db, "SELECT count(*) FROM instance").ok().as_deref() != Some("2") {
@@ -179,13 +186,17 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    pg.stop();
-    for (i, gw) in gws.iter().enumerate() {
+    // The queue is in the database: mail is taken while it is up. The first request is told to
+    // wait (a 429 pauses both instances), so the rounds of every message are waiting for their
+    // turn when the database stops; they then pace alone.
+    hook.push_429(8);
+    for (i, addr) in smtp.iter().enumerate() {
         for m in 0..15 {
-            gw.ingest(&message(i * 1000 + m, "split"));
+            send(*addr, &message(i * 1000 + m, "split"));
         }
     }
-    hook.wait_for_accepted(30, Duration::from_secs(30));
+    pg.stop();
+    hook.wait_for_accepted(29, Duration::from_secs(30));
     for gw in &gws {
         gw.wait_log("pacing alone", 1, Duration::from_secs(10), |l| {
             l["message"].as_str().is_some_and(|m| m.starts_with("database unreachable: pacing alone"))
@@ -201,8 +212,8 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     pg.restart();
     // Past the retry, the next message takes its token from the database again.
     std::thread::sleep(Duration::from_secs(5));
-    for (i, gw) in gws.iter().enumerate() {
-        gw.ingest(&message(i * 1000 + 99, "shared again"));
+    for (i, addr) in smtp.iter().enumerate() {
+        send(*addr, &message(i * 1000 + 99, "shared again"));
     }
     hook.wait_for_accepted(32, Duration::from_secs(30));
     let starts = |prefix: &'static str| {
@@ -217,4 +228,15 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     for gw in &mut gws {
         assert_eq!(gw.stop(), 0, "{}", gw.logs());
     }
+}
+
+/// Sends `raw` over SMTP to `addr`; panics unless it is accepted.
+fn send(addr: std::net::SocketAddr, raw: &[u8]) {
+    let mut c = SmtpClient::connect(addr);
+    c.hello("EHLO", "client.example");
+    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
+    c.expect("RCPT TO:<hook@example.com>", &["250"]);
+    let reply = c.data(raw);
+    assert_eq!(reply.code, 250, "{}", c.transcript());
+    let _ = c.cmd("QUIT");
 }

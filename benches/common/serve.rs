@@ -18,10 +18,18 @@ impl Serve {
     /// Starts `serve` in `dir` (which holds `mailhook.toml`, listening on `127.0.0.1:0`), from
     /// `MAILHOOK_BENCH_BIN` when set (to compare two builds), else `bin`. It logs warnings as
     /// JSON to `dir/serve.log`. Returns once its SMTP listener is up.
+    #[allow(dead_code)]
     pub fn spawn(dir: &Path, bin: &str) -> Serve {
+        Serve::spawn_with(dir, bin, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with environment variables (`${VAR}`s of the config).
+    #[allow(dead_code)]
+    pub fn spawn_with(dir: &Path, bin: &str, env: &[(&str, &str)]) -> Serve {
         let log = std::fs::File::create(dir.join("serve.log")).unwrap();
         let child = Command::new(std::env::var("MAILHOOK_BENCH_BIN").unwrap_or_else(|_| bin.to_string()))
             .args(["serve", "--config", "mailhook.toml", "--log-format", "json"])
+            .envs(env.iter().copied())
             .current_dir(dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -138,7 +138,7 @@ pub fn smtp(ctx: &mut Ctx) -> Row {
     gw.start();
     gw.listening("smtp");
     let mut load = SmtpLoad::start(SmtpLoadOptions {
-        addr: ([127, 0, 0, 1], port).into(),
+        addrs: vec![([127, 0, 0, 1], port).into()],
         total,
         sessions: 8,
         per_second: None,

@@ -50,7 +50,7 @@ fn smtp_config(port: u16, delivery: &str, destination: &str) -> String {
 
 fn start_load(port: u16, total: usize, per_second: f64, tag: &'static str) -> SmtpLoad {
     SmtpLoad::start(SmtpLoadOptions {
-        addr: ([127, 0, 0, 1], port).into(),
+        addrs: vec![([127, 0, 0, 1], port).into()],
         total,
         sessions: 8,
         per_second: Some(per_second),

@@ -221,7 +221,9 @@ impl Tally {
 // SMTP
 
 pub struct SmtpLoadOptions {
-    pub addr: SocketAddr,
+    /// Where the sessions connect: session `n` to `addrs[n % addrs.len()]` (several instances
+    /// of a cluster share the load round-robin).
+    pub addrs: Vec<SocketAddr>,
     pub total: usize,
     pub sessions: usize,
     pub per_second: Option<f64>,
@@ -244,7 +246,7 @@ impl SmtpLoad {
                 rt.block_on(async move {
                     let mut sessions = tokio::task::JoinSet::new();
                     for n in 0..opts.sessions {
-                        sessions.spawn(session(n, opts.addr, opts.tag, t.clone()));
+                        sessions.spawn(session(n, opts.addrs[n % opts.addrs.len()], opts.tag, t.clone()));
                     }
                     while sessions.join_next().await.is_some() {}
                 });

@@ -2,7 +2,7 @@
 //! release binary), on loopback, each checking that nothing mailhook acknowledged is lost.
 //!
 //! ```text
-//! scripts/torture [crash|faults|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]
+//! scripts/torture [crash|faults|cluster|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]
 //! cargo bench --bench torture -- crash
 //! ```
 //!
@@ -14,6 +14,10 @@
 //!   timeout above and below that (`webhook-slow-10s`, `webhook-slow-3s`); an email hook relay
 //!   that answers 451, 554 or drops connections (`relay-451`, `relay-554`, `relay-drop`); the
 //!   spool's file system turning read-only (`spool-readonly`, needs root to mount a tmpfs).
+//! - `cluster` ([`cluster`]): three instances sharing one private PostgreSQL, their queue in it:
+//!   `kill -9` of one of them at random 6 times during an SMTP load of 10,000 messages sent
+//!   round-robin (`cluster-kill`), and PostgreSQL stopped for 15 s under load
+//!   (`cluster-dbdown`). Needs Debian's `postgresql`.
 //!
 //! Every scenario starts its own gateway (a temporary directory with `mailhook.toml`, a
 //! catch-all rule and the spool; see `tests/support/gateway.rs`), its own receivers and its own
@@ -27,6 +31,7 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod cluster;
 mod crash;
 mod faults;
 mod load;
@@ -47,6 +52,8 @@ pub const SECRET: &str = "torture-secret-4f1c9a";
 type Scenario = (&'static str, fn(&mut Ctx) -> Row);
 
 const CRASH: &[Scenario] = &[("crash-smtp", crash::smtp), ("crash-ingest", crash::ingest), ("crash-imap", crash::imap)];
+
+const CLUSTER: &[Scenario] = &[("cluster-kill", cluster::kill), ("cluster-dbdown", cluster::dbdown)];
 
 const FAULTS: &[Scenario] = &[
     ("webhook-down", faults::webhook_down),
@@ -145,9 +152,9 @@ pub fn subject_seq(raw: &[u8]) -> Option<u64> {
 }
 
 fn usage() -> ! {
-    let names: Vec<&str> = CRASH.iter().chain(FAULTS).map(|(n, _)| *n).collect();
+    let names: Vec<&str> = CRASH.iter().chain(FAULTS).chain(CLUSTER).map(|(n, _)| *n).collect();
     eprintln!(
-        "usage: torture [crash|faults|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]\nscenarios: {}",
+        "usage: torture [crash|faults|cluster|all|SCENARIO...] [--quick] [--seed N] [--keep-logs]\nscenarios: {}",
         names.join(", ")
     );
     std::process::exit(64);
@@ -200,8 +207,9 @@ fn main() {
         match name.as_str() {
             "crash" => chosen.extend(CRASH),
             "faults" => chosen.extend(FAULTS),
-            "all" => chosen.extend(CRASH.iter().chain(FAULTS)),
-            other => match CRASH.iter().chain(FAULTS).find(|(n, _)| *n == other) {
+            "cluster" => chosen.extend(CLUSTER),
+            "all" => chosen.extend(CRASH.iter().chain(FAULTS).chain(CLUSTER)),
+            other => match CRASH.iter().chain(FAULTS).chain(CLUSTER).find(|(n, _)| *n == other) {
                 Some(s) => chosen.push(*s),
                 None => usage(),
             },

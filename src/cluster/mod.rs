@@ -169,13 +169,18 @@ impl Target {
     }
 
     pub fn pool(&self) -> Result<Pool, ClusterError> {
+        self.pool_of(POOL_SIZE)
+    }
+
+    /// A pool of at most `size` connections.
+    pub fn pool_of(&self, size: usize) -> Result<Pool, ClusterError> {
         let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let manager = match &self.tls {
             None => Manager::from_config(self.config.clone(), tokio_postgres::NoTls, manager_config),
             Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), manager_config),
         };
         Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(POOL_WAIT))

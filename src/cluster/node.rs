@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! instance(id PK, host, started_at, heartbeat_at)          one row per instance, renewed every lease/3
+//! queue(id PK, ..., lease_owner, lease_until)               the shared spool (spool::postgres); the
+//!                                                           heartbeat renews this instance's claims
 //! folder_lease(account, folder PK, owner, until, heartbeat_at)
 //! imap_seen(account, folder, uidvalidity, uid PK, fingerprint, message_id)   permanent ledger
 //! imap_checkpoint(account, folder PK, uidvalidity, last_uid)
@@ -66,6 +68,8 @@ pub struct Node {
     ready: OnceCell<()>,
     held: Mutex<BTreeSet<FolderKey>>,
     peers: Mutex<Vec<Peer>>,
+    /// Messages of the shared queue this instance held at the last heartbeat.
+    claims: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -87,6 +91,7 @@ impl Node {
             ready: OnceCell::new(),
             held: Mutex::new(BTreeSet::new()),
             peers: Mutex::new(Vec::new()),
+            claims: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -115,6 +120,12 @@ impl Node {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
+    /// How many messages of the shared queue this instance held (claimed, lease renewed) at
+    /// the last heartbeat.
+    pub fn claims(&self) -> u64 {
+        self.claims.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The peers seen at the last heartbeat.
     pub fn peers(&self) -> Vec<Peer> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -125,10 +136,21 @@ impl Node {
         self.pool.get().await.map_err(|e| self.target.pool_error(e))
     }
 
-    /// Records this instance as alive and refreshes the list of peers.
+    /// Records this instance as alive, renews the leases of the queue's messages it holds,
+    /// and refreshes the list of peers.
     pub async fn heartbeat(&self) -> Result<(), ClusterError> {
         let client = self.client().await?;
         let q = |e| self.target.query_error(e);
+        let lease = self.lease.as_secs_f64();
+        let claims = client
+            .execute(
+                "UPDATE queue SET lease_until = now() + make_interval(secs => $2)
+                 WHERE lease_owner = $1 AND state <> 'dead'",
+                &[&self.id, &lease],
+            )
+            .await
+            .map_err(q)?;
+        self.claims.store(claims, std::sync::atomic::Ordering::Relaxed);
         client
             .execute(
                 "INSERT INTO instance (id, host) VALUES ($1, $2)
@@ -154,11 +176,21 @@ impl Node {
         Ok(())
     }
 
-    /// Leaves the cluster at shutdown: gives up every folder (peers take them at once) and
-    /// removes the instance row.
+    /// Leaves the cluster at shutdown: gives up every folder and every claim on the queue's
+    /// messages (peers take them at once) and removes the instance row.
     pub async fn leave(&self) -> Result<(), ClusterError> {
         let client = self.client().await?;
         let q = |e| self.target.query_error(e);
+        client
+            .execute(
+                "UPDATE queue SET lease_owner = NULL, lease_until = NULL,
+                   state = CASE WHEN state = 'active' THEN 'deferred' ELSE state END
+                 WHERE lease_owner = $1",
+                &[&self.id],
+            )
+            .await
+            .map_err(q)?;
+        self.claims.store(0, std::sync::atomic::Ordering::Relaxed);
         client.execute("DELETE FROM folder_lease WHERE owner = $1", &[&self.id]).await.map_err(q)?;
         client.execute("DELETE FROM instance WHERE id = $1", &[&self.id]).await.map_err(q)?;
         self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -98,6 +98,14 @@ pub(crate) fn open_spool(config_path: &Path) -> Result<(Config, crate::spool::Sp
         Exit::Config
     })?;
     let dir = config.resolve(&config.spool.dir);
+    if let Some(cluster) = &config.cluster {
+        // The queue is in the cluster's database; this command claims nothing.
+        let spool = crate::spool::Spool::open_cluster(cluster, &|p| config.resolve(p), None, &dir).map_err(|e| {
+            eprintln!("cannot use the spool: {e}");
+            Exit::TempFail
+        })?;
+        return Ok((config, spool));
+    }
     if !dir.is_dir() {
         eprintln!("spool directory {} does not exist (mailhook serve creates it)", dir.display());
         return Err(Exit::TempFail);

@@ -126,9 +126,16 @@ pub fn list(config_path: &Path, as_json: bool) -> Exit {
 }
 
 fn find(spool: &Spool, id: &str) -> Result<(State, Meta), Exit> {
-    let Some(state) = spool.find(id) else {
-        eprintln!("{id}: not in the spool");
-        return Err(Exit::DataErr);
+    let state = match spool.lookup(id) {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            eprintln!("{id}: not in the spool");
+            return Err(Exit::DataErr);
+        }
+        Err(e) => {
+            eprintln!("{id}: {e}");
+            return Err(Exit::TempFail);
+        }
     };
     spool.read_meta(state, id).map(|m| (state, m)).map_err(|e| {
         eprintln!("{id}: {e}");
@@ -319,16 +326,21 @@ pub fn drop(config_path: &Path, ids: &[String]) -> Exit {
     };
     let mut exit = Exit::Ok;
     for id in ids {
-        let state = match spool.find(id) {
-            Some(State::Active) => {
+        let state = match spool.lookup(id) {
+            Ok(Some(State::Active)) => {
                 eprintln!("{id}: being delivered right now; try again in a moment");
                 exit = exit.max(Exit::Failed);
                 continue;
             }
-            Some(s) => s,
-            None => {
+            Ok(Some(s)) => s,
+            Ok(None) => {
                 eprintln!("{id}: not in the spool");
                 exit = exit.max(Exit::DataErr);
+                continue;
+            }
+            Err(e) => {
+                eprintln!("{id}: {e}");
+                exit = exit.max(Exit::TempFail);
                 continue;
             }
         };
@@ -419,7 +431,8 @@ pub fn wait(spool: &Spool, ids: &[String], timeout: std::time::Duration) -> Exit
     let mut exit = Exit::Ok;
     for id in ids {
         let settled = loop {
-            let state = spool.find(id);
+            // A spool that cannot be read now (the cluster's database away) says nothing yet.
+            let state = spool.lookup(id).unwrap_or(Some(State::Incoming));
             let settled = match state {
                 None => Some(Settled::Delivered),
                 Some(State::Dead) => Some(Settled::Dead(

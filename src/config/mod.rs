@@ -1097,7 +1097,8 @@ impl Config {
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-        Config::check_text_with(&text, path, &base, &|name| std::env::var(name).ok(), &["spool", "rules"]).into_result()
+        Config::check_text_with(&text, path, &base, &|name| std::env::var(name).ok(), &["spool", "rules", "cluster"])
+            .into_result()
     }
 
     /// Parses config text; `env` looks up `${VAR}`s. `file` is only used in error messages.

@@ -130,6 +130,13 @@ impl AdminState {
         problems.extend(self.metrics.listeners().iter().filter_map(|l| l.problem(now)));
         problems.extend(self.metrics.folders().iter().filter_map(|f| f.problem(now)));
         let (spool, n) = (self.spool.clone(), self.probes.fetch_add(1, Ordering::Relaxed));
+        if spool.shared().is_some() {
+            // The queue is the cluster's database: it must answer.
+            if let Err(e) = spool.probe_async().await {
+                problems.push(e.to_string());
+            }
+            return problems;
+        }
         match tokio::task::spawn_blocking(move || probe_spool(&spool, n)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => problems.push(e.to_string()),
@@ -192,6 +199,7 @@ fn cluster_health(node: &Node) -> serde_json::Value {
         "instance": node.id(),
         "host": node.host(),
         "leases": leases,
+        "claims": node.claims(),
         "peers": node.peers(),
     })
 }
@@ -206,6 +214,9 @@ fn cluster_metrics(node: &Node) -> String {
     out.push_str("# HELP mailhook_cluster_peers Other instances with a heartbeat within three leases.\n");
     out.push_str("# TYPE mailhook_cluster_peers gauge\n");
     out.push_str(&format!("mailhook_cluster_peers {}\n", node.peers().len()));
+    out.push_str("# HELP mailhook_cluster_claims Messages of the shared queue this instance holds (claimed, lease renewed at the last heartbeat).\n");
+    out.push_str("# TYPE mailhook_cluster_claims gauge\n");
+    out.push_str(&format!("mailhook_cluster_claims {}\n", node.claims()));
     out.push_str("# HELP mailhook_cluster_folder_lease IMAP folders this instance holds the lease of (value 1).\n");
     out.push_str("# TYPE mailhook_cluster_folder_lease gauge\n");
     for k in node.held() {

@@ -75,7 +75,21 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
 
     let spool_dir = config.resolve(&config.spool.dir);
-    let spool = Spool::open(&spool_dir, SpoolOptions { fsync: config.spool.fsync })?;
+    let node = match &config.cluster {
+        Some(cluster) => {
+            let node = crate::cluster::Node::open(cluster, &|p| config.resolve(p))?;
+            info!(instance = %node.id(), host = %node.host(), "cluster instance");
+            Some(node)
+        }
+        None => None,
+    };
+    let spool = match (&config.cluster, &node) {
+        // The queue is in the shared database: every instance can deliver every message.
+        (Some(cluster), Some(node)) => {
+            Spool::open_cluster(cluster, &|p| config.resolve(p), Some(node.id().to_string()), &spool_dir)?
+        }
+        _ => Spool::open(&spool_dir, SpoolOptions { fsync: config.spool.fsync })?,
+    };
     let _lock = spool.lock()?;
     let spool_for_recovery = spool.clone();
     let recovery = tokio::task::spawn_blocking(move || spool_for_recovery.recover())
@@ -112,14 +126,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Some(Arc::new(opened))
         }
         (_, None) => None,
-    };
-    let node = match &config.cluster {
-        Some(cluster) => {
-            let node = crate::cluster::Node::open(cluster, &|p| config.resolve(p))?;
-            info!(instance = %node.id(), host = %node.host(), "cluster instance");
-            Some(node)
-        }
-        None => None,
     };
     let writer = archive.clone().map(ArchiveWriter::start);
     let lifecycle = Lifecycle::start(&config, &spool_dir, &metrics)?;
@@ -224,6 +230,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     info!("shutting down");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    // Rounds in flight finish (or their grace ends) before the claims are given up.
+    let _ = workers.await;
     if let Some(node) = &node {
         // Peers take this instance's folders at once rather than when the leases lapse.
         match tokio::time::timeout(Duration::from_secs(5), node.leave()).await {
@@ -232,7 +240,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Err(_) => warn!("cannot leave the cluster in time; its folder leases lapse"),
         }
     }
-    let _ = workers.await;
     if let Some(drift) = &lifecycle.observer.drift {
         // What the last rounds counted, after the saver's last pass.
         if let Err(e) = drift.save() {

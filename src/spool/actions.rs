@@ -20,7 +20,7 @@ pub enum ActionError {
 /// Where a message is and its metadata; refuses ids that are not spool ids and messages being
 /// delivered right now.
 pub fn locate(spool: &Spool, id: &str) -> Result<(State, Meta), ActionError> {
-    let state = spool.find(id).ok_or_else(|| ActionError::NotFound(id.to_string()))?;
+    let state = spool.lookup(id)?.ok_or_else(|| ActionError::NotFound(id.to_string()))?;
     if state == State::Active {
         return Err(ActionError::Busy(id.to_string()));
     }
@@ -64,7 +64,7 @@ pub fn retry(spool: &Spool, id: &str) -> Result<State, ActionError> {
 
 /// `queue drop` for one message: removed from the spool. Returns the state it was in.
 pub fn drop(spool: &Spool, id: &str) -> Result<State, ActionError> {
-    let state = spool.find(id).ok_or_else(|| ActionError::NotFound(id.to_string()))?;
+    let state = spool.lookup(id)?.ok_or_else(|| ActionError::NotFound(id.to_string()))?;
     if state == State::Active {
         return Err(ActionError::Busy(id.to_string()));
     }

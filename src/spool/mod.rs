@@ -4,6 +4,10 @@
 //! ingest ──► spool ──► pipeline (parse ─► rules ─► deliver) ──► spool (done / deferred / dead)
 //! ```
 //!
+//! With `[cluster]` the same states and the same calls are kept in PostgreSQL instead, shared by
+//! every instance, with claims and leases ([`postgres`]; [`Spool::open_cluster`]): each public
+//! call below goes there when the spool was opened so. What follows describes the files.
+//!
 //! # On-disk format
 //!
 //! ```text
@@ -73,6 +77,7 @@ mod file;
 mod inbox;
 mod legacy;
 mod meta;
+pub mod postgres;
 
 use crate::model::{Envelope, Source};
 use db::{Db, Op, Raw};
@@ -152,6 +157,9 @@ pub enum SpoolError {
     Stopped,
     #[error("{0:?} is not a message id (a ULID such as 01JD4Z6W8Q2M3N4P5R6S7T8V9X)")]
     BadId(String),
+    /// The queue in PostgreSQL (`[cluster]`) could not be read or written.
+    #[error("spool: {0}")]
+    Database(#[from] crate::cluster::ClusterError),
 }
 
 /// Checks that `id` is a ULID in its canonical form (26 characters of Crockford's base 32, as
@@ -223,6 +231,8 @@ impl Default for SpoolOptions {
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
+    /// With `[cluster]`: the queue in PostgreSQL, which every public call below goes to.
+    pg: Option<Arc<postgres::PgQueue>>,
 }
 
 struct Inner {
@@ -263,7 +273,35 @@ impl Spool {
         let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
             inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
+            pg: None,
         })
+    }
+
+    /// The spool of `[cluster]`: the queue in PostgreSQL (see [`postgres`]). `owner` is the
+    /// serving instance's id (it claims messages; `None` for the commands); `dir` the local
+    /// directory `dir()` names (for what an instance keeps of its own). Connects lazily.
+    pub fn open_cluster(
+        cluster: &crate::config::ClusterConfig,
+        base: &dyn Fn(&Path) -> PathBuf,
+        owner: Option<String>,
+        dir: &Path,
+    ) -> Result<Spool, SpoolError> {
+        let pg = postgres::PgQueue::open(cluster, base, owner, dir)?;
+        // The local database is not used for messages then; it is opened so that the spool has
+        // one shape whichever backend holds the queue.
+        private_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
+        let path = dir.join(db::DB_FILE);
+        let conn = db::open(&path, false)?;
+        let db = Db::start(conn, path, false).map_err(|e| SpoolError::io(dir, e))?;
+        Ok(Spool {
+            inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
+            pg: Some(Arc::new(pg)),
+        })
+    }
+
+    /// The queue in PostgreSQL, when the spool is shared by a cluster.
+    pub fn shared(&self) -> Option<&postgres::PgQueue> {
+        self.pg.as_deref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -277,20 +315,35 @@ impl Spool {
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`.
     pub fn probe(&self) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.probe();
+        }
         probe(&self.inner.dir)
+    }
+
+    /// [`probe`](Self::probe) from async code.
+    pub async fn probe_async(&self) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.probe_async().await;
+        }
+        self.probe()
     }
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.
     ///
     /// The lock file is held open read-only (`flock(2)` needs no more).
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        if self.pg.is_some() {
+            // Instances share the queue: nothing to hold alone.
+            return Ok(SpoolLock { _file: None });
+        }
         let path = self.inner.dir.join("lock");
         if !path.exists() {
             private_file_keep(&path).map_err(|e| SpoolError::io(&path, e))?;
         }
         let file = File::open(&path).map_err(|e| SpoolError::io(&path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(SpoolLock { _file: file }),
+            Ok(()) => Ok(SpoolLock { _file: Some(file) }),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(SpoolError::Locked(self.inner.dir.clone())),
             Err(e) => Err(SpoolError::io(&path, e.into())),
         }
@@ -325,6 +378,9 @@ impl Spool {
     /// What the spool holds, for `/metrics` and the console (no metadata is read: a spool id
     /// is a ULID, which carries the time the message was received).
     pub fn gauges(&self) -> Result<crate::metrics::SpoolGauges, SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.gauges();
+        }
         let (counts, oldest) = self.inner.db.read(|c| {
             let mut stmt = c.prepare_cached("SELECT state, count(*) FROM message GROUP BY state")?;
             let counts: Vec<(String, i64)> =
@@ -348,15 +404,33 @@ impl Spool {
 
     /// Ids in `state`, oldest first.
     pub fn list(&self, state: State) -> Result<Vec<String>, SpoolError> {
+        if let Some(pg) = &self.pg {
+            return pg.list(state);
+        }
         self.inner.db.read(|c| {
             let mut stmt = c.prepare_cached("SELECT id FROM message WHERE state = ?1 ORDER BY id")?;
             stmt.query_map([state.dir_name()], |r| r.get(0))?.collect()
         })
     }
 
+    /// [`find`](Self::find), telling a spool that cannot be read (the cluster's database away)
+    /// from a message that is not there.
+    pub fn lookup(&self, id: &str) -> Result<Option<State>, SpoolError> {
+        match &self.pg {
+            Some(pg) if is_id(id) => pg.find(id),
+            _ => Ok(self.find(id)),
+        }
+    }
+
     /// Which state `id` is in, if it is in the spool.
     pub fn find(&self, id: &str) -> Option<State> {
         check_id(id).ok()?;
+        if let Some(pg) = &self.pg {
+            return pg.find(id).unwrap_or_else(|e| {
+                tracing::warn!(id, error = %e, "cannot look the message up in the queue");
+                None
+            });
+        }
         let name: Option<String> = self
             .inner
             .db
@@ -381,6 +455,9 @@ impl Spool {
         raw_up_to: u64,
     ) -> Result<(Meta, Option<Vec<u8>>), SpoolError> {
         check_id(id)?;
+        if let Some(pg) = &self.pg {
+            return pg.read_meta_with_raw(state, id, raw_up_to);
+        }
         let limit = raw_up_to.min(db::BOUND_RAW as u64) as i64;
         let row: Option<(String, Option<Vec<u8>>)> = self.inner.db.read(|c| {
             c.prepare_cached(
@@ -399,6 +476,9 @@ impl Spool {
     /// The message exactly as received.
     pub fn read_raw(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
         check_id(id)?;
+        if let Some(pg) = &self.pg {
+            return pg.read_raw(id);
+        }
         let raw = self.inner.db.read(|c| {
             let row: Option<(i64, i64)> = c
                 .prepare_cached(
@@ -418,11 +498,19 @@ impl Spool {
     /// Moves `id` from one state to another, durably, with new metadata if given. With
     /// `from == to` it only replaces the metadata. `NotFound` when `id` is not in `from`.
     pub async fn transition(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.transition(id, from, to, meta).await;
+        }
         self.inner.db.submit(Self::transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
     pub fn transition_blocking(&self, id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.transition_blocking(id, from, to, meta);
+        }
         self.inner.db.submit_blocking(Self::transition_op(id, from, to, meta)?)
     }
 
@@ -438,16 +526,29 @@ impl Spool {
 
     /// Deletes a message (delivered, dropped, or `queue drop`), durably.
     pub async fn remove(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.remove(id, from).await;
+        }
         self.inner.db.submit(Self::remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
     pub fn remove_blocking(&self, id: &str, from: State) -> Result<(), SpoolError> {
+        if let Some(pg) = &self.pg {
+            check_id(id)?;
+            return pg.remove_blocking(id, from);
+        }
         self.inner.db.submit_blocking(Self::remove_op(id, from)?)
     }
 
     /// The recovery pass of invariant 6. Call with the lock held, before serving.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
+        if self.pg.is_some() {
+            // Nothing to repair: a row is written in one transaction, and the claims of an
+            // instance that stopped lapse with their leases.
+            return Ok(Recovery::default());
+        }
         let mut report = Recovery::default();
         let tmp = self.inner.dir.join("tmp");
         let now = SystemTime::now();
@@ -530,7 +631,7 @@ fn older_than(entry: &fs::DirEntry, now: SystemTime, age: Duration) -> bool {
 
 /// Holds the spool's exclusive lock.
 pub struct SpoolLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 /// A message being received: raw bytes are kept in memory, or past [`SPILL`] bytes streamed to
@@ -567,6 +668,15 @@ impl Draft {
         self.fingerprint = Some(fingerprint);
     }
 
+    /// The metadata and raw bytes of a draft for the cluster's queue (held in memory whole).
+    fn finish_buffer(&mut self, mut envelope: Envelope) -> Result<(Meta, Vec<u8>), SpoolError> {
+        let raw = std::mem::take(&mut self.buf);
+        envelope.id = self.id.clone();
+        let mut meta = Meta::new(envelope, self.size);
+        meta.fingerprint = self.fingerprint.take();
+        Ok((meta, raw))
+    }
+
     fn finish(&mut self, mut envelope: Envelope) -> Result<(Op, Meta), SpoolError> {
         envelope.id = self.id.clone();
         let mut meta = Meta::new(envelope, self.size);
@@ -592,6 +702,11 @@ impl Draft {
     /// Makes the message durable in `incoming` and returns its metadata (`meta.id` is the
     /// spool id). Only after `Ok` may the sender be told.
     pub async fn commit(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        if let Some(pg) = self.spool.pg.clone() {
+            let (meta, raw) = self.finish_buffer(envelope)?;
+            pg.insert(meta.clone(), raw).await?;
+            return Ok(meta);
+        }
         let (op, meta) = self.finish(envelope)?;
         self.spool.inner.db.submit(op).await?;
         Ok(meta)
@@ -599,6 +714,11 @@ impl Draft {
 
     /// [`commit`](Self::commit) for non-async callers.
     pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
+        if let Some(pg) = self.spool.pg.clone() {
+            let (meta, raw) = self.finish_buffer(envelope)?;
+            pg.insert_blocking(meta.clone(), raw)?;
+            return Ok(meta);
+        }
         let (op, meta) = self.finish(envelope)?;
         self.spool.inner.db.submit_blocking(op)?;
         Ok(meta)
@@ -620,7 +740,8 @@ impl Draft {
 
 impl Write for Draft {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.spill.is_none() && self.buf.len() + buf.len() <= SPILL {
+        // The cluster's queue takes the message whole: a draft for it never spills.
+        if self.spool.pg.is_some() || (self.spill.is_none() && self.buf.len() + buf.len() <= SPILL) {
             self.buf.extend_from_slice(buf);
         } else {
             self.spill()?.write_all(buf)?;

@@ -51,6 +51,8 @@ pub struct Postgres {
     owned: bool,
     /// With TLS: the CA that issued the server's certificate (for `localhost` and 127.0.0.1).
     ca_file: Option<PathBuf>,
+    /// Flush commits to disk (`fsync = on`), as a production server does: for benchmarks.
+    durable: bool,
 }
 
 impl Postgres {
@@ -60,6 +62,21 @@ impl Postgres {
         let pg = Postgres::init();
         pg.start_server();
         pg
+    }
+
+    /// Starts a cluster that flushes its commits to disk (`fsync = on`, PostgreSQL's default), so
+    /// that a benchmark measures what a production server does.
+    #[track_caller]
+    pub fn start_durable() -> Postgres {
+        let mut pg = Postgres::init();
+        pg.durable = true;
+        pg.start_server();
+        pg
+    }
+
+    /// The server's process id (the postmaster), from its `postmaster.pid`.
+    pub fn pid(&self) -> Option<u32> {
+        fs::read_to_string(self.root.join("data/postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
     }
 
     /// Starts a cluster of this test's own that also offers TLS (`ssl = on`), with a
@@ -194,7 +211,7 @@ impl Postgres {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid)).expect("chown postgres temp dir");
         }
         let port = TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("addr").port();
-        let pg = Postgres { root, port, as_postgres, owned: true, ca_file: None };
+        let pg = Postgres { root, port, as_postgres, owned: true, ca_file: None, durable: false };
         let pwfile = pg.root.join("pwfile");
         fs::write(&pwfile, PASSWORD).expect("write pwfile");
         if as_postgres {
@@ -223,9 +240,10 @@ impl Postgres {
     #[track_caller]
     fn start_server(&self) {
         let mut options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
             self.port,
-            self.root.display()
+            self.root.display(),
+            if self.durable { "on" } else { "off" }
         );
         if self.ca_file.is_some() {
             let tls = self.root.join("tls");
