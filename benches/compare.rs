@@ -38,7 +38,7 @@ mod proc;
 use proc::{clock_ticks, proc_field, stat_ticks};
 #[path = "common/serve.rs"]
 mod serve;
-use serve::{Serve, reply};
+use serve::{Serve, load_message, reply, write_webhook_config};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -85,18 +85,6 @@ async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Re
 // ---------------------------------------------------------------------------------------------
 // The load client
 
-fn message(seq: u64, size: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Legacy ERP <erp@example.com>\r\nTo: hook@example.com\r\nSubject: bench {seq}\r\n\
-         Message-ID: <bench-{seq}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\n"
-    );
-    while m.len() < size {
-        m.push_str("Job NIGHTLY_EXPORT finished with warnings; see the attached log for details.\r\n");
-    }
-    m.push_str(".\r\n");
-    m.into_bytes()
-}
-
 /// Sends one message on a connection of its own; whether it was answered 250.
 fn send_one(addr: SocketAddr, seq: u64, size: usize) -> bool {
     let Ok(stream) = TcpStream::connect(addr) else { return false };
@@ -117,7 +105,7 @@ fn send_one(addr: SocketAddr, seq: u64, size: usize) -> bool {
     if (mail, rcpt, data) != (250, 250, 354) {
         return false;
     }
-    let _ = writer.write_all(&message(seq, size));
+    let _ = writer.write_all(&load_message("bench", seq, size));
     let ok = reply(&mut reader) == 250;
     let _ = writer.write_all(b"QUIT\r\n");
     let _ = reply(&mut reader);
@@ -240,19 +228,7 @@ fn start_smtp_sink(program: &Path) -> (Gateway, SocketAddr) {
 }
 
 fn start_mailhook(dir: &Path, sink: SocketAddr, archive: bool) -> (Gateway, SocketAddr) {
-    std::fs::create_dir_all(dir.join("rules")).unwrap();
-    std::fs::write(
-        dir.join("mailhook.toml"),
-        format!(
-            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
-             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
-             [archive]\nenabled = {archive}\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
+    write_webhook_config(dir, sink, archive, "");
     let serve = Serve::spawn(dir, BIN);
     let addr = serve.smtp;
     (Gateway::Mailhook(serve), addr)

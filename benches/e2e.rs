@@ -43,7 +43,7 @@ mod proc;
 use proc::{clock_ticks, context_switches, proc_field, stat_ticks};
 #[path = "common/serve.rs"]
 mod serve;
-use serve::{Serve, reply};
+use serve::{Serve, load_message, reply, write_webhook_config};
 #[path = "common/sink.rs"]
 mod sink;
 #[path = "../tests/support/mod.rs"]
@@ -94,18 +94,6 @@ async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Re
 // ---------------------------------------------------------------------------------------------
 // The load client
 
-fn message(seq: u64, size: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: Legacy ERP <erp@example.com>\r\nTo: hook@example.com\r\nSubject: e2e {seq}\r\n\
-         Message-ID: <e2e-{seq}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\n"
-    );
-    while m.len() < size {
-        m.push_str("Job NIGHTLY_EXPORT finished with warnings; see the attached log for details.\r\n");
-    }
-    m.push_str(".\r\n");
-    m.into_bytes()
-}
-
 /// One session sending `seqs`; returns (seq, time just before the end of DATA) of each
 /// message answered 250.
 fn session(addr: SocketAddr, seqs: Vec<u64>, size: usize) -> Vec<(u64, Instant)> {
@@ -118,7 +106,7 @@ fn session(addr: SocketAddr, seqs: Vec<u64>, size: usize) -> Vec<(u64, Instant)>
     assert_eq!(reply(&mut reader), 250);
     let mut acked = Vec::with_capacity(seqs.len());
     for seq in seqs {
-        let body = message(seq, size);
+        let body = load_message("e2e", seq, size);
         writer.write_all(b"MAIL FROM:<erp@example.com>\r\nRCPT TO:<hook@example.com>\r\nDATA\r\n").unwrap();
         let (mail, rcpt, data) = (reply(&mut reader), reply(&mut reader), reply(&mut reader));
         if (mail, rcpt, data) != (250, 250, 354) {
@@ -167,28 +155,14 @@ fn postgres_ticks(pg: &Postgres) -> u64 {
 fn start_serve(dir: &Path, sink: SocketAddr, cluster: Option<(&Postgres, &str)>) -> Serve {
     // The archive is on, as by default, unless MAILHOOK_BENCH_ARCHIVE=off.
     let archive = std::env::var("MAILHOOK_BENCH_ARCHIVE").as_deref() != Ok("off");
-    std::fs::create_dir_all(dir.join("rules")).unwrap();
     // MAILHOOK_BENCH_DRIFT=off runs without drift alarms, to compare their cost side by side.
     let drift = match std::env::var("MAILHOOK_BENCH_DRIFT").as_deref() {
         Ok("off") => "[drift]\nenabled = false\n",
         _ => "",
     };
-    std::fs::write(
-        dir.join("mailhook.toml"),
-        format!(
-            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
-             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
-             [archive]\nenabled = {archive}\n{drift}{}",
-            cluster.map_or(String::new(), |(pg, db)| format!(
-                "[cluster]\npostgres = \"{}\"\n",
-                pg.url_with(db, "${PGPASS}")
-            ))
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
+    let cluster = cluster
+        .map_or(String::new(), |(pg, db)| format!("[cluster]\npostgres = \"{}\"\n", pg.url_with(db, "${PGPASS}")));
+    write_webhook_config(dir, sink, archive, &format!("{drift}{cluster}"));
     Serve::spawn_with(dir, BIN, &[("PGPASS", support::postgres::PASSWORD)])
 }
 

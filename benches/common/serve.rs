@@ -68,3 +68,38 @@ pub fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
         }
     }
 }
+
+/// Writes `dir/mailhook.toml` and one catch-all rule for the end-to-end benches: SMTP on a free
+/// loopback port, a `webhook` destination at `sink`, `[delivery] rate = "off"`,
+/// `concurrency = 32`, the archive on or off; `extra` (more sections) is appended.
+#[allow(dead_code)]
+pub fn write_webhook_config(dir: &Path, sink: SocketAddr, archive: bool, extra: &str) {
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(
+        dir.join("mailhook.toml"),
+        format!(
+            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
+             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
+             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
+             [archive]\nenabled = {archive}\n{extra}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("rules/10-all.toml"), "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n").unwrap();
+}
+
+/// A load message of at least `size` bytes whose subject is `"{tag} {seq}"`, with DATA's final
+/// dot.
+#[allow(dead_code)]
+pub fn load_message(tag: &str, seq: u64, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Legacy ERP <erp@example.com>\r\nTo: hook@example.com\r\nSubject: {tag} {seq}\r\n\
+         Message-ID: <{tag}-{seq}@example.com>\r\nDate: Tue, 01 Dec 2026 09:30:00 +0100\r\n\r\n"
+    );
+    while m.len() < size {
+        m.push_str("Job NIGHTLY_EXPORT finished with warnings; see the attached log for details.\r\n");
+    }
+    m.push_str(".\r\n");
+    m.into_bytes()
+}
