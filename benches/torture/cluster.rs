@@ -29,8 +29,7 @@
 //! none is lost). The ledger ends with one row per message, naming a spool id that was
 //! delivered; the folder ends empty and `Done` full.
 
-use crate::load::message;
-use crate::load::{SmtpLoad, SmtpLoadOptions, Tally};
+use crate::load::{SmtpLoad, SmtpLoadOptions, Tally, message};
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::Sink;
 use crate::support::dovecot::{self, Dovecot, USER};
@@ -79,7 +78,7 @@ fn instances(ctx: &Ctx, pg: &Postgres, db: &str, sink: &Sink) -> Vec<(Gateway, S
 
 /// Messages still in the shared queue (`None` while the database does not answer).
 fn queued(pg: &Postgres, db: &str) -> Option<usize> {
-    pg.try_sql(db, "SELECT count(*) FROM queue").ok()?.parse().ok()
+    count(pg, db, "SELECT count(*) FROM queue")
 }
 
 /// Waits until the shared queue is empty, checks it has no dead letter, and stops every
