@@ -9,21 +9,36 @@
 //!   in the middle of it and started again. While it is away the listeners answer `451 4.3.0`
 //!   (the load sends those messages again later); once it is back, delivery resumes with no
 //!   restart of any instance.
+//! - **cluster-imap**: a backlog of 2,000 messages in one folder of a private Dovecot, watched
+//!   by three instances with `after = "move:Done"`; the holder of the folder's lease is
+//!   `kill -9`'d once mid-way through the fetch (by the ledger's rows) and restarted; a survivor
+//!   takes the folder over once the lease has passed and goes on where the ledger says.
 //!
 //! Invariants: nothing acknowledged is lost; every request carries its spool id as its
 //! `Idempotency-Key`, so a duplicate has the key of its first delivery; a spool id delivered
-//! twice had its first delivery in flight at a kill (cluster-kill) or around the outage
-//! (cluster-dbdown); the queue ends empty; neither the destination's secret nor the database
-//! password shows in any log.
+//! twice had its first delivery in flight at a kill (cluster-kill, cluster-imap) or around the
+//! outage (cluster-dbdown); the queue ends empty; neither the destination's secret nor the
+//! database password shows in any log.
+//!
+//! cluster-imap adds: every message of the folder is spooled exactly once, except in the one
+//! crash window of `docs/design.md` ("IMAP folders"): committed to the shared queue, not yet in
+//! the dedupe ledger when its watcher died. So a message may be spooled twice only when its
+//! first spool id was created before the kill (at most [`IN_FLIGHT`] before it), and at most one
+//! batch of the watcher (100 UIDs, stored concurrently) per kill. The copies are counted as the
+//! distinct `Idempotency-Key`s the destination saw per message (every spool id is delivered,
+//! none is lost). The ledger ends with one row per message, naming a spool id that was
+//! delivered; the folder ends empty and `Done` full.
 
-use crate::load::{SmtpLoad, SmtpLoadOptions, Tally};
+use crate::load::{SmtpLoad, SmtpLoadOptions, Tally, message};
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::Sink;
+use crate::support::dovecot::{self, Dovecot, USER};
 use crate::support::gateway::Gateway;
 use crate::support::postgres::{PASSWORD, Postgres};
 use crate::{Ctx, RULE, free_port, webhook_destination};
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The lease of these scenarios: a killed instance's messages wait this long at most.
 const LEASE: &str = "3s";
@@ -32,6 +47,10 @@ const LEASE: &str = "3s";
 /// before it: the killed instance may have sent it without recording it, and its lease has to
 /// pass before another instance sends it again.
 const IN_FLIGHT: Duration = Duration::from_secs(5);
+
+/// The UIDs an IMAP watcher fetches and stores at once: the most messages a kill can catch
+/// between their spool commit and their ledger row.
+const IMAP_BATCH: usize = 100;
 
 const STALL: Duration = Duration::from_secs(60);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -59,7 +78,33 @@ fn instances(ctx: &Ctx, pg: &Postgres, db: &str, sink: &Sink) -> Vec<(Gateway, S
 
 /// Messages still in the shared queue (`None` while the database does not answer).
 fn queued(pg: &Postgres, db: &str) -> Option<usize> {
-    pg.try_sql(db, "SELECT count(*) FROM queue").ok()?.parse().ok()
+    count(pg, db, "SELECT count(*) FROM queue")
+}
+
+/// Waits until the shared queue is empty, checks it has no dead letter, and stops every
+/// instance (each must exit 0, the database password in none of their logs).
+fn wait_queue_empty_and_stop<'a>(
+    ctx: &Ctx,
+    row: &mut Row,
+    pg: &Postgres,
+    db: &str,
+    gws: impl Iterator<Item = &'a mut Gateway>,
+) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while queued(pg, db) != Some(0) {
+        if Instant::now() > deadline {
+            row.violation(format!("the queue still holds {:?} messages after {DRAIN_TIMEOUT:?}", queued(pg, db)));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dead = pg.try_sql(db, "SELECT count(*) FROM queue WHERE state = 'dead'").unwrap_or_default();
+    row.check(dead == "0", || format!("{dead} dead letter(s) left"));
+    for gw in gws {
+        ctx.finish_serve(row, gw);
+        row.check(!gw.logs().contains(PASSWORD), || "the database password appears in serve's logs".into());
+        ctx.keep_logs_if_failed(row, gw);
+    }
 }
 
 /// Waits until every message acknowledged was delivered and the queue is empty, stops every
@@ -79,21 +124,7 @@ fn drain_and_tally(
     let acked = tally.acked_set();
     let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
     report::delivered_in_time(row, done, DRAIN_TIMEOUT);
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while queued(pg, db) != Some(0) {
-        if Instant::now() > deadline {
-            row.violation(format!("the queue still holds {:?} messages after {DRAIN_TIMEOUT:?}", queued(pg, db)));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let dead = pg.try_sql(db, "SELECT count(*) FROM queue WHERE state = 'dead'").unwrap_or_default();
-    row.check(dead == "0", || format!("{dead} dead letter(s) left"));
-    for (gw, _) in gws.iter_mut() {
-        ctx.finish_serve(row, gw);
-        row.check(!gw.logs().contains(PASSWORD), || "the database password appears in serve's logs".into());
-        ctx.keep_logs_if_failed(row, gw);
-    }
+    wait_queue_empty_and_stop(ctx, row, pg, db, gws.iter_mut().map(|(gw, _)| gw));
     let seen = sink.seen();
     report::drain(row, recovered, &seen);
     row.sent = tally.offered();
@@ -204,4 +235,139 @@ pub fn dbdown(ctx: &mut Ctx) -> Row {
     row.check(refused.keys().all(|k| k == "451 4.3.0"), || format!("refusals other than 451 4.3.0: {refusals:?}"));
     row.note(format!("refused while away: {}", refusals.join(", ")));
     row
+}
+
+/// A number the database answers (`None` while it does not, or for no row).
+fn count(pg: &Postgres, db: &str, sql: &str) -> Option<usize> {
+    pg.try_sql(db, sql).ok()?.trim().parse().ok()
+}
+
+/// Which of `gws` holds the lease of the folder INBOX (by the pid in its `instance` row).
+fn inbox_holder(pg: &Postgres, db: &str, gws: &[Gateway]) -> Option<usize> {
+    let host = pg
+        .try_sql(
+            db,
+            "SELECT i.host FROM folder_lease l JOIN instance i ON i.id = l.owner \
+             WHERE l.folder = 'INBOX' AND l.until > now()",
+        )
+        .ok()?;
+    let pid: u32 = host.trim().rsplit(':').next()?.parse().ok()?;
+    gws.iter().position(|gw| gw.serve_pid() == Some(pid))
+}
+
+pub fn imap(ctx: &mut Ctx) -> Row {
+    let total = ctx.scale(2_000, 300);
+    let mut row = Row::new(
+        "cluster-imap",
+        "3 instances watch one IMAP folder (Dovecot, `move:Done`); kill -9 of the lease holder mid-way",
+    );
+    let pg = Postgres::start();
+    let db = pg.database();
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, dovecot::PASSWORD);
+    let filled = Instant::now();
+    for n in 0..total {
+        imap.append("INBOX", &message("cluster-imap", n as u64));
+    }
+    eprintln!("    {total} messages appended to INBOX in {:.1} s", filled.elapsed().as_secs_f64());
+    let sink = Sink::start();
+    let config = format!(
+        "[cluster]\npostgres = \"{}\"\nlease = \"{LEASE}\"\n\n\
+         [[imap]]\nname = \"torture\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nuser = \"{USER}\"\n\
+         password = \"${{IMAP_PASSWORD}}\"\nafter = \"move:Done\"\npoll = \"1s\"\n\n{DELIVERY}\n{}",
+        pg.url_with(&db, "${PGPASS}"),
+        dovecot.port(),
+        webhook_destination(&sink)
+    );
+    let mut gws: Vec<Gateway> = (0..3)
+        .map(|_| {
+            let mut gw = ctx.gateway(&config, RULE).env("PGPASS", PASSWORD).env("IMAP_PASSWORD", dovecot::PASSWORD);
+            gw.start();
+            gw
+        })
+        .collect();
+
+    // The kill: once the ledger holds a random 20-80 % of the folder, the holder goes.
+    let point = total / 5 + ctx.rng.usize(0..total * 3 / 5);
+    let ledger = "SELECT count(*) FROM imap_seen";
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    while count(&pg, &db, ledger).unwrap_or(0) < point {
+        assert!(Instant::now() < deadline, "the ledger did not reach {point} rows in {LOAD_TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let victim = inbox_holder(&pg, &db, &gws).expect("an instance holds the folder");
+    gws[victim].kill9();
+    let (killed, killed_wall) = (Instant::now(), SystemTime::now());
+    let in_ledger = count(&pg, &db, ledger).unwrap_or(0);
+    eprintln!("    killed the holder (instance {victim}) at {in_ledger} rows in the ledger");
+    std::thread::sleep(Duration::from_millis(ctx.rng.u64(0..500)));
+    gws[victim].start();
+    let mut takeover = None;
+    while takeover.is_none() && killed.elapsed() < STALL {
+        // The dead holder's pid is no longer any instance's: a holder found is a new one.
+        match inbox_holder(&pg, &db, &gws) {
+            Some(i) => takeover = Some((i, killed.elapsed())),
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let Some((heir, after)) = takeover else { panic!("no instance took the folder over within {STALL:?}") };
+    eprintln!("    instance {heir} holds the folder {:.1} s after the kill", after.as_secs_f64());
+    let recovered = Recovered::now((0..total as u64).collect());
+
+    // The end: everything delivered, the folder moved, the queue empty.
+    let all: HashSet<u64> = (0..total as u64).collect();
+    let done = report::wait_delivered(|| sink.has_all(&all), DRAIN_TIMEOUT);
+    report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let (mut inbox, mut moved) = (imap.count("INBOX"), imap.count("Done"));
+    while (inbox, moved) != (0, total) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        (inbox, moved) = (imap.count("INBOX"), imap.count("Done"));
+    }
+    row.check((inbox, moved) == (0, total), || format!("INBOX holds {inbox} and Done {moved} of {total} at the end"));
+    wait_queue_empty_and_stop(ctx, &mut row, &pg, &db, gws.iter_mut());
+
+    // Spooled exactly once: the destination saw every spool id (none is lost), so the spool ids
+    // it saw per message are its copies in the spool; the ledger has one row per message, each
+    // naming a spool id that was delivered. (The archive cannot count them: a kill loses the
+    // entries the killed instance had not committed yet, see docs/design.md "When it is written, and what a crash may lose".)
+    let ledger_ids = pg.try_sql(&db, "SELECT message_id FROM imap_seen").unwrap_or_default();
+    let ledger_ids: HashSet<&str> = ledger_ids.lines().collect();
+    row.check(ledger_ids.len() == total, || {
+        format!("the ledger names {} spool ids for {total} messages", ledger_ids.len())
+    });
+    let seen = sink.seen();
+    report::drain(&mut row, &recovered, &seen);
+    row.sent = total;
+    report::tally(
+        &mut row,
+        &all,
+        &seen,
+        Redelivery::NearKills(&[killed], IN_FLIGHT),
+        Resend::SpooledAcrossKill(&[killed_wall], IN_FLIGHT),
+    );
+    let delivered_ids: HashSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    let unknown = ledger_ids.iter().filter(|id| !delivered_ids.contains(*id)).count();
+    row.check(unknown == 0, || format!("{unknown} spool ids of the ledger were never delivered"));
+    let resent = row.resent;
+    row.check(resent <= IMAP_BATCH, || {
+        format!("{resent} messages spooled twice, more than one batch ({IMAP_BATCH}) caught by the kill")
+    });
+    let logs: String = gws.iter().map(Gateway::logs).collect();
+    row.note(format!(
+        "holder killed at {in_ledger} of {total} in the ledger; instance {heir} held the folder {:.1} s later; \
+         {} UIDs found in the ledger and only moved",
+        after.as_secs_f64(),
+        ledger_skips(&logs)
+    ));
+    row
+}
+
+/// How many UIDs the watchers found already in the ledger (the `count` of those log lines).
+fn ledger_skips(logs: &str) -> u64 {
+    logs.lines()
+        .filter(|l| l.contains("already in the dedupe ledger; not sent again"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["count"].as_u64().or_else(|| v["count"].as_u64()))
+        .sum()
 }

@@ -16,8 +16,10 @@
 //!   spool's file system turning read-only (`spool-readonly`, needs root to mount a tmpfs).
 //! - `cluster` ([`cluster`]): three instances sharing one private PostgreSQL, their queue in it:
 //!   `kill -9` of one of them at random 6 times during an SMTP load of 10,000 messages sent
-//!   round-robin (`cluster-kill`), and PostgreSQL stopped for 15 s under load
-//!   (`cluster-dbdown`). Needs Debian's `postgresql`.
+//!   round-robin (`cluster-kill`), PostgreSQL stopped for 15 s under load (`cluster-dbdown`),
+//!   and `kill -9` of the lease holder while three instances drain one IMAP folder of 2,000
+//!   messages (`cluster-imap`, each spooled exactly once). Needs Debian's `postgresql` (and
+//!   `dovecot-imapd` for cluster-imap).
 //!
 //! Every scenario starts its own gateway (a temporary directory with `mailhook.toml`, a
 //! catch-all rule and the spool; see `tests/support/gateway.rs`), its own receivers and its own
@@ -53,7 +55,8 @@ type Scenario = (&'static str, fn(&mut Ctx) -> Row);
 
 const CRASH: &[Scenario] = &[("crash-smtp", crash::smtp), ("crash-ingest", crash::ingest), ("crash-imap", crash::imap)];
 
-const CLUSTER: &[Scenario] = &[("cluster-kill", cluster::kill), ("cluster-dbdown", cluster::dbdown)];
+const CLUSTER: &[Scenario] =
+    &[("cluster-kill", cluster::kill), ("cluster-dbdown", cluster::dbdown), ("cluster-imap", cluster::imap)];
 
 const FAULTS: &[Scenario] = &[
     ("webhook-down", faults::webhook_down),
