@@ -279,3 +279,45 @@ fn a_database_that_goes_away_fails_every_call_and_is_used_again_once_back() {
     assert_eq!(spool.list(State::Incoming).unwrap(), [first, second], "nothing half-written");
     spool.probe().unwrap();
 }
+
+/// Two instances that fetched the same IMAP message (a lease changing hands mid-batch) each
+/// commit it with its row of the dedupe ledger: the ledger row and the message go in one
+/// transaction, so the second commit stores nothing, whatever the timing.
+#[test]
+fn a_message_fetched_twice_from_imap_is_spooled_once() {
+    use mailhook::spool::postgres::Seen;
+    let pg = Postgres::shared();
+    let db = pg.database();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = cluster(pg, &db, Duration::from_secs(30));
+    let a = Spool::open_cluster(&config, &same, Some("instance-a".into()), a_dir.path()).unwrap();
+    let b = Spool::open_cluster(&config, &same, Some("instance-b".into()), b_dir.path()).unwrap();
+    let seen = Seen {
+        account: "support".into(),
+        folder: "INBOX".into(),
+        uidvalidity: 7,
+        uid: 42,
+        fingerprint: vec![0xab; 32],
+    };
+    let imap = || {
+        let mut e = Envelope::new(Source::Imap { account: "support".into(), folder: "INBOX".into() });
+        e.recipients = vec!["support@example.com".into()];
+        e
+    };
+    let commit = |spool: &Spool| {
+        let mut draft = spool.draft().unwrap();
+        draft.write_all(b"Subject: order 1042\r\n\r\nbody\r\n").unwrap();
+        block_on(draft.commit_seen(imap(), seen.clone())).unwrap()
+    };
+    let first = commit(&a).expect("the first commit stores the message");
+    assert!(commit(&b).is_none(), "the second instance stores nothing");
+    assert!(commit(&a).is_none(), "nor does the first, again");
+    assert_eq!(b.list(State::Incoming).unwrap(), vec![first.id.clone()]);
+
+    // Another UID of the same folder is another message.
+    let mut draft = b.draft().unwrap();
+    draft.write_all(b"Subject: order 1043\r\n\r\nbody\r\n").unwrap();
+    let other = block_on(draft.commit_seen(imap(), Seen { uid: 43, ..seen.clone() })).unwrap();
+    assert!(other.is_some(), "UID 43 is new");
+    assert_eq!(a.list(State::Incoming).unwrap().len(), 2);
+}

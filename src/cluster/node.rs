@@ -276,28 +276,6 @@ impl Node {
         Ok(row.is_some())
     }
 
-    /// Adds a spooled message to the ledger; `false` when the ledger had it already (another
-    /// instance spooled it too: the one duplicate the ledger reports but cannot prevent).
-    pub async fn record_seen(
-        &self,
-        folder: &FolderKey,
-        uidvalidity: u32,
-        uid: u32,
-        fingerprint: &[u8],
-        message_id: &str,
-    ) -> Result<bool, ClusterError> {
-        let client = self.client().await?;
-        let n = client
-            .execute(
-                "INSERT INTO imap_seen (account, folder, uidvalidity, uid, fingerprint, message_id)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                &[&folder.account, &folder.folder, &i64::from(uidvalidity), &i64::from(uid), &fingerprint, &message_id],
-            )
-            .await
-            .map_err(|e| self.target.query_error(e))?;
-        Ok(n == 1)
-    }
-
     /// The folder's checkpoint: `(uidvalidity, last_uid)`, `None` before its first sync.
     pub async fn checkpoint(&self, folder: &FolderKey) -> Result<Option<(u32, u32)>, ClusterError> {
         let client = self.client().await?;

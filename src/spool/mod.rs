@@ -712,6 +712,21 @@ impl Draft {
         Ok(meta)
     }
 
+    /// [`commit`](Self::commit) of a message fetched from an IMAP folder, with its row of the
+    /// cluster's dedupe ledger in the same transaction: `Ok(None)`, with nothing stored, when
+    /// the ledger already had it (another instance spooled it). A local spool has no ledger
+    /// (its folder checkpoints keep the fingerprints): the message is committed as by
+    /// [`commit`](Self::commit).
+    pub async fn commit_seen(mut self, envelope: Envelope, seen: postgres::Seen) -> Result<Option<Meta>, SpoolError> {
+        match self.spool.pg.clone() {
+            Some(pg) => {
+                let (meta, raw) = self.finish_buffer(envelope)?;
+                Ok(pg.insert_seen(meta.clone(), raw, seen).await?.then_some(meta))
+            }
+            None => self.commit(envelope).await.map(Some),
+        }
+    }
+
     /// [`commit`](Self::commit) for non-async callers.
     pub fn commit_blocking(mut self, envelope: Envelope) -> Result<Meta, SpoolError> {
         if let Some(pg) = self.spool.pg.clone() {

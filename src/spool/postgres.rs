@@ -124,6 +124,18 @@ pub struct PgQueue {
     shared: Arc<Shared>,
 }
 
+/// A message's row in the cluster's permanent IMAP dedupe ledger (`imap_seen`), written in the
+/// same transaction as the message ([`PgQueue::insert_seen`]).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub account: String,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    /// The content fingerprint (sha256), as bytes.
+    pub fingerprint: Vec<u8>,
+}
+
 struct Shared {
     /// New messages waiting for the insert writer ([`write_batches`]).
     inserts: mpsc::UnboundedSender<Job<(Meta, Vec<u8>)>>,
@@ -235,6 +247,15 @@ impl PgQueue {
     pub async fn insert(&self, meta: Meta, raw: Vec<u8>) -> Result<(), SpoolError> {
         let s = self.shared.clone();
         self.spawn(async move { s.insert(&meta, &raw).await }).await
+    }
+
+    /// Inserts a message fetched from an IMAP folder together with its row of the permanent
+    /// dedupe ledger, in one transaction: either both are committed or neither. `Ok(false)`,
+    /// with nothing inserted, when the ledger already holds that (account, folder,
+    /// UIDVALIDITY, UID): another instance spooled the message first.
+    pub async fn insert_seen(&self, meta: Meta, raw: Vec<u8>, seen: Seen) -> Result<bool, SpoolError> {
+        let s = self.shared.clone();
+        self.spawn(async move { s.insert_seen(&meta, &raw, &seen).await }).await
     }
 
     /// [`insert`](Self::insert) for non-async callers.
@@ -396,6 +417,41 @@ impl Shared {
     async fn ping(&self) -> Result<(), SpoolError> {
         self.client().await?.simple_query("SELECT 1").await.map_err(|e| self.q(e))?;
         Ok(())
+    }
+
+    async fn insert_seen(&self, meta: &Meta, raw: &[u8], seen: &Seen) -> Result<bool, SpoolError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| self.q(e))?;
+        let recorded = tx
+            .execute(
+                "INSERT INTO imap_seen (account, folder, uidvalidity, uid, fingerprint, message_id)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[
+                    &seen.account,
+                    &seen.folder,
+                    &i64::from(seen.uidvalidity),
+                    &i64::from(seen.uid),
+                    &seen.fingerprint,
+                    &meta.id,
+                ],
+            )
+            .await
+            .map_err(|e| self.q(e))?;
+        if recorded == 0 {
+            // Dropping the transaction rolls it back: nothing was written.
+            return Ok(false);
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO queue (id, state, meta, raw, next_attempt_at, lease_owner, lease_until)
+             VALUES ($1, 'incoming', $2, $3, now(), $4::text,
+                     CASE WHEN $4::text IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END)",
+            )
+            .await
+            .map_err(|e| self.q(e))?;
+        tx.execute(&stmt, &[&meta.id, &encode(meta), &raw, &self.owner, &self.lease]).await.map_err(|e| self.q(e))?;
+        tx.commit().await.map_err(|e| self.q(e))?;
+        Ok(true)
     }
 
     /// Hands a new message to the insert writer; returns once its batch committed.

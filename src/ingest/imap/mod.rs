@@ -37,6 +37,7 @@ use crate::config::{After, BackoffConfig, Config, ImapConfig, ImapTls};
 use crate::metrics::{FolderHealth, Metrics};
 use crate::model::{Envelope, Source};
 use crate::spool::Spool;
+use crate::spool::postgres::Seen;
 use crate::spool::{Fresh, Inbox};
 use async_imap::types::Fetch;
 use checkpoint::{Checkpoint, Position, fingerprint};
@@ -144,12 +145,6 @@ pub enum StoreError {
     Write(#[source] std::io::Error),
     #[error("spool task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-    #[error("spooled as {id}, but not recorded in the dedupe ledger: {source}")]
-    Ledger {
-        id: String,
-        #[source]
-        source: ClusterError,
-    },
 }
 
 fn imap_err(what: &str) -> impl Fn(std::io::Error) -> WatchError + '_ {
@@ -512,7 +507,7 @@ impl Watcher {
         already: Option<&HashSet<String>>,
     ) -> Result<(), WatchError> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut done: Vec<(u32, Result<String, StoreError>)> = Vec::new();
+        let mut done: Vec<(u32, Result<Option<String>, StoreError>)> = Vec::new();
         let mut skipped: Vec<u32> = Vec::new();
         let mut pending_bytes = 0usize;
         let mut fetch = batch.to_vec();
@@ -556,9 +551,9 @@ impl Watcher {
                             skipped.push(uid);
                             continue;
                         }
-                        Some(Ledger {
-                            node: node.clone(),
-                            key: self.key.clone(),
+                        Some(Seen {
+                            account: self.key.account.clone(),
+                            folder: self.key.folder.clone(),
                             uidvalidity: position.uidvalidity,
                             uid,
                             fingerprint: bytes,
@@ -592,7 +587,7 @@ impl Watcher {
         let limit = done.iter().find(|(_, r)| r.is_err()).map_or(u32::MAX, |(uid, _)| *uid);
         let mut received = 0;
         for (uid, result) in &done {
-            if let Ok(id) = result {
+            if let Ok(Some(id)) = result {
                 // One past a failure is durable too (and its fingerprint known): the next
                 // connection fetches it again and recognises it.
                 info!(id = %id, account = %self.account, folder = %self.folder, uid, "received");
@@ -652,8 +647,9 @@ impl Watcher {
     }
 }
 
-/// A message fetched and being committed: UID, size, the commit (spool id).
-type Pending = (u32, usize, JoinHandle<Result<String, StoreError>>);
+/// A message fetched and being committed: UID, size, the commit (its spool id; `None` when
+/// another instance had spooled it).
+type Pending = (u32, usize, JoinHandle<Result<Option<String>, StoreError>>);
 
 /// Which messages a sync considers.
 #[derive(Debug, Clone, Copy)]
@@ -672,15 +668,17 @@ enum Scan {
 /// Writes one message to the spool and commits it, then at once remembers its fingerprint (the
 /// pipeline may deliver and remove it long before the batch is checkpointed; if the process
 /// dies meanwhile, the fingerprint keeps the next start from spooling it again); returns its
-/// spool id.
+/// spool id. With `[cluster]`, `seen` is its row of the dedupe ledger, committed in the same
+/// transaction as the message; `Ok(None)` when the ledger had it already (another instance
+/// spooled it first), and nothing was stored.
 async fn store(
     spool: Spool,
     inbox: Arc<Inbox>,
     envelope: Envelope,
     raw: Vec<u8>,
     (checkpoint, fp): (Checkpoint, String),
-    ledger: Option<Ledger>,
-) -> Result<String, StoreError> {
+    seen: Option<Seen>,
+) -> Result<Option<String>, StoreError> {
     let fingerprint = fp.clone();
     let (draft, raw) = tokio::task::spawn_blocking(move || {
         let mut draft = spool.draft()?;
@@ -689,7 +687,19 @@ async fn store(
         Ok::<_, StoreError>((draft, raw))
     })
     .await??;
-    let meta = draft.commit(envelope).await?;
+    let meta = match seen {
+        Some(seen) => {
+            let (uid, folder) = (seen.uid, format!("{}/{}", seen.account, seen.folder));
+            match draft.commit_seen(envelope, seen).await? {
+                Some(meta) => meta,
+                None => {
+                    warn!(folder = %folder, uid, "already in the dedupe ledger: another instance spooled this message; not spooled again");
+                    return Ok(None);
+                }
+            }
+        }
+        None => draft.commit(envelope).await?,
+    };
     let id = meta.id.clone();
     if let Err(e) = checkpoint.remember_now(&fp) {
         // Only a crash before the checkpoint could then send it twice.
@@ -697,43 +707,7 @@ async fn store(
     }
     let raw = (raw.len() <= KEEP_COPY).then_some(raw);
     inbox.push(Fresh { meta, raw });
-    if let Some(ledger) = ledger {
-        ledger.record(&id).await?;
-    }
-    Ok(id)
-}
-
-/// Where a spooled message goes in the dedupe ledger (`[cluster]`).
-struct Ledger {
-    node: Arc<Node>,
-    key: FolderKey,
-    uidvalidity: u32,
-    uid: u32,
-    fingerprint: Vec<u8>,
-}
-
-impl Ledger {
-    /// Records the message spooled as `id`, trying again while the database is away for up to
-    /// one lease (the folder's lease lapses after that and a peer would fetch the message).
-    async fn record(self, id: &str) -> Result<(), StoreError> {
-        let deadline = tokio::time::Instant::now() + self.node.lease();
-        let mut tries = 0u32;
-        loop {
-            let result = self.node.record_seen(&self.key, self.uidvalidity, self.uid, &self.fingerprint, id).await;
-            match result {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    warn!(id = %id, folder = %self.key, uid = self.uid, "already in the dedupe ledger: another instance spooled this message too");
-                    return Ok(());
-                }
-                Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(tries.min(10)))).await;
-                }
-                Err(source) => return Err(StoreError::Ledger { id: id.to_string(), source }),
-            }
-        }
-    }
+    Ok(Some(id))
 }
 
 /// The bytes of a hex fingerprint (as the ledger stores them).
@@ -754,7 +728,7 @@ async fn keep_lease(node: &Node, key: &FolderKey) -> WatchError {
     }
 }
 
-async fn join(job: JoinHandle<Result<String, StoreError>>) -> Result<String, StoreError> {
+async fn join(job: JoinHandle<Result<Option<String>, StoreError>>) -> Result<Option<String>, StoreError> {
     job.await.unwrap_or_else(|e| Err(e.into()))
 }
 
