@@ -260,6 +260,11 @@ impl RulesArgs {
     }
 }
 
+/// Threads for blocking work (judging, spool reads, archive reads), beside one worker thread per
+/// core. Each thread that allocates gets a malloc arena of its own that keeps what it once held,
+/// so their number bounds memory; judging is CPU work, and a few per core keep the cores busy.
+const BLOCKING_THREADS: usize = 8;
+
 fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
     mailhook::logging::init(log_format);
     let config = match Config::load(config_path) {
@@ -272,13 +277,14 @@ fn serve(config_path: &std::path::Path, log_format: LogFormat) -> Exit {
             return Exit::Config;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mailhook serve: cannot start the runtime: {e}");
-            return Exit::TempFail;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(BLOCKING_THREADS).enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("mailhook serve: cannot start the runtime: {e}");
+                return Exit::TempFail;
+            }
+        };
     match runtime.block_on(mailhook::serve::serve(config)) {
         Ok(()) => Exit::Ok,
         Err(mailhook::serve::ServeError::Rules(errors)) => {

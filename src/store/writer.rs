@@ -10,11 +10,14 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 use tracing::warn;
 
-/// Entries waiting for the writer before the pipeline waits for it.
-const QUEUE: usize = 4096;
+/// Entries waiting for the writer before the pipeline waits for it. Each holds its message's raw
+/// bytes, search text and payload (about 8 KB for a 2 KB message): with the batch being written,
+/// at most `QUEUE + BATCH` of them are in memory. 50 ms of mail at several thousand messages a
+/// second fits; a longer lag is the writer's pace, and the pipeline waits rather than piling up.
+const QUEUE: usize = 256;
 
 /// Entries committed in one transaction at most.
-const BATCH: usize = 1024;
+const BATCH: usize = 256;
 
 /// How long the writer gathers entries before it commits them.
 const LINGER: Duration = Duration::from_millis(50);
