@@ -311,13 +311,7 @@ pub fn imap(ctx: &mut Ctx) -> Row {
     let all: HashSet<u64> = (0..total as u64).collect();
     let done = report::wait_delivered(|| sink.has_all(&all), DRAIN_TIMEOUT);
     report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let (mut inbox, mut moved) = (imap.count("INBOX"), imap.count("Done"));
-    while (inbox, moved) != (0, total) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        (inbox, moved) = (imap.count("INBOX"), imap.count("Done"));
-    }
-    row.check((inbox, moved) == (0, total), || format!("INBOX holds {inbox} and Done {moved} of {total} at the end"));
+    crate::crash::wait_folder_moved(&mut row, &mut imap, total);
     wait_queue_empty_and_stop(ctx, &mut row, &pg, &db, gws.iter_mut());
 
     // Spooled exactly once: the destination saw every spool id (none is lost), so the spool ids

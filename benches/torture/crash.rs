@@ -25,7 +25,7 @@
 use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, Tally, message};
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::{Seen, Sink};
-use crate::support::dovecot::{Dovecot, PASSWORD, USER};
+use crate::support::dovecot::{Dovecot, ImapClient, PASSWORD, USER};
 use crate::support::gateway::Gateway;
 use crate::{Ctx, RULE, free_port, webhook_destination};
 use std::collections::HashSet;
@@ -126,6 +126,18 @@ fn kill_five_times_and_drain(
     let unknown = |seq| tally.unknown(seq);
     report::tally(row, &acked, &seen, Redelivery::NearKills(&kills.at, IN_FLIGHT), Resend::Unknown(&unknown));
     Drained { acked, seen, spool }
+}
+
+/// Waits (up to the drain timeout) until the watchers have worked through the folder: INBOX
+/// empty and all `total` messages moved to `Done`; a violation otherwise.
+pub fn wait_folder_moved(row: &mut Row, imap: &mut ImapClient, total: usize) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let (mut inbox, mut moved) = (imap.count("INBOX"), imap.count("Done"));
+    while (inbox, moved) != (0, total) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        (inbox, moved) = (imap.count("INBOX"), imap.count("Done"));
+    }
+    row.check((inbox, moved) == (0, total), || format!("INBOX holds {inbox} and Done {moved} of {total} at the end"));
 }
 
 pub fn smtp(ctx: &mut Ctx) -> Row {
@@ -231,13 +243,7 @@ pub fn imap(ctx: &mut Ctx) -> Row {
     let recovered = Recovered::now(acked.clone());
     let done = report::wait_delivered(|| sink.has_all(&acked), DRAIN_TIMEOUT);
     report::delivered_in_time(&mut row, done, DRAIN_TIMEOUT);
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let (mut inbox, mut moved) = (imap.count("INBOX"), imap.count("Done"));
-    while (inbox, moved) != (0, total) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        (inbox, moved) = (imap.count("INBOX"), imap.count("Done"));
-    }
-    row.check((inbox, moved) == (0, total), || format!("INBOX holds {inbox} and Done {moved} of {total} at the end"));
+    wait_folder_moved(&mut row, &mut imap, total);
     let spool = gw.path().join("spool");
     report::wait_spool_idle(&mut row, &spool, DRAIN_TIMEOUT);
     ctx.finish_serve(&mut row, &mut gw);

@@ -404,6 +404,11 @@ fn due(meta: &Meta) -> SystemTime {
     meta.next_attempt.as_deref().and_then(parse_time).unwrap_or_else(SystemTime::now)
 }
 
+/// One new message, claimed by the serving instance (`$4`, for `$5` seconds) when there is one.
+const INSERT_ONE: &str = "INSERT INTO queue (id, state, meta, raw, next_attempt_at, lease_owner, lease_until)
+     VALUES ($1, 'incoming', $2, $3, now(), $4::text,
+             CASE WHEN $4::text IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END)";
+
 impl Shared {
     async fn client(&self) -> Result<deadpool_postgres::Object, SpoolError> {
         self.ready.get_or_try_init(|| self.target.set_up()).await?;
@@ -441,14 +446,7 @@ impl Shared {
             // Dropping the transaction rolls it back: nothing was written.
             return Ok(false);
         }
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO queue (id, state, meta, raw, next_attempt_at, lease_owner, lease_until)
-             VALUES ($1, 'incoming', $2, $3, now(), $4::text,
-                     CASE WHEN $4::text IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END)",
-            )
-            .await
-            .map_err(|e| self.q(e))?;
+        let stmt = tx.prepare_cached(INSERT_ONE).await.map_err(|e| self.q(e))?;
         tx.execute(&stmt, &[&meta.id, &encode(meta), &raw, &self.owner, &self.lease]).await.map_err(|e| self.q(e))?;
         tx.commit().await.map_err(|e| self.q(e))?;
         Ok(true)
@@ -492,14 +490,7 @@ impl Shared {
 
     async fn insert_one(&self, (meta, raw): &(Meta, Vec<u8>)) -> Result<(), SpoolError> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO queue (id, state, meta, raw, next_attempt_at, lease_owner, lease_until)
-             VALUES ($1, 'incoming', $2, $3, now(), $4::text,
-                     CASE WHEN $4::text IS NULL THEN NULL ELSE now() + make_interval(secs => $5) END)",
-            )
-            .await
-            .map_err(|e| self.q(e))?;
+        let stmt = c.prepare_cached(INSERT_ONE).await.map_err(|e| self.q(e))?;
         c.execute(&stmt, &[&meta.id, &encode(meta), &raw, &self.owner, &self.lease]).await.map_err(|e| self.q(e))?;
         Ok(())
     }
