@@ -160,6 +160,12 @@ fn process_ticks(pid: u32) -> u64 {
     family(pid).iter().filter_map(|p| stat_ticks(Path::new(&format!("/proc/{p}/stat")))).sum()
 }
 
+/// utime + stime of this process alone (the load client and the sink), not of the gateways it
+/// started.
+fn own_ticks() -> u64 {
+    stat_ticks(Path::new("/proc/self/stat")).unwrap_or(0)
+}
+
 /// Peak RSS of `pid` and its children, in KiB, summed.
 fn peak_rss(pid: u32) -> u64 {
     family(pid).iter().filter_map(|p| proc_field(*p, "status", "VmHWM:")).sum()
@@ -311,9 +317,9 @@ struct Row {
 
 fn run(name: &str, gateway: Gateway, addr: SocketAddr, received: Option<&Received>, args: &Args) -> Row {
     let pid = gateway.pid();
-    // Settle: start-up work is not measured.
-    std::thread::sleep(Duration::from_millis(500));
-    let (own0, busy0, me0) = (process_ticks(pid), machine_busy(), process_ticks(std::process::id()));
+    // Settle: start-up work (Haraka's workers load for a second or two) is not measured.
+    std::thread::sleep(Duration::from_secs(3));
+    let (own0, busy0, me0) = (process_ticks(pid), machine_busy(), own_ticks());
     let start = Instant::now();
     let acked = load(addr, args.sessions, args.messages, args.size);
     let wanted: HashSet<u64> = acked.iter().copied().collect();
@@ -329,7 +335,7 @@ fn run(name: &str, gateway: Gateway, addr: SocketAddr, received: Option<&Receive
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let (own1, busy1, me1) = (process_ticks(pid), machine_busy(), process_ticks(std::process::id()));
+    let (own1, busy1, me1) = (process_ticks(pid), machine_busy(), own_ticks());
     let rss = peak_rss(pid) as f64 / 1024.0;
     gateway.stop();
     let lost = match received {
