@@ -15,6 +15,7 @@ use std::time::Duration;
 use support::gateway::{Gateway, message};
 use support::postgres::{PASSWORD, Postgres, USER};
 use support::smtp_client::SmtpClient;
+use support::wait_for;
 
 fn cluster(url: String) -> ClusterConfig {
     ClusterConfig { postgres: PostgresUrl::new(url), lease: Duration::from_secs(30), ca_file: None }
@@ -165,14 +166,6 @@ fn check_verifies_the_database() {
 /// Lines in the file destination's output.
 fn delivered(gw: &Gateway) -> usize {
     std::fs::read_to_string(gw.path().join("out/events.jsonl")).map_or(0, |t| t.lines().count())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One SMTP transaction of `raw` to `addr`: the reply to the end of data.

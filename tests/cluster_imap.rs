@@ -15,6 +15,7 @@ use support::dovecot::{Dovecot, PASSWORD as IMAP_PASSWORD, USER};
 use support::gateway::{Gateway, http_get, message};
 use support::hook::{HookOptions, HookServer};
 use support::postgres::{PASSWORD as PG_PASSWORD, Postgres};
+use support::wait_for;
 
 /// The lease of these tests: renewed (and tried) every 667 ms.
 const LEASE: &str = "2s";
@@ -50,14 +51,6 @@ fn deliveries(hook: &HookServer) -> BTreeMap<usize, usize> {
         *out.entry(n).or_default() += 1;
     }
     out
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn healthz(admin: SocketAddr) -> Value {

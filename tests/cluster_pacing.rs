@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::gateway::{Gateway, message};
 use support::hook::{HookServer, Recorded};
 use support::postgres::{PASSWORD, Postgres};
-use support::smtp_client::SmtpClient;
+use support::smtp_client::send_message;
 
 /// A gateway of the cluster on `db` whose one destination is `hook` at `rate`.
 fn instance(pg: &Postgres, db: &str, hook: &HookServer, rate: &str) -> Gateway {
@@ -192,7 +192,7 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     hook.push_429(8);
     for (i, addr) in smtp.iter().enumerate() {
         for m in 0..15 {
-            send(*addr, &message(i * 1000 + m, "split"));
+            send_message(*addr, &message(i * 1000 + m, "split"));
         }
     }
     pg.stop();
@@ -213,7 +213,7 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     // Past the retry, the next message takes its token from the database again.
     std::thread::sleep(Duration::from_secs(5));
     for (i, addr) in smtp.iter().enumerate() {
-        send(*addr, &message(i * 1000 + 99, "shared again"));
+        send_message(*addr, &message(i * 1000 + 99, "shared again"));
     }
     hook.wait_for_accepted(32, Duration::from_secs(30));
     let starts = |prefix: &'static str| {
@@ -228,15 +228,4 @@ fn without_the_database_two_instances_split_the_rate_then_share_again() {
     for gw in &mut gws {
         assert_eq!(gw.stop(), 0, "{}", gw.logs());
     }
-}
-
-/// Sends `raw` over SMTP to `addr`; panics unless it is accepted.
-fn send(addr: std::net::SocketAddr, raw: &[u8]) {
-    let mut c = SmtpClient::connect(addr);
-    c.hello("EHLO", "client.example");
-    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
-    c.expect("RCPT TO:<hook@example.com>", &["250"]);
-    let reply = c.data(raw);
-    assert_eq!(reply.code, 250, "{}", c.transcript());
-    let _ = c.cmd("QUIT");
 }

@@ -7,12 +7,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::gateway::{Gateway, http_get, message};
 use support::hook::{HookOptions, HookServer};
 use support::postgres::{PASSWORD, Postgres};
-use support::smtp_client::SmtpClient;
+use support::smtp_client::send_message;
+use support::wait_for;
 
 /// The lease of these tests: renewed every 667 ms.
 const LEASE: &str = "2s";
@@ -32,18 +32,6 @@ fn instance(pg: &Postgres, db: &str, hook: &HookServer) -> Gateway {
     Gateway::new(&config, "[[rule]]\nname = \"all\"\nto = [\"hook\"]\n").env("PGPASS", PASSWORD)
 }
 
-/// Sends `raw` over SMTP; returns the spool id of the `250 ... queued as ID` reply.
-fn send(addr: SocketAddr, raw: &[u8]) -> String {
-    let mut c = SmtpClient::connect(addr);
-    c.hello("EHLO", "client.example");
-    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
-    c.expect("RCPT TO:<hook@example.com>", &["250"]);
-    let reply = c.data(raw);
-    assert_eq!(reply.code, 250, "{}", c.transcript());
-    let _ = c.cmd("QUIT");
-    reply.text().rsplit(' ').next().unwrap().to_string()
-}
-
 /// The `Idempotency-Key` of every accepted request, by the payload's `id`.
 fn keys_by_id(hook: &HookServer) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -52,14 +40,6 @@ fn keys_by_id(hook: &HookServer) -> BTreeMap<String, Vec<String>> {
         out.entry(id).or_default().push(r.idempotency_key.clone().unwrap_or_default());
     }
     out
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -77,7 +57,7 @@ fn three_instances_deliver_everything_and_take_over_a_killed_ones_claims() {
     }
 
     // Round-robin: every message delivered, once, under its own id.
-    let ids: Vec<String> = (0..30).map(|n| send(smtp[n % 3], &message(n, "round robin"))).collect();
+    let ids: Vec<String> = (0..30).map(|n| send_message(smtp[n % 3], &message(n, "round robin"))).collect();
     wait_for("30 deliveries", Duration::from_secs(30), || keys_by_id(&hook).len() == 30);
     std::thread::sleep(Duration::from_millis(500));
     let keys = keys_by_id(&hook);
@@ -89,7 +69,7 @@ fn three_instances_deliver_everything_and_take_over_a_killed_ones_claims() {
     // The hook holds its answers: the first instance's rounds hold their claims.
     hook.clear();
     hook.set_delay(Duration::from_secs(8));
-    let held: Vec<String> = (0..5).map(|n| send(smtp[0], &message(100 + n, "held"))).collect();
+    let held: Vec<String> = (0..5).map(|n| send_message(smtp[0], &message(100 + n, "held"))).collect();
     wait_for("the held requests", Duration::from_secs(10), || hook.requests().len() == 5);
     let health: serde_json::Value = {
         std::thread::sleep(Duration::from_secs(1)); // a heartbeat counts the claims

@@ -506,3 +506,17 @@ fn shorten(s: &str) -> String {
     }
     format!("{}... [{} bytes in all]", &s[..cut], s.len())
 }
+
+/// Sends one message over SMTP from `sender@example.com` to `hook@example.com` on a connection
+/// of its own; panics (with the dialogue) unless it is accepted. Returns the spool id of the
+/// `250 ... queued as ID` reply.
+pub fn send_message(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut c = SmtpClient::connect(addr);
+    c.hello("EHLO", "client.example");
+    c.expect("MAIL FROM:<sender@example.com>", &["250"]);
+    c.expect("RCPT TO:<hook@example.com>", &["250"]);
+    let reply = c.data(raw);
+    assert_eq!(reply.code, 250, "{}", c.transcript());
+    let _ = c.cmd("QUIT");
+    reply.text().rsplit(' ').next().unwrap_or_default().to_string()
+}
