@@ -32,7 +32,7 @@ mod proc;
 use proc::proc_field;
 #[path = "common/serve.rs"]
 mod serve;
-use serve::{Serve, reply};
+use serve::{Serve, reply, write_webhook_config};
 #[path = "common/sink.rs"]
 mod sink;
 
@@ -122,19 +122,11 @@ fn send(addr: SocketAddr, seq: usize, body: &[u8]) -> bool {
 }
 
 fn start_serve(dir: &Path, sink: SocketAddr, hostile: bool) -> Serve {
-    std::fs::create_dir_all(dir.join("rules")).unwrap();
-    std::fs::write(
-        dir.join("mailhook.toml"),
-        format!(
-            "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
-             [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"60s\"\n"
-        ),
-    )
-    .unwrap();
-    let rule = if hostile { HOSTILE_RULE } else { "[[rule]]\nname = \"all\"\nto = [\"sink\"]\n" };
-    std::fs::write(dir.join("rules/10-all.toml"), rule).unwrap();
+    // Big messages take long to post: a longer delivery timeout. The archive is on.
+    write_webhook_config(dir, sink, "60s", true, "");
+    if hostile {
+        std::fs::write(dir.join("rules/10-all.toml"), HOSTILE_RULE).unwrap();
+    }
     Serve::spawn(dir, BIN)
 }
 

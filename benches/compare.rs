@@ -234,7 +234,7 @@ fn start_smtp_sink(program: &Path) -> (Gateway, SocketAddr) {
 }
 
 fn start_mailhook(dir: &Path, sink: SocketAddr, archive: bool) -> (Gateway, SocketAddr) {
-    write_webhook_config(dir, sink, archive, "");
+    write_webhook_config(dir, sink, "10s", archive, "");
     let serve = Serve::spawn(dir, BIN);
     let addr = serve.smtp;
     (Gateway::Mailhook(serve), addr)

@@ -162,7 +162,7 @@ fn start_serve(dir: &Path, sink: SocketAddr, cluster: Option<(&Postgres, &str)>)
     };
     let cluster = cluster
         .map_or(String::new(), |(pg, db)| format!("[cluster]\npostgres = \"{}\"\n", pg.url_with(db, "${PGPASS}")));
-    write_webhook_config(dir, sink, archive, &format!("{drift}{cluster}"));
+    write_webhook_config(dir, sink, "10s", archive, &format!("{drift}{cluster}"));
     Serve::spawn_with(dir, BIN, &[("PGPASS", support::postgres::PASSWORD)])
 }
 

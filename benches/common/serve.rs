@@ -71,9 +71,9 @@ pub fn reply(reader: &mut BufReader<TcpStream>) -> u16 {
 
 /// Writes `dir/mailhook.toml` and one catch-all rule for the end-to-end benches: SMTP on a free
 /// loopback port, a `webhook` destination at `sink`, `[delivery] rate = "off"`,
-/// `concurrency = 32`, the archive on or off; `extra` (more sections) is appended.
-#[allow(dead_code)]
-pub fn write_webhook_config(dir: &Path, sink: SocketAddr, archive: bool, extra: &str) {
+/// `concurrency = 32`, a delivery `timeout`, the archive on or off; `extra` (more sections) is
+/// appended.
+pub fn write_webhook_config(dir: &Path, sink: SocketAddr, timeout: &str, archive: bool, extra: &str) {
     std::fs::create_dir_all(dir.join("rules")).unwrap();
     std::fs::write(
         dir.join("mailhook.toml"),
@@ -81,7 +81,7 @@ pub fn write_webhook_config(dir: &Path, sink: SocketAddr, archive: bool, extra: 
             "[spool]\ndir = \"spool\"\n[rules]\ndir = \"rules\"\n\
              [smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_size = \"30MB\"\nmax_connections = 200\nmax_connections_per_ip = 200\n\
              [destination.sink]\ntype = \"webhook\"\nurl = \"http://{sink}/hook\"\n\
-             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"10s\"\n\
+             [delivery]\nrate = \"off\"\nconcurrency = 32\ntimeout = \"{timeout}\"\n\
              [archive]\nenabled = {archive}\n{extra}"
         ),
     )
