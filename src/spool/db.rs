@@ -97,7 +97,18 @@ pub(super) fn open(path: &Path, fsync: bool) -> Result<Connection, SpoolError> {
         super::private_file_keep(path).map_err(|e| SpoolError::io(path, e))?;
     }
     let conn = connect(path, fsync).map_err(|e| db_error(path, e))?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(|e| db_error(path, e))?;
+    // Turning a new database to WAL writes its header in a read transaction made a write one,
+    // and SQLite answers a busy upgrade at once, without the busy handler: when `serve` and an
+    // `ingest` open a spool that is just being created, the loser tries again as a writer would.
+    let mut attempts = 0;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && busy(attempts) => {
+                attempts += 1;
+            }
+            r => break r.map_err(|e| db_error(path, e))?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(SpoolError::io(path, io::Error::other(format!("journal mode {mode}, not wal"))));
     }
@@ -458,4 +469,32 @@ pub(super) fn read_raw(conn: &Connection, seq: i64, size: usize) -> rusqlite::Re
         blob.read_at_exact(chunk, i * CHUNK)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve` and `ingest` may both open a spool whose database does not exist yet: each
+    /// must get a working database, never "database is locked".
+    #[test]
+    fn processes_opening_a_new_spool_at_once_all_get_it() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("spool.db");
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let openers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        open(&path, false).map(|_| ())
+                    })
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap();
+            }
+        }
+    }
 }
