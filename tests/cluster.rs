@@ -206,6 +206,7 @@ fn serve_refuses_mail_while_the_database_is_away_and_resumes_once_it_is_back() {
     wait_for("the first message in the archive", Duration::from_secs(30), || archived(&pg) == 1);
     assert_eq!(pg.sql(&db, "SELECT id FROM message"), first);
     assert_eq!(pg.sql(&db, "SELECT count(*) FROM queue"), "0", "a delivered message leaves the queue");
+    assert!(!gw.path().join("spool/spool.db").exists(), "the queue is in PostgreSQL: no local database");
 
     // Away: the queue cannot be written, so nothing is acknowledged.
     pg.stop();

@@ -200,10 +200,6 @@ impl Db {
         Ok(Db { path, fsync, tx, pool, watching })
     }
 
-    pub(super) fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn send(&self, op: Op) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Job(Job { op, reply })).map_err(|_| SpoolError::Stopped)?;

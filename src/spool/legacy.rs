@@ -166,7 +166,7 @@ pub(super) fn drain(spool: &Spool, now: SystemTime, report: &mut Recovery) -> Re
 /// Inserts a batch in one transaction, then removes the files of the entries now in the database.
 fn commit(spool: &Spool, batch: Vec<Entry>, report: &mut Recovery) -> Result<(), SpoolError> {
     let (ops, files): (Vec<Op>, Vec<Vec<PathBuf>>) = batch.into_iter().map(|e| (e.op, e.files)).unzip();
-    for (r, files) in spool.inner.db.submit_all_blocking(ops).into_iter().zip(files) {
+    for (r, files) in spool.db()?.submit_all_blocking(ops).into_iter().zip(files) {
         r?;
         for f in files {
             match fs::remove_file(&f) {

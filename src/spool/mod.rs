@@ -237,7 +237,9 @@ pub struct Spool {
 
 struct Inner {
     dir: PathBuf,
-    db: Db,
+    /// The local database; `None` with `[cluster]`, whose queue is in PostgreSQL.
+    db: Option<Db>,
+    db_path: PathBuf,
     seq: AtomicU64,
     /// This process's id, part of every `tmp/` name (read once: it is a system call).
     pid: u32,
@@ -270,9 +272,15 @@ impl Spool {
         probe(dir)?;
         let path = dir.join(db::DB_FILE);
         let conn = db::open(&path, options.fsync)?;
-        let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        let db = Db::start(conn, path.clone(), options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
-            inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                db: Some(db),
+                db_path: path,
+                seq: AtomicU64::new(0),
+                pid: std::process::id(),
+            }),
             pg: None,
         })
     }
@@ -287,14 +295,17 @@ impl Spool {
         dir: &Path,
     ) -> Result<Spool, SpoolError> {
         let pg = postgres::PgQueue::open(cluster, base, owner, dir)?;
-        // The local database is not used for messages then; it is opened so that the spool has
-        // one shape whichever backend holds the queue.
+        // No local database: every call goes to PostgreSQL. The directory stays, for what an
+        // instance keeps of its own (`tmp/` for a big message being received).
         private_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
-        let path = dir.join(db::DB_FILE);
-        let conn = db::open(&path, false)?;
-        let db = Db::start(conn, path, false).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
-            inner: Arc::new(Inner { dir: dir.to_path_buf(), db, seq: AtomicU64::new(0), pid: std::process::id() }),
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                db: None,
+                db_path: dir.join(db::DB_FILE),
+                seq: AtomicU64::new(0),
+                pid: std::process::id(),
+            }),
             pg: Some(Arc::new(pg)),
         })
     }
@@ -310,7 +321,15 @@ impl Spool {
 
     /// The spool's database file.
     pub fn db_path(&self) -> &Path {
-        self.inner.db.path()
+        &self.inner.db_path
+    }
+
+    /// The local database. With `[cluster]` there is none, and every public call has gone to
+    /// PostgreSQL before it would be needed.
+    fn db(&self) -> Result<&Db, SpoolError> {
+        self.inner.db.as_ref().ok_or_else(|| {
+            SpoolError::io(&self.inner.db_path, io::Error::other("no local spool database with [cluster]"))
+        })
     }
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`.
@@ -381,7 +400,7 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.gauges();
         }
-        let (counts, oldest) = self.inner.db.read(|c| {
+        let (counts, oldest) = self.db()?.read(|c| {
             let mut stmt = c.prepare_cached("SELECT state, count(*) FROM message GROUP BY state")?;
             let counts: Vec<(String, i64)> =
                 stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
@@ -407,7 +426,7 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.list(state);
         }
-        self.inner.db.read(|c| {
+        self.db()?.read(|c| {
             let mut stmt = c.prepare_cached("SELECT id FROM message WHERE state = ?1 ORDER BY id")?;
             stmt.query_map([state.dir_name()], |r| r.get(0))?.collect()
         })
@@ -432,8 +451,8 @@ impl Spool {
             });
         }
         let name: Option<String> = self
-            .inner
-            .db
+            .db()
+            .ok()?
             .read(|c| {
                 c.prepare_cached("SELECT state FROM message WHERE id = ?1")?.query_row([id], |r| r.get(0)).optional()
             })
@@ -459,7 +478,7 @@ impl Spool {
             return pg.read_meta_with_raw(state, id, raw_up_to);
         }
         let limit = raw_up_to.min(db::BOUND_RAW as u64) as i64;
-        let row: Option<(String, Option<Vec<u8>>)> = self.inner.db.read(|c| {
+        let row: Option<(String, Option<Vec<u8>>)> = self.db()?.read(|c| {
             c.prepare_cached(
                 "SELECT m.meta, CASE WHEN length(r.bytes) <= ?3 THEN r.bytes END
                  FROM message m LEFT JOIN raw r ON r.seq = m.seq WHERE m.id = ?1 AND m.state = ?2",
@@ -479,7 +498,7 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.read_raw(id);
         }
-        let raw = self.inner.db.read(|c| {
+        let raw = self.db()?.read(|c| {
             let row: Option<(i64, i64)> = c
                 .prepare_cached(
                     "SELECT r.seq, length(r.bytes) FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1",
@@ -502,7 +521,7 @@ impl Spool {
             check_id(id)?;
             return pg.transition(id, from, to, meta).await;
         }
-        self.inner.db.submit(Self::transition_op(id, from, to, meta)?).await
+        self.db()?.submit(Self::transition_op(id, from, to, meta)?).await
     }
 
     /// [`transition`](Self::transition) for non-async callers.
@@ -511,7 +530,7 @@ impl Spool {
             check_id(id)?;
             return pg.transition_blocking(id, from, to, meta);
         }
-        self.inner.db.submit_blocking(Self::transition_op(id, from, to, meta)?)
+        self.db()?.submit_blocking(Self::transition_op(id, from, to, meta)?)
     }
 
     fn transition_op(id: &str, from: State, to: State, meta: Option<&Meta>) -> Result<Op, SpoolError> {
@@ -530,7 +549,7 @@ impl Spool {
             check_id(id)?;
             return pg.remove(id, from).await;
         }
-        self.inner.db.submit(Self::remove_op(id, from)?).await
+        self.db()?.submit(Self::remove_op(id, from)?).await
     }
 
     /// [`remove`](Self::remove) for non-async callers.
@@ -539,7 +558,7 @@ impl Spool {
             check_id(id)?;
             return pg.remove_blocking(id, from);
         }
-        self.inner.db.submit_blocking(Self::remove_op(id, from)?)
+        self.db()?.submit_blocking(Self::remove_op(id, from)?)
     }
 
     /// The recovery pass of invariant 6. Call with the lock held, before serving.
@@ -559,7 +578,7 @@ impl Spool {
         }
         legacy::drain(self, now, &mut report)?;
 
-        let rows: Vec<(String, String, String)> = self.inner.db.read(|c| {
+        let rows: Vec<(String, String, String)> = self.db()?.read(|c| {
             let mut stmt = c.prepare("SELECT id, state, meta FROM message ORDER BY id")?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
         })?;
@@ -611,7 +630,7 @@ impl Spool {
             Err(e) => return Err(e),
         }
         File::open(&corrupt).and_then(|d| d.sync_all()).map_err(|e| SpoolError::io(&corrupt, e))?;
-        self.inner.db.submit_blocking(Op::Forget { id: id.to_string() })
+        self.db()?.submit_blocking(Op::Forget { id: id.to_string() })
     }
 }
 
@@ -708,7 +727,7 @@ impl Draft {
             return Ok(meta);
         }
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.db.submit(op).await?;
+        self.spool.db()?.submit(op).await?;
         Ok(meta)
     }
 
@@ -735,7 +754,7 @@ impl Draft {
             return Ok(meta);
         }
         let (op, meta) = self.finish(envelope)?;
-        self.spool.inner.db.submit_blocking(op)?;
+        self.spool.db()?.submit_blocking(op)?;
         Ok(meta)
     }
 

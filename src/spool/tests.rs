@@ -213,7 +213,7 @@ fn one_failing_operation_does_not_fail_the_others_of_its_batch() {
             if_absent: false,
         },
     ];
-    let results = spool.inner.db.submit_all_blocking(ops);
+    let results = spool.db().unwrap().submit_all_blocking(ops);
     assert!(results[0].is_ok(), "{:?}", results[0]);
     assert!(matches!(results[1], Err(SpoolError::NotFound(_))), "{:?}", results[1]);
     assert!(matches!(results[2], Err(SpoolError::NotFound(_))), "{:?}", results[2]);

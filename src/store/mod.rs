@@ -156,10 +156,16 @@ impl ArchivedMessage {
         reason: Option<String>,
         finished_at: SystemTime,
     ) -> ArchivedMessage {
+        // Only `fields` is read back: the rest of the payload (its text, often most of it) is
+        // skipped over, not built into a value.
+        #[derive(Deserialize)]
+        struct Fields {
+            fields: Option<Json>,
+        }
         let fields = payload
             .as_deref()
-            .and_then(|p| serde_json::from_str::<Json>(p).ok())
-            .and_then(|p| p.get("fields").cloned())
+            .and_then(|p| serde_json::from_str::<Fields>(p).ok())
+            .and_then(|p| p.fields)
             .filter(Json::is_object);
         ArchivedMessage {
             id: envelope.id.clone(),
