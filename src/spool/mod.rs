@@ -295,8 +295,8 @@ impl Spool {
         dir: &Path,
     ) -> Result<Spool, SpoolError> {
         let pg = postgres::PgQueue::open(cluster, base, owner, dir)?;
-        // No local database: every call goes to PostgreSQL. The directory stays, for what an
-        // instance keeps of its own (`tmp/` for a big message being received).
+        // No local database: every call goes to PostgreSQL (a draft stays in memory). The
+        // directory stays, for what an instance keeps of its own (the drift state).
         private_dir(dir).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
             inner: Arc::new(Inner {
