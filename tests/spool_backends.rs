@@ -93,7 +93,13 @@ fn transitions_replace_metadata_refuse_the_wrong_state_and_removal_is_final() {
 #[test]
 fn lists_are_oldest_first_and_counted() {
     for (name, spool, _keep) in backends() {
-        let ids: Vec<String> = (0..5).map(|n| spool.store(envelope(), format!("m{n}").as_bytes()).unwrap()).collect();
+        // An id's order is its millisecond: two taken within one are in no particular order.
+        let ids: Vec<String> = (0..5)
+            .map(|n| {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                spool.store(envelope(), format!("m{n}").as_bytes()).unwrap()
+            })
+            .collect();
         spool.transition_blocking(&ids[1], State::Incoming, State::Dead, None).unwrap();
         spool.transition_blocking(&ids[3], State::Incoming, State::Deferred, None).unwrap();
         assert_eq!(spool.list(State::Incoming).unwrap(), [ids[0].clone(), ids[2].clone(), ids[4].clone()], "{name}");
