@@ -421,6 +421,8 @@ fn the_systemd_unit_runs_serve_hardened_and_verifies() {
     assert_eq!(one("ReadWritePaths"), "/var/spool/mailhook");
     assert_eq!(one("NoNewPrivileges"), "yes");
     assert_eq!(one("KillSignal"), "SIGTERM");
+    // Big messages' freed buffers go back to the system (docs/design.md, Memory under big mail).
+    assert_eq!(one("Environment"), "MALLOC_MMAP_THRESHOLD_=1048576");
     // Long enough for serve's own grace period (and the admin endpoint's few seconds).
     let stop: u64 = one("TimeoutStopSec").parse().unwrap();
     assert!(Duration::from_secs(stop) >= mailhook::pipeline::SHUTDOWN_GRACE + Duration::from_secs(5), "{stop}");
