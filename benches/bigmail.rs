@@ -36,11 +36,6 @@ use serve::{Serve, reply, write_webhook_config};
 #[path = "common/sink.rs"]
 mod sink;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State as AxState};
-use axum::http::{StatusCode, header};
-use axum::response::Response;
 use sink::Sink;
 use std::collections::HashSet;
 use std::io::{BufReader, Write};
@@ -73,18 +68,10 @@ struct Received {
     subjects: Mutex<HashSet<String>>,
 }
 
-async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Response {
-    let body = axum::body::to_bytes(request.into_body(), 64 << 20).await.unwrap_or_default();
-    let subject =
-        serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["subject"].as_str().map(str::to_string));
-    if let Some(subject) = subject {
-        state.subjects.lock().unwrap().insert(subject);
+impl Received {
+    fn saw(&self, subject: &str) {
+        self.subjects.lock().unwrap().insert(subject.to_string());
     }
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from("{}"))
-        .expect("response")
 }
 
 /// The body every message shares: plain text lines up to `size` bytes, with the final dot.
@@ -150,7 +137,10 @@ fn run_case(base: &Path, kind: &str, megabytes: usize, sessions: usize) -> Row {
     let dir = base.join(format!("{}-{kind}-{megabytes}-{sessions}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let received = Arc::new(Received::default());
-    let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
+    let sink = Sink::subjects(64 << 20, {
+        let r = received.clone();
+        move |s| r.saw(s)
+    });
     let serve = start_serve(&dir, sink.addr, hostile);
     let pid = serve.child.id();
     let body = Arc::new(body(megabytes * 1_000_000));

@@ -50,11 +50,6 @@ mod sink;
 mod support;
 use support::postgres::Postgres;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Request, State as AxState};
-use axum::http::{StatusCode, header};
-use axum::response::Response;
 use sink::Sink;
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
@@ -75,20 +70,13 @@ struct Received {
     arrivals: Mutex<Vec<(u64, Instant)>>,
 }
 
-async fn handler(AxState(state): AxState<Arc<Received>>, request: Request) -> Response {
-    let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
-    let now = Instant::now();
-    let seq = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["subject"].as_str().and_then(|s| s.strip_prefix("e2e ")).and_then(|n| n.parse().ok()));
-    if let Some(seq) = seq {
-        state.arrivals.lock().unwrap().push((seq, now));
+impl Received {
+    fn saw(&self, subject: &str) {
+        let now = Instant::now();
+        if let Some(seq) = subject.strip_prefix("e2e ").and_then(|n| n.parse().ok()) {
+            self.arrivals.lock().unwrap().push((seq, now));
+        }
     }
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from("{}"))
-        .expect("response")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -185,7 +173,10 @@ fn run_case(base: &Path, size: usize, sessions: usize, messages: usize, cluster:
     let dir = base.join(format!("{}-{}k-{sessions}", std::process::id(), size / 1024));
     let _ = std::fs::remove_dir_all(&dir);
     let received = Arc::new(Received::default());
-    let sink = Sink::start(Router::new().fallback(handler).with_state(received.clone()), || {});
+    let sink = Sink::subjects(1 << 20, {
+        let r = received.clone();
+        move |s| r.saw(s)
+    });
     let db = cluster.map(|c| c.pg.database());
     let serves: Vec<Serve> = (0..cluster.map_or(1, |c| c.instances))
         .map(|n| {

@@ -50,3 +50,28 @@ impl Drop for Sink {
         }
     }
 }
+
+impl Sink {
+    /// A sink that answers `200 {}` to every request and hands `seen` the `subject` of each JSON
+    /// payload (bodies up to `limit` bytes), as a webhook destination sees mailhook's payloads.
+    #[allow(dead_code)]
+    pub fn subjects(limit: usize, seen: impl Fn(&str) + Send + Sync + 'static) -> Sink {
+        let seen = std::sync::Arc::new(seen);
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let seen = seen.clone();
+            async move {
+                let body = axum::body::to_bytes(request.into_body(), limit).await.unwrap_or_default();
+                let payload = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                if let Some(subject) = payload.as_ref().and_then(|v| v["subject"].as_str()) {
+                    seen(subject);
+                }
+                axum::response::Response::builder()
+                    .status(axum::http::StatusCode::OK)
+                    .header(axum::http::header::CONTENT_TYPE, "application/json")
+                    .body(axum::body::Body::from("{}"))
+                    .expect("response")
+            }
+        });
+        Sink::start(app, || {})
+    }
+}
