@@ -634,7 +634,7 @@ async fn round(
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
                 let raw = raw_for_archive(work, id, held_raw).await;
                 // The payload a rule built, though nothing was sent, shows what it extracted.
-                let payload = rule.is_some().then(|| outcome.payload.as_str().to_string());
+                let payload = rule.is_some().then(|| outcome.payload.into_string());
                 archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload, memory).await;
                 return Ok(Finished::Dead);
             }

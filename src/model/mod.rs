@@ -242,6 +242,11 @@ impl Payload {
         self.0.get()
     }
 
+    /// The JSON text, taken without copying it.
+    pub fn into_string(self) -> String {
+        Box::<str>::from(self.0).into_string()
+    }
+
     /// The payload read back as a JSON value (an object).
     pub fn to_json(&self) -> serde_json::Value {
         // The text was written, or read and checked, by serde_json.

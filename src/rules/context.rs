@@ -166,6 +166,11 @@ impl<'a> Context<'a> {
         &self.fields
     }
 
+    /// The fields, with everything else the context holds let go.
+    pub(crate) fn into_fields(self) -> Map<String, Json> {
+        self.fields
+    }
+
     /// Adds or replaces a field (a new name goes last, a known one keeps its place); later
     /// evaluations see it.
     pub(crate) fn set(&mut self, key: &str, value: Json) {

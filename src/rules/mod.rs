@@ -381,28 +381,34 @@ impl RuleSet {
             return Outcome { rule: Some(rule.name.clone()), action: Action::Drop, payload: Payload::empty() };
         }
 
+        // The context copies what templates may read (the text, the fields): it is let go
+        // before a payload is written, so that a big message's copies are not all held at once.
         let mut ctx =
             context::Context::new(input.email, input.envelope, &rule.name, fields).with_links(self.links.as_deref());
         for (key, spec) in &rule.fields {
             match self.templates.eval(spec, &ctx) {
                 Ok(value) => ctx.set(key, value),
-                Err(e) => return dead(format!("rule {:?}: fields.{key}: {e}", rule.name), ctx.fields()),
+                Err(e) => return dead(format!("rule {:?}: fields.{key}: {e}", rule.name), &ctx.into_fields()),
             }
         }
         if let Some(reason) = missing(ctx.fields(), &|_| false) {
-            return dead(reason, ctx.fields());
+            return dead(reason, &ctx.into_fields());
         }
 
         let payload = match &rule.payload {
-            None => default_payload(input.email, input.envelope, Some(&rule.name), ctx.fields()),
+            None => default_payload(input.email, input.envelope, Some(&rule.name), &ctx.into_fields()),
             Some(specs) => {
                 let mut payload = Map::new();
                 for (key, spec) in specs {
                     match self.templates.eval(spec, &ctx) {
                         Ok(value) => payload.insert(key.clone(), value),
-                        Err(e) => return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), ctx.fields()),
+                        Err(e) => {
+                            drop(payload);
+                            return dead(format!("rule {:?}: payload.{key}: {e}", rule.name), &ctx.into_fields());
+                        }
                     };
                 }
+                drop(ctx);
                 Payload::of(&payload)
             }
         };
