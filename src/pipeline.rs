@@ -633,8 +633,15 @@ async fn round(
                 meta.dead_rule = rule.clone();
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
                 let raw = raw_for_archive(work, id, held_raw).await;
-                // The payload a rule built, though nothing was sent, shows what it extracted.
-                let payload = rule.is_some().then(|| outcome.payload.into_string());
+                // The payload a rule built, though nothing was sent, shows what it extracted. It
+                // is kept as it would have been sent (cut to the largest max_body); one that no
+                // destination would take (a field of many megabytes) is not kept at all.
+                let limit = targets.values().map(|t| t.max_body).max().unwrap_or(usize::MAX);
+                let payload = rule
+                    .is_some()
+                    .then(|| shrink::fit(outcome.payload, limit))
+                    .filter(|p| p.as_str().len() <= limit)
+                    .map(Payload::into_string);
                 archive_done(work, ArchiveState::Dead, &meta, raw, held_search, rule, payload, memory).await;
                 return Ok(Finished::Dead);
             }

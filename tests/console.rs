@@ -240,6 +240,64 @@ fn finished_messages_are_archived_listed_searched_and_shown() {
 }
 
 #[test]
+fn a_dead_letters_payload_is_kept_as_a_destination_would_take_it() {
+    // A rule that reads the whole body into a field, then misses a field it requires: a dead
+    // letter whose payload holds the body twice (its text and the field).
+    let rules = r#"
+[[rule]]
+name = "whole"
+to = ["hook"]
+require = ["reference"]
+
+[rule.when]
+subject = '^Report'
+
+[rule.extract]
+subject = 'Ref (?P<reference>\d+)'
+body = ['(?s)(?P<whole>Line .*)']
+"#;
+    let hook = HookServer::start(HookOptions::default());
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\
+         [delivery]\nmax_body = \"4KB\"\nrate = \"off\"\n\n\
+         [destination.hook]\ntype = \"webhook\"\nurl = \"{}\"\n",
+        hook.url("/hook")
+    );
+    let mut gw = Gateway::new(&config, rules);
+    let report = |subject: &str, lines: usize| {
+        let body: String = (0..lines).map(|i| format!("Line {i:04} of the nightly report\r\n")).collect();
+        format!("From: cron@example.com\r\nTo: hook@example.com\r\nSubject: {subject}\r\n\r\n{body}").into_bytes()
+    };
+    // 3 lines: about 100 bytes. 60 lines: 2 KB of text, and the same 2 KB as a field (over 4 KB
+    // with both, under it with the text cut). 200 lines: a 6.6 KB field, which no destination takes.
+    let small = gw.ingest(&report("Report small", 3));
+    let cut = gw.ingest(&report("Report cut", 60));
+    let huge = gw.ingest(&report("Report huge", 200));
+    gw.start();
+    let addr = gw.listening("admin");
+    wait_listed(addr, "state=dead", 3, &gw);
+    assert!(hook.requests().is_empty(), "nothing was sent");
+
+    let record = |id: &str| api(addr, "GET", &format!("/api/v1/messages/{id}")).json();
+    let small = record(&small);
+    assert_eq!(small["payload"]["fields"]["whole"].as_str().unwrap().lines().count(), 3, "{small:#}");
+    assert!(small["payload"].get("truncated").is_none(), "{small:#}");
+
+    let cut = record(&cut);
+    assert_eq!(cut["payload"]["truncated"], true, "{cut:#}");
+    assert_eq!(cut["payload"]["fields"]["whole"].as_str().unwrap().lines().count(), 60, "the field is whole");
+    assert!(cut["payload"]["text"].as_str().unwrap().len() < 2000, "the text is cut: {cut:#}");
+    assert!(serde_json::to_vec(&cut["payload"]).unwrap().len() <= 4000);
+
+    let huge = record(&huge);
+    assert!(huge["payload"].is_null(), "no destination would take it: not kept: {huge:#}");
+    assert!(huge["reason"].as_str().unwrap().contains("reference"), "{huge:#}");
+    let (cookie, _) = login(addr);
+    let raw = http(addr, "GET", &format!("/messages/{}/raw", huge["id"].as_str().unwrap()), &[("Cookie", &cookie)], "");
+    assert_eq!(raw.body, report("Report huge", 200), "the raw message is kept whole");
+}
+
+#[test]
 fn a_dead_letter_retried_from_the_console_is_delivered() {
     let hook = HookServer::start(HookOptions::default());
     hook.push_status(400);

@@ -2,6 +2,7 @@
 //! say so with `"truncated": true`) rather than sent to fail with 413. Pure.
 
 use crate::model::Payload;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 /// A payload that cannot be made to fit `max_body`: permanent, sending it again would fail the
@@ -23,6 +24,9 @@ pub fn encode(payload: &Payload, max_body: usize) -> Result<Vec<u8>, TooLarge> {
     if text.len() <= max_body {
         return Ok(text.as_bytes().to_vec());
     }
+    if hopeless(text, max_body) {
+        return Err(too_large(text.len(), max_body));
+    }
     let map = payload.to_map().ok_or_else(|| too_large(text.len(), max_body))?;
     encode_map(&map, max_body)
 }
@@ -31,13 +35,25 @@ pub fn encode(payload: &Payload, max_body: usize) -> Result<Vec<u8>, TooLarge> {
 /// stores more than any destination will take. A payload that fits, or that cannot be made to
 /// fit, is returned as it is (sending it will say why it failed).
 pub fn fit(payload: Payload, max_body: usize) -> Payload {
-    if payload.as_str().len() <= max_body {
+    if payload.as_str().len() <= max_body || hopeless(payload.as_str(), max_body) {
         return payload;
     }
     let Some(map) = payload.to_map() else { return payload };
     // The text of a big message is in both: let it go before the map is cut down and written.
     drop(payload);
     Payload::of(&fit_map(map, max_body))
+}
+
+/// Whether the payload `json` is over `max_body` even without `html` and `text`, so that no
+/// shrinking can make it fit. Read without copying a value, so that a payload holding a field
+/// of many megabytes is not read into a map (a copy of it) only to be refused; `false` when it
+/// cannot be read so (then the map says).
+fn hopeless(json: &str, max_body: usize) -> bool {
+    let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<&str, &RawValue>>(json) else { return false };
+    // Each kept member costs at least its key, its value, two quotes, a colon and a comma.
+    let rest: usize =
+        map.iter().filter(|(k, _)| !matches!(**k, "html" | "text")).map(|(k, v)| k.len() + v.get().len() + 4).sum();
+    rest > max_body
 }
 
 /// [`encode`] of a payload as a map.
@@ -206,6 +222,30 @@ mod tests {
         let mut small = map(json!({"text": "short", "html": "<p>x</p>"}));
         pre_trim(&mut small, 1000);
         assert_eq!(small, map(json!({"text": "short", "html": "<p>x</p>"})));
+    }
+
+    #[test]
+    fn a_payload_too_large_without_its_text_is_refused_without_being_read_into_a_map() {
+        let payloads = [
+            obj(json!({"id": "1", "fields": {"whole": "x".repeat(3000)}, "text": "t".repeat(3000)})),
+            obj(json!({"id": "1", "subject": "é\"".repeat(400), "text": "t".repeat(3000), "html": "<p>x</p>"})),
+            obj(json!({"id": "1", "text": "t".repeat(3000), "html": "x".repeat(3000)})),
+        ];
+        for p in &payloads {
+            for max in (0..4000).step_by(7) {
+                let map = map(p.to_json());
+                // Said hopeless only where the exact shrink fails too.
+                if hopeless(p.as_str(), max) {
+                    assert!(encode_map(&map, max).is_err(), "max {max}: {}", p.as_str().len());
+                    assert!(encode(p, max).is_err());
+                    assert_eq!(&fit(p.clone(), max), p, "returned as it is");
+                }
+                assert_eq!(encode(p, max).is_ok(), encode_map(&map, max).is_ok(), "max {max}");
+            }
+        }
+        let big = &payloads[0];
+        assert!(hopeless(big.as_str(), 2000), "the field alone is 3,000 bytes");
+        assert!(!hopeless(big.as_str(), 3100));
     }
 
     #[test]
