@@ -26,7 +26,6 @@ use crate::config::Config;
 use crate::metrics::DriftGauges;
 use crate::model::{Action, Outcome};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value as Json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -493,32 +492,89 @@ fn percent(rate: f64) -> u64 {
 }
 
 /// The payload's extracted fields and whether each is filled: its `fields` object (the default
-/// payload), else its own top-level keys (a rule's `[rule.payload]`).
+/// payload), else its own top-level keys (a rule's `[rule.payload]`). Read without copying a
+/// value: a field may hold a whole message of many megabytes.
 fn filled_fields(outcome: &Outcome) -> Vec<(String, bool)> {
     #[derive(Deserialize)]
     struct WithFields {
-        fields: Option<Map<String, Json>>,
+        fields: Option<Filled>,
     }
-    let fields = match serde_json::from_str::<WithFields>(outcome.payload.as_str()) {
-        Ok(WithFields { fields: Some(f) }) => f,
-        _ => {
-            let mut all = outcome.payload.to_map().unwrap_or_default();
-            for key in ["id", "receivedAt", "rule"] {
-                all.remove(key);
+    match serde_json::from_str::<WithFields>(outcome.payload.as_str()) {
+        Ok(WithFields { fields: Some(Filled::Fields(fields)) }) => fields,
+        _ => match serde_json::from_str::<Filled>(outcome.payload.as_str()) {
+            Ok(Filled::Fields(mut all)) => {
+                all.retain(|(k, _)| !matches!(k.as_str(), "id" | "receivedAt" | "rule"));
+                all
             }
-            all
-        }
-    };
-    fields.into_iter().map(|(k, v)| (k, is_filled(&v))).collect()
+            _ => Vec::new(),
+        },
+    }
 }
 
-fn is_filled(v: &Json) -> bool {
-    match v {
-        Json::Null => false,
-        Json::String(s) => !s.trim().is_empty(),
-        Json::Array(a) => !a.is_empty(),
-        Json::Object(o) => !o.is_empty(),
-        _ => true,
+/// Whether a JSON value is filled (not null, not a blank string, not an empty list or object),
+/// read without keeping it; an object is read as its members' names, in order, each with
+/// whether its own value is filled.
+enum Filled {
+    Value(bool),
+    Fields(Vec<(String, bool)>),
+}
+
+impl Filled {
+    fn is_filled(&self) -> bool {
+        match self {
+            Filled::Value(filled) => *filled,
+            Filled::Fields(members) => !members.is_empty(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Filled {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Filled, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Filled;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Filled, E> {
+                Ok(Filled::Value(false))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Filled, E> {
+                Ok(Filled::Value(true))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Filled, E> {
+                Ok(Filled::Value(true))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Filled, E> {
+                Ok(Filled::Value(true))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Filled, E> {
+                Ok(Filled::Value(true))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Filled, E> {
+                Ok(Filled::Value(!s.trim().is_empty()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Filled, A::Error> {
+                let mut any = false;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(Filled::Value(any))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Filled, A::Error> {
+                let mut members: Vec<(String, bool)> = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, Filled>()? {
+                    // A repeated name keeps its place and takes the last value, as in a map.
+                    match members.iter_mut().find(|(n, _)| *n == name) {
+                        Some(member) => member.1 = value.is_filled(),
+                        None => members.push((name, value.is_filled())),
+                    }
+                }
+                Ok(Filled::Fields(members))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -626,6 +682,38 @@ mod tests {
 
     fn unmatched() -> Outcome {
         Outcome { rule: None, action: Action::Dead { reason: "no rule matched".into() }, payload: Payload::empty() }
+    }
+
+    #[test]
+    fn fields_are_filled_unless_null_blank_or_empty() {
+        let with = |payload: serde_json::Value| Outcome {
+            rule: Some("erp".into()),
+            action: Action::Deliver { to: vec!["orders".into()] },
+            payload: Payload::of(&payload),
+        };
+        let default = with(json!({"id": "x", "text": "body", "fields": {
+            "order": "4711", "blank": " \n\t ", "none": null, "zero": 0, "no": false,
+            "list": [], "items": [""], "map": {}, "nested": {"a": null}, "escaped": "\n é \n",
+        }}));
+        let expected = [
+            ("order", true),
+            ("blank", false),
+            ("none", false),
+            ("zero", true),
+            ("no", true),
+            ("list", false),
+            ("items", true),
+            ("map", false),
+            ("nested", true),
+            ("escaped", true),
+        ];
+        let expected: Vec<(String, bool)> = expected.iter().map(|(k, f)| (k.to_string(), *f)).collect();
+        assert_eq!(filled_fields(&default), expected, "in the payload's order");
+
+        // A rule's own payload: its top-level keys, without the ones every payload has.
+        let own = with(json!({"id": "x", "rule": "erp", "receivedAt": "now", "ticket": "T-1", "note": ""}));
+        assert_eq!(filled_fields(&own), vec![("ticket".to_string(), true), ("note".to_string(), false)]);
+        assert_eq!(filled_fields(&unmatched()), Vec::new());
     }
 
     fn feed(d: &Drift, sender: &str, n: usize, outcome: &Outcome, start: usize) {
