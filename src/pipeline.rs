@@ -62,13 +62,6 @@ const MAX_IN_FLIGHT: usize = 256;
 /// [`MemoryBudget`]): what bounds `serve`'s memory under a burst of large messages.
 const MEMORY_BUDGET_MB: u32 = 64;
 
-/// What judging a message takes at its peak, as a multiple of its size, with the default
-/// payload: the raw bytes, the decoded text, and the payload written from it (then, while the
-/// payload is cut to `max_body`, the raw bytes, the payload and the map read back from it).
-/// Measured with `scripts/bench-bigmail` (docs/benchmarks.md). Rules whose templates copy the
-/// whole text several times take more than this.
-const JUDGE_PEAK: u64 = 4;
-
 /// Messages up to this size are parsed and judged on the worker itself; larger ones on the
 /// blocking pool, so that a long parse never stalls the other tasks.
 const INLINE_JUDGE_SIZE: u64 = 64 * 1024;
@@ -77,8 +70,8 @@ const INLINE_JUDGE_SIZE: u64 = 64 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// The memory the messages being worked on may take at once, counted in KiB. A round takes its
-/// share before it reads a message: [`JUDGE_PEAK`] times the message's size when it is to be
-/// judged, its size once otherwise. Once judged, the round gives back all but its size once:
+/// share before it reads a message: [`RuleSet::judge_peak`] times the message's size when it is
+/// to be judged, its size once otherwise. Once judged, the round gives back all but its size once:
 /// the raw bytes it keeps for the archive, which hand that share to the archive's writer, so
 /// that raw messages waiting to be written count too. A message whose share is larger than the
 /// whole budget takes all of it, alone. Judging also takes a megabyte beyond its multiple (the
@@ -91,7 +84,7 @@ struct MemoryBudget {
     total: u32,
 }
 
-/// What judging takes beyond [`JUDGE_PEAK`] times the message, in KiB.
+/// What judging takes beyond [`RuleSet::judge_peak`] times the message, in KiB.
 const JUDGE_OVERHEAD_KIB: u32 = 1024;
 
 impl MemoryBudget {
@@ -556,7 +549,7 @@ async fn round(
     // Judging takes a few times the message's size; what is left for the rest of the round
     // (and, with the raw bytes, until the archive has written them) is the size once.
     let mut memory = match meta.decision {
-        None => budget.acquire(meta.size, JUDGE_PEAK).await,
+        None => budget.acquire(meta.size, rules.judge_peak()).await,
         Some(_) => budget.acquire(meta.size, 1).await,
     };
 
@@ -1005,6 +998,8 @@ mod tests {
     #[tokio::test]
     async fn judging_a_big_message_takes_its_peak_then_keeps_its_size() {
         const MB: u32 = 1024;
+        // The peak of rules that extract nothing from the body (`RuleSet::judge_peak`).
+        const JUDGE_PEAK: u64 = 4;
         let budget = MemoryBudget::new(256);
         let size = 25 << 20;
         let mut first = budget.acquire(size, JUDGE_PEAK).await;

@@ -219,6 +219,12 @@ pub struct Rule {
     payload: Option<Vec<(String, Spec)>>,
 }
 
+/// What judging a message takes at its peak, as a multiple of its size, when no rule extracts a
+/// field from its body: the raw bytes, the decoded text, and the payload written from it (then,
+/// while the payload is cut to `max_body`, the raw bytes, the payload and the map read back from
+/// it). Measured with `scripts/bench-bigmail` (docs/benchmarks.md).
+const BASE_JUDGE_PEAK: u64 = 4;
+
 /// Every rule of a rules directory, compiled, plus what to do with unmatched mail.
 pub struct RuleSet {
     rules: Vec<Rule>,
@@ -303,6 +309,27 @@ impl RuleSet {
     /// Adds signed links to every payload and offers them to templates (see [`crate::links`]).
     pub fn set_links(&mut self, links: Option<std::sync::Arc<crate::links::Links>>) {
         self.links = links;
+    }
+
+    /// What judging a message takes at its peak with these rules, as a multiple of its size:
+    /// the raw bytes, the decoded text and the payload that holds the text (4, measured with the
+    /// default payload), and for each field that a rule extracts from the body or the HTML,
+    /// which may be as long as the message, two more: the field, and its copy in the template
+    /// context or in the payload. Templates are not counted: their fuel bounds what they write.
+    pub fn judge_peak(&self) -> u64 {
+        let whole_message_fields = |rule: &Rule| {
+            let mut names: Vec<&str> = rule
+                .extract
+                .iter()
+                .filter(|ex| matches!(ex.target, Target::Body | Target::Html))
+                .flat_map(|ex| ex.regexes.iter().flat_map(|r| r.capture_names().flatten()))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names.len() as u64
+        };
+        let most = self.rules.iter().map(whole_message_fields).max().unwrap_or(0);
+        BASE_JUDGE_PEAK + 2 * most
     }
 
     /// Judges one message. Pure: the same inputs give the same outcome.

@@ -613,3 +613,17 @@ fn the_default_payload_has_its_keys_in_order_and_its_values_escaped() {
     let unmatched = payload::default_payload(&Email::default(), &envelope(), None, &Map::new());
     assert!(unmatched.as_str().starts_with(r#"{"id":"01TESTID","rule":null,"receivedAt""#), "{unmatched:?}");
 }
+
+#[test]
+fn the_judge_peak_counts_two_copies_of_each_field_taken_from_the_body() {
+    assert_eq!(rules("").judge_peak(), 4, "no rule: the default payload's peak");
+    let subject_only = "[[rule]]\nname = \"a\"\nto = [\"x\"]\n[rule.extract]\nsubject = 'Order (?P<order>\\d+)'\n";
+    assert_eq!(rules(subject_only).judge_peak(), 4, "a field from the subject is short");
+    let one = "[[rule]]\nname = \"a\"\nto = [\"x\"]\n[rule.extract]\nbody = ['(?s)(?P<whole>Job .*)']\n";
+    assert_eq!(rules(one).judge_peak(), 6);
+    // Two names in the body, one of them in two regexes, one in the HTML; another rule with one.
+    let several = "[[rule]]\nname = \"a\"\nto = [\"x\"]\n[rule.extract]\n\
+                   body = ['(?P<a>x+)(?P<b>y+)', '(?P<a>z+)']\nhtml = '(?P<c>.*)'\nsubject = '(?P<d>.*)'\n\
+                   [[rule]]\nname = \"b\"\nto = [\"x\"]\n[rule.extract]\nbody = '(?P<e>.*)'\n";
+    assert_eq!(rules(several).judge_peak(), 4 + 2 * 3, "the rule with the most: a, b and c");
+}
