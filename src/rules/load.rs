@@ -109,7 +109,8 @@ pub(super) fn compile(sources: &[(PathBuf, String)], unmatched: Unmatched) -> Re
         return Err(errors);
     }
     let files = sources.iter().map(|(f, _)| f.clone()).collect();
-    Ok(RuleSet { rules, unmatched, templates, files, links: None })
+    let judge_peak = RuleSet::peak_of(&rules);
+    Ok(RuleSet { rules, unmatched, templates, files, links: None, judge_peak })
 }
 
 struct FileCompiler<'a> {

@@ -233,6 +233,8 @@ pub struct RuleSet {
     files: Vec<PathBuf>,
     /// Signed links added to payloads and offered to templates (`[web] public_url`).
     links: Option<std::sync::Arc<crate::links::Links>>,
+    /// See [`RuleSet::judge_peak`].
+    judge_peak: u64,
 }
 
 impl fmt::Debug for RuleSet {
@@ -317,6 +319,11 @@ impl RuleSet {
     /// which may be as long as the message, two more: the field, and its copy in the template
     /// context or in the payload. Templates are not counted: their fuel bounds what they write.
     pub fn judge_peak(&self) -> u64 {
+        self.judge_peak
+    }
+
+    /// [`RuleSet::judge_peak`] of `rules`, worked out once when they are loaded.
+    fn peak_of(rules: &[Rule]) -> u64 {
         let whole_message_fields = |rule: &Rule| {
             let mut names: Vec<&str> = rule
                 .extract
@@ -328,7 +335,7 @@ impl RuleSet {
             names.dedup();
             names.len() as u64
         };
-        let most = self.rules.iter().map(whole_message_fields).max().unwrap_or(0);
+        let most = rules.iter().map(whole_message_fields).max().unwrap_or(0);
         BASE_JUDGE_PEAK + 2 * most
     }
 
