@@ -393,14 +393,18 @@ impl Tmpfs {
     /// Remounts read-only or read-write. The kernel refuses (EBUSY) while a file on it is open
     /// for writing (a message being received): try again until a moment when none is. Returns
     /// how many tries it took.
-    fn remount(&self, read_only: bool) -> Result<usize, String> {
+    /// Remounts, trying again while the kernel answers EBUSY. Returns the tries it took and
+    /// when the one that worked started: the file system changed somewhere between that and
+    /// the return (while `mount` ran and exited), and serve may see it from then on.
+    fn remount(&self, read_only: bool) -> Result<(usize, Instant), String> {
         let opts = if read_only { "remount,ro" } else { "remount,rw" };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut tries = 0;
         loop {
             tries += 1;
+            let started = Instant::now();
             match run_mount(&["-o", opts], &self.0) {
-                Ok(()) => return Ok(tries),
+                Ok(()) => return Ok((tries, started)),
                 Err(e) if Instant::now() > deadline => return Err(format!("{opts} failed {tries} times: {e}")),
                 Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
@@ -463,9 +467,10 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     let mut load = start_load(port, total, rate, "readonly-smtp");
     let t0 = Instant::now();
     sleep_until(t0 + from);
-    match tmpfs.remount(true) {
-        Ok(tries) => {
-            row.note(format!("remounted read-only at the {tries}. try (EBUSY while a file is open for writing)"))
+    let ro_from = match tmpfs.remount(true) {
+        Ok((tries, started)) => {
+            row.note(format!("remounted read-only at the {tries}. try (EBUSY while a file is open for writing)"));
+            started
         }
         Err(e) => {
             row.violation(format!("could not remount the spool read-only: {e}"));
@@ -474,8 +479,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
             ctx.keep_logs_if_failed(&row, &gw);
             return row;
         }
-    }
-    let ro_from = Instant::now();
+    };
     sleep_until(t0 + from + window);
     if let Err(e) = tmpfs.remount(false) {
         row.violation(format!("could not remount the spool read-write: {e}"));
