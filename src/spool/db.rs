@@ -137,6 +137,9 @@ pub(super) enum Op {
     Remove { id: String, from: State },
     /// A removal whatever the state (a row whose state cannot be read, once in `corrupt/`).
     Forget { id: String },
+    /// Nothing: it succeeds when the batch's write transaction can begin and commit, which a
+    /// connection opened read-only (or sharing the WAL index of one) cannot.
+    Probe,
 }
 
 struct Job {
@@ -368,6 +371,7 @@ fn apply<'a>(
 
 fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
     match op {
+        Op::Probe => Ok(()),
         Op::Insert { id, state, meta, raw, if_absent } => {
             if *if_absent
                 && conn
@@ -426,6 +430,7 @@ fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
 fn op_id(op: &Op) -> &str {
     match op {
         Op::Insert { id, .. } | Op::Move { id, .. } | Op::Remove { id, .. } | Op::Forget { id } => id,
+        Op::Probe => "",
     }
 }
 

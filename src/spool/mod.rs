@@ -332,12 +332,16 @@ impl Spool {
         })
     }
 
-    /// Whether the spool can be written now: creates and removes a file in `tmp/`.
+    /// Whether the spool can be written now: creates and removes a file in `tmp/`, then has the
+    /// writer begin and commit a write transaction. The file alone is not enough: once a file
+    /// system turns writable again, a database connection opened while it was read-only (and
+    /// any connection sharing its WAL index) still cannot write until it is closed.
     pub fn probe(&self) -> Result<(), SpoolError> {
         if let Some(pg) = &self.pg {
             return pg.probe();
         }
-        probe(&self.inner.dir)
+        probe(&self.inner.dir)?;
+        self.db()?.submit_blocking(Op::Probe)
     }
 
     /// [`probe`](Self::probe) from async code.
@@ -345,7 +349,8 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.probe_async().await;
         }
-        self.probe()
+        probe(&self.inner.dir)?;
+        self.db()?.submit(Op::Probe).await
     }
 
     /// Takes the spool's exclusive lock, held until the returned value is dropped.

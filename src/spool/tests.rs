@@ -746,3 +746,62 @@ fn an_idle_spool_holds_no_file_open_so_it_can_be_remounted_read_only() {
     block_on(spool.remove(&id, State::Incoming)).unwrap();
     assert_eq!(spool.list(State::Incoming).unwrap(), Vec::<String>::new());
 }
+
+/// A spool on a tmpfs of its own, unmounted when dropped; `None` where this process may not mount.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Option<Tmpfs> {
+        fs::create_dir_all(at).unwrap();
+        Tmpfs::run(&["-t", "tmpfs", "-o", "size=8m", "tmpfs"], at).then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    fn run(args: &[&str], at: &Path) -> bool {
+        std::process::Command::new("mount").args(args).arg(at).status().is_ok_and(|s| s.success())
+    }
+
+    fn remount(&self, options: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !Tmpfs::run(&["-o", options], &self.0) {
+            assert!(std::time::Instant::now() < deadline, "mount -o {options} kept failing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_probe_says_the_spool_is_writable_only_once_its_database_can_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let Some(tmpfs) = Tmpfs::mount(&root) else {
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    };
+    let spool = Spool::open(&root, SpoolOptions::default()).unwrap();
+    spool.store(envelope(), b"Subject: before\r\n\r\n").unwrap();
+    spool.probe().unwrap();
+    std::thread::sleep(db::IDLE * 4);
+
+    tmpfs.remount("remount,ro");
+    assert!(spool.probe().is_err(), "read-only");
+    // A connection opened while the file system was read-only, still open when it is writable
+    // again (a reader in the middle of a scan): every connection of this process to the
+    // database shares its index of the WAL, read-only as it was opened.
+    let reader = rusqlite::Connection::open(root.join(db::DB_FILE)).unwrap();
+    let _: i64 = reader.query_row("SELECT count(*) FROM message", [], |r| r.get(0)).unwrap();
+    tmpfs.remount("remount,rw");
+
+    let file_alone = probe(&root);
+    let store = spool.store(envelope(), b"Subject: while the reader is open\r\n\r\n");
+    assert_eq!(spool.probe().is_ok(), store.is_ok(), "the probe says what a write does: {store:?}");
+    assert!(file_alone.is_ok(), "a file can be written again");
+    drop(reader);
+    spool.probe().unwrap();
+    spool.store(envelope(), b"Subject: after\r\n\r\n").unwrap();
+}
