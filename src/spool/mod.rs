@@ -239,7 +239,6 @@ struct Inner {
     dir: PathBuf,
     /// The local database; `None` with `[cluster]`, whose queue is in PostgreSQL.
     db: Option<Db>,
-    db_path: PathBuf,
     seq: AtomicU64,
     /// This process's id, part of every `tmp/` name (read once: it is a system call).
     pid: u32,
@@ -272,12 +271,11 @@ impl Spool {
         probe(dir)?;
         let path = dir.join(db::DB_FILE);
         let conn = db::open(&path, options.fsync)?;
-        let db = Db::start(conn, path.clone(), options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db: Some(db),
-                db_path: path,
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
             }),
@@ -302,7 +300,6 @@ impl Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db: None,
-                db_path: dir.join(db::DB_FILE),
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
             }),
@@ -320,16 +317,17 @@ impl Spool {
     }
 
     /// The spool's database file.
-    pub fn db_path(&self) -> &Path {
-        &self.inner.db_path
+    pub fn db_path(&self) -> PathBuf {
+        self.inner.dir.join(db::DB_FILE)
     }
 
     /// The local database. With `[cluster]` there is none, and every public call has gone to
     /// PostgreSQL before it would be needed.
     fn db(&self) -> Result<&Db, SpoolError> {
-        self.inner.db.as_ref().ok_or_else(|| {
-            SpoolError::io(&self.inner.db_path, io::Error::other("no local spool database with [cluster]"))
-        })
+        self.inner
+            .db
+            .as_ref()
+            .ok_or_else(|| SpoolError::io(self.db_path(), io::Error::other("no local spool database with [cluster]")))
     }
 
     /// Whether the spool can be written now: creates and removes a file in `tmp/`, then has the
