@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use support::gateway::{Gateway, http_get, message};
 use support::hook::{HookOptions, HookServer};
 use support::smtp_client::SmtpClient;
+use support::tmpfs::Tmpfs;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -200,27 +201,19 @@ fn healthz_is_503_while_the_spool_cannot_be_written() {
     let mut gw = Gateway::new(&format!("{BASE}{FILES}"), &rule("orders", "Order", "a"));
     // spool/tmp/ on its own small tmpfs, which the test turns read-only and back (needs the
     // right to mount; root alone ignores file modes, so chmod would prove nothing).
-    let tmp = gw.path().join("spool/tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mount =
-        |args: &[&str]| std::process::Command::new("mount").args(args).arg(&tmp).status().is_ok_and(|s| s.success());
-    if !mount(&["-t", "tmpfs", "-o", "size=1m", "tmpfs"]) {
-        eprintln!("skipping: cannot mount a tmpfs here");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+    let tmpfs = match Tmpfs::mount(&gw.path().join("spool/tmp"), "1m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipping: cannot mount a tmpfs here: {e}");
+            return;
         }
-    }
-    let _unmount = Unmount(tmp.clone());
+    };
     gw.start();
     gw.listening("smtp");
     let admin = gw.listening("admin");
     assert_eq!(http_get(admin, "/healthz", None).0, 200);
 
-    assert!(mount(&["-o", "remount,ro"]), "remount read-only");
+    tmpfs.remount(true).expect("remount read-only");
     let (status, _, body) = http_get(admin, "/healthz", None);
     assert_eq!(status, 503, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -230,7 +223,7 @@ fn healthz_is_503_while_the_spool_cannot_be_written() {
     assert!(problems[0].starts_with("spool ") && problems[0].contains("cannot write"), "{problems:?}");
     assert!(problems[0].contains("Read-only file system"), "{problems:?}");
 
-    assert!(mount(&["-o", "remount,rw"]), "remount read-write");
+    tmpfs.remount(false).expect("remount read-write");
     assert_eq!(http_get(admin, "/healthz", None).0, 200);
     assert_eq!(gw.stop(), 0);
 }

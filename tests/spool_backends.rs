@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::postgres::Postgres;
+use support::tmpfs::Tmpfs;
 
 fn same(p: &Path) -> PathBuf {
     p.to_path_buf()
@@ -326,4 +327,40 @@ fn a_message_fetched_twice_from_imap_is_spooled_once() {
     let other = block_on(draft.commit_seen(imap(), Seen { uid: 43, ..seen.clone() })).unwrap();
     assert!(other.is_some(), "UID 43 is new");
     assert_eq!(a.list(State::Incoming).unwrap().len(), 2);
+}
+
+/// Once a spool's file system is writable again, a connection to its database opened while it
+/// was read-only (a reader in the middle of a scan) still holds the WAL's index read-only for
+/// every connection of the process, and writes fail until it closes: the probe that says the
+/// spool can be written again (ending the pipeline's pause, and `/healthz`) must say so too.
+#[test]
+fn the_probe_says_the_spool_is_writable_only_once_its_database_can_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let tmpfs = match Tmpfs::mount(&root, "8m") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipping: cannot mount a tmpfs here: {e}");
+            return;
+        }
+    };
+    let spool = Spool::open(&root, SpoolOptions::default()).unwrap();
+    spool.store(envelope(), b"Subject: before\r\n\r\n").unwrap();
+    spool.probe().unwrap();
+    // Idle: the spool closes its own connections (after 25 ms), so that it can be remounted.
+    std::thread::sleep(Duration::from_millis(100));
+
+    tmpfs.remount(true).unwrap();
+    assert!(spool.probe().is_err(), "read-only");
+    let reader = rusqlite::Connection::open(spool.db_path()).unwrap();
+    let _: i64 = reader.query_row("SELECT count(*) FROM message", [], |r| r.get(0)).unwrap();
+    tmpfs.remount(false).unwrap();
+
+    let file_alone = std::fs::write(root.join("tmp/a-file"), b"x");
+    let store = spool.store(envelope(), b"Subject: while the reader is open\r\n\r\n");
+    assert_eq!(spool.probe().is_ok(), store.is_ok(), "the probe says what a write does: {store:?}");
+    assert!(file_alone.is_ok(), "a file can be written again");
+    drop(reader);
+    spool.probe().unwrap();
+    spool.store(envelope(), b"Subject: after\r\n\r\n").unwrap();
 }

@@ -28,9 +28,9 @@ use crate::load::{IngestLoad, IngestLoadOptions, SmtpLoad, SmtpLoadOptions, Tall
 use crate::report::{self, Recovered, Redelivery, Resend, Row};
 use crate::sink::{Mode, Seen, Sink};
 use crate::support::smtp::{SmtpOptions, SmtpSink};
+use crate::support::tmpfs::Tmpfs;
 use crate::{Ctx, RULE, free_port, webhook_destination};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -381,48 +381,6 @@ fn name_tag(fault: RelayFault) -> &'static str {
     }
 }
 
-/// A tmpfs mounted at a directory for the life of the value (lazily unmounted on drop).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path) -> Result<Tmpfs, String> {
-        run_mount(&["-t", "tmpfs", "-o", "size=512m,mode=0755", "tmpfs"], at)?;
-        Ok(Tmpfs(at.to_path_buf()))
-    }
-
-    /// Remounts read-only or read-write. The kernel refuses (EBUSY) while a file on it is open
-    /// for writing (a message being received): try again until a moment when none is. Returns
-    /// how many tries it took.
-    /// Remounts, trying again while the kernel answers EBUSY. Returns the tries it took and
-    /// when the one that worked started: the file system changed somewhere between that and
-    /// the return (while `mount` ran and exited), and serve may see it from then on.
-    fn remount(&self, read_only: bool) -> Result<(usize, Instant), String> {
-        let opts = if read_only { "remount,ro" } else { "remount,rw" };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let started = Instant::now();
-            match run_mount(&["-o", opts], &self.0) {
-                Ok(()) => return Ok((tries, started)),
-                Err(e) if Instant::now() > deadline => return Err(format!("{opts} failed {tries} times: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn run_mount(args: &[&str], at: &Path) -> Result<(), String> {
-    let out = std::process::Command::new("mount").args(args).arg(at).output().map_err(|e| e.to_string())?;
-    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
-}
-
 pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     let (total, rate) = (ctx.scale(2_000, 300), ctx.rate(40.0, 40.0));
     let (from, window) = (ctx.secs(10, 2), ctx.secs(15, 3));
@@ -443,7 +401,7 @@ pub fn spool_readonly(ctx: &mut Ctx) -> Row {
     );
     let mut gw = ctx.gateway(&config, RULE);
     let spool = gw.path().join("spool");
-    let tmpfs = match Tmpfs::mount(&spool) {
+    let tmpfs = match Tmpfs::mount(&spool, "512m") {
         Ok(t) => t,
         Err(e) => {
             row.violation(format!("cannot mount a tmpfs at the spool (needs root): {e}"));

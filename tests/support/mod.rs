@@ -13,6 +13,7 @@
 //!   [`dovecot::ImapClient`] to set up and inspect its mailboxes. Needs `dovecot-imapd` installed.
 //!
 //! - [`browser::Driver`]: chromedriver and a headless Chromium for page tests.
+//! - [`tmpfs::Tmpfs`]: a tmpfs to turn read-only and back (needs root).
 //! - [`postgres::Postgres`]: a private PostgreSQL cluster (initdb + pg_ctl on a free loopback
 //!   port, in a temporary directory), shared by a test binary, one database per test. Needs
 //!   `postgresql` installed.
@@ -32,6 +33,7 @@ pub mod postgres;
 pub mod smtp;
 pub mod smtp_client;
 pub mod tls;
+pub mod tmpfs;
 
 use std::time::{Duration, Instant};
 
