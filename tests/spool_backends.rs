@@ -352,6 +352,16 @@ fn the_probe_says_the_spool_is_writable_only_once_its_database_can_be_written() 
 
     tmpfs.remount(true).unwrap();
     assert!(spool.probe().is_err(), "read-only");
+    // A message offered while read-only: refused, and the writer's connection, opened read-only
+    // for it, must not outlive the read-only spell.
+    assert!(spool.store(envelope(), b"Subject: while read-only\r\n\r\n").is_err());
+    tmpfs.remount(false).unwrap();
+    let store = spool.store(envelope(), b"Subject: once writable\r\n\r\n");
+    assert_eq!(spool.probe().is_ok(), store.is_ok(), "the probe says what a write does: {store:?}");
+    assert!(store.is_ok(), "writable again: {store:?}");
+
+    std::thread::sleep(Duration::from_millis(100));
+    tmpfs.remount(true).unwrap();
     let reader = rusqlite::Connection::open(spool.db_path()).unwrap();
     let _: i64 = reader.query_row("SELECT count(*) FROM message", [], |r| r.get(0)).unwrap();
     tmpfs.remount(false).unwrap();

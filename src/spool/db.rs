@@ -137,8 +137,9 @@ pub(super) enum Op {
     Remove { id: String, from: State },
     /// A removal whatever the state (a row whose state cannot be read, once in `corrupt/`).
     Forget { id: String },
-    /// Nothing: it succeeds when the batch's write transaction can begin and commit, which a
-    /// connection opened read-only (or sharing the WAL index of one) cannot.
+    /// Nothing: it succeeds when the batch's write transaction can begin and commit on a
+    /// connection that can write, which one opened read-only (or sharing the WAL index of one)
+    /// cannot.
     Probe,
 }
 
@@ -320,10 +321,18 @@ impl Writer {
             }
         }
         let conn = self.conn.as_mut().expect("connected above");
-        let (results, whole) = apply(conn, &self.path, ops);
+        // A connection opened on a read-only file system stays read-only when it turns writable
+        // again. Its transactions still begin and commit (each write in them failing on its own),
+        // so a batch of them is refused at once, and the connection not kept: a new one is
+        // opened for the next batch, as after any batch that could not commit.
+        let readonly = conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true);
+        let (results, whole) = if readonly {
+            let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
+            (all_failed(&self.path, n, e), false)
+        } else {
+            apply(conn, &self.path, ops)
+        };
         if !whole {
-            // It may have been opened on a read-only file system, or be in a bad state: a new
-            // one is opened for the next batch.
             self.conn = None;
         }
         results
