@@ -253,7 +253,7 @@ fn message(i: usize) -> Vec<u8> {
 /// about as fast as without on this kind of disk, and it keeps the inode tables clean (see
 /// [`settle`]), which fsync off would not.
 fn fill(spool_dir: &Path, n: usize) -> Duration {
-    let spool = Spool::open(spool_dir, SpoolOptions { fsync: true }).expect("open spool for filling");
+    let spool = Spool::open(spool_dir, SpoolOptions { fsync: true, keep_raw: false }).expect("open spool for filling");
     let start = Instant::now();
     let threads = 32;
     std::thread::scope(|s| {
@@ -356,8 +356,7 @@ url = "http://{addr}/hook"
     let (wall, spool) = runtime.block_on(async {
         let rules = load_rules(&config).unwrap_or_else(|errors| panic!("{} rule error(s)", errors.len()));
         let rules: SharedRules = Arc::new(RwLock::new(Arc::new(rules)));
-        let spool = Spool::open(&config.resolve(&config.spool.dir), SpoolOptions { fsync: config.spool.fsync })
-            .expect("open spool");
+        let spool = Spool::open(&config.resolve(&config.spool.dir), SpoolOptions::of(&config)).expect("open spool");
         let lock = spool.lock().expect("lock spool");
         let recovery = spool.recover().expect("recover");
         assert!(recovery.corrupt.is_empty(), "fresh spool has corrupt entries: {:?}", recovery.corrupt);

@@ -331,7 +331,7 @@ fn main() {
     let mut single_us = None;
     for case in &cases {
         let dir = fresh_dir(case_dir(&root, case.name));
-        let spool = Spool::open(&dir, SpoolOptions { fsync: case.fsync }).expect("open spool");
+        let spool = Spool::open(&dir, SpoolOptions { fsync: case.fsync, keep_raw: false }).expect("open spool");
         // Warm up: directories, page cache, the writer thread.
         const WARM_UP: usize = 20;
         for _ in 0..WARM_UP {

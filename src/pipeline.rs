@@ -73,7 +73,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// share before it reads a message: [`RuleSet::judge_peak`] times the message's size when it is
 /// to be judged, its size once otherwise. Once judged, the round gives back all but its size once:
 /// the raw bytes it keeps for the archive, which hand that share to the archive's writer, so
-/// that raw messages waiting to be written count too. A message whose share is larger than the
+/// that raw messages waiting to be written count too (when the spool keeps the raw bytes for
+/// the archive, the round holds none, and gives the share back when it hands the entry over). A message whose share is larger than the
 /// whole budget takes all of it, alone. Judging also takes a megabyte beyond its multiple (the
 /// parsed message, the rules' work), which is what bounds small mail; a raw message kept for the
 /// archive holds only its own size, so that thousands of small ones waiting for the archive's
@@ -570,13 +571,15 @@ async fn round(
             }
             if archive.is_some() {
                 held_search = Some(Searchable::of(&email, &meta.envelope));
-                held_raw = Some(raw);
+                // The spool keeps the raw bytes for the archive: nothing to hold meanwhile.
+                held_raw = (!spool.keeps_raw()).then_some(raw);
             }
             outcome
         } else {
             let (raw_spool, raw_id, rules) = (spool.clone(), id.to_string(), rules.clone());
             let envelope = meta.envelope.clone();
             let keep = archive.is_some();
+            let hold_raw = !spool.keeps_raw();
             let observer = work.observer.clone();
             let (outcome, raw) = tokio::task::spawn_blocking(move || {
                 raw_spool.read_raw(&raw_id).map(|raw| {
@@ -585,14 +588,14 @@ async fn round(
                     if let Some(o) = &observer {
                         o.judged(&email, &envelope, &outcome);
                     }
-                    let held = keep.then(|| (raw, Searchable::of(&email, &envelope)));
+                    let held = keep.then(|| (Searchable::of(&email, &envelope), hold_raw.then_some(raw)));
                     (outcome, held)
                 })
             })
             .await
             .map_err(|e| SpoolError::io("judge", std::io::Error::other(e.to_string())))??;
-            if let Some((raw, search)) = raw {
-                held_raw = Some(raw);
+            if let Some((search, raw)) = raw {
+                held_raw = raw;
                 held_search = Some(search);
             }
             outcome
@@ -607,7 +610,7 @@ async fn round(
         match outcome.action {
             Action::Drop => {
                 info!(id, rule = rule.as_deref().unwrap_or("-"), "dropped");
-                let raw = raw_for_archive(work, id, held_raw).await;
+                let raw = raw_for_archive(work, id, held_raw, held_search.is_some()).await;
                 spool.remove(id, from).await?;
                 archive_done(work, ArchiveState::Dropped, &meta, raw, held_search, rule, None, memory).await;
                 return Ok(Finished::Removed);
@@ -625,7 +628,7 @@ async fn round(
                 meta.dead_reason = Some(reason);
                 meta.dead_rule = rule.clone();
                 spool.transition(id, from, State::Dead, Some(&meta)).await?;
-                let raw = raw_for_archive(work, id, held_raw).await;
+                let raw = raw_for_archive(work, id, held_raw, held_search.is_some()).await;
                 // The payload a rule built, though nothing was sent, shows what it extracted. It
                 // is kept as it would have been sent (cut to the largest max_body); one that no
                 // destination would take (a field of many megabytes) is not kept at all.
@@ -751,7 +754,7 @@ async fn round(
 
     let statuses: Vec<&DestStatus> = decision.destinations.values().collect();
     if statuses.iter().all(|s| s.state == DestState::Done) {
-        let raw = raw_for_archive(work, id, held_raw).await;
+        let raw = raw_for_archive(work, id, held_raw, held_search.is_some()).await;
         spool.remove(id, at).await?;
         let rule = decision.rule.clone();
         let payload = Some(decision.payload.as_str().to_string());
@@ -778,7 +781,7 @@ async fn round(
     );
     meta.next_attempt = None;
     spool.transition(id, at, State::Dead, Some(&meta)).await?;
-    let raw = raw_for_archive(work, id, held_raw).await;
+    let raw = raw_for_archive(work, id, held_raw, held_search.is_some()).await;
     let (rule, payload) = match &meta.decision {
         Some(d) => (d.rule.clone(), Some(d.payload.as_str().to_string())),
         None => (None, None),
@@ -787,12 +790,16 @@ async fn round(
     Ok(Finished::Dead)
 }
 
-/// The raw message for the archive (read again unless this round holds it); `None` when the
-/// archive is off, or the message cannot be read (then it is not archived, and says so).
-async fn raw_for_archive(work: &Work, id: &str, held: Option<Vec<u8>>) -> Option<Vec<u8>> {
+/// The raw message for the archive (read again unless this round holds it, or the spool keeps
+/// it and the round has read what the archive indexes: then empty); `None` when the archive is
+/// off, or the message cannot be read (then it is not archived, and says so).
+async fn raw_for_archive(work: &Work, id: &str, held: Option<Vec<u8>>, searched: bool) -> Option<Vec<u8>> {
     work.archive.as_ref()?;
     if held.is_some() {
         return held;
+    }
+    if searched && work.spool.keeps_raw() {
+        return Some(Vec::new());
     }
     let (spool, raw_id) = (work.spool.clone(), id.to_string());
     match tokio::task::spawn_blocking(move || spool.read_raw(&raw_id)).await {
@@ -821,13 +828,22 @@ async fn archive_done(
     payload: Option<String>,
     memory: Option<OwnedSemaphorePermit>,
 ) {
-    let (Some(archive), Some(raw)) = (&work.archive, raw) else { return };
+    let (Some(archive), Some(mut raw)) = (&work.archive, raw) else { return };
     let destinations = meta.decision.as_ref().map(|d| d.destinations.keys().cloned().collect()).unwrap_or_default();
+    // The spool keeps the raw message for the archive: the entry refers to it. The bytes go
+    // with the entry only when the archive's writer must read the message for its search text.
+    let mut memory = memory;
+    let raw_kept = work.spool.keeps_raw().then_some(meta.size);
+    if raw_kept.is_some() && search.is_some() {
+        raw = Vec::new();
+        memory = None;
+    }
     archive
         .finished(Archived {
             state,
             envelope: meta.envelope.clone(),
             raw,
+            raw_kept,
             search,
             rule,
             payload,

@@ -406,3 +406,51 @@ fn without_a_token_the_console_is_loopback_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin.token"), "{err}");
 }
+
+/// The raw message is written once: the spool keeps it when the message is delivered, and the
+/// archive's entry refers to it. Kept bytes that no entry refers to (an entry a crash lost) are
+/// given back at the next start; those an entry refers to stay.
+#[test]
+fn the_raw_message_is_kept_once_by_the_spool_and_an_orphan_given_back_at_start() {
+    let hook = HookServer::start(HookOptions::default());
+    let mut gw = gateway(&hook, true);
+    let (kept_raw, lost_raw) = (order(1, "Order 1 kept"), order(2, "Order 2 lost"));
+    let kept = gw.ingest(&kept_raw);
+    let lost = gw.ingest(&lost_raw);
+    gw.start();
+    let addr = gw.listening("admin");
+    wait_listed(addr, "state=delivered", 2, &gw);
+    let (cookie, _) = login(addr);
+    let raw = http(addr, "GET", &format!("/messages/{kept}/raw"), &[("Cookie", &cookie)], "");
+    assert_eq!(raw.body, kept_raw, "read back from the spool, byte for byte");
+    assert_eq!(gw.stop(), 0);
+
+    let spool = rusqlite::Connection::open(gw.path().join("spool/spool.db")).unwrap();
+    let archive = rusqlite::Connection::open(gw.path().join("spool/archive/archive.db")).unwrap();
+    let count = |c: &rusqlite::Connection, sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(count(&archive, "SELECT count(*) FROM raw"), 0, "no second copy in the archive");
+    assert_eq!(count(&archive, "SELECT count(*) FROM message WHERE raw_kept = 1"), 2);
+    assert_eq!(count(&spool, "SELECT count(*) FROM message"), 0, "out of the queue");
+    assert_eq!(count(&spool, "SELECT count(*) FROM kept JOIN raw USING (seq)"), 2, "kept by the spool");
+
+    // What a crash before the second entry was committed leaves: kept bytes, no entry.
+    archive.execute("DELETE FROM message WHERE id = ?1", [&lost]).unwrap();
+    drop((spool, archive));
+    gw.start();
+    let addr = gw.listening("admin");
+    let opened = gw.wait_log("archive open", 1, Duration::from_secs(20), |v| v["message"] == "archive open");
+    assert_eq!(opened[0]["released"], 1, "{}", opened[0]);
+    let spool = rusqlite::Connection::open(gw.path().join("spool/spool.db")).unwrap();
+    let ids: Vec<String> = spool
+        .prepare("SELECT id FROM kept")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, vec![kept.clone()]);
+    assert_eq!(count(&spool, "SELECT count(*) FROM raw"), 1, "the orphan's bytes are gone");
+    let (cookie, _) = login(addr);
+    let raw = http(addr, "GET", &format!("/messages/{kept}/raw"), &[("Cookie", &cookie)], "");
+    assert_eq!(raw.body, kept_raw);
+}

@@ -448,7 +448,8 @@ fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
     // What a kill right after the watcher's commit of a new message leaves: the message in the
     // spool with its fingerprint, but neither the folder's checkpoint nor its fingerprint list
     // updated, and the message not yet flagged on the server. The message is inserted into the
-    // spool's database as the spool inserts it: a `message` row and its `raw` bytes.
+    // spool's database as the spool inserts it: the `raw` bytes, then a `message` row with
+    // their `seq`.
     let uid = imap.append("INBOX", &message(1, "spooled before the kill"));
     let raw = imap.fetch("INBOX", uid);
     let fingerprint: String =
@@ -462,12 +463,12 @@ fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
         }
     });
     let db = rusqlite::Connection::open(gw.path().join("spool/spool.db")).unwrap();
+    db.execute("INSERT INTO raw (bytes) VALUES (?1)", rusqlite::params![raw]).unwrap();
     db.execute(
-        "INSERT INTO message (id, state, meta) VALUES (?1, 'incoming', ?2)",
-        rusqlite::params![id, meta.to_string()],
+        "INSERT INTO message (seq, id, state, meta) VALUES (?1, ?2, 'incoming', ?3)",
+        rusqlite::params![db.last_insert_rowid(), id, meta.to_string()],
     )
     .unwrap();
-    db.execute("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)", rusqlite::params![db.last_insert_rowid(), raw]).unwrap();
     drop(db);
 
     gw.start();

@@ -110,7 +110,7 @@ pub(crate) fn open_spool(config_path: &Path) -> Result<(Config, crate::spool::Sp
         eprintln!("spool directory {} does not exist (mailhook serve creates it)", dir.display());
         return Err(Exit::TempFail);
     }
-    let options = crate::spool::SpoolOptions { fsync: config.spool.fsync };
+    let options = crate::spool::SpoolOptions::of(&config);
     let spool = crate::spool::Spool::open(&dir, options).map_err(|e| {
         eprintln!("cannot use the spool: {e}");
         Exit::TempFail

@@ -5,11 +5,13 @@
 use super::{Exit, RulesSource};
 use crate::config::Config;
 use crate::lifecycle::shadow::{self, Scope};
+use crate::spool::SpoolOptions;
 use crate::store::StoreError;
 use crate::store::postgres::PostgresArchive;
 use crate::store::sqlite::SqliteArchive;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, Clone)]
@@ -61,7 +63,11 @@ pub fn run(opts: &ShadowOptions) -> Exit {
         Some(cluster) => PostgresArchive::open(cluster, &|p| config.resolve(p))
             .map_err(StoreError::from)
             .and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX)),
-        None => SqliteArchive::open(&path).and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX)),
+        // The raw messages are kept by the spool, which the archive reads them from.
+        None => crate::spool::Spool::open(&config.resolve(&config.spool.dir), SpoolOptions::of(&config))
+            .map_err(StoreError::from)
+            .and_then(|spool| Ok(SqliteArchive::open(&path)?.with_keeper(Arc::new(spool))))
+            .and_then(|archive| shadow::run(&archive, &live, &other, scope, usize::MAX)),
     };
     let report = match report {
         Ok(r) => r,

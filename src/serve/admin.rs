@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn spool_is_counted_by_state_with_the_oldest_deferred_age() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), crate::spool::SpoolOptions { fsync: false }).unwrap();
+        let spool = Spool::open(dir.path(), crate::spool::SpoolOptions { fsync: false, keep_raw: false }).unwrap();
         let envelope = || crate::model::Envelope::new(crate::model::Source::Stdin);
         let a = spool.store(envelope(), b"Subject: a\r\n\r\na\r\n").unwrap();
         let b = spool.store(envelope(), b"Subject: b\r\n\r\nb\r\n").unwrap();

@@ -88,7 +88,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         (Some(cluster), Some(node)) => {
             Spool::open_cluster(cluster, &|p| config.resolve(p), Some(node.id().to_string()), &spool_dir)?
         }
-        _ => Spool::open(&spool_dir, SpoolOptions { fsync: config.spool.fsync })?,
+        _ => Spool::open(&spool_dir, SpoolOptions::of(&config))?,
     };
     let _lock = spool.lock()?;
     let spool_for_recovery = spool.clone();
@@ -119,13 +119,32 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Some(Arc::new(opened))
         }
         (None, Some(path)) => {
-            let opened = tokio::task::spawn_blocking(move || SqliteArchive::open(&path))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            info!(archive = %opened.path().display(), "archive open");
+            let keeper = spool.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                let archive = SqliteArchive::open(&path)?.with_keeper(Arc::new(keeper));
+                // Nothing has been handed to the archive yet: every raw message the spool keeps
+                // that no entry refers to can go.
+                let released = archive.sweep_kept()?;
+                Ok::<_, crate::store::StoreError>((archive, released))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let (opened, released) = opened?;
+            info!(archive = %opened.path().display(), released, "archive open");
             Some(Arc::new(opened))
         }
-        (_, None) => None,
+        (None, None) => {
+            // Raw messages kept for an archive since turned off have no reader left.
+            let local = spool.clone();
+            let released = tokio::task::spawn_blocking(move || local.release_all_kept())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            if released > 0 {
+                info!(released, "archive off: the raw messages the spool kept for it are given up");
+            }
+            None
+        }
+        (Some(_), None) => None,
     };
     let writer = archive.clone().map(ArchiveWriter::start);
     let lifecycle = Lifecycle::start(&config, &spool_dir, &metrics)?;

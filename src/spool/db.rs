@@ -52,6 +52,11 @@ const READERS: usize = 4;
 /// (the tree's inner pages, the free list); the rest comes from the kernel's page cache.
 const CACHE_KIB: i64 = 512;
 
+/// `message` is the queue, `raw` the bytes of each message (same `seq`). `kept` names the raw
+/// bytes of removed messages that stay for the archive (`keep_raw`): the archive refers to a
+/// message's raw bytes by its id instead of writing them a second time, and gives them up
+/// ([`Op::Release`]) when its retention removes the entry. A new message takes the `seq` its raw
+/// row is given, above every row kept, so a kept row's `seq` is never taken again while kept.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS message (
     seq INTEGER PRIMARY KEY,
@@ -64,6 +69,10 @@ CREATE TABLE IF NOT EXISTS raw (
     seq INTEGER PRIMARY KEY,
     bytes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS kept (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 fn db_error(path: &Path, e: rusqlite::Error) -> SpoolError {
@@ -133,10 +142,12 @@ pub(super) enum Op {
     Insert { id: String, state: State, meta: String, raw: Raw, if_absent: bool },
     /// A state change, with new metadata if given; `from == to` only replaces the metadata.
     Move { id: String, from: State, to: State, meta: Option<String> },
-    /// A removal.
+    /// A removal. With `keep_raw`, the raw bytes stay, as kept (see [`SCHEMA`]).
     Remove { id: String, from: State },
     /// A removal whatever the state (a row whose state cannot be read, once in `corrupt/`).
     Forget { id: String },
+    /// The kept raw bytes of these ids given up (the archive no longer refers to them).
+    Release { ids: Vec<String> },
     /// Nothing: it succeeds when the batch's write transaction can begin and commit on a
     /// connection that can write, which one opened read-only (or sharing the WAL index of one)
     /// cannot.
@@ -194,12 +205,18 @@ pub(super) const IDLE: Duration = Duration::from_millis(25);
 
 impl Db {
     /// Starts the writer thread with `conn`, a connection made by [`open`].
-    pub(super) fn start(conn: Connection, path: PathBuf, fsync: bool) -> io::Result<Db> {
+    pub(super) fn start(conn: Connection, path: PathBuf, fsync: bool, keep_raw: bool) -> io::Result<Db> {
         let (tx, rx) = mpsc::channel::<Msg>();
         let pool: Arc<Pool> = Arc::default();
         let watching = Arc::new(AtomicBool::new(true));
-        let writer =
-            Writer { conn: Some(conn), path: path.clone(), fsync, pool: pool.clone(), watching: watching.clone() };
+        let writer = Writer {
+            conn: Some(conn),
+            path: path.clone(),
+            fsync,
+            keep_raw,
+            pool: pool.clone(),
+            watching: watching.clone(),
+        };
         std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
         Ok(Db { path, fsync, tx, pool, watching })
     }
@@ -256,6 +273,8 @@ struct Writer {
     conn: Option<Connection>,
     path: PathBuf,
     fsync: bool,
+    /// Removals keep the raw bytes, for the archive.
+    keep_raw: bool,
     pool: Arc<Pool>,
     watching: Arc<AtomicBool>,
 }
@@ -330,7 +349,7 @@ impl Writer {
             let e = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY), None);
             (all_failed(&self.path, n, e), false)
         } else {
-            apply(conn, &self.path, ops)
+            apply(conn, &self.path, self.keep_raw, ops)
         };
         if !whole {
             self.conn = None;
@@ -350,6 +369,7 @@ fn all_failed(path: &Path, n: usize, e: rusqlite::Error) -> Vec<Result<(), Spool
 fn apply<'a>(
     conn: &mut Connection,
     path: &Path,
+    keep_raw: bool,
     ops: impl ExactSizeIterator<Item = &'a Op>,
 ) -> (Vec<Result<(), SpoolError>>, bool) {
     let n = ops.len();
@@ -360,7 +380,7 @@ fn apply<'a>(
     let mut results = Vec::with_capacity(n);
     for op in ops {
         let r = tx.savepoint().map_err(OpError::Db).and_then(|sp| {
-            apply_one(&sp, op)?;
+            apply_one(&sp, keep_raw, op)?;
             sp.commit().map_err(OpError::Db)?;
             Ok(())
         });
@@ -378,7 +398,7 @@ fn apply<'a>(
     (results, true)
 }
 
-fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
+fn apply_one(conn: &Connection, keep_raw: bool, op: &Op) -> Result<(), OpError> {
     match op {
         Op::Probe => Ok(()),
         Op::Insert { id, state, meta, raw, if_absent } => {
@@ -391,19 +411,16 @@ fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
             {
                 return Ok(());
             }
-            conn.prepare_cached("INSERT INTO message (id, state, meta) VALUES (?1, ?2, ?3)")?.execute(params![
-                id,
-                state.dir_name(),
-                meta
-            ])?;
-            let seq = conn.last_insert_rowid();
-            match raw {
+            // The raw row first: its `seq` is above every raw row, kept ones included.
+            let seq = match raw {
                 Raw::Bytes(bytes) => {
-                    conn.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?
-                        .execute(params![seq, bytes])?;
+                    conn.prepare_cached("INSERT INTO raw (bytes) VALUES (?1)")?.execute(params![bytes])?;
+                    conn.last_insert_rowid()
                 }
-                Raw::File { path, size } => copy_file(conn, seq, path, *size)?,
-            }
+                Raw::File { path, size } => copy_file(conn, path, *size)?,
+            };
+            conn.prepare_cached("INSERT INTO message (seq, id, state, meta) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![seq, id, state.dir_name(), meta])?;
             Ok(())
         }
         Op::Move { id, from, to, meta } => {
@@ -430,7 +447,34 @@ fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
             };
             let id = op_id(op);
             let Some(seq) = seq else { return Err(OpError::NotFound(id.to_string())) };
-            conn.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute([seq])?;
+            if keep_raw {
+                // An id queued again after its removal (an old spool's entry drained twice)
+                // keeps only its newest bytes.
+                let before: Option<i64> = conn
+                    .prepare_cached("DELETE FROM kept WHERE id = ?1 RETURNING seq")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?;
+                if let Some(before) = before.filter(|b| *b != seq) {
+                    conn.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute([before])?;
+                }
+                conn.prepare_cached("INSERT INTO kept (id, seq) VALUES (?1, ?2)")?.execute(params![id, seq])?;
+            } else {
+                conn.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute([seq])?;
+            }
+            Ok(())
+        }
+        Op::Release { ids } => {
+            let mut unkeep = conn.prepare_cached("DELETE FROM kept WHERE id = ?1 RETURNING seq")?;
+            // Never the bytes of a message in the queue (a kept id cannot be one, but a row
+            // the queue uses is not to be lost to a mistake).
+            let mut drop_raw = conn.prepare_cached(
+                "DELETE FROM raw WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM message WHERE seq = ?1)",
+            )?;
+            for id in ids {
+                if let Some(seq) = unkeep.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
+                    drop_raw.execute([seq])?;
+                }
+            }
             Ok(())
         }
     }
@@ -439,17 +483,18 @@ fn apply_one(conn: &Connection, op: &Op) -> Result<(), OpError> {
 fn op_id(op: &Op) -> &str {
     match op {
         Op::Insert { id, .. } | Op::Move { id, .. } | Op::Remove { id, .. } | Op::Forget { id } => id,
-        Op::Probe => "",
+        Op::Probe | Op::Release { .. } => "",
     }
 }
 
-/// Copies the first `size` bytes of the file at `path` into a new blob, a chunk at a time: a
-/// big message is never held whole in memory, nor copied by SQLite as a bound value is.
-fn copy_file(conn: &Connection, seq: i64, path: &Path, size: u64) -> Result<(), OpError> {
+/// Copies the first `size` bytes of the file at `path` into a new raw row, a chunk at a time (a
+/// big message is never held whole in memory, nor copied by SQLite as a bound value is), and
+/// returns the row's `seq`.
+fn copy_file(conn: &Connection, path: &Path, size: u64) -> Result<i64, OpError> {
     let io_err = |e| OpError::Io(path.to_path_buf(), e);
     let mut file = File::open(path).map_err(io_err)?.take(size);
-    conn.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, zeroblob(?2))")?
-        .execute(params![seq, size as i64])?;
+    conn.prepare_cached("INSERT INTO raw (bytes) VALUES (zeroblob(?1))")?.execute(params![size as i64])?;
+    let seq = conn.last_insert_rowid();
     let mut blob = conn.blob_open(rusqlite::MAIN_DB, "raw", "bytes", seq, false)?;
     let mut buf = vec![0u8; CHUNK.min(size as usize).max(1)];
     let mut at = 0usize;
@@ -464,7 +509,7 @@ fn copy_file(conn: &Connection, seq: i64, path: &Path, size: u64) -> Result<(), 
     if at as u64 != size {
         return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{at} bytes of {size}"))));
     }
-    Ok(())
+    Ok(seq)
 }
 
 /// Reads the raw bytes of row `seq` of `size` bytes: in one statement when small, else from

@@ -219,11 +219,25 @@ impl SpoolError {
 pub struct SpoolOptions {
     /// Flush to stable storage before acknowledging. Only benchmarks turn this off.
     pub fsync: bool,
+    /// Keep the raw bytes of removed messages for the archive, which refers to them instead of
+    /// writing them again ([`Spool::read_any_raw`], [`Spool::release`]). Every process that
+    /// opens one spool must say the same: `[archive]` on, without `[cluster]`.
+    pub keep_raw: bool,
 }
 
 impl Default for SpoolOptions {
     fn default() -> Self {
-        SpoolOptions { fsync: true }
+        SpoolOptions { fsync: true, keep_raw: false }
+    }
+}
+
+impl SpoolOptions {
+    /// The options `config` gives.
+    pub fn of(config: &crate::config::Config) -> SpoolOptions {
+        SpoolOptions {
+            fsync: config.spool.fsync,
+            keep_raw: config.cluster.is_none() && config.archive_path().is_some(),
+        }
     }
 }
 
@@ -237,6 +251,7 @@ pub struct Spool {
 
 struct Inner {
     dir: PathBuf,
+    keep_raw: bool,
     /// The local database; `None` with `[cluster]`, whose queue is in PostgreSQL.
     db: Option<Db>,
     seq: AtomicU64,
@@ -271,10 +286,11 @@ impl Spool {
         probe(dir)?;
         let path = dir.join(db::DB_FILE);
         let conn = db::open(&path, options.fsync)?;
-        let db = Db::start(conn, path, options.fsync).map_err(|e| SpoolError::io(dir, e))?;
+        let db = Db::start(conn, path, options.fsync, options.keep_raw).map_err(|e| SpoolError::io(dir, e))?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
+                keep_raw: options.keep_raw,
                 db: Some(db),
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
@@ -299,6 +315,7 @@ impl Spool {
         Ok(Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
+                keep_raw: false,
                 db: None,
                 seq: AtomicU64::new(0),
                 pid: std::process::id(),
@@ -511,6 +528,56 @@ impl Spool {
             row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
         })?;
         raw.ok_or_else(|| SpoolError::NotFound(id.to_string()))
+    }
+
+    /// Whether removed messages keep their raw bytes, for the archive ([`SpoolOptions::keep_raw`]).
+    pub fn keeps_raw(&self) -> bool {
+        self.inner.keep_raw
+    }
+
+    /// The raw bytes of `id`, whether it is in the queue or removed with its bytes kept; `None`
+    /// when they are in neither.
+    pub fn read_any_raw(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        check_id(id)?;
+        self.db()?.read(|c| {
+            let row: Option<(i64, i64)> = c
+                .prepare_cached(
+                    "SELECT r.seq, length(r.bytes) FROM raw r
+                     WHERE r.seq = coalesce((SELECT seq FROM kept WHERE id = ?1), (SELECT seq FROM message WHERE id = ?1))",
+                )?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
+        })
+    }
+
+    /// Up to `limit` ids whose raw bytes are kept, in order, after `after`.
+    pub fn kept(&self, after: &str, limit: usize) -> Result<Vec<String>, SpoolError> {
+        self.db()?.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT id FROM kept WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            stmt.query_map(rusqlite::params![after, limit as i64], |r| r.get(0))?.collect()
+        })
+    }
+
+    /// Gives up the kept raw bytes of `ids`, durably (ids not kept are passed over).
+    pub fn release(&self, ids: Vec<String>) -> Result<(), SpoolError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.db()?.submit_blocking(Op::Release { ids })
+    }
+
+    /// Gives up every raw message kept (the archive was turned off): returns how many.
+    pub fn release_all_kept(&self) -> Result<u64, SpoolError> {
+        let mut released = 0u64;
+        loop {
+            let ids = self.kept("", 1000)?;
+            if ids.is_empty() {
+                return Ok(released);
+            }
+            released += ids.len() as u64;
+            self.release(ids)?;
+        }
     }
 
     fn encode(meta: &Meta) -> String {

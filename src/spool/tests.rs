@@ -746,3 +746,62 @@ fn an_idle_spool_holds_no_file_open_so_it_can_be_remounted_read_only() {
     block_on(spool.remove(&id, State::Incoming)).unwrap();
     assert_eq!(spool.list(State::Incoming).unwrap(), Vec::<String>::new());
 }
+
+fn open_keeping() -> (tempfile::TempDir, Spool) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), SpoolOptions { fsync: false, keep_raw: true }).unwrap();
+    (dir, spool)
+}
+
+/// With `keep_raw`, a removed message leaves the queue but its raw bytes stay, by id, until
+/// they are released; a spool that does not keep them removes them with the message.
+#[test]
+fn a_spool_that_keeps_raw_messages_keeps_them_until_released() {
+    let (_d, spool) = open_keeping();
+    let a = spool.store(envelope(), b"Subject: a\r\n\r\na\r\n").unwrap();
+    block_on(spool.remove(&a, State::Incoming)).unwrap();
+    assert_eq!(spool.find(&a), None, "out of the queue");
+    assert!(matches!(spool.read_raw(&a), Err(SpoolError::NotFound(_))), "not a queued message any more");
+    assert_eq!(spool.read_any_raw(&a).unwrap().as_deref(), Some(&b"Subject: a\r\n\r\na\r\n"[..]));
+    assert_eq!(spool.kept("", 10).unwrap(), vec![a.clone()]);
+
+    // A message still queued is read the same way (the archive's dead letters).
+    let b = spool.store(envelope(), b"Subject: b\r\n\r\nb\r\n").unwrap();
+    assert_eq!(spool.read_any_raw(&b).unwrap().as_deref(), Some(&b"Subject: b\r\n\r\nb\r\n"[..]));
+    // Releasing a queued id does nothing to it.
+    spool.release(vec![a.clone(), b.clone()]).unwrap();
+    assert_eq!(spool.read_any_raw(&a).unwrap(), None, "released");
+    assert!(spool.kept("", 10).unwrap().is_empty());
+    assert_eq!(spool.read_raw(&b).unwrap(), b"Subject: b\r\n\r\nb\r\n", "queued: untouched");
+
+    let (_d2, plain) = open();
+    let c = plain.store(envelope(), b"c").unwrap();
+    block_on(plain.remove(&c, State::Incoming)).unwrap();
+    assert_eq!(plain.read_any_raw(&c).unwrap(), None);
+    assert!(plain.kept("", 10).unwrap().is_empty());
+}
+
+/// The newest message removed, its raw row kept: the next message must not take that row's
+/// place (SQLite gives a new row the largest key plus one, of the rows left in its table).
+#[test]
+fn a_new_message_never_lands_on_raw_bytes_kept() {
+    let (_d, spool) = open_keeping();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let raw = format!("Subject: {n}\r\n\r\n{n}\r\n");
+        let id = spool.store(envelope(), raw.as_bytes()).unwrap();
+        block_on(spool.remove(&id, State::Incoming)).unwrap();
+        ids.push((id, raw));
+    }
+    let big = vec![b'x'; db::BOUND_RAW + 10];
+    let id = spool.store(envelope(), &big).unwrap();
+    block_on(spool.remove(&id, State::Incoming)).unwrap();
+    let last = spool.store(envelope(), b"last").unwrap();
+    for (id, raw) in &ids {
+        assert_eq!(spool.read_any_raw(id).unwrap().as_deref(), Some(raw.as_bytes()), "{id}");
+    }
+    assert_eq!(spool.read_any_raw(&id).unwrap().map(|r| r.len()), Some(big.len()));
+    assert_eq!(spool.read_raw(&last).unwrap(), b"last");
+    assert_eq!(spool.release_all_kept().unwrap(), 6);
+    assert_eq!(spool.read_raw(&last).unwrap(), b"last", "a queued message is not kept: not released");
+}

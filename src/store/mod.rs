@@ -91,8 +91,11 @@ pub struct ArchivedMessage {
     pub destinations: Vec<String>,
     /// Why it is a dead letter.
     pub reason: Option<String>,
-    /// The message exactly as received.
+    /// The message exactly as received; empty when the spool keeps it (`raw_kept`).
     pub raw: Vec<u8>,
+    /// `Some(size)`: the raw message (`size` bytes) is kept by the spool, which the archive
+    /// reads it from ([`RawKeeper`]), instead of being written into the archive again.
+    pub raw_kept: Option<u64>,
 }
 
 /// What the archive indexes of a message for search: its sender, subject and text. The
@@ -181,7 +184,46 @@ impl ArchivedMessage {
             reason,
             envelope,
             raw,
+            raw_kept: None,
         }
+    }
+
+    /// The same entry, referring to the raw message the spool keeps (`size` bytes) instead of
+    /// holding it.
+    pub fn raw_in_spool(mut self, size: u64) -> ArchivedMessage {
+        self.raw = Vec::new();
+        self.raw_kept = Some(size);
+        self
+    }
+
+    /// The raw message's size.
+    pub fn size(&self) -> u64 {
+        self.raw_kept.unwrap_or(self.raw.len() as u64)
+    }
+}
+
+/// The raw messages that the spool keeps for the archive (`SpoolOptions::keep_raw`): an entry
+/// refers to its message's raw bytes there, by id, rather than holding a second copy.
+pub trait RawKeeper: Send + Sync {
+    /// The raw bytes kept for `id` (or still queued), if any.
+    fn read(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` ids whose raw bytes are kept, in order, after `after` (`""`: the first).
+    fn kept(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// Gives up the raw bytes kept for `ids`.
+    fn release(&self, ids: Vec<String>) -> Result<(), StoreError>;
+}
+
+impl RawKeeper for crate::spool::Spool {
+    fn read(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_any_raw(id)?)
+    }
+
+    fn kept(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(crate::spool::Spool::kept(self, after, limit)?)
+    }
+
+    fn release(&self, ids: Vec<String>) -> Result<(), StoreError> {
+        Ok(crate::spool::Spool::release(self, ids)?)
     }
 }
 
@@ -315,6 +357,9 @@ pub enum StoreError {
     BadId(String),
     #[error("archive: stored entry {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+    /// The spool, which keeps the raw messages.
+    #[error("archive: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
     /// The PostgreSQL archive's database (`[cluster]`).
     #[error("archive: {0}")]
     Database(Box<postgres::ClusterError>),
@@ -336,6 +381,12 @@ pub trait Archive: Send + Sync {
                 Entry::Attempt(a) => self.add_attempt(a)?,
             }
         }
+        Ok(())
+    }
+    /// Lets go of what `entries`, which could not be written, hold outside the archive (the raw
+    /// messages the spool keeps for them).
+    fn give_up(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let _ = entries;
         Ok(())
     }
     /// The message `id` with its attempts (oldest first), or `None`.

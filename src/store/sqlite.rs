@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! message(seq PK, id UNIQUE, state, received_ms, finished_at, source, sender, subject, rule,
-//!         destinations JSON, envelope JSON, fields JSON, payload, reason, size)
+//!         destinations JSON, envelope JSON, fields JSON, payload, reason, size, raw_kept)
 //!   indexes: (state) (rule) (sender) (source), each ending in seq (the rowid); a time range is
 //!   an id range (a spool id is a ULID, which sorts by the time it was received)
 //! address(kind 'to'|'dest', value, seq)      key (kind, value, seq): recipients, destinations
 //! raw(seq PK, bytes BLOB)                    the message exactly as received, same transaction
+//!                                            (none when raw_kept = 1: the spool keeps it)
+//! total('raw_kept', bytes)                   the size of the raw messages the spool keeps
 //! attempt(message_id, at, destination, outcome, status, reply, body, duration_ms)
 //! message_fts(subject, text)                 FTS5, contentless, rowid = message.seq
 //! ```
@@ -15,20 +17,23 @@
 //! ends in `seq`, and FTS5 walks its matches in `rowid` (= `seq`) order, so a page stops after
 //! its rows however many messages match. The cursor of a page is the last `seq` it showed.
 //!
-//! The raw message lives in the database, in a table of its own (a list never reads it): an
-//! entry and its raw bytes are written in one transaction, so there is never one without the
-//! other, and retention removes both at once. `auto_vacuum = INCREMENTAL` gives the pages of
+//! The raw message lives in the spool when it keeps it for the archive (`keep_raw`, as `serve`
+//! runs): the spool wrote it once, durably, before the `250`, and keeps it when the message is
+//! removed; the entry refers to it by id (`raw_kept`), and retention gives it back to the spool
+//! ([`RawKeeper::release`]) once the entry is gone. An entry whose raw bytes the spool does not
+//! keep (written by another backend's caller, or before the spool kept them) holds them in a
+//! table of its own (a list never reads it), written in the entry's transaction. `auto_vacuum = INCREMENTAL` gives the pages of
 //! removed messages back to the file system after each retention pass.
 
 use super::{
-    Archive, ArchiveState, ArchivedMessage, AttemptRecord, DestinationStatus, Entry, MessageQuery, Page, Record,
-    Retention, RuleStats, StoreError, Summary, id_floor, is_id, unix_ms,
+    Archive, ArchiveState, ArchivedMessage, AttemptRecord, DestinationStatus, Entry, MessageQuery, Page, RawKeeper,
+    Record, Retention, RuleStats, StoreError, Summary, id_floor, is_id, unix_ms,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params, params_from_iter};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 const SCHEMA: &str = "
@@ -47,7 +52,8 @@ CREATE TABLE IF NOT EXISTS message (
     fields TEXT,
     payload TEXT,
     reason TEXT,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    raw_kept INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS message_state ON message(state);
 CREATE INDEX IF NOT EXISTS message_rule ON message(rule);
@@ -77,6 +83,11 @@ CREATE TABLE IF NOT EXISTS attempt (
 );
 CREATE INDEX IF NOT EXISTS attempt_message ON attempt(message_id);
 CREATE INDEX IF NOT EXISTS attempt_destination ON attempt(destination, at);
+CREATE TABLE IF NOT EXISTS total (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO total (name, value) VALUES ('raw_kept', 0);
 CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(subject, text, content='', contentless_delete=1, detail=none);
 ";
 
@@ -99,7 +110,12 @@ pub struct SqliteArchive {
     path: PathBuf,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Where the raw messages of entries with `raw_kept` are.
+    keeper: Option<Arc<dyn RawKeeper>>,
 }
+
+/// Kept ids looked at per step of [`SqliteArchive::sweep_kept`].
+const SWEEP_PAGE: usize = 1000;
 
 impl SqliteArchive {
     /// Opens (creating if need be) the archive at `path`.
@@ -114,13 +130,51 @@ impl SqliteArchive {
             .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 4000;")
             .map_err(open_error)?;
         writer.execute_batch(SCHEMA).map_err(open_error)?;
+        // An archive made before the spool kept raw messages has no `raw_kept` column.
+        let has_kept: bool = writer
+            .query_row("SELECT count(*) FROM pragma_table_info('message') WHERE name = 'raw_kept'", [], |r| r.get(0))
+            .map_err(open_error)?;
+        if !has_kept {
+            writer
+                .execute_batch("ALTER TABLE message ADD COLUMN raw_kept INTEGER NOT NULL DEFAULT 0")
+                .map_err(open_error)?;
+        }
         let reader = Connection::open(path).map_err(open_error)?;
         reader.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
         writer.busy_timeout(Duration::from_secs(5)).map_err(open_error)?;
         writer.set_prepared_statement_cache_capacity(32);
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB).map_err(open_error)?;
         reader.pragma_update(None, "cache_size", -READER_CACHE_KIB).map_err(open_error)?;
-        Ok(SqliteArchive { path: path.to_path_buf(), writer: Mutex::new(writer), reader: Mutex::new(reader) })
+        Ok(SqliteArchive {
+            path: path.to_path_buf(),
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            keeper: None,
+        })
+    }
+
+    /// The archive, reading the raw messages the spool keeps from `keeper` and giving them back
+    /// to it when retention removes their entries.
+    pub fn with_keeper(mut self, keeper: Arc<dyn RawKeeper>) -> SqliteArchive {
+        self.keeper = Some(keeper);
+        self
+    }
+
+    /// Gives back to the spool the raw messages it keeps that no entry refers to: those of
+    /// messages whose entry a crash lost before it was written, or whose entry retention
+    /// removed just before a crash. Run it before any entry is handed to the archive (at
+    /// start): an entry on its way to the archive has no row yet. Returns how many.
+    pub fn sweep_kept(&self) -> Result<u64, StoreError> {
+        let Some(keeper) = &self.keeper else { return Ok(0) };
+        let (mut after, mut released) = (String::new(), 0u64);
+        loop {
+            let ids = keeper.kept(&after, SWEEP_PAGE)?;
+            let Some(last) = ids.last() else { return Ok(released) };
+            after = last.clone();
+            let orphans = self.unreferenced(ids)?;
+            released += orphans.len() as u64;
+            keeper.release(orphans)?;
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -145,15 +199,16 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
     if !is_id(&m.id) {
         return Err(StoreError::BadId(m.id.clone()));
     }
-    delete_ids(tx, "SELECT seq FROM message WHERE id = ?1", params![m.id], false)?;
+    // An entry replaced refers to the same raw message as the new one: nothing to give back.
+    delete_ids(tx, "SELECT seq FROM message WHERE id = ?1", params![m.id], false).map(drop)?;
     let received_ms = ulid::Ulid::from_string(&m.id).map(|u| u.timestamp_ms() as i64).unwrap_or(0);
     let envelope = serde_json::to_string(&m.envelope).expect("an envelope serialises");
     let destinations = serde_json::to_string(&m.destinations).expect("names serialise");
     let fields = m.fields.as_ref().map(|f| f.to_string());
     tx.prepare_cached(
         "INSERT INTO message (id, state, received_ms, finished_at, source, sender, subject, rule, destinations,
-             envelope, fields, payload, reason, size)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             envelope, fields, payload, reason, size, raw_kept)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         m.id,
@@ -169,10 +224,14 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
         fields,
         m.payload,
         m.reason,
-        m.raw.len() as i64
+        m.size() as i64,
+        m.raw_kept.is_some()
     ])?;
     let seq = tx.last_insert_rowid();
-    if m.raw.len() <= BOUND_RAW {
+    if let Some(size) = m.raw_kept {
+        tx.prepare_cached("UPDATE total SET value = value + ?1 WHERE name = 'raw_kept'")?
+            .execute(params![size as i64])?;
+    } else if m.raw.len() <= BOUND_RAW {
         tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?.execute(params![seq, m.raw])?;
     } else {
         // Room first, then the bytes written into it: a bound blob is copied whole by SQLite
@@ -215,28 +274,39 @@ fn insert_attempt(tx: &Transaction<'_>, a: &AttemptRecord) -> Result<(), StoreEr
 }
 
 /// Deletes the messages whose `seq`s `select` returns (with their raw bytes, addresses, index
-/// entries, and, when `attempts`, their attempts). Returns how many.
+/// entries, and, when `attempts`, their attempts). Returns how many, and the ids of those whose
+/// raw bytes the spool keeps.
 fn delete_ids(
     tx: &Transaction<'_>,
     select: &str,
     args: impl rusqlite::Params,
     attempts: bool,
-) -> Result<u64, StoreError> {
-    let seqs: Vec<(i64, String)> = {
-        let sql = format!("SELECT seq, id FROM message WHERE seq IN ({select})");
+) -> Result<(u64, Vec<String>), StoreError> {
+    let rows: Vec<(i64, String, Option<i64>)> = {
+        let sql = format!("SELECT seq, id, CASE WHEN raw_kept THEN size END FROM message WHERE seq IN ({select})");
         let mut stmt = tx.prepare_cached(&sql)?;
-        stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+        stmt.query_map(args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
     };
-    for (seq, id) in &seqs {
+    let mut kept = Vec::new();
+    for (seq, id, kept_size) in &rows {
         tx.prepare_cached("DELETE FROM message_fts WHERE rowid = ?1")?.execute(params![seq])?;
-        tx.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute(params![seq])?;
+        match kept_size {
+            Some(size) => {
+                tx.prepare_cached("UPDATE total SET value = value - ?1 WHERE name = 'raw_kept'")?
+                    .execute(params![size])?;
+                kept.push(id.clone());
+            }
+            None => {
+                tx.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute(params![seq])?;
+            }
+        }
         tx.prepare_cached("DELETE FROM address WHERE seq = ?1")?.execute(params![seq])?;
         tx.prepare_cached("DELETE FROM message WHERE seq = ?1")?.execute(params![seq])?;
         if attempts {
             tx.prepare_cached("DELETE FROM attempt WHERE message_id = ?1")?.execute(params![id])?;
         }
     }
-    Ok(seqs.len() as u64)
+    Ok((rows.len() as u64, kept))
 }
 
 /// The FTS5 query for what a user typed: each word quoted (so no word is read as an operator)
@@ -309,6 +379,19 @@ impl Archive for SqliteArchive {
         })
     }
 
+    fn give_up(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        let kept: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Message(m) if m.raw_kept.is_some() => Some(m.id.clone()),
+                _ => None,
+            })
+            .collect();
+        // Not those an earlier entry of the same message refers to (a dead letter retried).
+        let orphans = self.unreferenced(kept)?;
+        self.release(orphans)
+    }
+
     fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
         if !is_id(id) {
             return Ok(None);
@@ -355,12 +438,25 @@ impl Archive for SqliteArchive {
         if !is_id(id) {
             return Ok(None);
         }
-        self.read(|c| {
-            Ok(c.query_row("SELECT bytes FROM raw JOIN message USING (seq) WHERE message.id = ?1", params![id], |r| {
-                r.get(0)
-            })
+        let row: Option<(bool, Option<Vec<u8>>)> = self.read(|c| {
+            Ok(c.query_row(
+                "SELECT m.raw_kept, r.bytes FROM message m LEFT JOIN raw r USING (seq) WHERE m.id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?)
-        })
+        })?;
+        match row {
+            Some((true, _)) => match &self.keeper {
+                Some(keeper) => keeper.read(id),
+                None => Err(StoreError::Corrupt {
+                    id: id.to_string(),
+                    reason: "its raw message is kept by the spool, and the archive was opened without it".into(),
+                }),
+            },
+            Some((false, bytes)) => Ok(bytes),
+            None => Ok(None),
+        }
     }
 
     fn list(&self, query: &MessageQuery) -> Result<Page, StoreError> {
@@ -512,16 +608,17 @@ impl Archive for SqliteArchive {
     fn enforce_retention(&self, keep: Duration, max_size: u64, now: SystemTime) -> Result<Retention, StoreError> {
         let cutoff = now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH);
         let floor = id_floor(cutoff);
-        let mut removed = self.write(|tx| {
-            let n = delete_ids(tx, "SELECT seq FROM message WHERE id < ?1", params![floor], true)?;
+        let (mut removed, kept) = self.write(|tx| {
+            let removed = delete_ids(tx, "SELECT seq FROM message WHERE id < ?1", params![floor], true)?;
             // Attempts of messages that never reached the archive (still queued long ago, or
             // lost by a crash) go by the same clock.
             tx.execute(
                 "DELETE FROM attempt WHERE at < ?1 AND message_id NOT IN (SELECT id FROM message)",
                 params![crate::spool::format_time(cutoff)],
             )?;
-            Ok(n)
+            Ok(removed)
         })?;
+        self.release(kept)?;
         self.vacuum()?;
         loop {
             let size = self.size()?;
@@ -529,12 +626,13 @@ impl Archive for SqliteArchive {
                 return Ok(Retention { removed, size });
             }
             // Enough of the oldest to get under the limit at the average size, and one more.
-            let n = self.write(|tx| {
+            let (n, kept) = self.write(|tx| {
                 let count: i64 = tx.query_row("SELECT count(*) FROM message", [], |r| r.get(0))?;
                 let average = (size / count.max(1) as u64).max(1);
                 let batch = (((size - max_size) / average) as i64 + 1).clamp(1, SIZE_BATCH);
                 delete_ids(tx, "SELECT seq FROM message ORDER BY id LIMIT ?1", params![batch], true)
             })?;
+            self.release(kept)?;
             self.vacuum()?;
             if n == 0 {
                 // Nothing left to remove: what remains is the empty schema.
@@ -544,17 +642,43 @@ impl Archive for SqliteArchive {
         }
     }
 
+    /// The database's pages in use, and the raw messages the spool keeps for it.
     fn size(&self) -> Result<u64, StoreError> {
         self.read(|c| {
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
             let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            Ok(((pages - free).max(0) * page) as u64)
+            let kept: i64 = c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?;
+            Ok(((pages - free).max(0) * page + kept.max(0)) as u64)
         })
     }
 }
 
 impl SqliteArchive {
+    /// Those of `ids` that no entry refers to as a raw message the spool keeps.
+    fn unreferenced(&self, ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT 1 FROM message WHERE id = ?1 AND raw_kept = 1")?;
+            let mut orphans = Vec::new();
+            for id in ids {
+                if stmt.query_row(params![id], |_| Ok(())).optional()?.is_none() {
+                    orphans.push(id);
+                }
+            }
+            Ok(orphans)
+        })
+    }
+
+    /// Gives the raw messages of removed entries back to the spool. Should a crash come between
+    /// the entries' removal and this, [`SqliteArchive::sweep_kept`] gives them back at the next
+    /// start.
+    fn release(&self, ids: Vec<String>) -> Result<(), StoreError> {
+        match &self.keeper {
+            Some(keeper) if !ids.is_empty() => keeper.release(ids),
+            _ => Ok(()),
+        }
+    }
+
     /// Gives the free pages back to the file system and folds the WAL into the database.
     fn vacuum(&self) -> Result<(), StoreError> {
         let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -577,6 +701,109 @@ mod tests {
             Box::new(SqliteArchive::open(&dir.path().join(format!("a{}.db", n.get()))).unwrap())
         };
         crate::store::conformance::run_all(&fresh);
+    }
+
+    fn keeping_spool(dir: &Path) -> crate::spool::Spool {
+        let options = crate::spool::SpoolOptions { fsync: false, keep_raw: true };
+        crate::spool::Spool::open(&dir.join("spool"), options).unwrap()
+    }
+
+    /// A message delivered and removed from a spool that keeps raw messages: the entry holds
+    /// no copy, yet its raw bytes read back; the size counts them; retention gives them back.
+    #[test]
+    fn an_entry_refers_to_the_raw_message_the_spool_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = keeping_spool(dir.path());
+        let raw = b"From: a@example.com\r\nSubject: kept\r\n\r\nbody\r\n";
+        let id = spool.store(crate::model::Envelope::new(crate::model::Source::Stdin), raw).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(spool.remove(&id, crate::spool::State::Incoming))
+            .unwrap();
+        let archive = SqliteArchive::open(&dir.path().join("archive.db")).unwrap().with_keeper(Arc::new(spool.clone()));
+        let empty = archive.size().unwrap();
+        let mut entry =
+            crate::store::conformance::message(&id, ArchiveState::Delivered, "kept", "a@example.com", "body");
+        entry.raw = raw.to_vec();
+        archive.record(&entry.raw_in_spool(raw.len() as u64)).unwrap();
+
+        let in_raw_table: i64 =
+            archive.read(|c| Ok(c.query_row("SELECT count(*) FROM raw", [], |r| r.get(0))?)).unwrap();
+        assert_eq!(in_raw_table, 0, "no second copy");
+        assert_eq!(archive.raw(&id).unwrap().as_deref(), Some(&raw[..]));
+        assert_eq!(archive.get(&id).unwrap().unwrap().size, raw.len() as u64);
+        assert_eq!(archive.size().unwrap(), empty + raw.len() as u64, "the kept bytes count against max_size");
+
+        // Opened without the spool, the archive says where the bytes are rather than "none".
+        let blind = SqliteArchive::open(&dir.path().join("archive.db")).unwrap();
+        assert!(matches!(blind.raw(&id), Err(StoreError::Corrupt { .. })));
+
+        // Retention removes the entry and gives the bytes back.
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        let done = archive.enforce_retention(Duration::from_secs(1), u64::MAX, future).unwrap();
+        assert_eq!(done.removed, 1);
+        assert_eq!(spool.read_any_raw(&id).unwrap(), None, "released to the spool");
+        assert!(spool.kept("", 10).unwrap().is_empty());
+        let kept: i64 = archive
+            .read(|c| Ok(c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(kept, 0);
+    }
+
+    /// At start, raw messages the spool keeps with no entry (lost by a crash before it was
+    /// written) are given back; those an entry refers to stay.
+    #[test]
+    fn the_sweep_releases_only_raw_messages_no_entry_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = keeping_spool(dir.path());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let archive = SqliteArchive::open(&dir.path().join("archive.db")).unwrap().with_keeper(Arc::new(spool.clone()));
+        let mut ids = Vec::new();
+        for n in 0..2500 {
+            let raw = format!("Subject: {n}\r\n\r\n{n}\r\n");
+            let id = spool.store(crate::model::Envelope::new(crate::model::Source::Stdin), raw.as_bytes()).unwrap();
+            rt.block_on(spool.remove(&id, crate::spool::State::Incoming)).unwrap();
+            // Every third one's entry was lost.
+            if n % 3 != 0 {
+                let entry = crate::store::conformance::message(&id, ArchiveState::Delivered, "s", "a@example.com", "b");
+                archive.record(&entry.raw_in_spool(raw.len() as u64)).unwrap();
+            }
+            ids.push(id);
+        }
+        // One entry holds its own bytes: it refers to nothing kept.
+        let own = &ids[1];
+        archive
+            .record(&crate::store::conformance::message(own, ArchiveState::Delivered, "s", "a@example.com", "b"))
+            .unwrap();
+        assert_eq!(archive.sweep_kept().unwrap(), 834 + 1);
+        for (n, id) in ids.iter().enumerate() {
+            let kept = spool.read_any_raw(id).unwrap().is_some();
+            assert_eq!(kept, n % 3 != 0 && n != 1, "message {n}");
+        }
+        assert_eq!(archive.sweep_kept().unwrap(), 0, "nothing more the second time");
+    }
+
+    /// An archive made before the spool kept raw messages opens, and its entries read as before.
+    #[test]
+    fn an_archive_without_the_kept_column_is_brought_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.db");
+        let id = crate::model::Envelope::new(crate::model::Source::Stdin).id;
+        {
+            let archive = SqliteArchive::open(&path).unwrap();
+            let entry = crate::store::conformance::message(&id, ArchiveState::Delivered, "old", "a@example.com", "b");
+            archive.record(&entry).unwrap();
+            let conn = archive.writer.lock().unwrap();
+            conn.execute_batch("ALTER TABLE message DROP COLUMN raw_kept; DROP TABLE total;").unwrap();
+        }
+        let archive = SqliteArchive::open(&path).unwrap();
+        assert!(archive.raw(&id).unwrap().is_some_and(|r| !r.is_empty()));
+        assert_eq!(archive.list(&MessageQuery::default()).unwrap().items.len(), 1);
+        archive
+            .enforce_retention(Duration::from_secs(1), u64::MAX, SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        assert!(archive.get(&id).unwrap().is_none());
     }
 
     #[test]

@@ -34,7 +34,10 @@ const SKIP_LOG: Duration = Duration::from_secs(60);
 pub struct Finished {
     pub state: ArchiveState,
     pub envelope: Envelope,
+    /// The raw message, unless the spool keeps it and `search` is given (then empty).
     pub raw: Vec<u8>,
+    /// `Some(size)`: the spool keeps the raw message, and the entry refers to it.
+    pub raw_kept: Option<u64>,
     /// What was read of the message when it was judged this round; `None`: read it from `raw`.
     pub search: Option<super::Searchable>,
     pub rule: Option<String>,
@@ -166,6 +169,8 @@ impl ArchiveWriter {
                             }
                             Err(e) => {
                                 skipped += entries.len();
+                                // Should this fail too (the same disk), the next start does it.
+                                let _ = archive.give_up(&entries);
                                 // Said at once, then at most once a minute while it lasts.
                                 if said.is_none_or(|t: Instant| t.elapsed() >= SKIP_LOG) {
                                     warn!(error = %e, entries = skipped, "cannot write the archive; these entries are not kept");
@@ -211,11 +216,15 @@ impl ArchiveWriter {
 }
 
 fn build(f: Finished) -> ArchivedMessage {
-    match f.search {
+    let built = match f.search {
         Some(search) => {
             ArchivedMessage::with(f.state, f.envelope, f.raw, search, f.rule, f.payload, f.destinations, f.reason, f.at)
         }
         None => ArchivedMessage::build(f.state, f.envelope, f.raw, f.rule, f.payload, f.destinations, f.reason, f.at),
+    };
+    match f.raw_kept {
+        Some(size) => built.raw_in_spool(size),
+        None => built,
     }
 }
 
@@ -246,6 +255,7 @@ mod tests {
                 state: ArchiveState::Delivered,
                 envelope,
                 raw: b"Subject: big\r\n\r\nbody\r\n".to_vec(),
+                raw_kept: None,
                 search: None,
                 rule: None,
                 payload: None,

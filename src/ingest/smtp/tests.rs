@@ -38,7 +38,7 @@ fn config(lmtp: bool) -> SessionConfig {
 impl Harness {
     fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool"), SpoolOptions { fsync: false }).unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), SpoolOptions { fsync: false, keep_raw: false }).unwrap();
         Harness { _dir: dir, spool }
     }
 
