@@ -435,6 +435,34 @@ fn kill_9_during_a_backlog_loses_nothing_and_resends_almost_nothing() {
     assert_eq!(imap.count("Done"), total);
 }
 
+/// A kill after the checkpoint and before the after-action leaves checkpointed messages in the
+/// folder: with `move:`, the next connection moves them, and sends none of them again.
+#[test]
+fn messages_checkpointed_but_not_moved_before_a_kill_are_moved_at_the_next_start() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client(USER, PASSWORD);
+    imap.append("INBOX", &message(0, "first"));
+    let mut gw = gateway(&dovecot, "after = \"move:Done\"\npoll = \"1h\"");
+    gw.start();
+    wait_delivered(&gw, 1, WAIT);
+    wait_server("the first message moved", WAIT, || imap.count("Done") == 1);
+    assert_eq!(gw.stop(), 0);
+
+    // What the kill leaves: two more messages spooled and checkpointed, still in INBOX.
+    imap.append("INBOX", &message(1, "checkpointed"));
+    imap.append("INBOX", &message(2, "checkpointed"));
+    let checkpoint = gw.path().join("spool/imap/alerts/INBOX.json");
+    let mut position: Value = serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
+    position["last_uid"] = Value::from(3);
+    std::fs::write(&checkpoint, position.to_string()).unwrap();
+
+    gw.start();
+    wait_server("the checkpointed messages moved", WAIT, || imap.count("INBOX") == 0);
+    assert_eq!(imap.count("Done"), 3);
+    assert_eq!(gw.stop(), 0);
+    assert_eq!(delivered(&gw).len(), 1, "moved, not sent again");
+}
+
 #[test]
 fn a_message_spooled_just_before_a_kill_is_recognised_not_spooled_again() {
     let dovecot = Dovecot::start();

@@ -18,7 +18,9 @@
 //! by the next connection, whose first sync recognises it by its content
 //! fingerprint (added to the folder's list the moment its commit returns, before the pipeline
 //! can deliver it); only a crash between those two steps can send it twice (at-least-once,
-//! like every other way in).
+//! like every other way in). With `delete` or `move:`, a message left in the folder at or below
+//! the checkpoint (its after-action cut short by a crash, or failed) gets its after-action at the
+//! next connection.
 //!
 //! The first sync of a folder (no checkpoint yet) takes every message when the after-action
 //! removes messages (`delete`, `move:`), and the unread ones for `seen`. When the server
@@ -466,6 +468,9 @@ impl Watcher {
             _ => None,
         };
         let unseen_only = matches!(scan, Scan::First { .. }) && self.after == After::Seen;
+        if matches!(scan, Scan::Resume) {
+            self.catch_up(session, caps, position).await?;
+        }
         loop {
             let next = position.last_uid.saturating_add(1);
             let query = if unseen_only { format!("UID {next}:* UNSEEN") } else { format!("UID {next}:*") };
@@ -494,6 +499,31 @@ impl Watcher {
             Scan::Again => self.store_position(*position).await?,
         }
         Ok(Woken::Sync)
+    }
+
+    /// With `delete` or `move:`, runs the after-action on the messages still in the folder at or
+    /// below the checkpoint: each was spooled (or skipped) and checkpointed, but a crash or a
+    /// failure came before its after-action, and the folder would hold it for ever. (With `seen`
+    /// a message left unread is left alone: a reader may have marked it so.)
+    async fn catch_up(&self, session: &mut ImapSession, caps: &Caps, position: &Position) -> Result<(), WatchError> {
+        if self.after == After::Seen || position.last_uid == 0 {
+            return Ok(());
+        }
+        let query = format!("UID 1:{}", position.last_uid);
+        let found = within(COMMAND_TIMEOUT, session.uid_search(&query)).await.map_err(imap_err("UID SEARCH"))?;
+        let mut left: Vec<u32> = found.into_iter().filter(|&u| u <= position.last_uid).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        left.sort_unstable();
+        info!(account = %self.account, folder = %self.folder, messages = left.len(), "acknowledging messages spooled before a restart");
+        for batch in left.chunks(BATCH) {
+            if let Err(e) = self.after_action(session, caps, batch).await {
+                warn!(account = %self.account, folder = %self.folder, error = %e, "after-action failed; the messages stay on the server until the next connection");
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Fetches one batch of UIDs (ascending), spools them, advances the checkpoint past every
@@ -608,7 +638,7 @@ impl Watcher {
         if let Err(e) = self.after_action(session, caps, &acknowledged).await {
             // The checkpoint already keeps these from being fetched again; a broken connection
             // shows at the next command.
-            warn!(account = %self.account, folder = %self.folder, error = %e, "after-action failed; the messages stay on the server but will not be fetched again");
+            warn!(account = %self.account, folder = %self.folder, error = %e, "after-action failed; the messages stay on the server but will not be fetched again (delete and move: tried again at the next connection)");
         }
         match done.into_iter().find_map(|(uid, r)| r.err().map(|source| WatchError::Spool { uid, source })) {
             Some(e) => Err(e),
