@@ -40,7 +40,8 @@ fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
-        let spool = Spool::open(&dir.path().join("spool"), SpoolOptions { fsync: false }).expect("spool");
+        let spool =
+            Spool::open(&dir.path().join("spool"), SpoolOptions { fsync: false, keep_raw: false }).expect("spool");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         World { runtime, spool, _dir: dir }
     })
