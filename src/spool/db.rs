@@ -137,8 +137,8 @@ pub(super) enum Raw {
 
 /// One mutation of the spool.
 pub(super) enum Op {
-    /// A new message. With `if_absent`, an id already present is left as it is (an old spool's
-    /// entry drained a second time after a crash).
+    /// A new message. With `if_absent`, an id already present (queued, or kept) is left as it is
+    /// (an old spool's entry drained a second time after a crash).
     Insert { id: String, state: State, meta: String, raw: Raw, if_absent: bool },
     /// A state change, with new metadata if given; `from == to` only replaces the metadata.
     Move { id: String, from: State, to: State, meta: Option<String> },
@@ -402,9 +402,10 @@ fn apply_one(conn: &Connection, keep_raw: bool, op: &Op) -> Result<(), OpError> 
     match op {
         Op::Probe => Ok(()),
         Op::Insert { id, state, meta, raw, if_absent } => {
+            // Present means queued, or removed with its raw bytes kept: delivered already.
             if *if_absent
                 && conn
-                    .prepare_cached("SELECT 1 FROM message WHERE id = ?1")?
+                    .prepare_cached("SELECT 1 FROM message WHERE id = ?1 UNION ALL SELECT 1 FROM kept WHERE id = ?1")?
                     .query_row([id], |_| Ok(()))
                     .optional()?
                     .is_some()
@@ -448,15 +449,8 @@ fn apply_one(conn: &Connection, keep_raw: bool, op: &Op) -> Result<(), OpError> 
             let id = op_id(op);
             let Some(seq) = seq else { return Err(OpError::NotFound(id.to_string())) };
             if keep_raw {
-                // An id queued again after its removal (an old spool's entry drained twice)
-                // keeps only its newest bytes.
-                let before: Option<i64> = conn
-                    .prepare_cached("DELETE FROM kept WHERE id = ?1 RETURNING seq")?
-                    .query_row([id], |r| r.get(0))
-                    .optional()?;
-                if let Some(before) = before.filter(|b| *b != seq) {
-                    conn.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute([before])?;
-                }
+                // An id is never queued again once kept (a new message has a new id, and an old
+                // spool's entry drained twice finds it kept), so it is never kept twice.
                 conn.prepare_cached("INSERT INTO kept (id, seq) VALUES (?1, ?2)")?.execute(params![id, seq])?;
             } else {
                 conn.prepare_cached("DELETE FROM raw WHERE seq = ?1")?.execute([seq])?;

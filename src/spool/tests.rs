@@ -774,6 +774,20 @@ fn a_spool_that_keeps_raw_messages_keeps_them_until_released() {
     assert!(spool.kept("", 10).unwrap().is_empty());
     assert_eq!(spool.read_raw(&b).unwrap(), b"Subject: b\r\n\r\nb\r\n", "queued: untouched");
 
+    // An old spool's entry drained again after its message was delivered: already there.
+    let d = spool.store(envelope(), b"Subject: d\r\n\r\nd\r\n").unwrap();
+    block_on(spool.remove(&d, State::Incoming)).unwrap();
+    let again = Op::Insert {
+        id: d.clone(),
+        state: State::Incoming,
+        meta: "{}".into(),
+        raw: Raw::Bytes(b"again".to_vec()),
+        if_absent: true,
+    };
+    spool.db().unwrap().submit_blocking(again).unwrap();
+    assert_eq!(spool.find(&d), None, "not queued again");
+    assert_eq!(spool.read_any_raw(&d).unwrap().as_deref(), Some(&b"Subject: d\r\n\r\nd\r\n"[..]));
+
     let (_d2, plain) = open();
     let c = plain.store(envelope(), b"c").unwrap();
     block_on(plain.remove(&c, State::Incoming)).unwrap();
