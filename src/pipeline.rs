@@ -71,11 +71,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// The memory the messages being worked on may take at once, counted in KiB. A round takes its
 /// share before it reads a message: [`RuleSet::judge_peak`] times the message's size when it is
-/// to be judged, its size once otherwise. Once judged, the round gives back all but its size once:
-/// the raw bytes it keeps for the archive, which hand that share to the archive's writer, so
-/// that raw messages waiting to be written count too (when the spool keeps the raw bytes for
-/// the archive, the round holds none, and gives the share back when it hands the entry over). A message whose share is larger than the
-/// whole budget takes all of it, alone. Judging also takes a megabyte beyond its multiple (the
+/// to be judged, its size once otherwise. Once judged, the round gives back all but its size
+/// once: the raw bytes it keeps for the archive, which hand that share to the archive's writer,
+/// so that raw messages waiting to be written count too (when the spool keeps the raw bytes for
+/// the archive, the round holds none, and gives the share back when it hands the entry over).
+/// A message whose share is larger than the whole budget takes all of it, alone. Judging also takes a megabyte beyond its multiple (the
 /// parsed message, the rules' work), which is what bounds small mail; a raw message kept for the
 /// archive holds only its own size, so that thousands of small ones waiting for the archive's
 /// writer never hold up the rounds.
@@ -828,16 +828,13 @@ async fn archive_done(
     payload: Option<String>,
     memory: Option<OwnedSemaphorePermit>,
 ) {
-    let (Some(archive), Some(mut raw)) = (&work.archive, raw) else { return };
+    let (Some(archive), Some(raw)) = (&work.archive, raw) else { return };
     let destinations = meta.decision.as_ref().map(|d| d.destinations.keys().cloned().collect()).unwrap_or_default();
-    // The spool keeps the raw message for the archive: the entry refers to it. The bytes go
-    // with the entry only when the archive's writer must read the message for its search text.
-    let mut memory = memory;
+    // The spool keeps the raw message for the archive: the entry refers to it, and holds the
+    // bytes ([`raw_for_archive`]) only when the archive's writer must read them for its search
+    // text. Without them, the budget share has nothing left to stand for.
     let raw_kept = work.spool.keeps_raw().then_some(meta.size);
-    if raw_kept.is_some() && search.is_some() {
-        raw = Vec::new();
-        memory = None;
-    }
+    let memory = if raw_kept.is_some() && search.is_some() { None } else { memory };
     archive
         .finished(Archived {
             state,
