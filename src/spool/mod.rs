@@ -518,16 +518,17 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.read_raw(id);
         }
-        let raw = self.db()?.read(|c| {
-            let row: Option<(i64, i64)> = c
-                .prepare_cached(
-                    "SELECT r.seq, length(r.bytes) FROM message m JOIN raw r ON r.seq = m.seq WHERE m.id = ?1",
-                )?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+        self.raw_at("SELECT seq FROM message WHERE id = ?1", id)?.ok_or_else(|| SpoolError::NotFound(id.to_string()))
+    }
+
+    /// The raw bytes of the row whose `seq` the query `seq_of` (given the id) names, if any.
+    fn raw_at(&self, seq_of: &str, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        self.db()?.read(|c| {
+            let sql = format!("SELECT seq, length(bytes) FROM raw WHERE seq = ({seq_of})");
+            let row: Option<(i64, i64)> =
+                c.prepare_cached(&sql)?.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
             row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
-        })?;
-        raw.ok_or_else(|| SpoolError::NotFound(id.to_string()))
+        })
     }
 
     /// Whether removed messages keep their raw bytes, for the archive ([`SpoolOptions::keep_raw`]).
@@ -539,16 +540,10 @@ impl Spool {
     /// when they are in neither.
     pub fn read_any_raw(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         check_id(id)?;
-        self.db()?.read(|c| {
-            let row: Option<(i64, i64)> = c
-                .prepare_cached(
-                    "SELECT r.seq, length(r.bytes) FROM raw r
-                     WHERE r.seq = coalesce((SELECT seq FROM kept WHERE id = ?1), (SELECT seq FROM message WHERE id = ?1))",
-                )?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
-        })
+        self.raw_at(
+            "SELECT coalesce((SELECT seq FROM kept WHERE id = ?1), (SELECT seq FROM message WHERE id = ?1))",
+            id,
+        )
     }
 
     /// Up to `limit` ids whose raw bytes are kept, in order, after `after`.
