@@ -3,6 +3,11 @@
 //! (first page, a sender's messages, a full-text search of the subject) and prints a table with
 //! the archive's disk use per message. Run it with `scripts/bench-archive`; `ARCHIVE_BENCH_BATCH`
 //! sets how many messages are committed per transaction (256 by default).
+//!
+//! `ARCHIVE_BENCH_AS=serve` writes the entries as `mailhook serve` does: the raw message kept by
+//! the spool (the entry refers to it), and the payload of a rule without `[rule.payload]`, which
+//! carries the message's text. It times the writing only (the queries then have no raw bytes to
+//! read, which they do not read anyway).
 
 use mailhook::model::{Envelope, Source};
 use mailhook::store::sqlite::SqliteArchive;
@@ -17,7 +22,7 @@ const WORDS: &[&str] = &[
     "update", "welcome", "password", "report", "alert", "backup", "server", "meeting", "contract", "quote",
 ];
 
-fn message(i: usize, start_ms: u64) -> (ArchivedMessage, AttemptRecord) {
+fn message(i: usize, start_ms: u64, as_serve: bool) -> (ArchivedMessage, AttemptRecord) {
     let id = ulid::Ulid::from_parts(start_ms + i as u64 * 10, i as u128).to_string();
     let sender = format!("customer{}@example{}.com", i % 5000, i % 7);
     let subject = format!("{} {} number {i}", WORDS[i % WORDS.len()], WORDS[(i / 20) % WORDS.len()]);
@@ -37,7 +42,17 @@ fn message(i: usize, start_ms: u64) -> (ArchivedMessage, AttemptRecord) {
     envelope.id = id.clone();
     envelope.mail_from = Some(sender);
     envelope.recipients = vec!["support@shop.example.com".into()];
-    let payload = format!(r#"{{"id":"{id}","rule":"support","fields":{{"order":"{i}"}}}}"#);
+    let payload = if as_serve {
+        let sender = envelope.mail_from.as_deref().unwrap_or_default();
+        serde_json::json!({
+            "id": id, "receivedAt": "2026-12-06T10:00:00.000Z", "source": "smtp", "rule": "support",
+            "from": {"address": sender, "name": "Customer"}, "to": [{"address": "support@shop.example.com"}],
+            "subject": subject, "messageId": format!("{id}@example.com"), "text": body, "fields": {"order": i.to_string()},
+        })
+        .to_string()
+    } else {
+        format!(r#"{{"id":"{id}","rule":"support","fields":{{"order":"{i}"}}}}"#)
+    };
     let state = if i.is_multiple_of(50) { ArchiveState::Dead } else { ArchiveState::Delivered };
     let m = ArchivedMessage::build(
         state,
@@ -49,6 +64,12 @@ fn message(i: usize, start_ms: u64) -> (ArchivedMessage, AttemptRecord) {
         None,
         SystemTime::now(),
     );
+    let m = if as_serve {
+        let size = m.raw.len() as u64;
+        m.raw_in_spool(size)
+    } else {
+        m
+    };
     let a = AttemptRecord {
         message_id: id,
         at: "2026-12-06T10:00:00.000Z".into(),
@@ -87,14 +108,15 @@ fn main() {
     let archive = SqliteArchive::open(&path).expect("open");
     let start_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64 - n as u64 * 10;
 
+    let as_serve = std::env::var("ARCHIVE_BENCH_AS").is_ok_and(|v| v == "serve");
     let batch: usize = std::env::var("ARCHIVE_BENCH_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(256).max(1);
     let (mut fill, mut cpu) = (Duration::ZERO, Duration::ZERO);
     let mut raw_bytes = 0usize;
     for chunk in (0..n).collect::<Vec<_>>().chunks(batch) {
         let mut entries = Vec::with_capacity(chunk.len() * 2);
         for &i in chunk {
-            let (m, a) = message(i, start_ms);
-            raw_bytes += m.raw.len();
+            let (m, a) = message(i, start_ms, as_serve);
+            raw_bytes += m.size() as usize;
             entries.push(Entry::Attempt(a));
             entries.push(Entry::Message(Box::new(m)));
         }

@@ -14,6 +14,7 @@ pub fn run_all(fresh: &dyn Fn() -> Box<dyn Archive>) {
     pages_are_newest_first_and_complete(fresh().as_ref());
     filters_each_narrow(fresh().as_ref());
     search_finds_subject_and_text(fresh().as_ref());
+    search_finds_every_word_of_a_repetitive_text(fresh().as_ref());
     unknown_and_bad_ids_are_none(fresh().as_ref());
     counts_and_stats(fresh().as_ref());
     retention_by_age_removes_oldest(fresh().as_ref());
@@ -168,6 +169,35 @@ pub fn search_finds_subject_and_text(a: &dyn Archive) {
     assert!(ids("nothing-like-this").is_empty());
     let odd = MessageQuery { q: Some("\" OR * NEAR( AND".into()), ..Default::default() };
     assert!(a.list(&odd).is_ok(), "what a user types is never read as a query operator");
+}
+
+/// Machine-written mail repeats its lines: every word is found, the first and the last, in
+/// whatever case, beside punctuation or whitespace, and a word of one line only.
+pub fn search_finds_every_word_of_a_repetitive_text(a: &dyn Archive) {
+    let now = SystemTime::now();
+    let (x, y) = (id_at(now, 1), id_at(now, 2));
+    let mut text = String::new();
+    for n in 0..40 {
+        text.push_str(&format!("Job NIGHTLY_EXPORT finished,\twarnings: see the log.\r\nrow {n} done\r\n"));
+    }
+    text.push_str("Total: 40 rows; archive closed");
+    a.record(&message(&x, ArchiveState::Delivered, "export report", "cron@b.c", &text)).unwrap();
+    a.record(&message(&y, ArchiveState::Delivered, "other", "cron@b.c", "job finished without rows")).unwrap();
+    let ids = |q: &str| -> Vec<String> {
+        a.list(&MessageQuery { q: Some(q.into()), ..Default::default() })
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| s.id)
+            .collect()
+    };
+    assert_eq!(ids("nightly_export"), vec![x.clone()]);
+    assert_eq!(ids("warnings"), vec![x.clone()], "a word after a tab and before a colon");
+    assert_eq!(ids("log"), vec![x.clone()]);
+    assert_eq!(ids("39"), vec![x.clone()], "a word of the last repeated line only");
+    assert_eq!(ids("finished"), vec![y.clone(), x.clone()]);
+    assert_eq!(ids("closed"), vec![x.clone()], "the last word");
+    assert_eq!(ids("job rows"), vec![y, x]);
 }
 
 pub fn unknown_and_bad_ids_are_none(a: &dyn Archive) {
