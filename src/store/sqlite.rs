@@ -195,7 +195,9 @@ impl SqliteArchive {
     }
 }
 
-fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), StoreError> {
+/// Inserts an entry; returns the size of the raw message it refers to in the spool (0 when it
+/// holds its own), which the caller adds to the running total once per transaction.
+fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<u64, StoreError> {
     if !is_id(&m.id) {
         return Err(StoreError::BadId(m.id.clone()));
     }
@@ -236,9 +238,8 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
         m.raw_kept.is_some()
     ])?;
     let seq = tx.last_insert_rowid();
-    if let Some(size) = m.raw_kept {
-        tx.prepare_cached("UPDATE total SET value = value + ?1 WHERE name = 'raw_kept'")?
-            .execute(params![size as i64])?;
+    if m.raw_kept.is_some() {
+        // Counted by the caller.
     } else if m.raw.len() <= BOUND_RAW {
         tx.prepare_cached("INSERT INTO raw (seq, bytes) VALUES (?1, ?2)")?.execute(params![seq, m.raw])?;
     } else {
@@ -259,6 +260,15 @@ fn insert_message(tx: &Transaction<'_>, m: &ArchivedMessage) -> Result<(), Store
     }
     for d in &m.destinations {
         addr.execute(params![seq, "dest", d])?;
+    }
+    Ok(m.raw_kept.unwrap_or(0))
+}
+
+/// Adds `bytes` of raw messages kept by the spool to the running total that `max_size` reads.
+fn count_kept(tx: &Transaction<'_>, bytes: u64) -> Result<(), StoreError> {
+    if bytes > 0 {
+        tx.prepare_cached("UPDATE total SET value = value + ?1 WHERE name = 'raw_kept'")?
+            .execute(params![bytes as i64])?;
     }
     Ok(())
 }
@@ -389,7 +399,7 @@ const ATTEMPT_COLUMNS: &str = "message_id, at, destination, outcome, status, rep
 
 impl Archive for SqliteArchive {
     fn record(&self, message: &ArchivedMessage) -> Result<(), StoreError> {
-        self.write(|tx| insert_message(tx, message))
+        self.write(|tx| count_kept(tx, insert_message(tx, message)?))
     }
 
     fn add_attempt(&self, attempt: &AttemptRecord) -> Result<(), StoreError> {
@@ -398,18 +408,20 @@ impl Archive for SqliteArchive {
 
     fn write_batch(&self, entries: &[Entry]) -> Result<(), StoreError> {
         self.write(|tx| {
+            let mut kept = 0;
             for entry in entries {
                 // One bad entry (an id that is no ULID) must not cost the others their place.
                 let result = match entry {
                     Entry::Message(m) => insert_message(tx, m),
-                    Entry::Attempt(a) => insert_attempt(tx, a),
+                    Entry::Attempt(a) => insert_attempt(tx, a).map(|()| 0),
                 };
                 match result {
+                    Ok(bytes) => kept += bytes,
                     Err(StoreError::BadId(id)) => tracing::warn!(id = %id, "not archived: not a spool id"),
-                    other => other?,
+                    Err(e) => return Err(e),
                 }
             }
-            Ok(())
+            count_kept(tx, kept)
         })
     }
 
@@ -732,6 +744,30 @@ mod tests {
         assert_eq!(distinct_words("Word word, word"), "Word word, word", "words as written, not as indexed");
         assert_eq!(distinct_words("Ablage\u{a0}Zürich Ablage\u{a0}Zürich"), "Ablage\u{a0}Zürich");
         assert_eq!(distinct_words(" \r\n "), "");
+    }
+
+    #[test]
+    fn a_batch_counts_each_raw_message_the_spool_keeps_against_max_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = SqliteArchive::open(&dir.path().join("archive.db")).unwrap();
+        let empty = archive.size().unwrap();
+        let now = SystemTime::now();
+        let entry = |n: u64| {
+            let id = crate::store::conformance::id_at(now, n);
+            crate::store::conformance::message(&id, ArchiveState::Delivered, "kept", "a@example.com", "body")
+        };
+        let entries = vec![
+            Entry::Message(Box::new(entry(1).raw_in_spool(1000))),
+            Entry::Message(Box::new(entry(2).raw_in_spool(234))),
+            // Its own raw bytes: in the database's pages, not in the total.
+            Entry::Message(Box::new(entry(3))),
+        ];
+        archive.write_batch(&entries).unwrap();
+        let total: i64 = archive
+            .read(|c| Ok(c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(total, 1234);
+        assert!(archive.size().unwrap() >= empty + 1234);
     }
 
     #[test]
