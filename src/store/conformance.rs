@@ -148,19 +148,17 @@ pub fn filters_each_narrow(a: &dyn Archive) {
     assert!(ids(MessageQuery { state: Some(ArchiveState::Dead), rule: Some("orders".into()), ..q() }).is_empty());
 }
 
+/// The ids a search for `q` lists, newest first.
+fn searched(a: &dyn Archive, q: &str) -> Vec<String> {
+    a.list(&MessageQuery { q: Some(q.into()), ..Default::default() }).unwrap().items.into_iter().map(|s| s.id).collect()
+}
+
 pub fn search_finds_subject_and_text(a: &dyn Archive) {
     let now = SystemTime::now();
     let (x, y) = (id_at(now, 1), id_at(now, 2));
     a.record(&message(&x, ArchiveState::Delivered, "Invoice 2231 overdue", "a@b.c", "please pay")).unwrap();
     a.record(&message(&y, ArchiveState::Delivered, "Hello", "a@b.c", "the parcel for invoice 77 arrived")).unwrap();
-    let ids = |q: &str| -> Vec<String> {
-        a.list(&MessageQuery { q: Some(q.into()), ..Default::default() })
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|s| s.id)
-            .collect()
-    };
+    let ids = |q: &str| searched(a, q);
     assert_eq!(ids("invoice"), vec![y.clone(), x.clone()]);
     assert_eq!(ids("overdue"), vec![x.clone()]);
     assert_eq!(ids("parc"), vec![y.clone()], "a word matches as a prefix");
@@ -183,14 +181,7 @@ pub fn search_finds_every_word_of_a_repetitive_text(a: &dyn Archive) {
     text.push_str("Total: 40 rows; archive closed");
     a.record(&message(&x, ArchiveState::Delivered, "export report", "cron@b.c", &text)).unwrap();
     a.record(&message(&y, ArchiveState::Delivered, "other", "cron@b.c", "job finished without rows")).unwrap();
-    let ids = |q: &str| -> Vec<String> {
-        a.list(&MessageQuery { q: Some(q.into()), ..Default::default() })
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|s| s.id)
-            .collect()
-    };
+    let ids = |q: &str| searched(a, q);
     assert_eq!(ids("nightly_export"), vec![x.clone()]);
     assert_eq!(ids("warnings"), vec![x.clone()], "a word after a tab and before a colon");
     assert_eq!(ids("log"), vec![x.clone()]);
