@@ -331,7 +331,7 @@ impl Writer {
         pool.retain(|(_, used)| used.elapsed() < IDLE);
     }
 
-    fn apply<'a>(&mut self, ops: impl ExactSizeIterator<Item = &'a Op>) -> Vec<Result<(), SpoolError>> {
+    fn apply<'a>(&mut self, ops: impl ExactSizeIterator<Item = &'a Op> + Clone) -> Vec<Result<(), SpoolError>> {
         let n = ops.len();
         if self.conn.is_none() {
             match connect(&self.path, self.fsync) {
@@ -363,14 +363,22 @@ fn all_failed(path: &Path, n: usize, e: rusqlite::Error) -> Vec<Result<(), Spool
     (0..n).map(|_| Err(SpoolError::Db { path: path.to_path_buf(), source: e.clone() })).collect()
 }
 
-/// Applies every operation in one transaction (each in a savepoint of its own, so that one
-/// that fails leaves no trace and does not fail the others), then commits once: one flush of
-/// the WAL for the whole batch. Nothing is answered before that commit.
+/// Applies every operation in one transaction, then commits once: one flush of the WAL for the
+/// whole batch. Nothing is answered before that commit. An operation that fails leaves no trace
+/// and does not fail the others.
+///
+/// The operations first run straight in the transaction. One that does not find its message
+/// finds it out before it writes anything, so it fails alone and cleanly. Any other failure (a
+/// disk error, a constraint) may leave part of that operation's writes: then the transaction is
+/// rolled back and the batch applied again with each operation in a savepoint of its own. Not
+/// always so, because a savepoint per operation costs two statements parsed and, for each page
+/// the operation changes, a copy of that page in the statement journal: the largest part of this
+/// thread's time when every operation had one (`docs/benchmarks.md`).
 fn apply<'a>(
     conn: &mut Connection,
     path: &Path,
     keep_raw: bool,
-    ops: impl ExactSizeIterator<Item = &'a Op>,
+    ops: impl ExactSizeIterator<Item = &'a Op> + Clone,
 ) -> (Vec<Result<(), SpoolError>>, bool) {
     let n = ops.len();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -378,24 +386,40 @@ fn apply<'a>(
         Err(e) => return (all_failed(path, n, e), false),
     };
     let mut results = Vec::with_capacity(n);
-    for op in ops {
-        let r = tx.savepoint().map_err(OpError::Db).and_then(|sp| {
-            apply_one(&sp, keep_raw, op)?;
-            sp.commit().map_err(OpError::Db)?;
-            Ok(())
-        });
-        let r = r.map_err(|e| match e {
-            OpError::NotFound(id) => SpoolError::NotFound(id),
-            OpError::Db(e) => db_error(path, e),
-            OpError::Io(p, e) => SpoolError::io(p, e),
-        });
-        // Savepoints roll back on drop: `sp` is gone by now whatever happened.
-        results.push(r);
+    for op in ops.clone() {
+        match apply_one(&tx, keep_raw, op) {
+            Ok(()) => results.push(Ok(())),
+            Err(OpError::NotFound(id)) => results.push(Err(SpoolError::NotFound(id))),
+            Err(_) => break,
+        }
+    }
+    if results.len() < n {
+        drop(tx);
+        tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => return (all_failed(path, n, e), false),
+        };
+        results = ops.map(|op| apply_alone(&mut tx, path, keep_raw, op)).collect();
     }
     if let Err(e) = tx.commit() {
         return (all_failed(path, n, e), false);
     }
     (results, true)
+}
+
+/// One operation in a savepoint of its own: rolled back on its own if it fails.
+fn apply_alone(tx: &mut rusqlite::Transaction<'_>, path: &Path, keep_raw: bool, op: &Op) -> Result<(), SpoolError> {
+    let r = tx.savepoint().map_err(OpError::Db).and_then(|sp| {
+        apply_one(&sp, keep_raw, op)?;
+        sp.commit().map_err(OpError::Db)?;
+        Ok(())
+    });
+    // Savepoints roll back on drop: `sp` is gone by now whatever happened.
+    r.map_err(|e| match e {
+        OpError::NotFound(id) => SpoolError::NotFound(id),
+        OpError::Db(e) => db_error(path, e),
+        OpError::Io(p, e) => SpoolError::io(p, e),
+    })
 }
 
 fn apply_one(conn: &Connection, keep_raw: bool, op: &Op) -> Result<(), OpError> {
@@ -523,6 +547,46 @@ pub(super) fn read_raw(conn: &Connection, seq: i64, size: usize) -> rusqlite::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+    }
+
+    fn insert(id: &str, if_absent: bool) -> Op {
+        let raw = Raw::Bytes(format!("Subject: {id}\r\n\r\nbody\r\n").into_bytes());
+        Op::Insert { id: id.into(), state: State::Incoming, meta: "{}".into(), raw, if_absent }
+    }
+
+    /// The second insert of an id fails on the message's key after its raw row is written: that
+    /// row must go with it, and the operations around it must still be applied.
+    #[test]
+    fn an_operation_that_fails_halfway_leaves_no_trace_and_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        open(&path, false).unwrap();
+        let mut conn = connect(&path, false).unwrap();
+        let ops = [
+            insert("a", false),
+            Op::Remove { id: "gone".into(), from: State::Incoming },
+            insert("a", false),
+            insert("b", false),
+        ];
+        let (results, whole) = apply(&mut conn, &path, false, ops.iter());
+        assert!(whole);
+        assert!(results[0].is_ok());
+        assert!(matches!(&results[1], Err(SpoolError::NotFound(id)) if id == "gone"), "{:?}", results[1]);
+        assert!(matches!(results[2], Err(SpoolError::Db { .. })), "{:?}", results[2]);
+        assert!(results[3].is_ok());
+        assert_eq!(count(&conn, "message"), 2);
+        assert_eq!(count(&conn, "raw"), 2, "no raw row left by the insert that failed");
+
+        // Without a failure, one pass: the same results as the operations alone would give.
+        let ops = [insert("c", false), Op::Remove { id: "a".into(), from: State::Incoming }, insert("b", true)];
+        let (results, whole) = apply(&mut conn, &path, false, ops.iter());
+        assert!(whole && results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(count(&conn, "message"), 2, "b and c");
+        assert_eq!(count(&conn, "raw"), 2);
+    }
 
     /// `serve` and `ingest` may both open a spool whose database does not exist yet: each
     /// must get a working database, never "database is locked".

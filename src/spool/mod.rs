@@ -55,8 +55,8 @@
 //!    inserted in one transaction; a call returns only once the transaction that holds its
 //!    change is committed and the WAL flushed.
 //! 3. **Group commit**: one thread applies every mutation. It takes all the requests waiting
-//!    (up to 512), applies them in one transaction (each in a savepoint, so that one that fails
-//!    does not fail the others), commits once — one `fsync` of the WAL for the whole batch —
+//!    (up to 512), applies them in one transaction (one that fails does not fail the others:
+//!    see `db::apply`), commits once — one `fsync` of the WAL for the whole batch —
 //!    then answers them all. A new message costs no file created, renamed or removed: it is
 //!    appended to the WAL with the others of its batch.
 //! 4. **The raw message is never rewritten**; replays and retries read it again.
