@@ -214,6 +214,13 @@ impl SpoolError {
     }
 }
 
+/// The `seq` and length of a queued message's raw bytes.
+const RAW_QUEUED: &str = "SELECT seq, length(bytes) FROM raw WHERE seq = (SELECT seq FROM message WHERE id = ?1)";
+
+/// The same for the raw bytes the spool keeps after removing the message, else a queued one's.
+const RAW_ANY: &str = "SELECT seq, length(bytes) FROM raw
+     WHERE seq = coalesce((SELECT seq FROM kept WHERE id = ?1), (SELECT seq FROM message WHERE id = ?1))";
+
 /// Options of [`Spool::open`].
 #[derive(Debug, Clone, Copy)]
 pub struct SpoolOptions {
@@ -518,15 +525,15 @@ impl Spool {
         if let Some(pg) = &self.pg {
             return pg.read_raw(id);
         }
-        self.raw_at("SELECT seq FROM message WHERE id = ?1", id)?.ok_or_else(|| SpoolError::NotFound(id.to_string()))
+        self.raw_at(RAW_QUEUED, id)?.ok_or_else(|| SpoolError::NotFound(id.to_string()))
     }
 
-    /// The raw bytes of the row whose `seq` the query `seq_of` (given the id) names, if any.
-    fn raw_at(&self, seq_of: &str, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+    /// The raw bytes of the row that `sql` (given the id; answering its `seq` and length)
+    /// finds, if any.
+    fn raw_at(&self, sql: &str, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         self.db()?.read(|c| {
-            let sql = format!("SELECT seq, length(bytes) FROM raw WHERE seq = ({seq_of})");
             let row: Option<(i64, i64)> =
-                c.prepare_cached(&sql)?.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+                c.prepare_cached(sql)?.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
             row.map(|(seq, len)| db::read_raw(c, seq, len as usize)).transpose()
         })
     }
@@ -540,10 +547,7 @@ impl Spool {
     /// when they are in neither.
     pub fn read_any_raw(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         check_id(id)?;
-        self.raw_at(
-            "SELECT coalesce((SELECT seq FROM kept WHERE id = ?1), (SELECT seq FROM message WHERE id = ?1))",
-            id,
-        )
+        self.raw_at(RAW_ANY, id)
     }
 
     /// Up to `limit` ids whose raw bytes are kept, in order, after `after`.
