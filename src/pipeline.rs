@@ -832,9 +832,9 @@ async fn archive_done(
     let destinations = meta.decision.as_ref().map(|d| d.destinations.keys().cloned().collect()).unwrap_or_default();
     // The spool keeps the raw message for the archive: the entry refers to it, and holds the
     // bytes ([`raw_for_archive`]) only when the archive's writer must read them for its search
-    // text. Without them, the budget share has nothing left to stand for.
+    // text. The budget share stands for bytes held: none held, none kept.
     let raw_kept = work.spool.keeps_raw().then_some(meta.size);
-    let memory = if raw_kept.is_some() && search.is_some() { None } else { memory };
+    let memory = if raw.is_empty() { None } else { memory };
     archive
         .finished(Archived {
             state,
