@@ -756,6 +756,11 @@ mod tests {
         assert_eq!(distinct_words(" \r\n "), "");
     }
 
+    /// The running total of the raw bytes the spool keeps for the archive's entries.
+    fn kept_total(archive: &SqliteArchive) -> i64 {
+        archive.read(|c| Ok(c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?)).unwrap()
+    }
+
     #[test]
     fn a_batch_counts_each_raw_message_the_spool_keeps_against_max_size() {
         let dir = tempfile::tempdir().unwrap();
@@ -773,10 +778,7 @@ mod tests {
             Entry::Message(Box::new(entry(3))),
         ];
         archive.write_batch(&entries).unwrap();
-        let total: i64 = archive
-            .read(|c| Ok(c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(total, 1234);
+        assert_eq!(kept_total(&archive), 1234);
         assert!(archive.size().unwrap() >= empty + 1234);
     }
 
@@ -868,10 +870,7 @@ mod tests {
         assert_eq!(done.removed, 1);
         assert_eq!(spool.read_any_raw(&id).unwrap(), None, "released to the spool");
         assert!(spool.kept("", 10).unwrap().is_empty());
-        let kept: i64 = archive
-            .read(|c| Ok(c.query_row("SELECT value FROM total WHERE name = 'raw_kept'", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(kept, 0);
+        assert_eq!(kept_total(&archive), 0);
     }
 
     /// At start, raw messages the spool keeps with no entry (lost by a crash before it was
